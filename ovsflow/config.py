@@ -1,0 +1,352 @@
+"""The configuration file: YAML in, one immutable typed `Config` out.
+
+The `flowExporter` section is Antrea's (antrea-agent.conf), so an operator can paste it.
+Every problem names the key and quotes the value; all problems of a file are reported at
+once, and unknown keys are errors, because a typo that silently does nothing is the worst
+kind of configuration bug.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .protocols import ALL_PROTOCOLS, ProtocolListError, ProtocolSet, parse_protocol_list
+
+TRANSPORTS = ("udp", "tcp", "tls")
+CONNTRACK_SOURCES = ("auto", "kernel", "ovs")
+DEFAULT_IPFIX_PORT = 4739
+
+
+class ConfigError(Exception):
+    """The agent would refuse to start; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class CollectorAddress:
+    host: str
+    port: int
+    transport: str  # udp | tcp | tls
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}:{self.transport}"
+
+
+@dataclass(frozen=True)
+class FlowExporterConfig:
+    enable: bool = True
+    collector: CollectorAddress = CollectorAddress("127.0.0.1", DEFAULT_IPFIX_PORT, "udp")
+    poll_interval: float = 5.0
+    active_timeout: float = 5.0
+    idle_timeout: float = 15.0
+    protocols: ProtocolSet = ALL_PROTOCOLS
+
+
+@dataclass(frozen=True)
+class ConntrackConfig:
+    source: str = "auto"
+    zones: frozenset[int] = frozenset({65520})  # empty: every zone
+
+
+@dataclass(frozen=True)
+class OvsConfig:
+    run_dir: str = "/var/run/openvswitch"
+    bridge: str = "br-int"
+    deny_table: int = 250
+
+
+@dataclass(frozen=True)
+class Config:
+    flow_exporter: FlowExporterConfig = FlowExporterConfig()
+    conntrack: ConntrackConfig = ConntrackConfig()
+    ovs: OvsConfig = OvsConfig()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration in the file's own key names and formats."""
+        fe, ct, ovs = self.flow_exporter, self.conntrack, self.ovs
+        protocols = fe.protocols.numbers
+        return {
+            "flowExporter": {
+                "enable": fe.enable,
+                "flowCollectorAddr": str(fe.collector),
+                "flowPollInterval": format_duration(fe.poll_interval),
+                "activeFlowExportTimeout": format_duration(fe.active_timeout),
+                "idleFlowExportTimeout": format_duration(fe.idle_timeout),
+                "protocols": "all" if protocols is None else sorted(protocols),
+            },
+            "conntrack": {"source": ct.source, "zones": sorted(ct.zones)},
+            "ovs": {"runDir": ovs.run_dir, "bridge": ovs.bridge, "denyTable": ovs.deny_table},
+        }
+
+
+# --- value parsers: each takes the YAML value and returns the typed value or raises
+# ValueError with a message about the value (the caller adds the key).
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                   "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(value: object) -> float:
+    """A Go duration string (`500ms`, `5s`, `1m30s`) in seconds; must be positive."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        hint = " (add a unit, e.g. '5s')" if isinstance(value, (int, float)) else ""
+        raise ValueError(f"expected a duration such as '500ms', '5s' or '1m30s', got "
+                         f"{_show(value)}{hint}")
+    text = value.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ValueError(f"invalid duration {_show(value)}: use Go-style durations such as "
+                         "'500ms', '5s' or '1m30s'")
+    if total <= 0:
+        raise ValueError(f"duration {_show(value)} must be greater than zero")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The Go-style spelling of a duration, as Go's time.Duration.String() would print it
+    for the values people configure."""
+    if seconds < 1:
+        return f"{round(seconds * 1000, 6):g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{int(hours)}h" if hours else ""
+    if hours or minutes:
+        text += f"{int(minutes)}m"
+    return text + f"{round(secs, 6):g}s"
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+def parse_collector_address(value: object) -> CollectorAddress:
+    """`HOST:PORT[:PROTO]`, an IPv6 host in brackets. As in Antrea, PROTO defaults to tls."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected 'HOST:PORT:PROTO' (e.g. '127.0.0.1:4739:udp'), got "
+                         f"{_show(value)}")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{_show(value)}: an IPv6 host needs a closing ']' then ':PORT'")
+        parts = rest[1:].split(":")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_show(value)}: {host!r} is not an IPv6 address") from None
+    else:
+        host, *parts = text.split(":")
+        if len(parts) > 2:
+            raise ValueError(f"{_show(value)}: write an IPv6 host in brackets, e.g. "
+                             "'[fd00::1]:4739:udp'")
+        if not _is_host(host):
+            raise ValueError(f"{_show(value)}: {host!r} is not an IP address or host name")
+    if not parts or len(parts) > 2:
+        raise ValueError(f"{_show(value)}: expected HOST:PORT:PROTO")
+    port_text = parts[0]
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{_show(value)}: port {port_text!r} is not a number from 1 to 65535")
+    transport = parts[1].lower() if len(parts) == 2 else "tls"
+    if transport not in TRANSPORTS:
+        raise ValueError(f"{_show(value)}: transport {parts[1]!r} is not one of "
+                         f"{', '.join(TRANSPORTS)}")
+    return CollectorAddress(host, int(port_text), transport)
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(text)) and not text.replace(".", "").isdigit()
+
+
+def parse_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def integer_in(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}, got {_show(value)}")
+        return value
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {_show(value)}")
+        return value  # type: ignore[return-value]
+    return parse
+
+
+def non_empty_string(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {_show(value)}")
+    return value.strip()
+
+
+def parse_zones(value: object) -> frozenset[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of conntrack zones (0-65535), got {_show(value)}")
+    zone = integer_in(0, 65535)
+    zones = set()
+    for index, entry in enumerate(value):
+        try:
+            zones.add(zone(entry))
+        except ValueError as err:
+            raise ValueError(f"entry {index}: {err}") from None
+    return frozenset(zones)
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+# --- sections
+
+
+class _Section:
+    """Reads one mapping of the file, collecting problems instead of stopping at the first,
+    and knows which keys it was asked for so the rest can be reported as unknown."""
+
+    def __init__(self, data: object, path: str, problems: list[str]):
+        self.path, self.problems = path, problems
+        self.known: list[str] = []
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            problems.append(f"{path}: expected a mapping of keys, got {_show(data)}")
+            data = {}
+        self.data: dict = data
+
+    def take(self, key: str, parse: Callable[[object], Any], default: Any) -> Any:
+        self.known.append(key)
+        if key not in self.data:
+            return default
+        try:
+            return parse(self.data[key])
+        except ValueError as err:
+            self.problems.append(f"{self.path}.{key}: {err}")
+            return default
+
+    def reject_unknown(self) -> None:
+        for key in self.data:
+            if key in self.known:
+                continue
+            close = difflib.get_close_matches(str(key), self.known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"{self.path}.{key}" if self.path else str(key)
+            self.problems.append(f"{where}: unknown key{hint}; known keys: "
+                                 f"{', '.join(self.known)}")
+
+
+def parse_config(data: object) -> Config:
+    """Validate a loaded YAML document; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    top = _Section(data, "", problems)
+    top.known = ["flowExporter", "conntrack", "ovs"]
+
+    fe = _Section(top.data.get("flowExporter"), "flowExporter", problems)
+    d = FlowExporterConfig()
+    protocols = _parse_protocols(fe, problems, warnings)
+    flow_exporter = FlowExporterConfig(
+        enable=fe.take("enable", parse_bool, d.enable),
+        collector=fe.take("flowCollectorAddr", parse_collector_address, d.collector),
+        poll_interval=fe.take("flowPollInterval", parse_duration, d.poll_interval),
+        active_timeout=fe.take("activeFlowExportTimeout", parse_duration, d.active_timeout),
+        idle_timeout=fe.take("idleFlowExportTimeout", parse_duration, d.idle_timeout),
+        protocols=protocols,
+    )
+
+    ct = _Section(top.data.get("conntrack"), "conntrack", problems)
+    d_ct = ConntrackConfig()
+    conntrack = ConntrackConfig(
+        source=ct.take("source", one_of(*CONNTRACK_SOURCES), d_ct.source),
+        zones=ct.take("zones", parse_zones, d_ct.zones),
+    )
+
+    ov = _Section(top.data.get("ovs"), "ovs", problems)
+    d_ovs = OvsConfig()
+    ovs = OvsConfig(
+        run_dir=ov.take("runDir", non_empty_string, d_ovs.run_dir),
+        bridge=ov.take("bridge", non_empty_string, d_ovs.bridge),
+        deny_table=ov.take("denyTable", integer_in(1, 254), d_ovs.deny_table),
+    )
+
+    for section in (top, fe, ct, ov):
+        section.reject_unknown()
+    if problems:
+        raise ConfigError(problems)
+    return Config(flow_exporter, conntrack, ovs, tuple(warnings))
+
+
+def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> ProtocolSet:
+    """`protocols`, or Antrea's name for it, `protocolFilter`; never both."""
+    fe.known += ["protocols", "protocolFilter"]
+    present = [key for key in ("protocols", "protocolFilter") if key in fe.data]
+    if len(present) == 2:
+        problems.append("flowExporter: both 'protocols' and 'protocolFilter' are set; "
+                        "'protocolFilter' is Antrea's name for 'protocols': keep one")
+        return ALL_PROTOCOLS
+    if not present:
+        return ALL_PROTOCOLS
+    key = f"flowExporter.{present[0]}"
+    try:
+        parsed = parse_protocol_list(fe.data[present[0]], key)
+    except ProtocolListError as err:
+        problems.extend(err.details)
+        problems.append(str(err))
+        return ALL_PROTOCOLS
+    warnings.extend(parsed.warnings)
+    return parsed.protocols
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read the configuration: {err.strerror}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+    return parse_config(data)
