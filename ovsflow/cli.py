@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import ssl
 import sys
 import time
 
@@ -143,7 +145,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    return _not_implemented("collect")
+    from .collector import ListenUrlError, collect
+
+    try:
+        return asyncio.run(collect(args.listen, count=args.count, timeout=args.timeout,
+                                   cert=args.cert, key=args.key))
+    except (ListenUrlError, OSError, ssl.SSLError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def cmd_conntrack(args: argparse.Namespace) -> int:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
+import socket
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,15 +70,48 @@ class OvsConfig:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    ca_file: str | None = None  # None: the system's trusted CAs
+    cert_file: str | None = None  # client certificate, for collectors that ask for one
+    key_file: str | None = None
+    server_name: str | None = None  # None: the collector's host
+    insecure_skip_verify: bool = False
+
+
+def default_node_name() -> str:
+    """As Antrea: the NODE_NAME environment variable (set from the pod spec), else the host
+    name."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class IpfixConfig:
+    node_name: str = field(default_factory=default_node_name)
+    domain_id: int | None = None  # None: derived from node_name
+    template_refresh: float = 600.0
+    path_mtu: int = 1500
+    max_buffered_records: int = 100_000
+    tls: TlsSettings = TlsSettings()
+
+    @property
+    def observation_domain_id(self) -> int:
+        """Configured, or a hash of the node name: stable across restarts of one node."""
+        if self.domain_id is not None:
+            return self.domain_id
+        return zlib.crc32(self.node_name.encode())
+
+
+@dataclass(frozen=True)
 class Config:
     flow_exporter: FlowExporterConfig = FlowExporterConfig()
     conntrack: ConntrackConfig = ConntrackConfig()
     ovs: OvsConfig = OvsConfig()
+    ipfix: IpfixConfig = field(default_factory=IpfixConfig)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration in the file's own key names and formats."""
-        fe, ct, ovs = self.flow_exporter, self.conntrack, self.ovs
+        fe, ct, ovs, ipfix = self.flow_exporter, self.conntrack, self.ovs, self.ipfix
         protocols = fe.protocols.numbers
         return {
             "flowExporter": {
@@ -88,6 +124,16 @@ class Config:
             },
             "conntrack": {"source": ct.source, "zones": sorted(ct.zones)},
             "ovs": {"runDir": ovs.run_dir, "bridge": ovs.bridge, "denyTable": ovs.deny_table},
+            "ipfix": {
+                "nodeName": ipfix.node_name,
+                "observationDomainId": ipfix.observation_domain_id,
+                "templateRefreshTimeout": format_duration(ipfix.template_refresh),
+                "pathMTU": ipfix.path_mtu,
+                "maxBufferedRecords": ipfix.max_buffered_records,
+                "tls": {"caFile": ipfix.tls.ca_file, "certFile": ipfix.tls.cert_file,
+                        "keyFile": ipfix.tls.key_file, "serverName": ipfix.tls.server_name,
+                        "insecureSkipVerify": ipfix.tls.insecure_skip_verify},
+            },
         }
 
 
@@ -206,6 +252,10 @@ def non_empty_string(value: object) -> str:
     return value.strip()
 
 
+def optional_string(value: object) -> str | None:
+    return None if value is None else non_empty_string(value)
+
+
 def parse_zones(value: object) -> frozenset[int]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of conntrack zones (0-65535), got {_show(value)}")
@@ -270,7 +320,7 @@ def parse_config(data: object) -> Config:
     problems: list[str] = []
     warnings: list[str] = []
     top = _Section(data, "", problems)
-    top.known = ["flowExporter", "conntrack", "ovs"]
+    top.known = ["flowExporter", "conntrack", "ovs", "ipfix"]
 
     fe = _Section(top.data.get("flowExporter"), "flowExporter", problems)
     d = FlowExporterConfig()
@@ -299,11 +349,35 @@ def parse_config(data: object) -> Config:
         deny_table=ov.take("denyTable", integer_in(1, 254), d_ovs.deny_table),
     )
 
-    for section in (top, fe, ct, ov):
+    ix = _Section(top.data.get("ipfix"), "ipfix", problems)
+    tl = _Section(ix.data.get("tls"), "ipfix.tls", problems)
+    ix.known.append("tls")
+    d_tls = TlsSettings()
+    tls = TlsSettings(
+        ca_file=tl.take("caFile", optional_string, d_tls.ca_file),
+        cert_file=tl.take("certFile", optional_string, d_tls.cert_file),
+        key_file=tl.take("keyFile", optional_string, d_tls.key_file),
+        server_name=tl.take("serverName", optional_string, d_tls.server_name),
+        insecure_skip_verify=tl.take("insecureSkipVerify", parse_bool,
+                                     d_tls.insecure_skip_verify),
+    )
+    if tls.key_file and not tls.cert_file:
+        problems.append("ipfix.tls.keyFile: set, but certFile is not: a client key needs its "
+                        "certificate")
+    ipfix = IpfixConfig(
+        node_name=ix.take("nodeName", non_empty_string, default_node_name()),
+        domain_id=ix.take("observationDomainId", integer_in(0, 0xFFFFFFFF), None),
+        template_refresh=ix.take("templateRefreshTimeout", parse_duration, 600.0),
+        path_mtu=ix.take("pathMTU", integer_in(576, 65535), 1500),
+        max_buffered_records=ix.take("maxBufferedRecords", integer_in(1, 100_000_000), 100_000),
+        tls=tls,
+    )
+
+    for section in (top, fe, ct, ov, ix, tl):
         section.reject_unknown()
     if problems:
         raise ConfigError(problems)
-    return Config(flow_exporter, conntrack, ovs, tuple(warnings))
+    return Config(flow_exporter, conntrack, ovs, ipfix, tuple(warnings))
 
 
 def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> ProtocolSet:

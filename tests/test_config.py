@@ -152,7 +152,7 @@ def test_to_dict_round_trips_through_the_parser():
     effective = config.to_dict()
     assert effective["flowExporter"]["protocols"] == [6, 17]
     assert effective["conntrack"]["zones"] == [1, 2]
-    assert parse_config(effective) == config
+    assert parse_config(effective).to_dict() == effective
 
 
 def test_to_dict_says_all():
@@ -202,3 +202,31 @@ def test_yaml_booleans_in_the_protocol_list(tmp_path):
 
 def test_default_config_equals_parsed_empty():
     assert parse_config({}) == Config()
+
+
+def test_ipfix_section(monkeypatch):
+    monkeypatch.setenv("NODE_NAME", "node-7")
+    config = parse_config({"ipfix": {"templateRefreshTimeout": "1m", "pathMTU": 9000,
+                                     "maxBufferedRecords": 10,
+                                     "tls": {"caFile": "/ca.pem", "serverName": "collector"}}})
+    ipfix = config.ipfix
+    assert ipfix.node_name == "node-7"
+    assert ipfix.observation_domain_id == parse_config({}).ipfix.observation_domain_id
+    assert ipfix.observation_domain_id != parse_config(
+        {"ipfix": {"nodeName": "node-8"}}).ipfix.observation_domain_id
+    assert (ipfix.template_refresh, ipfix.path_mtu, ipfix.max_buffered_records) == (60, 9000, 10)
+    assert (ipfix.tls.ca_file, ipfix.tls.server_name, ipfix.tls.cert_file) == (
+        "/ca.pem", "collector", None)
+    assert parse_config({"ipfix": {"observationDomainId": 5}}).ipfix.observation_domain_id == 5
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"ipfix": {"pathMTU": 100}}, "ipfix.pathMTU: expected a whole number from 576"),
+    ({"ipfix": {"observationDomainId": -1}}, "ipfix.observationDomainId:"),
+    ({"ipfix": {"tls": {"keyFile": "/k.pem"}}}, "ipfix.tls.keyFile:"),
+    ({"ipfix": {"tls": {"cafile": "/ca.pem"}}}, "ipfix.tls.cafile: unknown key (did you mean "
+                                                "'caFile'?)"),
+])
+def test_bad_ipfix_values(data, key):
+    [problem] = problems_of(data)
+    assert problem.startswith(key)

@@ -1,0 +1,424 @@
+"""IPFIX (RFC 7011) messages as bytes, without I/O.
+
+`Template` encodes and decodes one template's records, `MessageEncoder` packs encoded records
+into size-limited messages with per-domain sequence numbers, `MessageDecoder` keeps the
+templates of each (exporter, observation domain) and turns messages back into records, and
+`MessageStream` cuts a TCP byte stream into messages. Encoding is compiled per template into
+`struct.Struct` runs, since the exporter encodes every record of every poll.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .elements import IANA, VARIABLE_LENGTH, InformationElement, lookup
+
+VERSION = 10
+HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, domain id
+SET_HEADER = struct.Struct("!HH")  # set id, length
+TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID, MIN_DATA_SET_ID = 2, 3, 256
+MAX_MESSAGE_SIZE = 65535
+NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 to 1970-01-01
+
+
+class DecodeError(ValueError):
+    """Malformed IPFIX; the message says where."""
+
+
+@dataclass(frozen=True)
+class TemplateField:
+    element: InformationElement
+    length: int
+
+    @property
+    def variable(self) -> bool:
+        return self.length == VARIABLE_LENGTH
+
+
+_INT_FORMATS = {"unsigned": {1: "B", 2: "H", 4: "I", 8: "Q"},
+                "signed": {1: "b", 2: "h", 4: "i", 8: "q"}}
+
+
+def _struct_format(f: TemplateField) -> str | None:
+    """The struct code for a fixed-length field whose value struct can pack as given
+    (ints, floats, bytes), or None when the value needs converting first."""
+    data_type, length = f.element.data_type, f.length
+    for prefix, formats in _INT_FORMATS.items():
+        if data_type.startswith(prefix):
+            return formats.get(length)
+    if data_type in ("dateTimeSeconds", "dateTimeMilliseconds"):
+        return _INT_FORMATS["unsigned"].get(length)
+    if data_type in ("float32", "float64"):
+        return {4: "f", 8: "d"}.get(length)
+    if data_type in ("ipv4Address", "ipv6Address", "macAddress", "octetArray"):
+        return None if f.variable else f"{length}s"
+    return None
+
+
+def _encode_variable(data: bytes) -> bytes:
+    """RFC 7011 §7: one length byte, or 255 and a two-byte length."""
+    if len(data) < 255:
+        return bytes((len(data),)) + data
+    if len(data) > 0xFFFF:
+        raise ValueError(f"a variable-length value of {len(data)} bytes exceeds 65535")
+    return b"\xff" + len(data).to_bytes(2, "big") + data
+
+
+@functools.lru_cache(maxsize=4096)
+def _encode_string(value: str) -> bytes:
+    """Cached: exported strings (TCP states, rule and pod names) come from a small set."""
+    return _encode_variable(value.encode())
+
+
+def _field_encoder(f: TemplateField) -> Callable[[object], bytes]:
+    """Encoder for a field that struct cannot pack directly."""
+    data_type, length = f.element.data_type, f.length
+    if data_type == "string":
+        if f.variable:
+            return _encode_string
+        return lambda value: value.encode()[:length].ljust(length, b"\0")  # type: ignore
+    if data_type == "octetArray":
+        return lambda value: _encode_variable(bytes(value))  # type: ignore[arg-type]
+    if data_type == "boolean":
+        return lambda value: b"\x01" if value else b"\x02"
+    if data_type in ("dateTimeMicroseconds", "dateTimeNanoseconds"):
+        scale = 10**6 if data_type == "dateTimeMicroseconds" else 10**9
+
+        def ntp(value: object) -> bytes:
+            seconds, fraction = divmod(int(value), scale)  # type: ignore[call-overload]
+            # rounded up, so that the decoder's rounding down gives the same value back
+            return struct.pack("!II", seconds + NTP_EPOCH_OFFSET, -(-(fraction << 32) // scale))
+        return ntp
+    if data_type.startswith(("unsigned", "signed")) and 1 <= length <= 8:
+        signed = data_type.startswith("signed")
+        return lambda value: int(value).to_bytes(length, "big", signed=signed)  # type: ignore
+    raise ValueError(f"cannot encode {f.element.name} ({data_type}) in {length} bytes")
+
+
+def _field_decoder(f: TemplateField) -> Callable[[bytes], object]:
+    """Bytes of one field to a JSON-friendly value. A length the data type does not allow is
+    shown as hex rather than rejected, so one odd field does not hide a whole record."""
+    data_type, length = f.element.data_type, f.length
+    if data_type.startswith(("unsigned", "dateTimeSeconds", "dateTimeMilliseconds")) \
+            and length <= 8:
+        return lambda data: int.from_bytes(data, "big")
+    if data_type.startswith("signed") and length <= 8:
+        return lambda data: int.from_bytes(data, "big", signed=True)
+    if data_type == "float32" and length == 4 or data_type == "float64" and length in (4, 8):
+        code = "!f" if length == 4 else "!d"
+        return lambda data: struct.unpack(code, data)[0]
+    if data_type == "ipv4Address" and length == 4:
+        return lambda data: socket.inet_ntop(socket.AF_INET, data)
+    if data_type == "ipv6Address" and length == 16:
+        return lambda data: socket.inet_ntop(socket.AF_INET6, data)
+    if data_type == "macAddress" and length == 6:
+        return lambda data: data.hex(":")
+    if data_type == "string":
+        return lambda data: data.decode("utf-8", "replace")
+    if data_type == "boolean" and length == 1:
+        return lambda data: {1: True, 2: False}.get(data[0], data[0])
+    if data_type in ("dateTimeMicroseconds", "dateTimeNanoseconds") and length == 8:
+        scale = 10**6 if data_type == "dateTimeMicroseconds" else 10**9
+
+        def from_ntp(data: bytes) -> int:
+            seconds, fraction = struct.unpack("!II", data)
+            return (seconds - NTP_EPOCH_OFFSET) * scale + (fraction * scale >> 32)
+        return from_ntp
+    return lambda data: data.hex()
+
+
+class Template:
+    """One (options) template: its definition bytes, and encoding and decoding of its data
+    records. `scope_count` > 0 makes it an options template."""
+
+    def __init__(self, template_id: int, fields: Sequence[TemplateField], scope_count: int = 0):
+        if not MIN_DATA_SET_ID <= template_id <= 0xFFFF:
+            raise ValueError(f"template id {template_id} is outside 256-65535")
+        self.template_id = template_id
+        self.fields = tuple(fields)
+        self.scope_count = scope_count
+        self.names = tuple(f.element.name for f in self.fields)
+        self.min_record_length = sum(1 if f.variable else f.length for f in self.fields)
+        self._decoders = [_field_decoder(f) for f in self.fields]
+
+    @functools.cached_property
+    def _encoder(self) -> tuple[struct.Struct | None, int, Callable | None, list]:
+        """Compiled on first use, so that a decoded template with a field ovsflow cannot
+        encode still decodes. The usual shape of ovsflow's templates, fixed fields then at most
+        one variable-length field, gets a fast path: (head struct, its end, tail encoder)."""
+        plan = self._compile_encoder()
+        fast = plan[0][0] is not None and len(plan) <= 2
+        tail = plan[1][1] if fast and len(plan) == 2 else None
+        return (plan[0][0] if fast else None), plan[0][3], tail, plan
+
+    def _compile_encoder(self) -> list[tuple[struct.Struct | None, Callable | None, int, int]]:
+        """Runs of struct-packable fields become one Struct each; other fields get their
+        own encoder. Each step: (struct, encoder, first index, end index)."""
+        plan: list[tuple[struct.Struct | None, Callable | None, int, int]] = []
+        run_start, codes = 0, ""
+        for index, f in enumerate(self.fields):
+            code = _struct_format(f)
+            if code is not None:
+                if not codes:
+                    run_start = index
+                codes += code
+                continue
+            if codes:
+                plan.append((struct.Struct("!" + codes), None, run_start, index))
+                codes = ""
+            plan.append((None, _field_encoder(f), index, index + 1))
+        if codes:
+            plan.append((struct.Struct("!" + codes), None, run_start, len(self.fields)))
+        return plan
+
+    def encode_record(self, values: Sequence) -> bytes:
+        """The data record for `values`, given in the order of the template's fields."""
+        head, head_end, tail, plan = self._encoder
+        if head is not None:
+            if tail is None:
+                return head.pack(*values)
+            return head.pack(*values[:head_end]) + tail(values[-1])
+        parts = []
+        for packer, encoder, start, end in plan:
+            if packer is not None:
+                parts.append(packer.pack(*values[start:end]))
+            else:
+                parts.append(encoder(values[start]))  # type: ignore[misc]
+        return b"".join(parts)
+
+    def definition(self) -> bytes:
+        """The template record (RFC 7011 §3.4.1, §3.4.2.2) for a (options) template set."""
+        if self.scope_count:
+            parts = [struct.pack("!HHH", self.template_id, len(self.fields), self.scope_count)]
+        else:
+            parts = [struct.pack("!HH", self.template_id, len(self.fields))]
+        for f in self.fields:
+            if f.element.enterprise == IANA:
+                parts.append(struct.pack("!HH", f.element.element_id, f.length))
+            else:
+                parts.append(struct.pack("!HHI", f.element.element_id | 0x8000, f.length,
+                                         f.element.enterprise))
+        return b"".join(parts)
+
+    def decode_records(self, data: bytes) -> list[dict[str, object]]:
+        """All data records of a data set body; trailing bytes shorter than a record are
+        padding (RFC 7011 §3.3.1)."""
+        records = []
+        pos, end = 0, len(data)
+        while end - pos >= max(self.min_record_length, 1):
+            record: dict[str, object] = {}
+            for f, decode in zip(self.fields, self._decoders):
+                length = f.length
+                if length == VARIABLE_LENGTH:
+                    if pos >= end:
+                        raise DecodeError(f"template {self.template_id}: record truncated "
+                                          f"before {f.element.name}")
+                    length, pos = data[pos], pos + 1
+                    if length == 255:
+                        if pos + 2 > end:
+                            raise DecodeError(f"template {self.template_id}: truncated "
+                                              f"length of {f.element.name}")
+                        length, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
+                if pos + length > end:
+                    raise DecodeError(f"template {self.template_id}: {f.element.name} needs "
+                                      f"{length} bytes, {end - pos} left in the set")
+                record[f.element.name] = decode(data[pos:pos + length])
+                pos += length
+            records.append(record)
+        if pos != end and any(data[pos:end]):
+            raise DecodeError(f"template {self.template_id}: {end - pos} bytes left over "
+                              "that are not zero padding")
+        return records
+
+
+class MessageEncoder:
+    """Packs records into messages for one observation domain.
+
+    The sequence number in each header counts the data records this encoder produced before
+    that message (RFC 7011 §3.1), modulo 2**32.
+    """
+
+    def __init__(self, observation_domain_id: int, max_message_size: int = MAX_MESSAGE_SIZE):
+        if not HEADER.size + SET_HEADER.size < max_message_size <= MAX_MESSAGE_SIZE:
+            raise ValueError(f"message size limit {max_message_size} is not in 21-65535")
+        self.observation_domain_id = observation_domain_id
+        self.max_message_size = max_message_size
+        self.sequence = 0
+
+    def template_messages(self, templates: Iterable[Template], export_time: int) -> list[bytes]:
+        """Template and options template sets for all `templates`, in as few messages as fit."""
+        plain = [t.definition() for t in templates if not t.scope_count]
+        options = [t.definition() for t in templates if t.scope_count]
+        groups = [(TEMPLATE_SET_ID, plain, False), (OPTIONS_TEMPLATE_SET_ID, options, False)]
+        return self._pack([g for g in groups if g[1]], export_time, counts_records=False)
+
+    def data_messages(self, batches: Iterable[tuple[Template, list[bytes]]],
+                      export_time: int) -> list[bytes]:
+        """Messages holding each batch's encoded records in a data set of its template."""
+        groups = [(t.template_id, records, t.min_record_length > 3)
+                  for t, records in batches if records]
+        return self._pack(groups, export_time, counts_records=True)
+
+    def _pack(self, groups: list[tuple[int, list[bytes], bool]], export_time: int,
+              counts_records: bool) -> list[bytes]:
+        messages: list[bytes] = []
+        parts: list[bytes] = []
+        size = HEADER.size
+        records_in_message = 0
+        limit = self.max_message_size
+
+        def close_message() -> None:
+            nonlocal parts, size, records_in_message
+            if parts:
+                header = HEADER.pack(VERSION, size, export_time & 0xFFFFFFFF, self.sequence,
+                                     self.observation_domain_id)
+                messages.append(header + b"".join(parts))
+                if counts_records:
+                    self.sequence = (self.sequence + records_in_message) & 0xFFFFFFFF
+            parts, size, records_in_message = [], HEADER.size, 0
+
+        for set_id, records, pad in groups:
+            set_parts: list[bytes] = []
+            set_size = SET_HEADER.size
+            for record in records:
+                if HEADER.size + SET_HEADER.size + len(record) + (3 if pad else 0) > limit:
+                    raise ValueError(f"a record of {len(record)} bytes does not fit in a "
+                                     f"message of at most {limit} bytes")
+                if size + set_size + len(record) + (3 if pad else 0) > limit:
+                    if set_parts:
+                        parts.append(self._set(set_id, set_parts, set_size, pad))
+                        size += len(parts[-1])
+                    close_message()
+                    set_parts, set_size = [], SET_HEADER.size
+                set_parts.append(record)
+                set_size += len(record)
+                records_in_message += 1
+            if set_parts:
+                parts.append(self._set(set_id, set_parts, set_size, pad))
+                size += len(parts[-1])
+        close_message()
+        return messages
+
+    @staticmethod
+    def _set(set_id: int, records: list[bytes], size: int, pad: bool) -> bytes:
+        padding = (-size) % 4 if pad else 0
+        return SET_HEADER.pack(set_id, size + padding) + b"".join(records) + b"\0" * padding
+
+
+@dataclass
+class DecodedMessage:
+    observation_domain_id: int
+    export_time: int
+    sequence: int
+    records: list[tuple[int, dict[str, object]]] = field(default_factory=list)
+    unknown_template_sets: list[int] = field(default_factory=list)
+
+
+class MessageDecoder:
+    """Turns messages into records, keeping templates per (exporter, domain, template id).
+
+    Data sets whose template has not been seen are skipped and reported in
+    `DecodedMessage.unknown_template_sets` (over UDP they arrive before the template resend).
+    """
+
+    def __init__(self) -> None:
+        self.templates: dict[tuple[str, int, int], Template] = {}
+
+    def decode(self, message: bytes, exporter: str = "") -> DecodedMessage:
+        if len(message) < HEADER.size:
+            raise DecodeError(f"message of {len(message)} bytes is shorter than the "
+                              f"{HEADER.size}-byte header")
+        version, length, export_time, sequence, domain = HEADER.unpack_from(message)
+        if version != VERSION:
+            raise DecodeError(f"version {version} is not IPFIX (10)")
+        if length != len(message):
+            raise DecodeError(f"header says {length} bytes, message has {len(message)}")
+        decoded = DecodedMessage(domain, export_time, sequence)
+        pos = HEADER.size
+        while pos < length:
+            if length - pos < SET_HEADER.size:
+                raise DecodeError(f"{length - pos} bytes at offset {pos} are too short for a "
+                                  "set header")
+            set_id, set_length = SET_HEADER.unpack_from(message, pos)
+            if set_length < SET_HEADER.size or pos + set_length > length:
+                raise DecodeError(f"set {set_id} at offset {pos} has length {set_length}, "
+                                  f"{length - pos} bytes left")
+            body = message[pos + SET_HEADER.size:pos + set_length]
+            if set_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):
+                self._read_templates(body, set_id, (exporter, domain))
+            elif set_id >= MIN_DATA_SET_ID:
+                template = self.templates.get((exporter, domain, set_id))
+                if template is None:
+                    decoded.unknown_template_sets.append(set_id)
+                else:
+                    decoded.records.extend((set_id, r) for r in template.decode_records(body))
+            else:
+                raise DecodeError(f"set id {set_id} at offset {pos} is reserved")
+            pos += set_length
+        return decoded
+
+    def _read_templates(self, body: bytes, set_id: int, source: tuple[str, int]) -> None:
+        pos, end = 0, len(body)
+        options = set_id == OPTIONS_TEMPLATE_SET_ID
+        while end - pos >= 4:
+            template_id, count = struct.unpack_from("!HH", body, pos)
+            pos += 4
+            if count == 0:  # withdrawal; the set id as template id withdraws them all
+                if template_id == set_id:
+                    for key in [k for k in self.templates if k[:2] == source]:
+                        del self.templates[key]
+                else:
+                    self.templates.pop((*source, template_id), None)
+                continue
+            scope_count = 0
+            if options:
+                if pos + 2 > end:
+                    raise DecodeError(f"options template {template_id} truncated")
+                scope_count = struct.unpack_from("!H", body, pos)[0]
+                pos += 2
+            fields = []
+            for _ in range(count):
+                if pos + 4 > end:
+                    raise DecodeError(f"template {template_id} truncated after "
+                                      f"{len(fields)} of {count} fields")
+                element_id, length = struct.unpack_from("!HH", body, pos)
+                pos += 4
+                enterprise = IANA
+                if element_id & 0x8000:
+                    if pos + 4 > end:
+                        raise DecodeError(f"template {template_id} truncated in the "
+                                          "enterprise number")
+                    enterprise = struct.unpack_from("!I", body, pos)[0]
+                    pos += 4
+                    element_id &= 0x7FFF
+                if length == 0:
+                    raise DecodeError(f"template {template_id}: field {element_id} has "
+                                      "length 0")
+                fields.append(TemplateField(lookup(enterprise, element_id), length))
+            if template_id < MIN_DATA_SET_ID:
+                raise DecodeError(f"template id {template_id} is below 256")
+            self.templates[(*source, template_id)] = Template(template_id, fields, scope_count)
+
+
+class MessageStream:
+    """Cuts a TCP/TLS byte stream into messages using the header's length field."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= 4:
+            version, length = struct.unpack_from("!HH", self._buffer)
+            if version != VERSION or length < HEADER.size:
+                raise DecodeError(f"stream out of step: version {version}, length {length}")
+            if len(self._buffer) < length:
+                break
+            messages.append(bytes(self._buffer[:length]))
+            del self._buffer[:length]
+        return messages

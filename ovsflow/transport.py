@@ -1,0 +1,138 @@
+"""Sockets to the collector: thin asyncio adapters around the sans-IO IPFIX codec.
+
+UDP sends datagrams that fit the path MTU; TCP and TLS keep one stream, and watch its read
+side so that a collector that went away is noticed at once rather than at the next write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+
+from .config import CollectorAddress, IpfixConfig, TlsSettings
+from .ipfix.codec import MAX_MESSAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+UDP_HEADER, IPV4_HEADER, IPV6_HEADER = 8, 20, 40
+
+
+def client_tls_context(settings: TlsSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if settings.cert_file:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.insecure_skip_verify:
+        log.warning("TLS: the collector's certificate is NOT verified "
+                    "(ipfix.tls.insecureSkipVerify is true)")
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+class UdpTransport:
+    reliable = False
+
+    def __init__(self, host: str, port: int, path_mtu: int = 1500):
+        self.host, self.port = host, port
+        ip_header = IPV6_HEADER if _is_ipv6(host) else IPV4_HEADER
+        self.max_message_size = min(path_mtu - ip_header - UDP_HEADER, MAX_MESSAGE_SIZE)
+        self._transport: asyncio.DatagramTransport | None = None
+        self.send_errors = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    async def connect(self) -> None:
+        owner = self
+
+        class Protocol(asyncio.DatagramProtocol):
+            def error_received(self, exc: Exception) -> None:
+                # ICMP port unreachable and the like: the collector is not there right now.
+                # UDP gives no delivery guarantee; count it and carry on.
+                owner.send_errors += 1
+                log.debug("UDP send to %s:%s failed: %s", owner.host, owner.port, exc)
+
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            Protocol, remote_addr=(self.host, self.port))
+
+    async def send(self, messages: list[bytes]) -> None:
+        assert self._transport is not None
+        for message in messages:
+            self._transport.sendto(message)
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
+class StreamTransport:
+    """TCP, or TLS when given an SSL context."""
+
+    reliable = True
+    max_message_size = MAX_MESSAGE_SIZE
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None):
+        self.host, self.port, self.tls = host, port, tls
+        self.server_name = server_name or (host if tls else None)
+        self._writer: asyncio.StreamWriter | None = None
+        self._watcher: asyncio.Task | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def connect(self) -> None:
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.tls, server_hostname=self.server_name)
+        self._writer = writer
+        self._watcher = asyncio.create_task(self._watch(reader, writer))
+
+    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Collectors send nothing; end of stream or an error means the peer is gone."""
+        try:
+            while await reader.read(4096):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
+        log.warning("collector %s:%s closed the connection", self.host, self.port)
+        writer.close()
+
+    async def send(self, messages: list[bytes]) -> None:
+        await asyncio.sleep(0)  # let the watcher see a close that already arrived
+        if not self.connected:
+            raise ConnectionError(f"not connected to {self.host}:{self.port}")
+        assert self._writer is not None
+        self._writer.writelines(messages)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
+            self._writer = None
+
+
+def transport_for(collector: CollectorAddress, ipfix: IpfixConfig):
+    if collector.transport == "udp":
+        return UdpTransport(collector.host, collector.port, ipfix.path_mtu)
+    tls = client_tls_context(ipfix.tls) if collector.transport == "tls" else None
+    return StreamTransport(collector.host, collector.port, tls, ipfix.tls.server_name)

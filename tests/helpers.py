@@ -1,0 +1,90 @@
+"""Test helpers that run real programs: the `ovsflow` console script and tshark.
+
+Every process started here is stopped by its own PID when the helper is done with it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+OVSFLOW = shutil.which("ovsflow", path=str(Path(sys.executable).parent))
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Collector:
+    """`ovsflow collect` as a subprocess; `records()` waits for it and parses its lines."""
+
+    def __init__(self, url: str, *, count: int | None = None, timeout: float = 30,
+                 extra: tuple[str, ...] = ()):
+        assert OVSFLOW, "the ovsflow console script is not installed next to this Python"
+        args = [OVSFLOW, "collect", "--listen", url, "--timeout", str(timeout), *extra]
+        if count is not None:
+            args += ["--count", str(count)]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        line = self.process.stderr.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"ovsflow collect did not start: {line}"
+                               f"{self.process.stderr.read()}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def records(self, timeout: float = 60) -> list[dict]:
+        out, self.errors = self.process.communicate(timeout=timeout)
+        return [json.loads(line) for line in out.splitlines()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+
+@contextmanager
+def tshark_capture(capture_filter: str, directory: Path):
+    """Capture loopback traffic into a pcap in `directory` while the block runs; yields the
+    pcap's path, complete once the block has ended."""
+    path = str(directory / "capture.pcap")
+    process = subprocess.Popen(["tshark", "-i", "lo", "-f", capture_filter, "-w", path],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "Capture started" not in process.stderr.readline():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("tshark did not start capturing")
+        time.sleep(0.5)  # the capture filter is being applied as the message is printed
+        yield path
+        time.sleep(0.5)  # let the last packets reach the capture
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def tshark_fields(pcap: str, decode_as: str, fields: list[str]) -> list[dict[str, list[str]]]:
+    """Per packet that tshark decoded as IPFIX (cflow), each field's values."""
+    result = subprocess.run(
+        ["tshark", "-r", pcap, "-d", decode_as, "-Y", "cflow", "-T", "fields",
+         "-E", "occurrence=a", "-E", "aggregator=|", "-E", "separator=\t",
+         *[arg for f in fields for arg in ("-e", f)]],
+        capture_output=True, text=True, timeout=60, check=True)
+    packets = []
+    for line in result.stdout.splitlines():
+        values = line.split("\t")
+        packets.append({f: (v.split("|") if v else []) for f, v in zip(fields, values)})
+    return packets
