@@ -92,7 +92,10 @@ class Exporter:
                 timeout = max(0.0, self._templates_sent_at + self.template_refresh
                               - time.monotonic())
             try:
-                await asyncio.wait_for(self._pending.wait(), timeout)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
+                # cancellation that close() sends when the event is set at the same moment.
+                async with asyncio.timeout(timeout):
+                    await self._pending.wait()
             except TimeoutError:
                 pass
             self._pending.clear()
