@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import socket
 import ssl
 import sys
 import time
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:  # `ovsflow conntrack | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _load_or_report(path: str) -> Config | None:
@@ -135,13 +140,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _not_implemented(name: str) -> int:
-    print(f"ovsflow {name}: not implemented yet", file=sys.stderr)
-    return EXIT_FAILURE
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    return _not_implemented("run")
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.flow_exporter.enable:
+        log.warning("flowExporter.enable is false: nothing to export; exiting")
+        return EXIT_OK
+    from .agent import Agent
+
+    async def run() -> None:
+        await Agent(config).run()
+
+    asyncio.run(run())
+    return EXIT_OK
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -156,4 +168,48 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_conntrack(args: argparse.Namespace) -> int:
-    return _not_implemented("conntrack")
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from .filter import ConnectionFilter
+    from .source import open_source
+
+    async def poll():
+        connection_filter = ConnectionFilter(config.conntrack.zones,
+                                             config.flow_exporter.protocols)
+        return await (await open_source(config, connection_filter)).poll()
+
+    try:
+        connections = asyncio.run(poll())
+    except (OSError, RuntimeError, ValueError) as err:
+        print(f"error: conntrack poll failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.count:
+        print(len(connections))
+        return EXIT_OK
+    write = sys.stdout.write
+    for connection in connections:
+        write(json.dumps(connection_json(connection)) + "\n")
+    return EXIT_OK
+
+
+def connection_json(c) -> dict:
+    return {"protocol": c.protocol, "source": _address(c.source),
+            "destination": _address(c.destination), "sourcePort": c.source_port,
+            "destinationPort": c.destination_port, "replySource": _address(c.reply_source),
+            "replyDestination": _address(c.reply_destination),
+            "replySourcePort": c.reply_source_port,
+            "replyDestinationPort": c.reply_destination_port, "icmpType": c.icmp_type,
+            "icmpCode": c.icmp_code, "icmpId": c.icmp_id, "zone": c.zone, "mark": c.mark,
+            "labels": c.labels.hex(), "status": c.status, "state": c.state,
+            "packets": c.packets if c.counted else None,
+            "octets": c.octets if c.counted else None,
+            "replyPackets": c.reply_packets if c.counted else None,
+            "replyOctets": c.reply_octets if c.counted else None,
+            "startNs": c.start_ns or None, "id": c.id, "timeout": c.timeout}
+
+
+def _address(packed: bytes) -> str:
+    if not packed:
+        return ""
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)

@@ -60,6 +60,7 @@ class FlowExporterConfig:
 class ConntrackConfig:
     source: str = "auto"
     zones: frozenset[int] = frozenset({65520})  # empty: every zone
+    max_connections: int = 500_000
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class Config:
                 "idleFlowExportTimeout": format_duration(fe.idle_timeout),
                 "protocols": "all" if protocols is None else sorted(protocols),
             },
-            "conntrack": {"source": ct.source, "zones": sorted(ct.zones)},
+            "conntrack": {"source": ct.source, "zones": sorted(ct.zones),
+                          "maxConnections": ct.max_connections},
             "ovs": {"runDir": ovs.run_dir, "bridge": ovs.bridge, "denyTable": ovs.deny_table},
             "ipfix": {
                 "nodeName": ipfix.node_name,
@@ -339,6 +341,8 @@ def parse_config(data: object) -> Config:
     conntrack = ConntrackConfig(
         source=ct.take("source", one_of(*CONNTRACK_SOURCES), d_ct.source),
         zones=ct.take("zones", parse_zones, d_ct.zones),
+        max_connections=ct.take("maxConnections", integer_in(1, 100_000_000),
+                                d_ct.max_connections),
     )
 
     ov = _Section(top.data.get("ovs"), "ovs", problems)

@@ -28,9 +28,11 @@ class Collector:
     """`ovsflow collect` as a subprocess; `records()` waits for it and parses its lines."""
 
     def __init__(self, url: str, *, count: int | None = None, timeout: float = 30,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), prefix: list[str] | None = None):
+        """`prefix` runs it elsewhere, e.g. in a network namespace (`ip netns exec NS`)."""
         assert OVSFLOW, "the ovsflow console script is not installed next to this Python"
-        args = [OVSFLOW, "collect", "--listen", url, "--timeout", str(timeout), *extra]
+        args = [*(prefix or []), OVSFLOW, "collect", "--listen", url, "--timeout",
+                str(timeout), *extra]
         if count is not None:
             args += ["--count", str(count)]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -45,6 +47,12 @@ class Collector:
     def records(self, timeout: float = 60) -> list[dict]:
         out, self.errors = self.process.communicate(timeout=timeout)
         return [json.loads(line) for line in out.splitlines()]
+
+    def stop_and_read(self) -> list[dict]:
+        """Stop it now (by PID) and parse what it printed: every line is flushed as printed."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.records()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -1,0 +1,37 @@
+"""Conntrack sources: the kernel's nf_conntrack (netlink) and the OVS userspace datapath's
+(ovs-vswitchd's dpctl/dump-conntrack). Each module pairs a sans-IO codec (`ctnetlink`,
+`dpctl`) with a thin I/O adapter (`kernel`, `ovs`); both adapters have `async poll()`
+returning the filtered `Connection`s."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..config import Config
+from ..filter import ConnectionFilter
+
+log = logging.getLogger(__name__)
+
+
+async def open_source(config: Config, connection_filter: ConnectionFilter):
+    """The configured source; `auto` asks OVSDB whether the bridge's datapath is netdev."""
+    from .kernel import KernelSource, enable_accounting, kernel_supports_protocol_filter
+    from .ovs import OvsSource, UnixctlError, bridge_datapath_type
+
+    kind = config.conntrack.source
+    if kind == "auto":
+        try:
+            datapath = await asyncio.to_thread(bridge_datapath_type, config.ovs.run_dir,
+                                               config.ovs.bridge)
+        except UnixctlError as err:
+            log.warning("conntrack.source auto: %s; using the kernel's conntrack", err)
+            datapath = "system"
+        kind = "ovs" if datapath == "netdev" else "kernel"
+        log.info("conntrack.source auto: bridge %s has datapath_type %r: using %s conntrack",
+                 config.ovs.bridge, datapath or "system", kind)
+    if kind == "ovs":
+        return OvsSource(connection_filter, config.ovs.run_dir)
+    await asyncio.to_thread(enable_accounting)
+    protocol_filter = await asyncio.to_thread(kernel_supports_protocol_filter)
+    return KernelSource(connection_filter, protocol_filter)

@@ -1,0 +1,136 @@
+"""The dpctl/dump-conntrack text parser: the formats ct-dpif.c prints, and fuzzing."""
+
+import ipaddress
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ovsflow.source.dpctl import DpctlParseError, parse_dump, parse_entry
+
+V4 = lambda text: ipaddress.ip_address(text).packed  # noqa: E731
+
+TCP = ("tcp,orig=(src=10.98.0.1,dst=10.98.0.2,sport=35460,dport=8080),reply=(src=10.98.0.2,"
+       "dst=10.98.0.1,sport=8080,dport=35460),id=0,zone=65520,status=0,timeout=29,"
+       "protoinfo=(state_orig=FIN_WAIT_2,state_reply=FIN_WAIT_2,wscale_orig=10,"
+       "wscale_reply=10,flags_orig=WINDOW_SCALE,flags_reply=WINDOW_SCALE)")
+ICMP = ("icmp,orig=(src=10.98.0.1,dst=10.98.0.2,id=5565,type=8,code=0),reply=(src=10.98.0.2,"
+        "dst=10.98.0.1,id=5565,type=0,code=0),id=0,zone=65520,status=0,timeout=28")
+UDP6 = ("udp,orig=(src=fd00::1,dst=fd00::2,sport=47431,dport=5353),reply=(src=fd00::2,"
+        "dst=fd00::1,sport=5353,dport=47431),id=7,zone=7,status=SEEN_REPLY|CONFIRMED,"
+        "timeout=59,mark=42,labels=0xabcd")
+KERNEL = ("tcp,orig=(src=10.0.0.1,dst=10.0.0.2,sport=1,dport=2,packets=5,bytes=300),"
+          "reply=(src=10.0.0.2,dst=10.0.0.1,sport=2,dport=1,packets=4,bytes=200),"
+          "start=2026-11-25T22:17:12.345,id=99,status=ASSURED,timeout=100,"
+          "protoinfo=(state=ESTABLISHED)")
+SCTP = ("sctp,orig=(src=10.0.0.1,dst=10.0.0.2),reply=(src=10.0.0.2,dst=10.0.0.1),id=0,"
+        "zone=65520,status=0,timeout=10")
+GENERIC = "47,orig=(src=10.0.0.1,dst=10.0.0.2),reply=(src=10.0.0.2,dst=10.0.0.1),timeout=5"
+
+
+def test_tcp_entry_of_the_userspace_datapath():
+    c = parse_entry(TCP)
+    assert (c.protocol, c.source, c.destination) == (6, V4("10.98.0.1"), V4("10.98.0.2"))
+    assert (c.source_port, c.destination_port) == (35460, 8080)
+    assert (c.reply_source, c.reply_source_port, c.reply_destination_port) == (
+        V4("10.98.0.2"), 8080, 35460)
+    assert (c.zone, c.timeout, c.state, c.counted) == (65520, 29, "FIN_WAIT_2", False)
+    assert (c.packets, c.octets, c.start_ns) == (0, 0, 0)
+
+
+def test_icmp_entry():
+    c = parse_entry(ICMP)
+    assert (c.protocol, c.icmp_type, c.icmp_code, c.icmp_id) == (1, 8, 0, 5565)
+    assert (c.source_port, c.destination_port) == (0, 0)
+
+
+def test_ipv6_status_mark_labels():
+    c = parse_entry(UDP6)
+    assert c.source == V4("fd00::1") and len(c.reply_destination) == 16
+    assert (c.zone, c.mark, c.id) == (7, 42, 7)
+    assert c.status == (1 << 1) | (1 << 3)
+    assert c.labels == (0xabcd).to_bytes(16, "big")
+
+
+def test_kernel_datapath_counters_and_start_time():
+    c = parse_entry(KERNEL)
+    assert c.counted and (c.packets, c.octets, c.reply_packets, c.reply_octets) == (
+        5, 300, 4, 200)
+    assert c.start_ns == 1795645032345000000 and c.state == "ESTABLISHED"
+    assert c.status == 1 << 2
+
+
+def test_portless_and_numbered_protocols():
+    assert parse_entry(SCTP).protocol == 132 and parse_entry(SCTP).source_port == 0
+    assert parse_entry(GENERIC).protocol == 47
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("hello", "not a conntrack entry"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5,sport=1,dport=2)", "missing orig=(...) or reply"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=x,dst=1.2.3.4)", "bad address 'x'"),
+    ("tcp,orig=(src=1.2.3.4,dst=::1),reply=(src=::1,dst=1.2.3.4)", "mixed IPv4 and IPv6"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5,sport=abc),reply=(src=1.2.3.5,dst=1.2.3.4)",
+     "bad number sport='abc'"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5,reply=(src=1.2.3.5,dst=1.2.3.4)", "orig"),
+    ("quic,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4)",
+     "unknown protocol 'quic'"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),status=WEIRD",
+     "unknown status flag 'WEIRD'"),
+    ("tcp,orig=(src=1.2.3.4),reply=(src=1.2.3.5,dst=1.2.3.4)", "without src= or dst="),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),labels=0x1"
+     + "0" * 40, "labels out of range"),
+])
+def test_bad_lines_are_named(line, fragment):
+    with pytest.raises(DpctlParseError, match=fragment.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace(".", r"\.")):
+        parse_entry(line)
+
+
+def test_a_bad_line_costs_only_itself():
+    connections, errors = parse_dump("\n".join([TCP, "garbage", ICMP, "", UDP6]))
+    assert [c.protocol for c in connections] == [6, 1, 17]
+    assert len(errors) == 1 and "garbage" in str(errors[0])
+
+
+def test_a_10k_entry_dump():
+    lines = [TCP.replace("sport=35460", f"sport={1000 + i}") for i in range(10_000)]
+    connections, errors = parse_dump("\n".join(lines) + "\n")
+    assert not errors and len(connections) == 10_000
+    assert connections[-1].source_port == 10_999
+
+
+@st.composite
+def entries(draw):
+    v6 = draw(st.booleans())
+    address = st.ip_addresses(v=6 if v6 else 4)
+    src, dst = draw(address), draw(address)
+    protocol = draw(st.sampled_from(["tcp", "udp", "icmp", "sctp", "47"]))
+    ports = (f",id={draw(st.integers(0, 65535))},type=8,code=0" if protocol == "icmp"
+             else f",sport={draw(st.integers(0, 65535))},dport={draw(st.integers(0, 65535))}")
+    line = (f"{protocol},orig=(src={src},dst={dst}{ports}),reply=(src={dst},dst={src}),"
+            f"id={draw(st.integers(0, 2**32 - 1))},zone={draw(st.integers(0, 65535))},"
+            f"status=0,timeout={draw(st.integers(0, 10**6))}")
+    return line, src, dst
+
+
+@given(entries())
+def test_generated_entries_parse_back(entry):
+    line, src, dst = entry
+    c = parse_entry(line)
+    assert (c.source, c.destination) == (src.packed, dst.packed)
+
+
+@given(st.text(max_size=300))
+def test_arbitrary_text_never_escapes_as_another_error(text):
+    connections, errors = parse_dump(text)
+    assert all(isinstance(e, DpctlParseError) for e in errors)
+
+
+@given(entries(), st.integers(0, 400), st.text(max_size=5))
+def test_mangled_entries_never_escape_as_another_error(entry, cut, junk):
+    line = entry[0]
+    mangled = line[:cut] + junk + line[cut + len(junk):]
+    try:
+        parse_entry(mangled)
+    except DpctlParseError:
+        pass
