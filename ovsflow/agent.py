@@ -1,4 +1,5 @@
-"""`ovsflow run`: source -> filter -> store -> exporter, on one asyncio loop.
+"""`ovsflow run`: source -> filter -> store -> exporter, on one asyncio loop, for both
+layers: conntrack polls and, when `ovs.bridge` is set, the deny path's packet-ins.
 
 The poll's blocking parts run in a worker thread, so the exporter keeps sending while a
 large table is dumped. SIGTERM/SIGINT: final records for every live connection, a bounded
@@ -13,6 +14,8 @@ import signal
 import time
 
 from .config import Config
+from .deny.source import DenySource
+from .deny.store import DenyStore
 from .exporter import Exporter
 from .filter import ConnectionFilter
 from .source import open_source
@@ -35,6 +38,11 @@ class Agent:
                                  config.ipfix.observation_domain_id,
                                  max_buffered=config.ipfix.max_buffered_records,
                                  template_refresh=config.ipfix.template_refresh)
+        ovs = config.ovs
+        self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections)
+        self.deny = DenySource(ovs.run_dir, ovs.bridge, ovs.deny_table, ovs.deny_meter_id,
+                               ovs.deny_packet_in_rate, self.filter,
+                               self.deny_store) if ovs.bridge else None
         self.stopping = asyncio.Event()
         self.polls = 0
         self.poll_errors = 0
@@ -52,6 +60,7 @@ class Agent:
                  fe.protocols.describe(), sorted(self.config.conntrack.zones) or "all",
                  fe.collector, self.config.ipfix.observation_domain_id)
         self.exporter.start()
+        deny_task = asyncio.create_task(self.deny.run(), name="deny-path") if self.deny else None
         try:
             source = await open_source(self.config, self.filter)
             while not self.stopping.is_set():
@@ -63,7 +72,18 @@ class Agent:
                 except TimeoutError:
                     pass
         finally:
-            final = self.store.flush(time.time())
+            if deny_task is not None:
+                deny_task.cancel()
+                try:
+                    await deny_task
+                except asyncio.CancelledError:
+                    pass
+            now = time.time()
+            final = self.store.flush(now) + self.deny_store.flush(now)
+            if self.deny is not None:
+                log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
+                         "unwanted protocols, %d malformed", self.deny.packet_ins,
+                         self.deny.ignored, self.deny.unwanted, self.deny.malformed)
             self.exporter.submit(final)
             log.info("stopping: %d final records; flushing the export queue", len(final))
             await self.exporter.close(SHUTDOWN_FLUSH_SECONDS)
@@ -81,7 +101,9 @@ class Agent:
             log.error("conntrack poll failed: %s", err)
             return
         polled = time.perf_counter()
-        records = self.store.update(connections, time.time())
+        now = time.time()
+        records = self.store.update(connections, now)
+        records += self.deny_store.expired(now)
         self.exporter.submit(records)
         self.polls += 1
         self.last_poll_seconds = time.perf_counter() - started

@@ -66,8 +66,11 @@ class ConntrackConfig:
 @dataclass(frozen=True)
 class OvsConfig:
     run_dir: str = "/var/run/openvswitch"
-    bridge: str = "br-int"
+    bridge: str = "br-int"  # "": no bridge, no deny path
     deny_table: int = 250
+    deny_meter_id: int = 250
+    deny_packet_in_rate: int = 5000  # packets/s, as Antrea's packet-in meters
+    max_deny_connections: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,10 @@ class Config:
             },
             "conntrack": {"source": ct.source, "zones": sorted(ct.zones),
                           "maxConnections": ct.max_connections},
-            "ovs": {"runDir": ovs.run_dir, "bridge": ovs.bridge, "denyTable": ovs.deny_table},
+            "ovs": {"runDir": ovs.run_dir, "bridge": ovs.bridge, "denyTable": ovs.deny_table,
+                    "denyMeterId": ovs.deny_meter_id,
+                    "denyPacketInRate": ovs.deny_packet_in_rate,
+                    "maxDenyConnections": ovs.max_deny_connections},
             "ipfix": {
                 "nodeName": ipfix.node_name,
                 "observationDomainId": ipfix.observation_domain_id,
@@ -255,7 +261,9 @@ def non_empty_string(value: object) -> str:
 
 
 def optional_string(value: object) -> str | None:
-    return None if value is None else non_empty_string(value)
+    if value is None or value == "":
+        return None
+    return non_empty_string(value)
 
 
 def parse_zones(value: object) -> frozenset[int]:
@@ -349,8 +357,13 @@ def parse_config(data: object) -> Config:
     d_ovs = OvsConfig()
     ovs = OvsConfig(
         run_dir=ov.take("runDir", non_empty_string, d_ovs.run_dir),
-        bridge=ov.take("bridge", non_empty_string, d_ovs.bridge),
+        bridge=ov.take("bridge", lambda v: optional_string(v) or "", d_ovs.bridge),
         deny_table=ov.take("denyTable", integer_in(1, 254), d_ovs.deny_table),
+        deny_meter_id=ov.take("denyMeterId", integer_in(1, 0xFFFF0000), d_ovs.deny_meter_id),
+        deny_packet_in_rate=ov.take("denyPacketInRate", integer_in(1, 10_000_000),
+                                    d_ovs.deny_packet_in_rate),
+        max_deny_connections=ov.take("maxDenyConnections", integer_in(1, 100_000_000),
+                                     d_ovs.max_deny_connections),
     )
 
     ix = _Section(top.data.get("ipfix"), "ipfix", problems)

@@ -20,6 +20,7 @@ class OvsLab:
     one namespace collide on the `ovs-netdev` tap)."""
 
     def __init__(self, run_dir: Path, bridge: str = "br0"):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.run_dir = str(run_dir)
         self.bridge = bridge
         self.env = {**os.environ, "OVS_RUNDIR": self.run_dir, "OVS_LOGDIR": self.run_dir,

@@ -112,7 +112,7 @@ def test_bad_collector_addresses(text, fragment):
     ({"conntrack": {"zones": [65520, 70000]}}, "conntrack.zones", "70000"),
     ({"conntrack": {"zones": 65520}}, "conntrack.zones", "65520"),
     ({"ovs": {"denyTable": 255}}, "ovs.denyTable", "255"),
-    ({"ovs": {"bridge": ""}}, "ovs.bridge", "''"),
+    ({"ovs": {"bridge": 7}}, "ovs.bridge", "7"),
     ({"ovs": "br-int"}, "ovs", "'br-int'"),
 ])
 def test_each_bad_value_names_key_and_value(data, key, value):

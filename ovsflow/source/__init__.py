@@ -20,6 +20,8 @@ async def open_source(config: Config, connection_filter: ConnectionFilter):
     from .ovs import OvsSource, UnixctlError, bridge_datapath_type
 
     kind = config.conntrack.source
+    if kind == "auto" and not config.ovs.bridge:
+        kind = "kernel"
     if kind == "auto":
         try:
             datapath = await asyncio.to_thread(bridge_datapath_type, config.ovs.run_dir,

@@ -1,0 +1,69 @@
+"""The flows ovsflow owns in the deny table: the datapath half of the protocol filter.
+
+For each configured protocol, one IPv4 and one IPv6 flow `ip_proto=P -> meter, controller`
+(one per family without ip_proto when every protocol is exported), and a lowest-priority
+drop: packets of other protocols die in the datapath and never cost a packet-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openflow import messages as m
+from openflow.oxm import Field, field
+
+from ..protocols import ProtocolSet
+
+COOKIE = 0x6F7673666C6F7700  # "ovsflow\0": every flow ovsflow installs, and nothing else
+ALL_COOKIE_BITS = (1 << 64) - 1
+CONTROLLER_ID = 0x6F66  # packet-ins of our controller() actions come to us alone
+PACKET_IN_BYTES = 128  # enough for Ethernet, IP (with options) and the L4 ports
+EXPORT_PRIORITY, DROP_PRIORITY = 200, 0
+ICMP_ONLY = {1: 0x0800, 58: 0x86DD}  # a family-specific protocol: one flow, not two
+
+
+@dataclass(frozen=True)
+class DenyFlow:
+    priority: int
+    match: tuple[Field, ...]
+    export: bool  # to the controller (through the meter), or drop
+
+    def add(self, xid: int, table: int, meter_id: int) -> bytes:
+        instructions = b""
+        if self.export:
+            instructions = m.meter(meter_id) + m.apply_actions(
+                m.nx_controller(PACKET_IN_BYTES, CONTROLLER_ID))
+        return m.flow_mod(xid, command=m.OFPFC_ADD, table_id=table, priority=self.priority,
+                          cookie=COOKIE, match=list(self.match), instructions=instructions)
+
+    def delete(self, xid: int, table: int) -> bytes:
+        return m.flow_mod(xid, command=m.OFPFC_DELETE_STRICT, table_id=table,
+                          priority=self.priority, cookie=COOKIE, cookie_mask=ALL_COOKIE_BITS,
+                          match=list(self.match))
+
+
+def deny_flows(protocols: ProtocolSet) -> frozenset[DenyFlow]:
+    flows = {DenyFlow(DROP_PRIORITY, (), export=False)}
+    for ethertype in (0x0800, 0x86DD):
+        if protocols.numbers is None:
+            flows.add(DenyFlow(EXPORT_PRIORITY, (field("eth_type", ethertype),), export=True))
+            continue
+        for protocol in protocols.numbers:
+            if ICMP_ONLY.get(protocol, ethertype) != ethertype:
+                continue
+            flows.add(DenyFlow(EXPORT_PRIORITY, (field("eth_type", ethertype),
+                                                 field("ip_proto", protocol)), export=True))
+    return frozenset(flows)
+
+
+def delete_all(xid: int, table: int) -> bytes:
+    """Every flow with our cookie in our table; flows of others are untouched."""
+    return m.flow_mod(xid, command=m.OFPFC_DELETE, table_id=table, cookie=COOKIE,
+                      cookie_mask=ALL_COOKIE_BITS)
+
+
+def meter_mod(xid: int, command: int, meter_id: int, rate: int) -> bytes:
+    """Packet-ins limited to `rate` per second (burst: a tenth of a second's worth)."""
+    return m.meter_mod(xid, command=command, meter_id=meter_id,
+                       flags=m.OFPMF_PKTPS | m.OFPMF_BURST | m.OFPMF_STATS,
+                       bands=[(m.OFPMBT_DROP, rate, max(rate // 10, 1))])

@@ -1,0 +1,129 @@
+"""Denied-packet parsing, the deny flows for a protocol list, and the deny store."""
+
+import socket
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ovsflow.deny.packet import PacketError, parse_packet
+from ovsflow.deny.rules import deny_flows
+from ovsflow.deny.store import DenyStore
+from ovsflow.protocols import parse_protocol_list
+from ovsflow.record import ACTIVE_TIMEOUT, DENY, FORCED_END, IDLE_TIMEOUT
+
+MACS = b"\x02" * 6 + b"\x04" * 6
+A4, B4 = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
+A6, B6 = (socket.inet_pton(socket.AF_INET6, a) for a in ("fd00::1", "fd00::2"))
+
+
+def ipv4(protocol, l4, total=None, fragment=0, vlan=False):
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total or 20 + len(l4), 1, fragment, 64,
+                         protocol, 0, A4, B4)
+    tag = struct.pack("!HH", 0x8100, 5) if vlan else b""
+    return MACS + tag + b"\x08\x00" + header + l4
+
+
+def ipv6(next_header, payload):
+    header = struct.pack("!IHBB16s16s", 0x60000000, len(payload), next_header, 64, A6, B6)
+    return MACS + b"\x86\xdd" + header + payload
+
+
+def test_udp_tcp_sctp_ports_and_ip_length():
+    p = parse_packet(ipv4(17, struct.pack("!HHHH", 5353, 53, 108, 0) + b"x" * 100))
+    assert (p.protocol, p.source_port, p.destination_port, p.ip_length) == (17, 5353, 53, 128)
+    assert (p.source, p.destination) == (A4, B4)
+    assert parse_packet(ipv4(6, struct.pack("!HH", 40000, 80) + b"\0" * 16)).destination_port \
+        == 80
+    assert parse_packet(ipv4(132, struct.pack("!HH", 1, 2) + b"\0" * 8)).source_port == 1
+
+
+def test_length_comes_from_the_ip_header_not_the_cut_frame():
+    frame = ipv4(17, struct.pack("!HHHH", 1, 2, 1480, 0), total=1500)
+    assert parse_packet(frame).ip_length == 1500
+
+
+def test_icmp_vlan_and_fragments():
+    p = parse_packet(ipv4(1, b"\x08\x00\0\0\0\x01\0\x01", vlan=True))
+    assert (p.protocol, p.icmp_type, p.icmp_code, p.source_port) == (1, 8, 0, 0)
+    later = parse_packet(ipv4(17, b"\xff\xff\xff\xff", fragment=100))
+    assert (later.protocol, later.source_port) == (17, 0)  # no L4 header in a later fragment
+
+
+def test_ipv6_with_extension_headers():
+    hop_by_hop = bytes([17, 0]) + b"\0" * 6
+    p = parse_packet(ipv6(0, hop_by_hop + struct.pack("!HHHH", 7, 8, 8, 0)))
+    assert (p.protocol, p.source_port, p.destination_port, p.ip_length) == (17, 7, 8, 56)
+    assert parse_packet(ipv6(58, b"\x80\x00\0\0")).icmp_type == 128
+
+
+@pytest.mark.parametrize("frame, fragment", [
+    (b"\0" * 10, "too short for Ethernet"), (MACS + b"\x08\x06" + b"\0" * 28, "not IP"),
+    (MACS + b"\x08\x00" + b"\x45" * 10, "truncated IPv4"),
+    (MACS + b"\x86\xdd" + b"\x60" * 20, "truncated IPv6"),
+    (MACS + b"\x81\x00\0", "truncated VLAN")])
+def test_bad_frames(frame, fragment):
+    with pytest.raises(PacketError, match=fragment):
+        parse_packet(frame)
+
+
+@given(st.binary(max_size=120))
+def test_fuzzed_frames_parse_or_raise_packet_error(blob):
+    for frame in (blob, MACS + b"\x08\x00" + blob, MACS + b"\x86\xdd" + blob):
+        try:
+            parse_packet(frame)
+        except PacketError:
+            pass
+
+
+def summary(protocols):
+    return sorted((f.priority, tuple((x.name, x.int()) for x in f.match), f.export)
+                  for f in deny_flows(parse_protocol_list(protocols).protocols))
+
+
+def test_flows_for_a_protocol_list():
+    assert summary(["udp", "icmp", "icmpv6"]) == [
+        (0, (), False),
+        (200, (("eth_type", 0x0800), ("ip_proto", 1)), True),
+        (200, (("eth_type", 0x0800), ("ip_proto", 17)), True),
+        (200, (("eth_type", 0x86DD), ("ip_proto", 17)), True),
+        (200, (("eth_type", 0x86DD), ("ip_proto", 58)), True)]
+    assert summary(None) == [(0, (), False), (200, (("eth_type", 0x0800),), True),
+                             (200, (("eth_type", 0x86DD),), True)]
+
+
+def packet(sport=1, length=100):
+    return parse_packet(ipv4(17, struct.pack("!HHHH", sport, 53, 8, 0), total=length))
+
+
+def test_deny_store_aggregates_and_expires():
+    store = DenyStore(active_timeout=5, idle_timeout=2, max_entries=10)
+    for t in (0.0, 0.5, 1.0):
+        store.add(packet(), 42, t)
+    store.add(packet(sport=2), 0, 1.0)
+    assert store.expired(1.5) == []
+    records = store.expired(3.0)
+    assert [(r.source_port, r.end_reason, r.packets, r.octets) for r in records] == [
+        (1, IDLE_TIMEOUT, 3, 300), (2, IDLE_TIMEOUT, 1, 100)]
+    first = records[0]
+    assert first.kind == DENY and (first.start_ms, first.end_ms) == (0, 1000)
+    assert (first.ingress_rule_action, first.ingress_rule_name) == (2, "42")
+    assert records[1].ingress_rule_name == "" and len(store) == 0
+
+
+def test_deny_store_active_records_carry_deltas_and_flush_forces_the_end():
+    store = DenyStore(active_timeout=1, idle_timeout=10, max_entries=10)
+    store.add(packet(), 1, 0.0)
+    store.add(packet(), 1, 0.9)
+    [active] = store.expired(1.0)
+    assert (active.end_reason, active.packet_delta, active.packets) == (ACTIVE_TIMEOUT, 2, 2)
+    store.add(packet(), 1, 1.5)
+    [final] = store.flush(1.6)
+    assert (final.end_reason, final.packet_delta, final.packets) == (FORCED_END, 1, 3)
+
+
+def test_deny_store_is_bounded():
+    store = DenyStore(active_timeout=1, idle_timeout=10, max_entries=2)
+    for sport in range(5):
+        store.add(packet(sport=sport), 0, 0.0)
+    assert len(store) == 2 and store.rejected == 3

@@ -1,0 +1,168 @@
+"""The openflow package: our bytes as ovs-ofctl reads them, decoding, malformed input, and a
+connection that survives a bad message."""
+
+import asyncio
+import socket
+import struct
+import subprocess
+
+import pytest
+from hypothesis import given, strategies as st
+
+from openflow import messages as m
+from openflow import oxm
+from openflow.connection import OpenFlowConnection
+
+COOKIE = 0x6F7673666C6F7700
+
+
+def ofp_parse(tmp_path, *encoded: bytes) -> list[str]:
+    """ovs-ofctl's own decoding of our messages."""
+    path = tmp_path / "messages.bin"
+    path.write_bytes(b"".join(encoded))
+    result = subprocess.run(["ovs-ofctl", "ofp-parse", str(path)], capture_output=True,
+                            text=True, timeout=30, check=True)
+    return result.stdout.splitlines()
+
+
+def test_ovs_ofctl_reads_our_requests(tmp_path):
+    lines = ofp_parse(
+        tmp_path, m.hello(1), m.set_config(2, miss_send_len=128), m.set_controller_id(3, 7),
+        m.set_packet_in_format(4, m.NXPIF_NXT_PACKET_IN2), m.barrier_request(5),
+        m.features_request(6), m.echo_request(7), m.meter_stats_request(8, 250))
+    assert lines == [
+        "OFPT_HELLO (OF1.3) (xid=0x1):", " version bitmap: 0x04",
+        "OFPT_SET_CONFIG (OF1.3) (xid=0x2): frags=normal miss_send_len=128",
+        "NXT_SET_CONTROLLER_ID (OF1.3) (xid=0x3): id=7",
+        "NXT_SET_PACKET_IN_FORMAT (OF1.3) (xid=0x4): format=nxt_packet_in2",
+        "OFPT_BARRIER_REQUEST (OF1.3) (xid=0x5):", "OFPT_FEATURES_REQUEST (OF1.3) (xid=0x6):",
+        "OFPT_ECHO_REQUEST (OF1.3) (xid=0x7): 0 bytes of payload",
+        "OFPST_METER request (OF1.3) (xid=0x8): meter=250"]
+
+
+def test_ovs_ofctl_reads_our_flow_and_meter_mods(tmp_path):
+    lines = ofp_parse(
+        tmp_path,
+        m.flow_mod(1, command=m.OFPFC_ADD, table_id=250, priority=200, cookie=COOKIE,
+                   match=[oxm.field("eth_type", 0x86DD), oxm.field("ip_proto", 58)],
+                   instructions=m.meter(9) + m.apply_actions(m.nx_controller(128, 28518))),
+        m.flow_mod(2, command=m.OFPFC_DELETE_STRICT, table_id=250, priority=200,
+                   cookie=COOKIE, cookie_mask=2**64 - 1,
+                   match=[oxm.field("eth_type", 0x0800), oxm.field("ip_proto", 6)]),
+        m.flow_mod(3, command=m.OFPFC_ADD, table_id=3, priority=9,
+                   match=[oxm.field("eth_type", 0x0800), oxm.field("reg3", 42),
+                          oxm.field("ipv4_src", 0x0A000000, 0xFFFFFF00)],
+                   instructions=m.apply_actions(m.nx_controller2(64, 5, b"hi"),
+                                                m.output(m.OFPP_CONTROLLER, 100))
+                   + m.goto_table(4)),
+        m.meter_mod(4, command=m.OFPMC_ADD, meter_id=9,
+                    flags=m.OFPMF_PKTPS | m.OFPMF_BURST, bands=[(m.OFPMBT_DROP, 5000, 500)]))
+    assert lines[0] == ("OFPT_FLOW_MOD (OF1.3) (xid=0x1): ADD table:250 priority=200,icmp6 "
+                        "cookie:0x6f7673666c6f7700 actions=meter:9,"
+                        "controller(max_len=128,id=28518)")
+    assert lines[1] == ("OFPT_FLOW_MOD (OF1.3) (xid=0x2): DEL_STRICT table:250 priority=200,"
+                        "tcp cookie:0x6f7673666c6f7700/0xffffffffffffffff actions=drop")
+    assert lines[2] == ("OFPT_FLOW_MOD (OF1.3) (xid=0x3): ADD table:3 priority=9,ip,reg3=0x2a,"
+                        "nw_src=10.0.0.0/24 actions=controller(max_len=64,id=5,"
+                        "userdata=68.69),CONTROLLER:100,goto_table:4")
+    assert lines[3:] == ["OFPT_METER_MOD (OF1.3) (xid=0x4): ADD meter=9 pktps burst bands=",
+                         "type=drop rate=5000 burst_size=500"]
+
+
+def packet_in_bytes(xid, cookie, table, fields, data, reason=m.OFPR_ACTION):
+    match = oxm.encode_match(fields)
+    body = struct.pack("!IHBBQ", m.OFP_NO_BUFFER, len(data), reason, table, cookie) + match
+    body += b"\0\0" + data
+    return m.HEADER.pack(4, m.OFPT_PACKET_IN, 8 + len(body), xid) + body
+
+
+field_values = st.builds(
+    lambda name, value: oxm.field(name, value % (1 << (8 * oxm._WIDTHS.get(name, 4)))),
+    st.sampled_from(["in_port", "eth_type", "ip_proto", "ipv4_src", "reg3", "reg0", "ct_zone",
+                     "tcp_dst", "metadata"]),
+    st.integers(0, 2**64 - 1))
+
+
+@given(st.lists(field_values, max_size=8), st.binary(max_size=300), st.integers(0, 2**64 - 1),
+       st.integers(0, 254), st.integers(0, 2**32 - 1))
+def test_packet_in_round_trip(fields, data, cookie, table, xid):
+    message = m.decode(packet_in_bytes(xid, cookie, table, fields, data))
+    assert isinstance(message, m.PacketIn)
+    assert (message.xid, message.cookie, message.table_id, message.data) == (
+        xid, cookie, table, data)
+    assert message.match == fields
+
+
+def test_nxt_packet_in2_with_userdata():
+    def prop(kind, payload):
+        length = 4 + len(payload)
+        return struct.pack("!HH", kind, length) + payload + b"\0" * (-length % 8)
+
+    body = (prop(m.NXPINT_PACKET, b"\x01\x02\x03") + prop(m.NXPINT_FULL_LEN, b"\0\0\0\x40")
+            + prop(m.NXPINT_TABLE_ID, b"\xfa") + prop(m.NXPINT_COOKIE,
+                                                      b"\0" * 4 + COOKIE.to_bytes(8, "big"))
+            + prop(m.NXPINT_REASON, b"\x01")
+            + prop(m.NXPINT_METADATA, oxm.field("reg3", 42).encode())
+            + prop(m.NXPINT_USERDATA, b"rule-7"))
+    message = m.decode(m._nicira(5, m.NXT_PACKET_IN2, body))
+    assert isinstance(message, m.PacketIn)
+    assert (message.table_id, message.cookie, message.total_len, message.userdata) == (
+        250, COOKIE, 64, b"rule-7")
+    assert message.field("reg3").int() == 42 and message.data == b"\x01\x02\x03"
+
+
+def test_errors_are_readable():
+    body = struct.pack("!HH", 12, 1) + b"\0" * 8
+    message = m.decode(m.HEADER.pack(4, m.OFPT_ERROR, 8 + len(body), 77) + body)
+    assert isinstance(message, m.Error)
+    assert "METER_MOD_FAILED/METER_EXISTS" in str(message.error) and message.error.xid == 77
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"\x04\x0a", "shorter than a header"),
+    (m.HEADER.pack(4, 10, 20, 1) + b"\0" * 4, "header says 20 bytes"),
+    (m.HEADER.pack(4, 10, 12, 1) + b"\0" * 4, "OFPT_PACKET_IN needs 16 bytes"),
+    (m.HEADER.pack(4, 10, 32, 1) + b"\0" * 16 + struct.pack("!HH", 1, 99) + b"\0" * 4,
+     "ofp_match of type 1, length 99"),
+    (m.HEADER.pack(4, 10, 36, 1) + b"\0" * 16 + struct.pack("!HHI", 1, 12, 0x80000a10) +
+     b"\0" * 4, "claims 16 bytes"),
+])
+def test_malformed_messages_raise_clear_errors(data, fragment):
+    with pytest.raises(m.DecodeError, match=fragment):
+        m.decode(data)
+
+
+@given(st.binary(max_size=200))
+def test_fuzzed_messages_decode_or_raise_decode_error(data):
+    message = m.HEADER.pack(4, data[0] % 32 if data else 10, 8 + len(data), 1) + data
+    try:
+        m.decode(message)
+    except m.DecodeError:
+        pass
+
+
+def test_the_connection_survives_a_malformed_message():
+    """A peer we script plays the switch over a real unix socketpair."""
+    async def scenario():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        connection = OpenFlowConnection(reader, writer)
+        switch_reader, switch_writer = await asyncio.open_unix_connection(sock=theirs)
+        switch_writer.write(m.hello(1))
+        await connection._handshake()
+        switch_writer.write(m.HEADER.pack(4, m.OFPT_PACKET_IN, 12, 2) + b"\0" * 4)
+        switch_writer.write(packet_in_bytes(3, COOKIE, 250, [oxm.field("reg3", 9)], b"x"))
+        switch_writer.write(m.echo_request(4, b"ping"))
+        event = await asyncio.wait_for(connection.events.get(), 5)
+        assert isinstance(m.decode(await switch_reader.readexactly(16)), m.Hello)  # ours
+        echo = m.decode(await switch_reader.readexactly(12))
+        switch_writer.close()
+        end = await asyncio.wait_for(connection.events.get(), 5)
+        await connection.close()
+        return connection, event, echo, end
+
+    connection, event, echo, end = asyncio.run(scenario())
+    assert connection.malformed == 1
+    assert isinstance(event, m.PacketIn) and event.field("reg3").int() == 9
+    assert isinstance(echo, m.EchoReply) and echo.data == b"ping" and echo.xid == 4
+    assert end is None  # the stream ended, and the reader said so
