@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .deny.source import DenySource
 from .deny.store import DenyStore
 from .exporter import Exporter
@@ -28,8 +28,11 @@ SHUTDOWN_FLUSH_SECONDS = 10.0
 
 
 class Agent:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path
+        self.source = None
+        self.reloads = 0
         fe = config.flow_exporter
         self.filter = ConnectionFilter(config.conntrack.zones, fe.protocols)
         self.store = ConnectionStore(fe.active_timeout, fe.idle_timeout,
@@ -47,6 +50,7 @@ class Agent:
         self.polls = 0
         self.poll_errors = 0
         self.last_poll_seconds = 0.0
+        self.last_poll_at = 0.0  # time.monotonic() of the last completed poll
 
     def stop(self) -> None:
         self.stopping.set()
@@ -55,18 +59,24 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.create_task(self.reload()))
         fe = self.config.flow_exporter
         log.info("exporting protocols %s from zones %s to %s (observation domain %d)",
                  fe.protocols.describe(), sorted(self.config.conntrack.zones) or "all",
                  fe.collector, self.config.ipfix.observation_domain_id)
+        metrics_server = None
+        if self.config.metrics.host:
+            from .metrics import serve
+            metrics_server = await serve(self, self.config.metrics.host,
+                                         self.config.metrics.port)
         self.exporter.start()
         deny_task = asyncio.create_task(self.deny.run(), name="deny-path") if self.deny else None
         try:
-            source = await open_source(self.config, self.filter)
+            self.source = await open_source(self.config, self.filter)
             while not self.stopping.is_set():
                 started = time.monotonic()
-                await self.poll_once(source)
-                wait = fe.poll_interval - (time.monotonic() - started)
+                await self.poll_once(self.source)
+                wait = self.config.flow_exporter.poll_interval - (time.monotonic() - started)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), max(wait, 0))
                 except TimeoutError:
@@ -87,8 +97,52 @@ class Agent:
             self.exporter.submit(final)
             log.info("stopping: %d final records; flushing the export queue", len(final))
             await self.exporter.close(SHUTDOWN_FLUSH_SECONDS)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            if metrics_server is not None:
+                metrics_server.close()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+    async def reload(self) -> None:
+        """SIGHUP: read the file again. Protocols and zones change at both layers at once
+        (the poller's filter and dump plan, the deny-table flows); timeouts, the poll
+        interval and the collector address change too. An invalid file changes nothing."""
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("reload: %s is invalid, keeping the running configuration: %s",
+                      self.config_path, "; ".join(err.problems))
+            return
+        for warning in new.warnings:
+            log.warning("reload: %s", warning)
+        old, self.config = self.config, new
+        self.reloads += 1
+        fe, new_fe = old.flow_exporter, new.flow_exporter
+        if (new_fe.protocols, new.conntrack.zones) != (fe.protocols, old.conntrack.zones):
+            self.filter.protocols, self.filter.zones = new_fe.protocols, new.conntrack.zones
+            if self.source is not None:
+                self.source.replan()
+            log.info("reload: exporting protocols %s from zones %s",
+                     new_fe.protocols.describe(), sorted(new.conntrack.zones) or "all")
+            if self.deny is not None:
+                try:
+                    await self.deny.reconcile()
+                except (OSError, ConnectionError, RuntimeError) as err:
+                    # The session restarts and installs the new set anyway.
+                    log.warning("reload: deny flows not reconciled now: %s", err)
+        for store in (self.store, self.deny_store):
+            store.active_timeout, store.idle_timeout = new_fe.active_timeout, new_fe.idle_timeout
+        if new_fe.collector != fe.collector:
+            log.info("reload: collector %s -> %s", fe.collector, new_fe.collector)
+            await self.exporter.retarget(transport_for(new_fe.collector, new.ipfix))
+        for section in ("ovs", "ipfix", "metrics"):
+            if getattr(new, section) != getattr(old, section):
+                log.warning("reload: changes to %s take effect at the next restart", section)
+        if (new.conntrack.source, new.conntrack.max_connections) != (
+                old.conntrack.source, old.conntrack.max_connections):
+            log.warning("reload: conntrack.source and maxConnections take effect at the next "
+                        "restart")
 
     async def poll_once(self, source) -> None:
         started = time.perf_counter()
@@ -107,6 +161,7 @@ class Agent:
         self.exporter.submit(records)
         self.polls += 1
         self.last_poll_seconds = time.perf_counter() - started
+        self.last_poll_at = time.monotonic()
         log.debug("poll: %d connections (dump, decode, filter %.3fs), %d records, "
                   "%d tracked, cycle %.3fs", len(connections), polled - started, len(records),
                   len(self.store), self.last_poll_seconds)

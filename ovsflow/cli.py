@@ -150,9 +150,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .agent import Agent
 
     async def run() -> None:
-        await Agent(config).run()
+        await Agent(config, args.config).run()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as err:  # e.g. the metrics address is taken
+        log.error("cannot run: %s", err)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

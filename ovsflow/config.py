@@ -106,11 +106,18 @@ class IpfixConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"  # "" (bindAddress ""): no metrics or health server
+    port: int = 9495
+
+
+@dataclass(frozen=True)
 class Config:
     flow_exporter: FlowExporterConfig = FlowExporterConfig()
     conntrack: ConntrackConfig = ConntrackConfig()
     ovs: OvsConfig = OvsConfig()
     ipfix: IpfixConfig = field(default_factory=IpfixConfig)
+    metrics: MetricsConfig = MetricsConfig()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +149,7 @@ class Config:
                         "keyFile": ipfix.tls.key_file, "serverName": ipfix.tls.server_name,
                         "insecureSkipVerify": ipfix.tls.insecure_skip_verify},
             },
+            "metrics": {"bindAddress": _bind_text(self.metrics)},
         }
 
 
@@ -230,6 +238,25 @@ def _is_host(text: str) -> bool:
         return True
     except ValueError:
         return bool(_HOSTNAME.match(text)) and not text.replace(".", "").isdigit()
+
+
+def parse_bind_address(value: object) -> MetricsConfig:
+    """`HOST:PORT` (IPv6 host in brackets) for the metrics and health server; "" disables
+    it. Loopback by default: nothing else listens."""
+    if value == "" or value is None:
+        return MetricsConfig("", 0)
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'HOST:PORT' (e.g. '127.0.0.1:9495') or '', got "
+                         f"{_show(value)}")
+    address = parse_collector_address(value + ":tcp")
+    return MetricsConfig(address.host, address.port)
+
+
+def _bind_text(metrics: MetricsConfig) -> str:
+    if not metrics.host:
+        return ""
+    return f"[{metrics.host}]:{metrics.port}" if ":" in metrics.host else \
+        f"{metrics.host}:{metrics.port}"
 
 
 def parse_bool(value: object) -> bool:
@@ -330,7 +357,7 @@ def parse_config(data: object) -> Config:
     problems: list[str] = []
     warnings: list[str] = []
     top = _Section(data, "", problems)
-    top.known = ["flowExporter", "conntrack", "ovs", "ipfix"]
+    top.known = ["flowExporter", "conntrack", "ovs", "ipfix", "metrics"]
 
     fe = _Section(top.data.get("flowExporter"), "flowExporter", problems)
     d = FlowExporterConfig()
@@ -390,11 +417,14 @@ def parse_config(data: object) -> Config:
         tls=tls,
     )
 
-    for section in (top, fe, ct, ov, ix, tl):
+    mx = _Section(top.data.get("metrics"), "metrics", problems)
+    metrics = mx.take("bindAddress", parse_bind_address, MetricsConfig())
+
+    for section in (top, fe, ct, ov, ix, tl, mx):
         section.reject_unknown()
     if problems:
         raise ConfigError(problems)
-    return Config(flow_exporter, conntrack, ovs, ipfix, tuple(warnings))
+    return Config(flow_exporter, conntrack, ovs, ipfix, metrics, tuple(warnings))
 
 
 def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> ProtocolSet:

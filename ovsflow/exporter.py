@@ -73,9 +73,20 @@ class Exporter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ipfix-exporter")
 
-    async def close(self, timeout: float) -> bool:
-        """Stop sending in the background, then send what is queued within `timeout` seconds
-        (see `_flush`). True when nothing was left unsent."""
+    async def retarget(self, transport) -> None:
+        """Send to another collector from now on (a reload changed the address); what is
+        queued goes there."""
+        running = self._task is not None
+        await self._stop_task()
+        await self.transport.close()
+        self.transport = transport
+        self._encoder = MessageEncoder(self.observation_domain_id, transport.max_message_size)
+        self._templates_sent_at = float("-inf")
+        if running:
+            self.start()
+        self._pending.set()
+
+    async def _stop_task(self) -> None:
         if self._task is not None:
             self._task.cancel()
             try:
@@ -83,6 +94,11 @@ class Exporter:
             except asyncio.CancelledError:
                 pass
             self._task = None
+
+    async def close(self, timeout: float) -> bool:
+        """Stop sending in the background, then send what is queued within `timeout` seconds
+        (see `_flush`). True when nothing was left unsent."""
+        await self._stop_task()
         return await self._flush(timeout)
 
     async def _run(self) -> None:

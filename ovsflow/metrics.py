@@ -1,15 +1,28 @@
-"""Prometheus metrics, read from the components' own counters at scrape time.
+"""Prometheus metrics and health endpoints, read from the components' own counters.
 
 The components count in plain integers (cheap on the hot path, easy to assert on in tests);
-this module only presents them.
+this module only presents them, over a small HTTP server on the agent's event loop:
+`/metrics`, `/healthz` (the loop answers and polls are not stuck) and `/readyz` (a poll has
+completed and the exporter has reached its collector once).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .exporter import Exporter
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
 
 
 class ExporterMetrics(Collector):
@@ -33,3 +46,83 @@ class ExporterMetrics(Collector):
             yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily("ovsflow_export_queue_records",
                                 "Flow records waiting to be exported", value=self.exporter.queued)
+
+
+class AgentMetrics(Collector):
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def collect(self):
+        agent = self.agent
+        yield from ExporterMetrics(agent.exporter).collect()
+        yield CounterMetricFamily("ovsflow_polls", "Conntrack polls completed",
+                                  value=agent.polls)
+        yield CounterMetricFamily("ovsflow_poll_errors", "Conntrack polls that failed",
+                                  value=agent.poll_errors)
+        yield GaugeMetricFamily("ovsflow_poll_seconds", "Duration of the last poll cycle "
+                                "(dump, decode, filter, store update)",
+                                value=agent.last_poll_seconds)
+        yield GaugeMetricFamily("ovsflow_connections_tracked", "Connections in the store",
+                                value=len(agent.store))
+        yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
+                                  " because the store was full", value=agent.store.rejected)
+        yield GaugeMetricFamily("ovsflow_deny_connections_tracked",
+                                "Denied connections in the deny store",
+                                value=len(agent.deny_store))
+        deny = agent.deny
+        if deny is not None:
+            packet_ins = CounterMetricFamily("ovsflow_packet_ins", "Packet-ins received on "
+                                             "the deny path", labels=["outcome"])
+            packet_ins.add_metric(["taken"], deny.packet_ins)
+            packet_ins.add_metric(["not_ours"], deny.ignored)
+            packet_ins.add_metric(["unwanted_protocol"], deny.unwanted)
+            packet_ins.add_metric(["malformed"], deny.malformed)
+            yield packet_ins
+            yield CounterMetricFamily("ovsflow_openflow_connections",
+                                      "OpenFlow sessions opened with the bridge",
+                                      value=deny.connections)
+
+
+def health(agent: Agent) -> tuple[int, str]:
+    interval = agent.config.flow_exporter.poll_interval
+    stuck = agent.last_poll_at and time.monotonic() - agent.last_poll_at > max(60, 5 * interval)
+    return (503, "polls are stuck\n") if stuck else (200, "ok\n")
+
+
+def readiness(agent: Agent) -> tuple[int, str]:
+    if not agent.polls:
+        return 503, "no conntrack poll has completed yet\n"
+    if not agent.exporter.stats.connections:
+        return 503, "the collector has not been reached yet\n"
+    return 200, "ready\n"
+
+
+async def serve(agent: Agent, host: str, port: int) -> asyncio.Server:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(AgentMetrics(agent))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, body, kind = 200, generate_latest(registry), "text/plain; version=0.0.4"
+            elif path in ("/healthz", "/readyz"):
+                status, text = (health if path == "/healthz" else readiness)(agent)
+                body, kind = text.encode(), "text/plain"
+            else:
+                status, body, kind = 404, b"not found\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        except (OSError, TimeoutError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", host, port)
+    return server

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import OVSFLOW, Collector
-from netns import Netns, veth_pair
+from lab.netns import LAB, PYTHON, Netns, veth_pair
 
 NODE, PEER = "10.77.0.1", "10.77.0.2"
 
@@ -23,9 +23,10 @@ def node():
     node, peer = Netns("node"), Netns("peer")
     try:
         veth_pair(node, peer, f"{NODE}/24", f"{PEER}/24")
+        # Loopback stays out: the agent exports to a collector there.
         for rule in (["OUTPUT", "-p", "tcp", "--dport", "9999", "-j", "CT", "--zone", "100"],
-                     ["OUTPUT", "-j", "CT", "--zone", "65520"],
-                     ["PREROUTING", "-j", "CT", "--zone", "65520"]):
+                     ["OUTPUT", "!", "-o", "lo", "-j", "CT", "--zone", "65520"],
+                     ["PREROUTING", "!", "-i", "lo", "-j", "CT", "--zone", "65520"]):
             node.run("iptables", "-t", "raw", "-A", *rule)
         node.peer = peer
         yield node
@@ -65,13 +66,23 @@ def conntrack_list(ns, *args) -> list[dict]:
     return entries
 
 
+def http_get(ns, path) -> str:
+    """From inside the namespace: '<status> <body>' of the agent's metrics/health server."""
+    code = ("import urllib.request, urllib.error\n"
+            "try:\n"
+            f"    r = urllib.request.urlopen('http://127.0.0.1:9495{path}', timeout=5)\n"
+            "    print(r.status, r.read().decode().strip())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code, e.read().decode().strip())\n")
+    return ns.run(PYTHON, "-c", code).stdout.strip()
+
+
 def make_traffic(node, tcp_chunks=4):
     """TCP (several chunks, spanning active timeouts), UDP, ICMP, SCTP, GRE, and a TCP
     attempt in zone 100. Returns the TCP client's report."""
     peer = node.peer
-    server = peer.popen(OVSFLOW.replace("ovsflow", "python"), "-u",
-                        str(__import__("netns").TESTS / "traffic.py"), "tcp-server", "8080",
-                        "5000", stdout=subprocess.PIPE, text=True)
+    server = peer.popen(PYTHON, "-u", str(LAB / "traffic.py"), "tcp-server", "8080", "5000",
+                        stdout=subprocess.PIPE, text=True)
     assert "listening" in server.stdout.readline()
     client = json.loads(node.traffic("tcp-client", PEER, "8080", "20000", str(tcp_chunks),
                                      "1.2").stdout)
@@ -94,6 +105,8 @@ def test_run_exports_exactly_the_configured_protocols_and_zones(node, tmp_path):
         client = make_traffic(node)
         time.sleep(1.5)  # a few more polls
         reference = conntrack_list(node, "-p", "tcp", "--dport", "8080")
+        metrics = http_get(node, "/metrics")
+        health, ready = http_get(node, "/healthz"), http_get(node, "/readyz")
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=30) == 0, agent.stderr.read()
     finally:
@@ -101,6 +114,10 @@ def test_run_exports_exactly_the_configured_protocols_and_zones(node, tmp_path):
 
     protocols = {r["protocolIdentifier"] for r in records}
     assert protocols == {6, 1, 132}, records
+    assert (health, ready) == ("200 ok", "200 ready")
+    polls = float(re.search(r"^ovsflow_polls_total (\S+)$", metrics, re.M).group(1))
+    assert polls >= 5
+    assert re.search(r"^ovsflow_records_exported_total [1-9]", metrics, re.M)
     assert not [r for r in records if r.get("destinationTransportPort") == 9999]  # zone 100
 
     tcp = [r for r in records if r["protocolIdentifier"] == 6]
@@ -156,3 +173,32 @@ def test_conntrack_command_agrees_with_conntrack_tools(node, tmp_path):
     count = node.run(OVSFLOW, "conntrack", "--config",
                      write_config(tmp_path, 4739, "[tcp]", zones="[100]"), "--count")
     assert count.stdout.strip() == "1"  # the port-9999 attempt alone
+
+
+def test_sighup_changes_the_poller_filter_live(node, tmp_path):
+    collector = Collector("udp://127.0.0.1:0", timeout=120, prefix=node.prefix())
+    config = write_config(tmp_path, collector.port, "[tcp]")
+    agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        node.traffic("udp", PEER, "7001", "2", "10")
+        time.sleep(1.5)
+        with open(config) as stream:
+            text = stream.read().replace("protocols: [tcp]", "protocols: [udp]")
+        with open(config, "w") as stream:
+            stream.write(text)
+        agent.send_signal(signal.SIGHUP)
+        reloaded_ms = time.time() * 1000
+        time.sleep(1)
+        node.traffic("udp", PEER, "7002", "2", "10")
+        node.traffic("tcp-syn", PEER, "7003")
+        time.sleep(1.5)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        records = collector.stop_and_read()
+    udp = [r for r in records if r["protocolIdentifier"] == 17]
+    assert {r["destinationTransportPort"] for r in udp} == {7001, 7002}
+    # 7001 existed before the reload but only became exportable with it
+    assert all(r["flowEndMilliseconds"] >= reloaded_ms - 1000 for r in udp)
+    assert not [r for r in records if r.get("destinationTransportPort") == 7003]

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from helpers import OVSFLOW, Collector
-from netns import PYTHON, TESTS
-from ovs_lab import CONNTRACK_PIPELINE, OvsLab
+from lab.netns import LAB, PYTHON
+from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,14 @@ conntrack:
 ovs:
   runDir: {lab.run_dir}
   bridge: {lab.bridge}
+metrics:
+  bindAddress: ""
 """)
     return str(path)
 
 
 def tcp_exchange(lab, port: int) -> dict:
-    server = lab.server.popen(PYTHON, "-u", str(TESTS / "traffic.py"), "tcp-server", str(port),
+    server = lab.server.popen(PYTHON, "-u", str(LAB / "traffic.py"), "tcp-server", str(port),
                               "3000", stdout=subprocess.PIPE, text=True)
     assert "listening" in server.stdout.readline()
     client = json.loads(lab.client.traffic("tcp-client", lab.server.address, str(port),

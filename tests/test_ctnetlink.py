@@ -3,12 +3,13 @@
 
 import socket
 import struct
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTSocket
 
-from netns import Netns
+from lab.netns import Netns
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import parse_protocol_list
 from ovsflow.source.ctnetlink import (
@@ -36,7 +37,7 @@ def fill(ns: Netns, count: int) -> None:
     """Create `count` entries in the namespace's conntrack with batched CT_NEW messages."""
     script = f"""
 import socket, sys
-sys.path[:0] = {[str(p) for p in __import__('sys').path]}
+sys.path[:0] = {sys.path!r}
 from test_ctnetlink import entry_spec
 from ovsflow.source.ctnetlink import NETLINK_NETFILTER, NLMSGHDR, new_request
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -59,7 +60,7 @@ for i in range({count}):
                 pos += (length + 3) & ~3
         batch = []
 """
-    ns.run(__import__("sys").executable, "-c", script)
+    ns.run(sys.executable, "-c", script)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,6 @@ def table():
 
 def in_netns(ns: Netns, code: str) -> str:
     """Run Python code in the namespace (netlink sockets are per namespace)."""
-    import sys
     return ns.run(sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n" + code
                   ).stdout
 

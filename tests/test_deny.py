@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import OVSFLOW, Collector
-from ovs_lab import OvsLab
+from lab.ovs_lab import OvsLab
 
 TABLE = 250
 OTHER_FLOW = "table=7,priority=5,cookie=0x1234,ip,nw_src=192.0.2.1,actions=drop"
@@ -71,6 +71,8 @@ ovs:
   runDir: {lab.run_dir}
   bridge: {lab.bridge}
   denyTable: {TABLE}
+metrics:
+  bindAddress: ""
 """)
     return subprocess.Popen([OVSFLOW, "run", "--config", str(config)], stderr=subprocess.PIPE,
                             text=True)
@@ -160,3 +162,35 @@ def test_rules_and_records_come_back_after_ovs_vswitchd_restarts(lab, tmp_path):
             by_port[port] = by_port.get(port, 0) + r["packetDeltaCount"]
     assert by_port == {5000: 2, 6000: 3}
     assert "flows installed" in log
+
+
+def write_protocols(tmp_path, protocols):
+    config = tmp_path / "ovsflow.yaml"
+    text = re.sub(r"protocols: .*", f"protocols: {protocols}", config.read_text())
+    config.write_text(text)
+
+
+def test_sighup_changes_the_protocols_at_both_layers_live(lab, tmp_path):
+    collector = Collector("udp://127.0.0.1:0", timeout=120)
+    agent = start_agent(tmp_path, lab, collector.port, protocols="[udp]")
+    try:
+        wait_for(lambda: any("udp " in f for f in deny_flows(lab)), what="udp flows")
+        write_protocols(tmp_path, "[tcp, icmp]")
+        agent.send_signal(signal.SIGHUP)
+        flows = wait_for(lambda: (f := deny_flows(lab)) and any(",tcp " in x for x in f)
+                         and not any("udp" in x for x in f) and f, what="tcp/icmp flows")
+        # icmp is IPv4's alone (IPv6 has icmpv6, protocol 58): one flow, not two
+        assert sorted(re.search(r"priority=\d+,?(\S*) ", f).group(1) for f in flows) == [
+            "", "icmp", "tcp", "tcp6"]
+        write_protocols(tmp_path, "[yes]")  # invalid: every entry
+        agent.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert len(deny_flows(lab)) == 4  # unchanged
+        deny_traffic(lab)
+        time.sleep(1.5)
+        log = stop_agent(agent)
+    finally:
+        records = collector.stop_and_read()
+    assert {r["protocolIdentifier"] for r in records if r["_templateId"] == 260} == {1, 6}
+    assert "keeping the running configuration" in log
+    assert "reload: exporting protocols icmp (1), tcp (6)" in log

@@ -95,9 +95,14 @@ class KernelSource:
 
     def __init__(self, connection_filter: ConnectionFilter, protocol_filter: bool):
         self.filter = connection_filter
-        self.dumps = plan_dumps(connection_filter, protocol_filter)
+        self.protocol_filter = protocol_filter
         self.dump_retries = 0
         self._sequence = itertools.count(1)
+        self.replan()
+
+    def replan(self) -> None:
+        """Recompute the dumps from the filter (after a reload changed it)."""
+        self.dumps = plan_dumps(self.filter, self.protocol_filter)
         log.debug("kernel conntrack: %d dump(s) per poll: %s", len(self.dumps), self.dumps)
 
     async def poll(self) -> list[Connection]:

@@ -101,6 +101,9 @@ class OvsSource:
         self.run_dir = run_dir
         self.parse_errors = 0
 
+    def replan(self) -> None:
+        """Nothing to recompute: every poll reads the filter's zones."""
+
     async def poll(self) -> list[Connection]:
         path = vswitchd_control_socket(self.run_dir)
         zones = sorted(self.filter.zones)

@@ -1,4 +1,4 @@
-"""Network namespaces for tests: created with unique names, deleted by those names (ours
+"""Network namespaces for the demo and the tests: created with unique names, deleted by those names (ours
 alone) when the test is done; processes started in them are stopped by PID."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 _counter = itertools.count()
-TESTS = Path(__file__).resolve().parent
+LAB = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 
@@ -45,8 +45,8 @@ class Netns:
         return process
 
     def traffic(self, *args: str) -> subprocess.CompletedProcess:
-        """tests/traffic.py in this namespace."""
-        return self.run(PYTHON, str(TESTS / "traffic.py"), *args)
+        """lab/traffic.py in this namespace."""
+        return self.run(PYTHON, str(LAB / "traffic.py"), *args)
 
     def delete(self) -> None:
         for process in self._processes:

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from netns import Netns, sh
+from .netns import Netns, sh
 
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 
@@ -21,6 +21,7 @@ class OvsLab:
 
     def __init__(self, run_dir: Path, bridge: str = "br0"):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        Path(run_dir, "conf.db").unlink(missing_ok=True)  # a fresh database every time
         self.run_dir = str(run_dir)
         self.bridge = bridge
         self.env = {**os.environ, "OVS_RUNDIR": self.run_dir, "OVS_LOGDIR": self.run_dir,
