@@ -72,7 +72,7 @@ class Agent:
         self.exporter.start()
         deny_task = asyncio.create_task(self.deny.run(), name="deny-path") if self.deny else None
         try:
-            self.source = await open_source(self.config, self.filter)
+            self.source = await asyncio.to_thread(open_source, self.config, self.filter)
             while not self.stopping.is_set():
                 started = time.monotonic()
                 await self.poll_once(self.source)
@@ -146,22 +146,21 @@ class Agent:
 
     async def poll_once(self, source) -> None:
         started = time.perf_counter()
+        now = time.time()
         try:
-            connections = await source.poll()
+            records = await source.update(self.store, now)
         except (OSError, RuntimeError, ValueError) as err:
-            # The table is unknown this time; do not take it for empty (that would end
-            # every connection). Try again at the next interval.
+            # The table is unknown this time: nothing is taken for gone (that would end every
+            # connection). Try again at the next interval.
             self.poll_errors += 1
             log.error("conntrack poll failed: %s", err)
             return
-        polled = time.perf_counter()
-        now = time.time()
-        records = self.store.update(connections, now)
+        conntrack_records = len(records)
         records += self.deny_store.expired(now)
         self.exporter.submit(records)
         self.polls += 1
         self.last_poll_seconds = time.perf_counter() - started
         self.last_poll_at = time.monotonic()
-        log.debug("poll: %d connections (dump, decode, filter %.3fs), %d records, "
-                  "%d tracked, cycle %.3fs", len(connections), polled - started, len(records),
-                  len(self.store), self.last_poll_seconds)
+        log.debug("poll: %d connections tracked, %d conntrack and %d deny records, cycle "
+                  "(dump, decode, filter, store update) %.3fs", len(self.store),
+                  conntrack_records, len(records) - conntrack_records, self.last_poll_seconds)

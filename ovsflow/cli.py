@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import socket
-import ssl
 import sys
 import time
 
@@ -147,6 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.flow_exporter.enable:
         log.warning("flowExporter.enable is false: nothing to export; exiting")
         return EXIT_OK
+    import asyncio
+
     from .agent import Agent
 
     async def run() -> None:
@@ -161,6 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    import asyncio
+    import ssl
+
     from .collector import ListenUrlError, collect
 
     try:
@@ -178,13 +181,15 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
     from .filter import ConnectionFilter
     from .source import open_source
 
-    async def poll():
-        connection_filter = ConnectionFilter(config.conntrack.zones,
-                                             config.flow_exporter.protocols)
-        return await (await open_source(config, connection_filter)).poll()
-
     try:
-        connections = asyncio.run(poll())
+        source = open_source(config, ConnectionFilter(config.conntrack.zones,
+                                                      config.flow_exporter.protocols))
+        if hasattr(source, "dump_all"):  # the kernel's: no event loop needed
+            connections = source.dump_all()
+        else:
+            import asyncio
+
+            connections = asyncio.run(source.poll())
     except (OSError, RuntimeError, ValueError) as err:
         print(f"error: conntrack poll failed: {err}", file=sys.stderr)
         return EXIT_FAILURE

@@ -448,7 +448,7 @@ def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> 
     return parsed.protocols
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present
     """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]

@@ -30,14 +30,13 @@ ENDED_STATES = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
 class _Entry:
     __slots__ = ("connection", "first_seen", "last_seen", "last_activity", "last_export",
                  "exported_packets", "exported_octets", "exported_reply_packets",
-                 "exported_reply_octets", "generation", "ended", "scheduled")
+                 "exported_reply_octets", "ended", "scheduled")
 
-    def __init__(self, connection: Connection, now: float, generation: int):
+    def __init__(self, connection: Connection, now: float):
         self.connection = connection
         self.first_seen = self.last_seen = self.last_activity = self.last_export = now
         self.exported_packets = self.exported_octets = 0
         self.exported_reply_packets = self.exported_reply_octets = 0
-        self.generation = generation
         self.ended = False
         self.scheduled = False
 
@@ -52,22 +51,24 @@ class ConnectionStore:
         self._entries: dict[tuple, _Entry] = {}
         self._heap: list[tuple[float, int, tuple]] = []
         self._sequence = 0  # heap tie-breaker: keys are not comparable across kinds
-        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def update(self, connections: Iterable[Connection], now: float) -> list[FlowRecord]:
         """Take one poll's connections (already filtered); return the records now due."""
-        self._generation += 1
-        generation = self._generation
-        entries = self._entries
+        entries, get = self._entries, self._entries.get
         records: list[FlowRecord] = []
+        seen: list[tuple] = []
+        keep = seen.append
         rejected = 0
-        for connection in connections:
-            key = connection.key
-            entry = entries.get(key)
-            if entry is not None and connection.id != entry.connection.id:
+        for c in connections:
+            # Connection.key, inlined: this loop runs once per connection per poll
+            key = (c.zone, c.protocol, c.source, c.destination, c.source_port,
+                   c.destination_port, c.icmp_id, c.icmp_type)
+            keep(key)
+            entry = get(key)
+            if entry is not None and c.id != entry.connection.id:
                 # The same tuple, a new conntrack entry: the old one ended between polls.
                 if not entry.ended:
                     records.append(self._record(entry, END_OF_FLOW, entry.last_seen))
@@ -76,20 +77,18 @@ class ConnectionStore:
                 if len(entries) >= self.max_connections:
                     rejected += 1
                     continue
-                entry = entries[key] = _Entry(connection, now, generation)
+                entry = entries[key] = _Entry(c, now)
                 self._schedule(entry, key)
             else:
                 previous = entry.connection
-                if (not connection.counted or connection.packets != previous.packets
-                        or connection.reply_packets != previous.reply_packets):
+                if (not c.counted or c.packets != previous.packets
+                        or c.reply_packets != previous.reply_packets):
                     entry.last_activity = now
                     if not entry.scheduled and not entry.ended:
                         self._schedule(entry, key)
-                entry.connection = connection
+                entry.connection = c
                 entry.last_seen = now
-                entry.generation = generation
-            if not entry.ended and (connection.state in ENDED_STATES
-                                    or connection.status & IPS_DYING):
+            if not entry.ended and (c.state in ENDED_STATES or c.status & IPS_DYING):
                 entry.ended = True
                 records.append(self._record(entry, END_OF_FLOW, now))
         if rejected:
@@ -97,7 +96,7 @@ class ConnectionStore:
             log.warning("connection store full (%d connections): %d new connections not "
                         "tracked (%d so far); raise conntrack.maxConnections", len(entries),
                         rejected, self.rejected)
-        records += self._remove_gone(generation)
+        records += self._remove_gone(entries.keys() - set(seen))
         records += self._expired(now)
         return records
 
@@ -109,10 +108,9 @@ class ConnectionStore:
         self._heap.clear()
         return records
 
-    def _remove_gone(self, generation: int) -> list[FlowRecord]:
+    def _remove_gone(self, gone: set[tuple]) -> list[FlowRecord]:
         """Connections absent from this poll ended in between: one last record each, with
         the counters last seen."""
-        gone = [key for key, entry in self._entries.items() if entry.generation != generation]
         records = []
         for key in gone:
             entry = self._entries.pop(key)
@@ -121,8 +119,9 @@ class ConnectionStore:
         return records
 
     def _deadline(self, entry: _Entry) -> float:
-        return min(entry.last_export + self.active_timeout,
-                   entry.last_activity + self.idle_timeout)
+        active = entry.last_export + self.active_timeout
+        idle = entry.last_activity + self.idle_timeout
+        return active if active < idle else idle
 
     def _schedule(self, entry: _Entry, key: tuple) -> None:
         self._sequence += 1

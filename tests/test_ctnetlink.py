@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTSocket
 
+from lab.ctfill import mixed_entry
 from lab.netns import Netns
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import parse_protocol_list
@@ -18,49 +19,8 @@ from ovsflow.source.ctnetlink import (
 )
 from ovsflow.source.kernel import KernelSource, kernel_supports_protocol_filter, plan_dumps
 
-V4_TCP, V4_UDP, V4_ICMP, V6_UDP, V6_ICMP = range(5)
-
-
-def entry_spec(index: int):
-    """A deterministic mix: IPv4 TCP/UDP/ICMP, IPv6 UDP/ICMPv6, zones 65520 and 7."""
-    kind = index % 5
-    v6 = kind in (V6_UDP, V6_ICMP)
-    src = (socket.inet_pton(socket.AF_INET6, f"fd00::{index:x}") if v6
-           else (0x0A000000 + index).to_bytes(4, "big"))
-    dst = socket.inet_pton(socket.AF_INET6, "fd00::ffff") if v6 else socket.inet_aton(
-        "10.255.0.1")
-    protocol = {V4_TCP: 6, V4_UDP: 17, V4_ICMP: 1, V6_UDP: 17, V6_ICMP: 58}[kind]
-    return protocol, src, dst, 1024 + index % 60000, 53, 65520 if index % 3 else 7
-
-
 def fill(ns: Netns, count: int) -> None:
-    """Create `count` entries in the namespace's conntrack with batched CT_NEW messages."""
-    script = f"""
-import socket, sys
-sys.path[:0] = {sys.path!r}
-from test_ctnetlink import entry_spec
-from ovsflow.source.ctnetlink import NETLINK_NETFILTER, NLMSGHDR, new_request
-s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-s.bind((0, 0))
-batch = []
-for i in range({count}):
-    protocol, src, dst, sport, dport, zone = entry_spec(i)
-    batch.append(new_request(i, protocol, src, dst, sport, dport, zone=zone))
-    if len(batch) == 128 or i == {count} - 1:
-        s.send(b"".join(batch))
-        acks = 0
-        while acks < len(batch):
-            data, pos = s.recv(1 << 16), 0
-            while pos < len(data):
-                length, kind, _, _, _ = NLMSGHDR.unpack_from(data, pos)
-                if kind == 2:
-                    error = int.from_bytes(data[pos + 16:pos + 20], "little", signed=True)
-                    assert error == 0, error
-                    acks += 1
-                pos += (length + 3) & ~3
-        batch = []
-"""
-    ns.run(sys.executable, "-c", script)
+    ns.run(sys.executable, "-m", "lab.ctfill", "mixed", str(count))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +107,7 @@ for protocols, zones in ((None, []), (["udp"], [65520]), (["icmp", "icmpv6"], [7
     found = source.dump_all()
     print(len(found), len(source.dumps), sorted({(c.protocol, c.zone) for c in found}))
 """).splitlines()
-    specs = [entry_spec(i) for i in range(10_000)]
+    specs = [mixed_entry(i) for i in range(10_000)]
 
     def expected(protocols, zones):
         return sum(1 for p, *_, z in specs if (not protocols or p in protocols)

@@ -110,6 +110,9 @@ def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
         flows = deny_flows(lab)
         log = stop_agent(agent)
     finally:
+        if agent.poll() is None:  # a failed assertion above: stop it by its PID
+            agent.kill()
+            agent.wait()
         records = collector.stop_and_read()
     assert n_packets(flows, "udp ") == 5
     assert n_packets(flows, "priority=0") >= 3  # TCP SYNs and pings, dropped in the datapath
@@ -154,6 +157,9 @@ def test_rules_and_records_come_back_after_ovs_vswitchd_restarts(lab, tmp_path):
         time.sleep(1.5)
         log = stop_agent(agent)
     finally:
+        if agent.poll() is None:  # a failed assertion above: stop it by its PID
+            agent.kill()
+            agent.wait()
         records = collector.stop_and_read()
     by_port = {}
     for r in records:
@@ -190,6 +196,9 @@ def test_sighup_changes_the_protocols_at_both_layers_live(lab, tmp_path):
         time.sleep(1.5)
         log = stop_agent(agent)
     finally:
+        if agent.poll() is None:  # a failed assertion above: stop it by its PID
+            agent.kill()
+            agent.wait()
         records = collector.stop_and_read()
     assert {r["protocolIdentifier"] for r in records if r["_templateId"] == 260} == {1, 6}
     assert "keeping the running configuration" in log

@@ -5,7 +5,6 @@ returning the filtered `Connection`s."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ..config import Config
@@ -14,8 +13,9 @@ from ..filter import ConnectionFilter
 log = logging.getLogger(__name__)
 
 
-async def open_source(config: Config, connection_filter: ConnectionFilter):
-    """The configured source; `auto` asks OVSDB whether the bridge's datapath is netdev."""
+def open_source(config: Config, connection_filter: ConnectionFilter):
+    """The configured source; `auto` asks OVSDB whether the bridge's datapath is netdev.
+    Blocking (OVSDB, sysctls, a netlink probe): the agent calls it in a worker thread."""
     from .kernel import KernelSource, enable_accounting, kernel_supports_protocol_filter
     from .ovs import OvsSource, UnixctlError, bridge_datapath_type
 
@@ -24,8 +24,7 @@ async def open_source(config: Config, connection_filter: ConnectionFilter):
         kind = "kernel"
     if kind == "auto":
         try:
-            datapath = await asyncio.to_thread(bridge_datapath_type, config.ovs.run_dir,
-                                               config.ovs.bridge)
+            datapath = bridge_datapath_type(config.ovs.run_dir, config.ovs.bridge)
         except UnixctlError as err:
             log.warning("conntrack.source auto: %s; using the kernel's conntrack", err)
             datapath = "system"
@@ -34,6 +33,5 @@ async def open_source(config: Config, connection_filter: ConnectionFilter):
                  config.ovs.bridge, datapath or "system", kind)
     if kind == "ovs":
         return OvsSource(connection_filter, config.ovs.run_dir)
-    await asyncio.to_thread(enable_accounting)
-    protocol_filter = await asyncio.to_thread(kernel_supports_protocol_filter)
-    return KernelSource(connection_filter, protocol_filter)
+    enable_accounting()
+    return KernelSource(connection_filter, kernel_supports_protocol_filter())

@@ -14,9 +14,15 @@ import json
 import logging
 import os
 
+from typing import TYPE_CHECKING
+
 from ..filter import ConnectionFilter
 from .connection import Connection
 from .dpctl import parse_dump
+
+if TYPE_CHECKING:
+    from ..record import FlowRecord
+    from ..store import ConnectionStore
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,10 @@ class OvsSource:
         self.filter = connection_filter
         self.run_dir = run_dir
         self.parse_errors = 0
+
+    async def update(self, store: ConnectionStore, now: float) -> list[FlowRecord]:
+        """One poll into the store."""
+        return store.update(await self.poll(), now)
 
     def replan(self) -> None:
         """Nothing to recompute: every poll reads the filter's zones."""
