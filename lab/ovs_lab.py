@@ -29,11 +29,8 @@ class OvsLab:
         self.pods: list[Netns] = []
         self.host = Netns("ovs")
         try:
-            db = f"{self.run_dir}/conf.db"
-            sh("ovsdb-tool", "create", db, SCHEMA)
-            self._ovs(*self.host.prefix(), "ovsdb-server", db,
-                      f"--remote=punix:{self.run_dir}/db.sock", "--pidfile", "--log-file",
-                      "--detach")
+            sh("ovsdb-tool", "create", f"{self.run_dir}/conf.db", SCHEMA)
+            self.start_ovsdb()
             self.vsctl("--no-wait", "init")
             self.start_vswitchd()
             self.vsctl("add-br", bridge, "--", "set", "bridge", bridge,
@@ -55,6 +52,11 @@ class OvsLab:
 
     def _ovs(self, *args: str):
         return sh(*args, env=self.env)
+
+    def start_ovsdb(self) -> None:
+        self._ovs(*self.host.prefix(), "ovsdb-server", f"{self.run_dir}/conf.db",
+                  f"--remote=punix:{self.run_dir}/db.sock", "--pidfile", "--log-file",
+                  "--detach")
 
     def start_vswitchd(self) -> None:
         self._ovs(*self.host.prefix(), "ovs-vswitchd", f"unix:{self.run_dir}/db.sock",

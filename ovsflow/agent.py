@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import Counter
 
 from .config import Config, ConfigError, load_config
 from .deny.source import DenySource
@@ -51,6 +52,7 @@ class Agent:
         self.poll_errors = 0
         self.last_poll_seconds = 0.0
         self.last_poll_at = 0.0  # time.monotonic() of the last completed poll
+        self.records_by_protocol: dict[tuple[str, int], int] = {}  # (layer, protocol)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -101,6 +103,11 @@ class Agent:
                 metrics_server.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+    def _count_by_protocol(self, layer: str, records: list) -> None:
+        counts = self.records_by_protocol
+        for protocol, count in Counter(r.protocol for r in records).items():
+            counts[layer, protocol] = counts.get((layer, protocol), 0) + count
 
     async def reload(self) -> None:
         """SIGHUP: read the file again. Protocols and zones change at both layers at once
@@ -156,8 +163,13 @@ class Agent:
             log.error("conntrack poll failed: %s", err)
             return
         conntrack_records = len(records)
-        records += self.deny_store.expired(now)
+        deny_records = self.deny_store.expired(now)
+        self._count_by_protocol("conntrack", records)
+        self._count_by_protocol("deny", deny_records)
+        records += deny_records
         self.exporter.submit(records)
+        if self.deny is not None:
+            await self.deny.refresh_meter_stats()
         self.polls += 1
         self.last_poll_seconds = time.perf_counter() - started
         self.last_poll_at = time.monotonic()

@@ -8,7 +8,6 @@ configured protocols or zones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .protocols import ProtocolSet
@@ -21,6 +20,7 @@ class ConnectionFilter:
     def __init__(self, zones: frozenset[int], protocols: ProtocolSet):
         self.zones = zones  # empty: every zone
         self.protocols = protocols
+        self.rejected = 0  # connections the kernel handed over that the filter dropped
 
     def accepts_protocol(self, protocol: int) -> bool:
         return protocol in self.protocols
@@ -28,12 +28,15 @@ class ConnectionFilter:
     def accepts(self, zone: int, protocol: int) -> bool:
         return (not self.zones or zone in self.zones) and protocol in self.protocols
 
-    def apply(self, connections: Iterable[Connection]) -> list[Connection]:
+    def apply(self, connections: list[Connection]) -> list[Connection]:
         zones, numbers = self.zones, self.protocols.numbers
         if zones and numbers is not None:
-            return [c for c in connections if c.zone in zones and c.protocol in numbers]
-        if zones:
-            return [c for c in connections if c.zone in zones]
-        if numbers is not None:
-            return [c for c in connections if c.protocol in numbers]
-        return list(connections)
+            kept = [c for c in connections if c.zone in zones and c.protocol in numbers]
+        elif zones:
+            kept = [c for c in connections if c.zone in zones]
+        elif numbers is not None:
+            kept = [c for c in connections if c.protocol in numbers]
+        else:
+            return connections
+        self.rejected += len(connections) - len(kept)
+        return kept

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .exporter import Exporter
+from .protocols import protocol_name
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -66,6 +67,23 @@ class AgentMetrics(Collector):
                                 value=len(agent.store))
         yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
                                   " because the store was full", value=agent.store.rejected)
+        yield CounterMetricFamily("ovsflow_conntrack_filtered_out", "Connections the kernel "
+                                  "handed over that the userspace filter dropped (zone or "
+                                  "protocol)", value=agent.filter.rejected)
+        yield CounterMetricFamily("ovsflow_reloads", "Configurations reloaded (SIGHUP)",
+                                  value=agent.reloads)
+        by_protocol = CounterMetricFamily("ovsflow_records_by_protocol", "Flow records made, "
+                                          "by layer and protocol", labels=["layer", "protocol"])
+        for (layer, protocol), count in sorted(agent.records_by_protocol.items()):
+            by_protocol.add_metric([layer, protocol_name(protocol)], count)
+        yield by_protocol
+        source = agent.source
+        if source is not None:
+            yield CounterMetricFamily("ovsflow_dump_retries", "Conntrack dumps restarted after "
+                                      "ENOBUFS", value=getattr(source, "dump_retries", 0))
+            yield CounterMetricFamily("ovsflow_dpctl_lines_rejected", "dpctl/dump-conntrack "
+                                      "lines not understood",
+                                      value=getattr(source, "parse_errors", 0))
         yield GaugeMetricFamily("ovsflow_deny_connections_tracked",
                                 "Denied connections in the deny store",
                                 value=len(agent.deny_store))
@@ -78,6 +96,9 @@ class AgentMetrics(Collector):
             packet_ins.add_metric(["unwanted_protocol"], deny.unwanted)
             packet_ins.add_metric(["malformed"], deny.malformed)
             yield packet_ins
+            yield CounterMetricFamily("ovsflow_packet_ins_dropped_by_meter", "Packet-ins the "
+                                      "switch's meter dropped (its band statistics)",
+                                      value=deny.meter_drops)
             yield CounterMetricFamily("ovsflow_openflow_connections",
                                       "OpenFlow sessions opened with the bridge",
                                       value=deny.connections)

@@ -46,6 +46,14 @@ ALIASES: dict[str, int] = {
 
 PROTOCOL_NUMBERS: dict[str, int] = {name: num for num, name in IANA_PROTOCOLS.items()} | ALIASES
 
+# Named groups usable in the list. Group names never collide with protocol names: a group is
+# a convenience, and the warnings still speak of each member by its own name.
+PROTOCOL_GROUPS: dict[str, frozenset[int]] = {
+    "transport": frozenset({6, 17, 132, 136, 33}),  # tcp, udp, sctp, udplite, dccp
+    "icmp-all": frozenset({1, 58}),  # icmp, icmpv6
+}
+assert not PROTOCOL_GROUPS.keys() & PROTOCOL_NUMBERS.keys()
+
 # Protocols nf_conntrack (and OVS's conntrack) track with a protocol-specific tracker; any
 # other protocol is tracked by the generic tracker: no ports, only addresses.
 CONNTRACK_TRACKED = frozenset({1, 6, 17, 33, 47, 58, 132, 136})
@@ -111,6 +119,10 @@ def parse_protocol_list(entries: object, key: str = "protocols") -> ParsedProtoc
     warnings: list[str] = []
     for index, entry in enumerate(entries):
         where = f"{key}[{index}]"
+        group = PROTOCOL_GROUPS.get(entry.strip().lower()) if isinstance(entry, str) else None
+        if group is not None:
+            numbers |= group
+            continue
         number, problem = _parse_entry(entry)
         if problem:
             warnings.append(f"{where}: ignoring {_quote(entry)}: {problem}")
@@ -145,7 +157,8 @@ def _parse_entry(entry: object) -> tuple[int, str | None]:
             return (number, None) if number <= 255 else (-1, "protocol numbers are 0-255")
         if text in PROTOCOL_NUMBERS:
             return PROTOCOL_NUMBERS[text], None
-        return -1, "not a known protocol name (names are IANA keywords such as tcp, udp, icmp)"
+        return -1, ("not a known protocol name (names are IANA keywords such as tcp, udp, "
+                    "icmp, or a group: " + ", ".join(PROTOCOL_GROUPS) + ")")
     if entry is None:
         return -1, "an empty entry (null)"
     return -1, f"a {_kind(entry)}, not a protocol name or number"

@@ -151,7 +151,7 @@ def test_a_real_buffer_decodes(real_dump):
     assert len(found) > 10 and all(c.source and c.destination for c in found)
 
 
-@settings(max_examples=400)
+@pytest.mark.fuzz
 @given(st.data())
 def test_truncated_or_corrupted_dumps_raise_clear_errors(real_dump, data):
     buffer = bytearray(real_dump[:data.draw(st.integers(0, len(real_dump)))])
@@ -165,6 +165,7 @@ def test_truncated_or_corrupted_dumps_raise_clear_errors(real_dump, data):
         pass
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_raise_clear_errors(blob):
     try:

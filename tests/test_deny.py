@@ -56,7 +56,7 @@ def n_packets(flows: list[str], fragment: str) -> int:
     return int(re.search(r"n_packets=(\d+)", line).group(1))
 
 
-def start_agent(tmp_path, lab, port, protocols="[udp]"):
+def start_agent(tmp_path, lab, port, protocols="[udp]", rate=5000, metrics=""):
     config = tmp_path / "ovsflow.yaml"
     config.write_text(f"""
 flowExporter:
@@ -71,8 +71,9 @@ ovs:
   runDir: {lab.run_dir}
   bridge: {lab.bridge}
   denyTable: {TABLE}
+  denyPacketInRate: {rate}
 metrics:
-  bindAddress: ""
+  bindAddress: "{metrics}"
 """)
     return subprocess.Popen([OVSFLOW, "run", "--config", str(config)], stderr=subprocess.PIPE,
                             text=True)
@@ -203,3 +204,29 @@ def test_sighup_changes_the_protocols_at_both_layers_live(lab, tmp_path):
     assert {r["protocolIdentifier"] for r in records if r["_templateId"] == 260} == {1, 6}
     assert "keeping the running configuration" in log
     assert "reload: exporting protocols icmp (1), tcp (6)" in log
+
+
+def test_the_meter_caps_packet_ins_and_its_drops_are_a_metric(lab, tmp_path):
+    import urllib.request
+
+    collector = Collector("udp://127.0.0.1:0", timeout=120)
+    agent = start_agent(tmp_path, lab, collector.port, rate=1, metrics="127.0.0.1:9497")
+    try:
+        wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
+        lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
+        time.sleep(2.5)  # polls ask the switch for the meter's statistics
+        metrics = urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read()
+        log = stop_agent(agent)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        records = collector.stop_and_read()
+    text = metrics.decode()
+    dropped = float(re.search(r"^ovsflow_packet_ins_dropped_by_meter_total (\S+)$", text,
+                              re.M).group(1))
+    taken = float(re.search(r'^ovsflow_packet_ins_total{outcome="taken"} (\S+)$', text,
+                            re.M).group(1))
+    assert taken + dropped == 40 and dropped >= 30
+    assert sum(r["packetDeltaCount"] for r in records if r["_templateId"] == 260) == taken
+    assert f"deny path: {int(taken)} packet-ins taken" in log

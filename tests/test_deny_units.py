@@ -67,6 +67,7 @@ def test_bad_frames(frame, fragment):
         parse_packet(frame)
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=120))
 def test_fuzzed_frames_parse_or_raise_packet_error(blob):
     for frame in (blob, MACS + b"\x08\x00" + blob, MACS + b"\x86\xdd" + blob):

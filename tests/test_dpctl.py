@@ -120,12 +120,14 @@ def test_generated_entries_parse_back(entry):
     assert (c.source, c.destination) == (src.packed, dst.packed)
 
 
+@pytest.mark.fuzz
 @given(st.text(max_size=300))
 def test_arbitrary_text_never_escapes_as_another_error(text):
     connections, errors = parse_dump(text)
     assert all(isinstance(e, DpctlParseError) for e in errors)
 
 
+@pytest.mark.fuzz
 @given(entries(), st.integers(0, 400), st.text(max_size=5))
 def test_mangled_entries_never_escape_as_another_error(entry, cut, junk):
     line = entry[0]

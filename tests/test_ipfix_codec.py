@@ -218,7 +218,7 @@ def test_truncated_variable_length_field():
         template.decode_records(b"\x0aabc")
 
 
-@settings(max_examples=500, deadline=None)
+@pytest.mark.fuzz
 @given(st.binary(max_size=300))
 def test_fuzzed_bytes_decode_or_raise_decode_error(data):
     decoder = MessageDecoder()
@@ -229,7 +229,7 @@ def test_fuzzed_bytes_decode_or_raise_decode_error(data):
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@pytest.mark.fuzz
 @given(st.lists(st.integers(0, 255), min_size=1, max_size=400).map(bytes), st.data())
 def test_fuzzed_message_bodies_after_a_valid_header(body, data):
     """Bodies that claim to be well framed: the decoder must reject or decode, never crash."""

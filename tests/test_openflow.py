@@ -132,6 +132,7 @@ def test_malformed_messages_raise_clear_errors(data, fragment):
         m.decode(data)
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=200))
 def test_fuzzed_messages_decode_or_raise_decode_error(data):
     message = m.HEADER.pack(4, data[0] % 32 if data else 10, 8 + len(data), 1) + data

@@ -98,6 +98,7 @@ yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(
     max_leaves=12)
 
 
+@pytest.mark.fuzz
 @given(st.lists(yaml_values, max_size=12))
 def test_parser_never_fails_unexpectedly_and_stays_in_range(entries):
     try:
@@ -119,3 +120,14 @@ def test_a_value_that_is_not_a_list_is_refused_by_name(value):
         return
     with pytest.raises(ProtocolListError, match="expected a list"):
         parse_protocol_list(value)
+
+
+def test_groups():
+    assert numbers(["transport"]) == {6, 17, 132, 136, 33}
+    assert numbers([" ICMP-all ", "tcp"]) == {1, 58, 6}
+    assert parse_protocol_list(["transport", "icmp-all"]).warnings == ()
+
+
+def test_group_names_do_not_shadow_protocols():
+    from ovsflow.protocols import PROTOCOL_GROUPS
+    assert not set(PROTOCOL_GROUPS) & set(PROTOCOL_NUMBERS)

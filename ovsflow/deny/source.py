@@ -44,6 +44,7 @@ class DenySource:
         self.unwanted = 0  # a protocol the filter rejects: the flows should not allow this
         self.malformed = 0
         self.connections = 0
+        self.meter_drops = 0  # packet-ins the meter dropped, as the switch last reported
 
     async def run(self) -> None:
         """Until cancelled: connect, install, take packet-ins; again after any loss."""
@@ -112,6 +113,20 @@ class DenySource:
         self.installed = wanted
         log.info("deny path: flows reconciled for protocols %s",
                  self.filter.protocols.describe())
+
+    async def refresh_meter_stats(self) -> None:
+        """Ask the switch how many packet-ins the meter dropped (shown as a metric)."""
+        connection = self.connection
+        if connection is None or connection.closed or not self.installed_event.is_set():
+            return
+        try:
+            reply = await connection.request(
+                lambda xid: m.meter_stats_request(xid, self.meter_id), timeout=2.0)
+        except (OSError, ConnectionError, m.OpenFlowError, TimeoutError) as err:
+            log.debug("deny path: meter stats unavailable: %s", err)
+            return
+        if isinstance(reply, m.MeterStats) and self.meter_id in reply.meters:
+            self.meter_drops = reply.meters[self.meter_id]["packets_dropped"]
 
     def _packet_in(self, message: m.PacketIn) -> None:
         if message.cookie != COOKIE or message.table_id != self.table:
