@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 OVSFLOW = shutil.which("ovsflow", path=str(Path(sys.executable).parent))
 
 
@@ -96,3 +98,22 @@ def tshark_fields(pcap: str, decode_as: str, fields: list[str]) -> list[dict[str
         values = line.split("\t")
         packets.append({f: (v.split("|") if v else []) for f, v in zip(fields, values)})
     return packets
+
+
+def agent_config(directory: Path, port: int, protocols, **sections) -> str:
+    """An agent configuration for the tests, written to directory/ovsflow.yaml: UDP export
+    to 127.0.0.1:port, 500 ms polls, a 1 s active timeout, kernel conntrack in zone 65520, no
+    bridge, no metrics server. `sections` override keys, e.g. ovs={"bridge": "br0"}."""
+    config = {
+        "flowExporter": {"flowCollectorAddr": f"127.0.0.1:{port}:udp",
+                         "flowPollInterval": "500ms", "activeFlowExportTimeout": "1s",
+                         "idleFlowExportTimeout": "30s", "protocols": protocols},
+        "conntrack": {"source": "kernel", "zones": [65520]},
+        "ovs": {"bridge": ""},
+        "metrics": {"bindAddress": ""},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path = Path(directory) / "ovsflow.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import OVSFLOW, Collector
+from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import LAB, PYTHON, Netns, veth_pair
 
 NODE, PEER = "10.77.0.1", "10.77.0.2"
@@ -33,22 +33,6 @@ def node():
     finally:
         peer.delete()
         node.delete()
-
-
-def write_config(tmp_path, port, protocols, zones="[65520]"):
-    path = tmp_path / "ovsflow.yaml"
-    path.write_text(f"""
-flowExporter:
-  flowCollectorAddr: "127.0.0.1:{port}:udp"
-  flowPollInterval: 500ms
-  activeFlowExportTimeout: 1s
-  idleFlowExportTimeout: 30s
-  protocols: {protocols}
-conntrack:
-  source: kernel
-  zones: {zones}
-""")
-    return str(path)
 
 
 def conntrack_list(ns, *args) -> list[dict]:
@@ -97,7 +81,8 @@ def make_traffic(node, tcp_chunks=4):
 
 def test_run_exports_exactly_the_configured_protocols_and_zones(node, tmp_path):
     collector = Collector("udp://127.0.0.1:0", timeout=120, prefix=node.prefix())
-    config = write_config(tmp_path, collector.port, '[tcp, "ICMP", 132]')
+    config = agent_config(tmp_path, collector.port, ["tcp", "ICMP", 132],
+                          metrics={"bindAddress": "127.0.0.1:9495"})
     agent = node.popen(OVSFLOW, "run", "--config", config, "--log-level", "debug",
                        stderr=subprocess.PIPE, text=True)
     try:
@@ -151,7 +136,7 @@ def test_run_exports_exactly_the_configured_protocols_and_zones(node, tmp_path):
 
 def test_conntrack_command_agrees_with_conntrack_tools(node, tmp_path):
     make_traffic(node, tcp_chunks=1)
-    config = write_config(tmp_path, 4739, "[]", zones="[]")
+    config = agent_config(tmp_path, 4739, [], conntrack={"zones": []})
     result = node.run(OVSFLOW, "conntrack", "--config", config)
     ours = [json.loads(line) for line in result.stdout.splitlines()]
     theirs = conntrack_list(node)
@@ -171,22 +156,20 @@ def test_conntrack_command_agrees_with_conntrack_tools(node, tmp_path):
     assert zones == {100, 65520}
 
     count = node.run(OVSFLOW, "conntrack", "--config",
-                     write_config(tmp_path, 4739, "[tcp]", zones="[100]"), "--count")
+                     agent_config(tmp_path, 4739, ["tcp"], conntrack={"zones": [100]}),
+                     "--count")
     assert count.stdout.strip() == "1"  # the port-9999 attempt alone
 
 
 def test_sighup_changes_the_poller_filter_live(node, tmp_path):
     collector = Collector("udp://127.0.0.1:0", timeout=120, prefix=node.prefix())
-    config = write_config(tmp_path, collector.port, "[tcp]")
+    config = agent_config(tmp_path, collector.port, ["tcp"])
     agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.5)
         node.traffic("udp", PEER, "7001", "2", "10")
         time.sleep(1.5)
-        with open(config) as stream:
-            text = stream.read().replace("protocols: [tcp]", "protocols: [udp]")
-        with open(config, "w") as stream:
-            stream.write(text)
+        agent_config(tmp_path, collector.port, ["udp"])
         agent.send_signal(signal.SIGHUP)
         reloaded_ms = time.time() * 1000
         time.sleep(1)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import OVSFLOW, Collector
+from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import LAB, PYTHON
 from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab
 
@@ -26,23 +26,9 @@ def lab(tmp_path_factory):
         lab.stop()
 
 
-def config(tmp_path, lab, source="auto", protocols="[]", port=4739):
-    path = tmp_path / "ovsflow.yaml"
-    path.write_text(f"""
-flowExporter:
-  flowCollectorAddr: "127.0.0.1:{port}:udp"
-  flowPollInterval: 500ms
-  activeFlowExportTimeout: 1s
-  protocols: {protocols}
-conntrack:
-  source: {source}
-ovs:
-  runDir: {lab.run_dir}
-  bridge: {lab.bridge}
-metrics:
-  bindAddress: ""
-""")
-    return str(path)
+def config(tmp_path, lab, source="auto", protocols=(), port=4739):
+    return agent_config(tmp_path, port, list(protocols), conntrack={"source": source},
+                        ovs={"runDir": lab.run_dir, "bridge": lab.bridge})
 
 
 def tcp_exchange(lab, port: int) -> dict:
@@ -78,7 +64,7 @@ def test_conntrack_command_reads_the_userspace_datapath(lab, tmp_path, source):
 def test_agent_exports_userspace_connections_without_counters(lab, tmp_path):
     collector = Collector("udp://127.0.0.1:0", timeout=60)
     agent = subprocess.Popen([OVSFLOW, "run", "--config",
-                              config(tmp_path, lab, "auto", "[tcp]", collector.port)],
+                              config(tmp_path, lab, "auto", ["tcp"], collector.port)],
                              stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1)

@@ -6,10 +6,13 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 
-from helpers import OVSFLOW, Collector
+from helpers import OVSFLOW, Collector, agent_config
 from lab.ovs_lab import OvsLab
 
 TABLE = 250
@@ -56,37 +59,34 @@ def n_packets(flows: list[str], fragment: str) -> int:
     return int(re.search(r"n_packets=(\d+)", line).group(1))
 
 
-def start_agent(tmp_path, lab, port, protocols="[udp]", rate=5000, metrics=""):
-    config = tmp_path / "ovsflow.yaml"
-    config.write_text(f"""
-flowExporter:
-  flowCollectorAddr: "127.0.0.1:{port}:udp"
-  flowPollInterval: 500ms
-  activeFlowExportTimeout: 1s
-  idleFlowExportTimeout: 2s
-  protocols: {protocols}
-conntrack:
-  source: kernel
-ovs:
-  runDir: {lab.run_dir}
-  bridge: {lab.bridge}
-  denyTable: {TABLE}
-  denyPacketInRate: {rate}
-metrics:
-  bindAddress: "{metrics}"
-""")
-    return subprocess.Popen([OVSFLOW, "run", "--config", str(config)], stderr=subprocess.PIPE,
-                            text=True)
+def write_config(tmp_path, lab, port, protocols=("udp",), rate=5000, metrics=""):
+    return agent_config(tmp_path, port, list(protocols),
+                        flowExporter={"idleFlowExportTimeout": "2s"},
+                        ovs={"runDir": lab.run_dir, "bridge": lab.bridge, "denyTable": TABLE,
+                             "denyPacketInRate": rate},
+                        metrics={"bindAddress": metrics})
 
 
-def stop_agent(agent) -> str:
-    agent.send_signal(signal.SIGTERM)
+@contextmanager
+def agent_session(tmp_path, lab, **config):
+    """A collector and an agent for the block; afterwards `session.records` holds what the
+    collector received and `session.log` the agent's stderr (it is stopped with SIGTERM and
+    must exit 0; by PID with SIGKILL if the block failed)."""
+    collector = Collector("udp://127.0.0.1:0", timeout=120)
+    path = write_config(tmp_path, lab, collector.port, **config)
+    agent = subprocess.Popen([OVSFLOW, "run", "--config", path], stderr=subprocess.PIPE,
+                             text=True)
+    session = SimpleNamespace(agent=agent, port=collector.port, records=[], log="")
     try:
+        yield session
+        agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=30) == 0
+        session.log = agent.stderr.read()
     finally:
         if agent.poll() is None:
             agent.kill()
-    return agent.stderr.read()
+            agent.wait()
+        session.records = collector.stop_and_read()
 
 
 def deny_traffic(lab, udp_count=5):
@@ -97,9 +97,7 @@ def deny_traffic(lab, udp_count=5):
 
 def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
     other_before = lab.ofctl("dump-flows", "table=7")
-    collector = Collector("udp://127.0.0.1:0", timeout=120)
-    agent = start_agent(tmp_path, lab, collector.port)
-    try:
+    with agent_session(tmp_path, lab) as session:
         flows = wait_for(lambda: len(deny_flows(lab)) == 3 and deny_flows(lab),
                          what="ovsflow's deny flows")
         assert sorted(re.sub(r".*priority=(\d+),?(\S*) actions=(\S+)", r"\1 \2 \3", f)
@@ -109,17 +107,12 @@ def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
         deny_traffic(lab)
         time.sleep(1.5)
         flows = deny_flows(lab)
-        log = stop_agent(agent)
-    finally:
-        if agent.poll() is None:  # a failed assertion above: stop it by its PID
-            agent.kill()
-            agent.wait()
-        records = collector.stop_and_read()
     assert n_packets(flows, "udp ") == 5
     assert n_packets(flows, "priority=0") >= 3  # TCP SYNs and pings, dropped in the datapath
-    assert "deny path: 5 packet-ins taken, 0 of other flows ignored, 0 of unwanted" in log
+    assert "deny path: 5 packet-ins taken, 0 of other flows ignored, 0 of unwanted" in \
+        session.log
 
-    deny = [r for r in records if r["_templateId"] == 260]
+    deny = [r for r in session.records if r["_templateId"] == 260]
     assert deny and {r["protocolIdentifier"] for r in deny} == {17}
     assert sum(r["packetDeltaCount"] for r in deny) == 5
     assert sum(r["octetDeltaCount"] for r in deny) == 5 * (20 + 8 + 100)
@@ -142,9 +135,7 @@ def _without_stats(dump: str) -> list[str]:
 
 
 def test_rules_and_records_come_back_after_ovs_vswitchd_restarts(lab, tmp_path):
-    collector = Collector("udp://127.0.0.1:0", timeout=120)
-    agent = start_agent(tmp_path, lab, collector.port)
-    try:
+    with agent_session(tmp_path, lab) as session:
         wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
         lab.pod1.traffic("udp", lab.pod2.address, "5000", "2", "10")
         old_pid = lab.pid("ovs-vswitchd")
@@ -156,77 +147,48 @@ def test_rules_and_records_come_back_after_ovs_vswitchd_restarts(lab, tmp_path):
         wait_for(lambda: len(deny_flows(lab)) == 3, what="deny flows reinstalled")
         lab.pod1.traffic("udp", lab.pod2.address, "6000", "3", "10")
         time.sleep(1.5)
-        log = stop_agent(agent)
-    finally:
-        if agent.poll() is None:  # a failed assertion above: stop it by its PID
-            agent.kill()
-            agent.wait()
-        records = collector.stop_and_read()
     by_port = {}
-    for r in records:
+    for r in session.records:
         if r["_templateId"] == 260:
             port = r["destinationTransportPort"]
             by_port[port] = by_port.get(port, 0) + r["packetDeltaCount"]
     assert by_port == {5000: 2, 6000: 3}
-    assert "flows installed" in log
-
-
-def write_protocols(tmp_path, protocols):
-    config = tmp_path / "ovsflow.yaml"
-    text = re.sub(r"protocols: .*", f"protocols: {protocols}", config.read_text())
-    config.write_text(text)
+    assert "flows installed" in session.log
 
 
 def test_sighup_changes_the_protocols_at_both_layers_live(lab, tmp_path):
-    collector = Collector("udp://127.0.0.1:0", timeout=120)
-    agent = start_agent(tmp_path, lab, collector.port, protocols="[udp]")
-    try:
+    with agent_session(tmp_path, lab) as session:
         wait_for(lambda: any("udp " in f for f in deny_flows(lab)), what="udp flows")
-        write_protocols(tmp_path, "[tcp, icmp]")
-        agent.send_signal(signal.SIGHUP)
+        write_config(tmp_path, lab, session.port, protocols=["tcp", "icmp"])
+        session.agent.send_signal(signal.SIGHUP)
         flows = wait_for(lambda: (f := deny_flows(lab)) and any(",tcp " in x for x in f)
                          and not any("udp" in x for x in f) and f, what="tcp/icmp flows")
         # icmp is IPv4's alone (IPv6 has icmpv6, protocol 58): one flow, not two
         assert sorted(re.search(r"priority=\d+,?(\S*) ", f).group(1) for f in flows) == [
             "", "icmp", "tcp", "tcp6"]
-        write_protocols(tmp_path, "[yes]")  # invalid: every entry
-        agent.send_signal(signal.SIGHUP)
+        write_config(tmp_path, lab, session.port, protocols=[True])  # every entry invalid
+        session.agent.send_signal(signal.SIGHUP)
         time.sleep(1)
         assert len(deny_flows(lab)) == 4  # unchanged
         deny_traffic(lab)
         time.sleep(1.5)
-        log = stop_agent(agent)
-    finally:
-        if agent.poll() is None:  # a failed assertion above: stop it by its PID
-            agent.kill()
-            agent.wait()
-        records = collector.stop_and_read()
-    assert {r["protocolIdentifier"] for r in records if r["_templateId"] == 260} == {1, 6}
-    assert "keeping the running configuration" in log
-    assert "reload: exporting protocols icmp (1), tcp (6)" in log
+    assert {r["protocolIdentifier"] for r in session.records
+            if r["_templateId"] == 260} == {1, 6}
+    assert "keeping the running configuration" in session.log
+    assert "reload: exporting protocols icmp (1), tcp (6)" in session.log
 
 
 def test_the_meter_caps_packet_ins_and_its_drops_are_a_metric(lab, tmp_path):
-    import urllib.request
-
-    collector = Collector("udp://127.0.0.1:0", timeout=120)
-    agent = start_agent(tmp_path, lab, collector.port, rate=1, metrics="127.0.0.1:9497")
-    try:
+    with agent_session(tmp_path, lab, rate=1, metrics="127.0.0.1:9497") as session:
         wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
         lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
         time.sleep(2.5)  # polls ask the switch for the meter's statistics
-        metrics = urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read()
-        log = stop_agent(agent)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
-        records = collector.stop_and_read()
-    text = metrics.decode()
+        text = urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read().decode()
     dropped = float(re.search(r"^ovsflow_packet_ins_dropped_by_meter_total (\S+)$", text,
                               re.M).group(1))
     taken = float(re.search(r'^ovsflow_packet_ins_total{outcome="taken"} (\S+)$', text,
                             re.M).group(1))
     assert taken + dropped == 40 and dropped >= 30
-    assert sum(r["packetDeltaCount"] for r in records if r["_templateId"] == 260) == taken
-    assert f"deny path: {int(taken)} packet-ins taken" in log
+    deny = [r for r in session.records if r["_templateId"] == 260]
+    assert sum(r["packetDeltaCount"] for r in deny) == taken
+    assert f"deny path: {int(taken)} packet-ins taken" in session.log

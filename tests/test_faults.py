@@ -8,28 +8,14 @@ import socket
 import subprocess
 import time
 
-from helpers import OVSFLOW, Collector
+from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import LAB, PYTHON, Netns
 from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab
 
 
-def ovs_config(tmp_path, run_dir, port, protocols="[tcp, udp]"):
-    path = tmp_path / "ovsflow.yaml"
-    path.write_text(f"""
-flowExporter:
-  flowCollectorAddr: "127.0.0.1:{port}:udp"
-  flowPollInterval: 500ms
-  activeFlowExportTimeout: 1s
-  protocols: {protocols}
-conntrack:
-  source: ovs
-ovs:
-  runDir: {run_dir}
-  bridge: br0
-metrics:
-  bindAddress: ""
-""")
-    return str(path)
+def ovs_config(tmp_path, run_dir, port):
+    return agent_config(tmp_path, port, ["tcp", "udp"], conntrack={"source": "ovs"},
+                        ovs={"runDir": str(run_dir), "bridge": "br0"})
 
 
 def udp_ports(records):

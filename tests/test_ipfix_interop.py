@@ -95,31 +95,32 @@ def check_tshark_view(packets, records):
     assert seen["cflow.flow_id"] == [str(r.flow_id) for r in tcp]
 
 
-def test_tshark_decodes_udp_export(tmp_path):
-    records = [tcp_record(i) for i in range(3)] + [deny_record()]
-    collector = Collector("udp://127.0.0.1:0", count=len(records))
+def export_under_tshark(kind: str, records, tmp_path):
+    """Export `records` over `kind` (udp, tcp) to `ovsflow collect` while tshark captures:
+    (what tshark decoded, per packet; what the collector printed)."""
+    collector = Collector(f"{kind}://127.0.0.1:0", count=len(records))
+    transport = (UdpTransport if kind == "udp" else StreamTransport)("127.0.0.1", collector.port)
     try:
-        with tshark_capture(f"udp port {collector.port}", tmp_path) as pcap:
-            asyncio.run(export(UdpTransport("127.0.0.1", collector.port), records))
+        with tshark_capture(f"{kind} port {collector.port}", tmp_path) as pcap:
+            asyncio.run(export(transport, records))
             received = collector.records()
     finally:
         collector.stop()
-    check_tshark_view(tshark_fields(pcap, f"udp.port=={collector.port},cflow", FIELDS), records)
+    return tshark_fields(pcap, f"{kind}.port=={collector.port},cflow", FIELDS), received
+
+
+def test_tshark_decodes_udp_export(tmp_path):
+    records = [tcp_record(i) for i in range(3)] + [deny_record()]
+    packets, received = export_under_tshark("udp", records, tmp_path)
+    check_tshark_view(packets, records)
     assert [r["sourceTransportPort"] for r in received] == [40000, 40001, 40002, 5353]
 
 
 def test_tshark_decodes_tcp_export_over_many_segments(tmp_path):
     records = [tcp_record(i) for i in range(3000)] + [deny_record()]
-    collector = Collector("tcp://127.0.0.1:0", count=len(records))
-    try:
-        with tshark_capture(f"tcp port {collector.port}", tmp_path) as pcap:
-            asyncio.run(export(StreamTransport("127.0.0.1", collector.port), records))
-            received = collector.records()
-    finally:
-        collector.stop()
-    assert len(received) == len(records)
-    packets = tshark_fields(pcap, f"tcp.port=={collector.port},cflow", FIELDS)
+    packets, received = export_under_tshark("tcp", records, tmp_path)
     check_tshark_view(packets, records)
+    assert len(received) == len(records)
 
 
 def test_nfdump_style_millisecond_times_and_udp_mtu(tmp_path):
