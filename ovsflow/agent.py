@@ -26,6 +26,7 @@ from .transport import transport_for
 log = logging.getLogger(__name__)
 
 SHUTDOWN_FLUSH_SECONDS = 10.0
+POLL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, cumulative
 
 
 class Agent:
@@ -53,6 +54,8 @@ class Agent:
         self.last_poll_seconds = 0.0
         self.last_poll_at = 0.0  # time.monotonic() of the last completed poll
         self.records_by_protocol: dict[tuple[str, int], int] = {}  # (layer, protocol)
+        self.poll_buckets = [0] * len(POLL_BUCKETS)  # polls at or under each bound
+        self.poll_seconds_sum = 0.0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -171,7 +174,11 @@ class Agent:
         if self.deny is not None:
             await self.deny.refresh_meter_stats()
         self.polls += 1
-        self.last_poll_seconds = time.perf_counter() - started
+        self.last_poll_seconds = seconds = time.perf_counter() - started
+        self.poll_seconds_sum += seconds
+        for index, bound in enumerate(POLL_BUCKETS):
+            if seconds <= bound:
+                self.poll_buckets[index] += 1
         self.last_poll_at = time.monotonic()
         log.debug("poll: %d connections tracked, %d conntrack and %d deny records, cycle "
                   "(dump, decode, filter, store update) %.3fs", len(self.store),

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="exit after this many seconds")
     collect.add_argument("--cert", metavar="FILE", help="TLS server certificate (PEM)")
     collect.add_argument("--key", metavar="FILE", help="TLS server private key (PEM)")
+    collect.add_argument("--client-ca", metavar="FILE",
+                         help="require exporters' TLS client certificates from this CA (PEM)")
     collect.set_defaults(handler=cmd_collect)
 
     conntrack = commands.add_parser(
@@ -168,7 +170,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(collect(args.listen, count=args.count, timeout=args.timeout,
-                                   cert=args.cert, key=args.key))
+                                   cert=args.cert, key=args.key,
+                                   client_ca=args.client_ca))
     except (ListenUrlError, OSError, ssl.SSLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -77,6 +77,7 @@ def _peer(address) -> str:
 
 async def collect(url: str, *, count: int | None = None, timeout: float | None = None,
                   cert: str | None = None, key: str | None = None,
+                  client_ca: str | None = None,
                   out: TextIO = sys.stdout) -> int:
     """Run until `count` records were printed or `timeout` passed. Returns the exit status:
     1 when a count was asked for and not reached, else 0."""
@@ -103,6 +104,9 @@ async def collect(url: str, *, count: int | None = None, timeout: float | None =
                 raise ListenUrlError("tls:// needs --cert and --key")
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(cert, key)
+            if client_ca:  # mutual TLS: exporters must present a certificate from this CA
+                tls.load_verify_locations(client_ca)
+                tls.verify_mode = ssl.CERT_REQUIRED
 
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             exporter = _peer(writer.get_extra_info("peername"))

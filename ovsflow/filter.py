@@ -8,6 +8,7 @@ configured protocols or zones.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from .protocols import ProtocolSet
@@ -20,7 +21,8 @@ class ConnectionFilter:
     def __init__(self, zones: frozenset[int], protocols: ProtocolSet):
         self.zones = zones  # empty: every zone
         self.protocols = protocols
-        self.rejected = 0  # connections the kernel handed over that the filter dropped
+        self.rejected: Counter[int] = Counter()  # protocol -> connections the kernel
+        # handed over that the filter dropped (older kernels ignore dump filters; zone 0)
 
     def accepts_protocol(self, protocol: int) -> bool:
         return protocol in self.protocols
@@ -38,5 +40,7 @@ class ConnectionFilter:
             kept = [c for c in connections if c.protocol in numbers]
         else:
             return connections
-        self.rejected += len(connections) - len(kept)
+        if len(kept) != len(connections):
+            kept_ids = set(map(id, kept))
+            self.rejected.update(c.protocol for c in connections if id(c) not in kept_ids)
         return kept

@@ -14,9 +14,12 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
+from .agent import POLL_BUCKETS
 from .exporter import Exporter
 from .protocols import protocol_name
 
@@ -67,9 +70,19 @@ class AgentMetrics(Collector):
                                 value=len(agent.store))
         yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
                                   " because the store was full", value=agent.store.rejected)
-        yield CounterMetricFamily("ovsflow_conntrack_filtered_out", "Connections the kernel "
-                                  "handed over that the userspace filter dropped (zone or "
-                                  "protocol)", value=agent.filter.rejected)
+        filtered = CounterMetricFamily("ovsflow_conntrack_filtered_out", "Connections the "
+                                       "kernel handed over that the userspace filter dropped "
+                                       "(zone or protocol), by protocol", labels=["protocol"])
+        for protocol, count in sorted(agent.filter.rejected.items()):
+            filtered.add_metric([protocol_name(protocol)], count)
+        yield filtered
+        histogram = HistogramMetricFamily("ovsflow_poll_duration_seconds", "Poll cycles (dump, "
+                                          "decode, filter, store update)")
+        buckets = [(str(bound), count) for bound, count in zip(POLL_BUCKETS,
+                                                                agent.poll_buckets)]
+        histogram.add_metric([], buckets + [("+Inf", agent.polls)],
+                             sum_value=agent.poll_seconds_sum)
+        yield histogram
         yield CounterMetricFamily("ovsflow_reloads", "Configurations reloaded (SIGHUP)",
                                   value=agent.reloads)
         by_protocol = CounterMetricFamily("ovsflow_records_by_protocol", "Flow records made, "

@@ -17,6 +17,7 @@ from .ipfix.codec import MAX_MESSAGE_SIZE
 log = logging.getLogger(__name__)
 
 UDP_HEADER, IPV4_HEADER, IPV6_HEADER = 8, 20, 40
+TLS_REFUSAL_WAIT = 0.2  # seconds
 
 
 def client_tls_context(settings: TlsSettings) -> ssl.SSLContext:
@@ -99,6 +100,13 @@ class StreamTransport:
             self.host, self.port, ssl=self.tls, server_hostname=self.server_name)
         self._writer = writer
         self._watcher = asyncio.create_task(self._watch(reader, writer))
+        if self.tls is not None:
+            # With TLS 1.3 a collector that refuses our certificate says so only after the
+            # handshake has completed on our side: give it a moment before records go out.
+            await asyncio.sleep(TLS_REFUSAL_WAIT)
+            if not self.connected:
+                raise ConnectionError(f"collector {self.host}:{self.port} closed the TLS "
+                                      "connection right away (client certificate refused?)")
 
     async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Collectors send nothing; end of stream or an error means the peer is gone."""

@@ -89,6 +89,10 @@ def tls_files(tmp_path_factory):
     server = ca.issue_cert("collector.test", "127.0.0.1")
     paths = {"ca": directory / "ca.pem", "cert": directory / "cert.pem",
              "key": directory / "key.pem"}
+    client = ca.issue_cert("exporter.test")
+    paths["client_cert"], paths["client_key"] = directory / "client.pem", directory / "ck.pem"
+    client.cert_chain_pems[0].write_to_path(paths["client_cert"])
+    client.private_key_pem.write_to_path(paths["client_key"])
     ca.cert_pem.write_to_path(paths["ca"])
     server.cert_chain_pems[0].write_to_path(paths["cert"])
     server.private_key_pem.write_to_path(paths["key"])
@@ -257,3 +261,36 @@ def test_drops_are_visible_as_a_prometheus_metric():
     assert "ovsflow_records_dropped_total 5.0" in text
     assert "ovsflow_records_submitted_total 8.0" in text
     assert "ovsflow_export_queue_records 3.0" in text
+
+
+@pytest.mark.parametrize("with_client_cert", [True, False])
+def test_mutual_tls_client_certificates(tls_files, with_client_cert):
+    collector = Collector("tls://127.0.0.1:0", count=4, timeout=10,
+                          extra=("--cert", tls_files["cert"], "--key", tls_files["key"],
+                                 "--client-ca", tls_files["ca"]))
+    settings = TlsSettings(ca_file=tls_files["ca"])
+    if with_client_cert:
+        settings = TlsSettings(ca_file=tls_files["ca"], cert_file=tls_files["client_cert"],
+                               key_file=tls_files["client_key"])
+
+    async def scenario():
+        exporter = Exporter(StreamTransport("127.0.0.1", collector.port,
+                                            client_tls_context(settings), "collector.test"),
+                            1, max_backoff=0.2)
+        exporter.start()
+        exporter.submit(records(0, 4))
+        received = await asyncio.to_thread(collector.records)
+        delivered = await exporter.close(1)
+        return received, delivered, exporter
+
+    try:
+        received, delivered, exporter = asyncio.run(scenario())
+    finally:
+        collector.stop()
+    if with_client_cert:
+        assert flow_ids(received) == [0, 1, 2, 3] and delivered
+    else:
+        # refused: nothing reached the collector, nothing was counted as exported, and the
+        # four records are counted as dropped when the exporter gave up at close
+        assert received == [] and not delivered
+        assert (exporter.stats.records_exported, exporter.stats.records_dropped) == (0, 4)
