@@ -136,3 +136,12 @@ def test_mangled_entries_never_escape_as_another_error(entry, cut, junk):
         parse_entry(mangled)
     except DpctlParseError:
         pass
+
+
+@pytest.mark.parametrize("line", [
+    "¹,", "¹,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4)",
+    "tcp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),status=²"])
+def test_unicode_digits_are_not_numbers(line):
+    """Found by the 100k fuzz run: str.isdigit() accepts '¹', int() does not."""
+    with pytest.raises(DpctlParseError):
+        parse_entry(line)

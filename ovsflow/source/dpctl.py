@@ -76,7 +76,7 @@ def _int(fields: dict[str, str], key: str, line: str, default: int = 0) -> int:
 
 
 def _status(text: str, line: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     bits = 0
     for name in text.split("|"):
@@ -101,7 +101,8 @@ def parse_entry(line: str) -> Connection:
         raise DpctlParseError(f"not a conntrack entry: {line!r}")
     protocol = _PROTOCOLS.get(protocol_text)
     if protocol is None:
-        if not protocol_text.isdigit() or int(protocol_text) > 255:
+        numeric = protocol_text.isascii() and protocol_text.isdigit()
+        if not numeric or int(protocol_text) > 255:
             raise DpctlParseError(f"unknown protocol {protocol_text!r} in {line!r}")
         protocol = int(protocol_text)
     fields = _fields(rest, line)
