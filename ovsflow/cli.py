@@ -187,12 +187,7 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
     try:
         source = open_source(config, ConnectionFilter(config.conntrack.zones,
                                                       config.flow_exporter.protocols))
-        if hasattr(source, "dump_all"):  # the kernel's: no event loop needed
-            connections = source.dump_all()
-        else:
-            import asyncio
-
-            connections = asyncio.run(source.poll())
+        connections = source.dump_all()
     except (OSError, RuntimeError, ValueError) as err:
         print(f"error: conntrack poll failed: {err}", file=sys.stderr)
         return EXIT_FAILURE

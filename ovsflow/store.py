@@ -63,7 +63,7 @@ class ConnectionStore:
         keep = seen.append
         rejected = 0
         for c in connections:
-            # Connection.key, inlined: this loop runs once per connection per poll
+            # the connection's identity: zone and original tuple
             key = (c.zone, c.protocol, c.source, c.destination, c.source_port,
                    c.destination_port, c.icmp_id, c.icmp_type)
             keep(key)

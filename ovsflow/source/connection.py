@@ -37,9 +37,3 @@ class Connection:
     start_ns: int = 0  # wall clock, ns since the Unix epoch; 0 = unknown
     id: int = 0
     timeout: int = 0
-
-    @property
-    def key(self) -> tuple:
-        """The connection's identity: zone and original-direction tuple."""
-        return (self.zone, self.protocol, self.source, self.destination, self.source_port,
-                self.destination_port, self.icmp_id, self.icmp_type)

@@ -111,6 +111,10 @@ class OvsSource:
         """One poll into the store."""
         return store.update(await self.poll(), now)
 
+    def dump_all(self) -> list[Connection]:
+        """One poll, outside any event loop (`ovsflow conntrack`)."""
+        return asyncio.run(self.poll())
+
     def replan(self) -> None:
         """Nothing to recompute: every poll reads the filter's zones."""
 
