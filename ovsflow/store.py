@@ -17,7 +17,7 @@ from .record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
     FlowRecord,
 )
-from .source.connection import Connection, identity_key
+from .source.connection import Connection
 from .source.ctnetlink import IPS_DYING
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ class ConnectionStore:
         keep = seen.append
         rejected = 0
         for c in connections:
-            key = c.key or identity_key(c)  # the kernel's decoder builds it in C
+            # the connection's identity: zone and original tuple
+            key = (c.zone, c.protocol, c.source, c.destination, c.source_port,
+                   c.destination_port, c.icmp_id, c.icmp_type)
             keep(key)
             entry = get(key)
             if entry is not None and c.id != entry.connection.id:

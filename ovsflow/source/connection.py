@@ -37,15 +37,3 @@ class Connection:
     start_ns: int = 0  # wall clock, ns since the Unix epoch; 0 = unknown
     id: int = 0
     timeout: int = 0
-    key: tuple = ()  # identity_key(), when the source computed it while decoding
-
-
-KEY_FIELDS = ("zone", "protocol", "source", "destination", "source_port",
-              "destination_port", "icmp_id", "icmp_type")
-
-
-def identity_key(c: Connection) -> tuple:
-    """What makes a connection the same one from poll to poll: its zone and original
-    tuple."""
-    return (c.zone, c.protocol, c.source, c.destination, c.source_port, c.destination_port,
-            c.icmp_id, c.icmp_type)

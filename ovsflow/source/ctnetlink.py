@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 
-from .connection import KEY_FIELDS, Connection
+from .connection import Connection
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -165,10 +165,9 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         if message_type == _CT_NEW:
             start = pos + NLMSGHDR.size + NFGENMSG.size
             # the fast path (see _learn), inlined: this loop runs once per connection
-            for mask, expected, unpack, arguments, key, state_names in layouts.get(length, ()):
+            for mask, expected, unpack, arguments, state_names in layouts.get(length, ()):
                 if from_bytes(data[start:pos + length], "big") & mask == expected:
-                    values = unpack(data, start) + _CONSTANTS
-                    connection = Connection(*arguments(values), key(values))
+                    connection = Connection(*arguments(unpack(data, start) + _CONSTANTS))
                     if state_names is not None:
                         number = connection.state
                         connection.state = (state_names[number] if number < len(state_names)
@@ -244,8 +243,7 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
     return Connection(protocol, src, dst, sport, dport, reply[1], reply[2], reply[3],
                       reply[4], icmp_type, icmp_code, icmp_id, zone, mark, labels, status,
                       state, packets, octets, reply_packets, reply_octets, True, start_ns,
-                      conn_id, timeout,
-                      (zone, protocol, src, dst, sport, dport, icmp_id, icmp_type))
+                      conn_id, timeout)
 
 
 def _tuple(data: bytes, pos: int, end: int) -> tuple:
@@ -355,7 +353,7 @@ _CONSTANTS = (0, b"", "", True)  # appended to the unpacked values: defaults by 
 _DEFAULTS = {"labels": 1, "state": 2, "counted": 3}
 _MAX_LAYOUTS_PER_LENGTH = 4
 # message length -> layouts: (header mask, expected headers, unpack of the values, Connection
-# arguments getter, identity key getter, state names or None)
+# arguments getter, state names or None)
 _LAYOUTS: dict[int, list[tuple]] = {}
 
 
@@ -456,10 +454,9 @@ def _learn(data: bytes, start: int, end: int) -> None:
         return
     field_indexes = [fields[name] if name in fields else len(leaves) + _DEFAULTS.get(name, 0)
                      for name in _FIELDS]
-    key_indexes = [field_indexes[_FIELDS.index(name)] for name in KEY_FIELDS]
     layout = (int.from_bytes(mask, "big"), int.from_bytes(expected, "big"),
               struct.Struct("".join(codes)).unpack_from, operator.itemgetter(*field_indexes),
-              operator.itemgetter(*key_indexes), state_names[0] if state_names else None)
+              state_names[0] if state_names else None)
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]
