@@ -62,10 +62,11 @@ metrics:
     return str(path)
 
 
-def build_world(workdir: Path) -> tuple[OvsLab, Netns, Netns]:
-    """OVS with pods and the Antrea-like pipeline, and the kernel path: (lab, node, peer).
-    The node is the namespace OVS runs in; pod3 > pod2 is denied by rule 7."""
-    lab = OvsLab(workdir / "ovs")
+def build_world(run_dir: Path) -> tuple[OvsLab, Netns, Netns]:
+    """OVS (run directory `run_dir`) with pods and the Antrea-like pipeline, and the kernel
+    path: (lab, node, peer). The node is the namespace OVS runs in; pod3 > pod2 is denied by
+    rule 7."""
+    lab = OvsLab(run_dir)
     peer = None
     try:
         for index in (1, 2, 3):
@@ -170,7 +171,7 @@ def main() -> int:
     agents: list[subprocess.Popen] = []
     try:
         print("Building the lab: Open vSwitch (userspace datapath), 3 pods, a kernel path ...")
-        lab, node, node_peer = build_world(workdir)
+        lab, node, node_peer = build_world(workdir / "ovs")
         collector = node.popen(OVSFLOW, "collect", "--listen", "udp://127.0.0.1:4739",
                                "--timeout", "120", stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
