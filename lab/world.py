@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from .demo import build_world, traffic
+from .netns import CommandFailed
 
 
 def main() -> None:
@@ -27,7 +28,11 @@ def main() -> None:
     try:
         print(f"lab ready: bridge {lab.bridge}, run dir {lab.run_dir}", flush=True)
         while not stop.wait(args.interval):
-            traffic(lab, node, peer)
+            try:
+                traffic(lab, node, peer)
+            except CommandFailed:
+                if not stop.is_set():  # a signal to the whole group stops the traffic too
+                    raise
     finally:
         peer.delete()
         lab.stop()
