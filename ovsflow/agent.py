@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ class Agent:
         self.config_path = config_path
         self.source = None
         self.reloads = 0
+        self._config_stamp: int | None = None
         fe = config.flow_exporter
         self.filter = ConnectionFilter(config.conntrack.zones, fe.protocols)
         self.store = ConnectionStore(fe.active_timeout, fe.idle_timeout,
@@ -80,6 +82,8 @@ class Agent:
             self.source = await asyncio.to_thread(open_source, self.config, self.filter)
             while not self.stopping.is_set():
                 started = time.monotonic()
+                if self._config_file_changed():
+                    await self.reload()
                 await self.poll_once(self.source)
                 wait = self.config.flow_exporter.poll_interval - (time.monotonic() - started)
                 try:
@@ -107,13 +111,26 @@ class Agent:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 
+    def _config_file_changed(self) -> bool:
+        """Whether the file changed since it was last read: a Kubernetes ConfigMap update
+        reaches the pod as a changed file, with no signal."""
+        if self.config_path is None:
+            return False
+        try:
+            stamp = os.stat(self.config_path).st_mtime_ns
+        except OSError:
+            return False  # e.g. mid-swap of a ConfigMap's symlink; the next poll looks again
+        changed = self._config_stamp is not None and stamp != self._config_stamp
+        self._config_stamp = stamp
+        return changed
+
     def _count_by_protocol(self, layer: str, records: list) -> None:
         counts = self.records_by_protocol
         for protocol, count in Counter(r.protocol for r in records).items():
             counts[layer, protocol] = counts.get((layer, protocol), 0) + count
 
     async def reload(self) -> None:
-        """SIGHUP: read the file again. Protocols and zones change at both layers at once
+        """SIGHUP, or the file changed: read it again. Protocols and zones change at both layers at once
         (the poller's filter and dump plan, the deny-table flows); timeouts, the poll
         interval and the collector address change too. An invalid file changes nothing."""
         if self.config_path is None:

@@ -166,7 +166,8 @@ def test_conntrack_command_agrees_with_conntrack_tools(node, tmp_path):
     assert count.stdout.strip() == "1"  # the port-9999 attempt alone
 
 
-def test_sighup_changes_the_poller_filter_live(node, tmp_path):
+@pytest.mark.parametrize("trigger", ["SIGHUP", "file change"])
+def test_a_reload_changes_the_poller_filter_live(node, tmp_path, trigger):
     collector = Collector("udp://127.0.0.1:0", timeout=120, prefix=node.prefix())
     config = agent_config(tmp_path, collector.port, ["tcp"])
     agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
@@ -175,7 +176,8 @@ def test_sighup_changes_the_poller_filter_live(node, tmp_path):
         node.traffic("udp", PEER, "7001", "2", "10")
         time.sleep(1.5)
         agent_config(tmp_path, collector.port, ["udp"])
-        agent.send_signal(signal.SIGHUP)
+        if trigger == "SIGHUP":
+            agent.send_signal(signal.SIGHUP)
         reloaded_ms = time.time() * 1000
         time.sleep(1)
         node.traffic("udp", PEER, "7002", "2", "10")
