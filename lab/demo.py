@@ -19,7 +19,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -226,5 +225,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    socket.setdefaulttimeout(30)
     sys.exit(main())

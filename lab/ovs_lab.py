@@ -88,10 +88,6 @@ class OvsLab:
         return self._ovs("ovs-ofctl", "-O", "OpenFlow13", command,
                          f"{self.run_dir}/{self.bridge}.mgmt", *rest).stdout
 
-    def appctl(self, *args: str) -> str:
-        target = f"{self.run_dir}/ovs-vswitchd.{self.pid('ovs-vswitchd')}.ctl"
-        return self._ovs("ovs-appctl", "-t", target, *args).stdout
-
     def add_pod(self, address: str) -> Netns:
         """A namespace with one veth into the bridge; `address` with prefix length."""
         pod = Netns("pod")
