@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ovsflow.source.connection import Connection  # noqa: E402
+from ovsflow.connection import Connection  # noqa: E402
 from ovsflow.store import ConnectionStore  # noqa: E402
 
 DST = socket.inet_aton("10.255.0.1")

@@ -20,6 +20,7 @@ from .deny.source import DenySource
 from .deny.store import DenyStore
 from .exporter import Exporter
 from .filter import ConnectionFilter
+from .metrics import POLL_BUCKETS, serve
 from .source import open_source
 from .store import ConnectionStore
 from .transport import transport_for
@@ -27,7 +28,6 @@ from .transport import transport_for
 log = logging.getLogger(__name__)
 
 SHUTDOWN_FLUSH_SECONDS = 10.0
-POLL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, cumulative
 
 
 class Agent:
@@ -73,7 +73,6 @@ class Agent:
                  fe.collector, self.config.ipfix.observation_domain_id)
         metrics_server = None
         if self.config.metrics.host:
-            from .metrics import serve
             metrics_server = await serve(self, self.config.metrics.host,
                                          self.config.metrics.port)
         self.exporter.start()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .protocols import ProtocolSet
 
 if TYPE_CHECKING:
-    from .source.connection import Connection
+    from .connection import Connection
 
 
 class ConnectionFilter:

@@ -19,7 +19,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .agent import POLL_BUCKETS
 from .exporter import Exporter
 from .protocols import protocol_name
 
@@ -27,6 +26,8 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 log = logging.getLogger(__name__)
+
+POLL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, cumulative
 
 
 class ExporterMetrics(Collector):

@@ -17,7 +17,7 @@ from .record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
     FlowRecord,
 )
-from .source.connection import Connection
+from .connection import Connection
 from .source.ctnetlink import IPS_DYING
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import parse_protocol_list
-from ovsflow.source.connection import Connection
+from ovsflow.connection import Connection
 
 
 def conn(protocol, zone):

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from ovsflow.record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
 )
-from ovsflow.source.connection import Connection
+from ovsflow.connection import Connection
 from ovsflow.source.ctnetlink import IPS_DYING
 from ovsflow.store import ConnectionStore
 

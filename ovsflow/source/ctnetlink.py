@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 
-from .connection import Connection
+from ..connection import Connection
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1

@@ -16,7 +16,7 @@ import ipaddress
 from datetime import datetime, timezone
 
 from ..protocols import PROTOCOL_NUMBERS
-from .connection import Connection
+from ..connection import Connection
 
 # ct_dpif_format_ipproto's names ("icmpv6" and the rest are in the IANA table too)
 _PROTOCOLS = PROTOCOL_NUMBERS

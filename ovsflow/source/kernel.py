@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
-from .connection import Connection
+from ..connection import Connection
 from .ctnetlink import NETLINK_NETFILTER, dump_request, parse_dump
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import os
 from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
-from .connection import Connection
+from ..connection import Connection
 from .dpctl import parse_dump
 
 if TYPE_CHECKING:
