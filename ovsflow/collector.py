@@ -2,7 +2,8 @@
 
 Meant for debugging, demos and tests: it keeps templates per exporter and transport session,
 decodes UDP datagrams and TCP/TLS streams with the same sans-IO decoder, and writes a line
-per record, flushed at once so that a pipe sees records as they come.
+per record, flushed at once so that a pipe sees records as they come. SIGTERM and SIGINT
+end it with status 0, as a container's PID 1 must.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable
@@ -19,6 +22,14 @@ from urllib.parse import urlsplit
 from .ipfix.codec import DecodeError, MessageDecoder, MessageStream
 
 log = logging.getLogger(__name__)
+
+# Templates of a UDP exporter not heard from for this long are forgotten: three times the
+# longest template refresh interval an exporter should use (RFC 7011 §8.4; ovsflow: 600 s).
+UDP_TEMPLATE_LIFETIME = 1800.0
+# At most this many (exporter, observation domain) sources keep UDP templates at once.
+UDP_MAX_SOURCES = 4096
+# Read at most this many queued datagrams when stopping: more than a receive buffer holds.
+UDP_DRAIN_DATAGRAMS = 10_000
 
 
 class ListenUrlError(ValueError):
@@ -44,11 +55,10 @@ class RecordPrinter:
 
     def __init__(self, out: TextIO, count: int | None, done: Callable[[], None]):
         self.out, self.count, self.done = out, count, done
-        self.decoder = MessageDecoder()
         self.printed = 0
 
-    def message(self, data: bytes, exporter: str) -> None:
-        decoded = self.decoder.decode(data, exporter)
+    def message(self, decoder: MessageDecoder, data: bytes, exporter: str) -> None:
+        decoded = decoder.decode(data, exporter)
         for set_id in decoded.unknown_template_sets:
             log.warning("%s: data set for template %d before its template; skipped",
                         exporter, set_id)
@@ -64,11 +74,6 @@ class RecordPrinter:
             if self.count is not None and self.printed >= self.count:
                 self.done()
 
-    def forget(self, exporter: str) -> None:
-        """A TCP/TLS session ended: its templates end with it (RFC 7011 §8)."""
-        for key in [k for k in self.decoder.templates if k[0] == exporter]:
-            del self.decoder.templates[key]
-
 
 def _peer(address) -> str:
     host, port = address[0], address[1]
@@ -79,24 +84,44 @@ async def collect(url: str, *, count: int | None = None, timeout: float | None =
                   cert: str | None = None, key: str | None = None,
                   client_ca: str | None = None,
                   out: TextIO = sys.stdout) -> int:
-    """Run until `count` records were printed or `timeout` passed. Returns the exit status:
-    1 when a count was asked for and not reached, else 0."""
+    """Run until `count` records were printed, `timeout` passed, or SIGTERM or SIGINT came.
+    Returns the exit status: 1 when a count was asked for and the timeout came first, else
+    0."""
     scheme, host, port = parse_listen_url(url)
     finished = asyncio.Event()
     printer = RecordPrinter(out, count, finished.set)
     loop = asyncio.get_running_loop()
 
     if scheme == "udp":
+        decoder = MessageDecoder(UDP_TEMPLATE_LIFETIME, UDP_MAX_SOURCES)
+
+        def datagram(data: bytes, addr) -> None:
+            try:
+                printer.message(decoder, data, _peer(addr))
+            except DecodeError as err:
+                log.warning("%s: malformed IPFIX message dropped: %s", _peer(addr), err)
+
         class Datagrams(asyncio.DatagramProtocol):
             def datagram_received(self, data: bytes, addr) -> None:
-                try:
-                    printer.message(data, _peer(addr))
-                except DecodeError as err:
-                    log.warning("%s: malformed IPFIX message dropped: %s", _peer(addr), err)
+                datagram(data, addr)
 
-        transport, _ = await loop.create_datagram_endpoint(Datagrams, local_addr=(host, port))
-        bound = transport.get_extra_info("sockname")
-        closer = transport.close
+        # Our own socket, so that the datagrams it still holds can be read at the end.
+        family, _, _, _, address = (await loop.getaddrinfo(host, port,
+                                                           type=socket.SOCK_DGRAM))[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(address)
+        transport, _ = await loop.create_datagram_endpoint(Datagrams, sock=sock)
+        bound = sock.getsockname()
+
+        def closer() -> None:
+            """Print what the kernel already received, e.g. the final records of an exporter
+            stopped at the same time, then close."""
+            for _ in range(UDP_DRAIN_DATAGRAMS):
+                try:
+                    datagram(*sock.recvfrom(65535))
+                except OSError:  # BlockingIOError: nothing left
+                    break
+            transport.close()
     else:
         tls = None
         if scheme == "tls":
@@ -109,19 +134,19 @@ async def collect(url: str, *, count: int | None = None, timeout: float | None =
                 tls.verify_mode = ssl.CERT_REQUIRED
 
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            """One TCP/TLS session: its templates live and end with it (RFC 7011 §8)."""
             exporter = _peer(writer.get_extra_info("peername"))
-            stream = MessageStream()
+            stream, decoder = MessageStream(), MessageDecoder()
             log.info("%s connected", exporter)
             try:
                 while data := await reader.read(65536):
                     for message in stream.feed(data):
-                        printer.message(message, exporter)
+                        printer.message(decoder, message, exporter)
             except DecodeError as err:
                 log.warning("%s: malformed IPFIX, closing the session: %s", exporter, err)
             except (OSError, ssl.SSLError) as err:
                 log.warning("%s: %s", exporter, err)
             finally:
-                printer.forget(exporter)
                 writer.close()
                 log.info("%s disconnected", exporter)
 
@@ -129,6 +154,15 @@ async def collect(url: str, *, count: int | None = None, timeout: float | None =
         bound = server.sockets[0].getsockname()
         closer = server.close
 
+    signals = (signal.SIGTERM, signal.SIGINT)
+    stopped_by: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        finished.set()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, stop, signum)
     print(f"ovsflow collect: listening on {scheme}://{_peer(bound)}", file=sys.stderr,
           flush=True)
     try:
@@ -137,6 +171,11 @@ async def collect(url: str, *, count: int | None = None, timeout: float | None =
         pass
     finally:
         closer()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    if stopped_by:
+        log.info("%s: stopping; %d records printed", stopped_by[0].name, printer.printed)
+        return 0
     if count is not None and printer.printed < count:
         log.info("timed out after %d of %d records", printer.printed, count)
         return 1

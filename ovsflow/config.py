@@ -13,14 +13,17 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from .protocols import ALL_PROTOCOLS, ProtocolListError, ProtocolSet, parse_protocol_list
+from .protocols import (
+    ALL_PROTOCOLS, ProtocolListError, ProtocolSet, parse_protocol_list, quote_value,
+)
 
 TRANSPORTS = ("udp", "tcp", "tls")
 CONNTRACK_SOURCES = ("auto", "kernel", "ovs")
@@ -59,7 +62,7 @@ class FlowExporterConfig:
 @dataclass(frozen=True)
 class ConntrackConfig:
     source: str = "auto"
-    zones: frozenset[int] = frozenset({65520})  # empty: every zone
+    zones: frozenset[int] = frozenset({65520, 65510})  # Antrea's IPv4, IPv6; empty: every zone
     max_connections: int = 500_000
 
 
@@ -158,7 +161,9 @@ class Config:
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
                    "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# One way to match each part, so that a failing match costs time linear in its length.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", re.ASCII)
+MAX_DURATION = (2**63 - 1) / 1e9  # seconds: Go's longest time.Duration, about 292 years
 
 
 def parse_duration(value: object) -> float:
@@ -166,19 +171,20 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, str):
         hint = " (add a unit, e.g. '5s')" if isinstance(value, (int, float)) else ""
         raise ValueError(f"expected a duration such as '500ms', '5s' or '1m30s', got "
-                         f"{_show(value)}{hint}")
+                         f"{quote_value(value)}{hint}")
     text = value.strip()
     pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
+    while pos < len(text) and (match := _DURATION_PART.match(text, pos)):
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if not text or pos != len(text):
-        raise ValueError(f"invalid duration {_show(value)}: use Go-style durations such as "
+        raise ValueError(f"invalid duration {quote_value(value)}: use Go-style durations such as "
                          "'500ms', '5s' or '1m30s'")
     if total <= 0:
-        raise ValueError(f"duration {_show(value)} must be greater than zero")
+        raise ValueError(f"duration {quote_value(value)} must be greater than zero")
+    if not total <= MAX_DURATION:  # also inf, from a few hundred digits
+        raise ValueError(f"duration {quote_value(value)} is longer than Go's longest, "
+                         f"{format_duration(MAX_DURATION)}")
     return total
 
 
@@ -195,39 +201,43 @@ def format_duration(seconds: float) -> str:
     return text + f"{round(secs, 6):g}s"
 
 
-_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
 
 
 def parse_collector_address(value: object) -> CollectorAddress:
     """`HOST:PORT[:PROTO]`, an IPv6 host in brackets. As in Antrea, PROTO defaults to tls."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected 'HOST:PORT:PROTO' (e.g. '127.0.0.1:4739:udp'), got "
-                         f"{_show(value)}")
+                         f"{quote_value(value)}")
     text = value.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"{_show(value)}: an IPv6 host needs a closing ']' then ':PORT'")
+            raise ValueError(f"{quote_value(value)}: an IPv6 host needs a closing ']' then ':PORT'")
         parts = rest[1:].split(":")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{_show(value)}: {host!r} is not an IPv6 address") from None
+            raise ValueError(f"{quote_value(value)}: {quote_value(host)} is not an IPv6 "
+                             "address") from None
     else:
         host, *parts = text.split(":")
         if len(parts) > 2:
-            raise ValueError(f"{_show(value)}: write an IPv6 host in brackets, e.g. "
+            raise ValueError(f"{quote_value(value)}: write an IPv6 host in brackets, e.g. "
                              "'[fd00::1]:4739:udp'")
         if not _is_host(host):
-            raise ValueError(f"{_show(value)}: {host!r} is not an IP address or host name")
+            raise ValueError(f"{quote_value(value)}: {quote_value(host)} is not an IP address "
+                             "or host name")
     if not parts or len(parts) > 2:
-        raise ValueError(f"{_show(value)}: expected HOST:PORT:PROTO")
+        raise ValueError(f"{quote_value(value)}: expected HOST:PORT:PROTO")
     port_text = parts[0]
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{_show(value)}: port {port_text!r} is not a number from 1 to 65535")
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+            and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"{quote_value(value)}: port {quote_value(port_text)} is not a number "
+                         "from 1 to 65535")
     transport = parts[1].lower() if len(parts) == 2 else "tls"
     if transport not in TRANSPORTS:
-        raise ValueError(f"{_show(value)}: transport {parts[1]!r} is not one of "
+        raise ValueError(f"{quote_value(value)}: transport {quote_value(parts[1])} is not one of "
                          f"{', '.join(TRANSPORTS)}")
     return CollectorAddress(host, int(port_text), transport)
 
@@ -237,7 +247,14 @@ def _is_host(text: str) -> bool:
         ipaddress.IPv4Address(text)
         return True
     except ValueError:
-        return bool(_HOSTNAME.match(text)) and not text.replace(".", "").isdigit()
+        return _is_host_name(text) and not text.replace(".", "").isdigit()
+
+
+def _is_host_name(text: str) -> bool:
+    """RFC 1123 labels, an optional final dot. One label at a time: a single regex over the
+    whole name backtracked exponentially on a long name with a character it cannot match."""
+    labels = text.removesuffix(".").split(".")
+    return 0 < len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def parse_bind_address(value: object) -> MetricsConfig:
@@ -247,7 +264,7 @@ def parse_bind_address(value: object) -> MetricsConfig:
         return MetricsConfig("", 0)
     if not isinstance(value, str):
         raise ValueError(f"expected 'HOST:PORT' (e.g. '127.0.0.1:9495') or '', got "
-                         f"{_show(value)}")
+                         f"{quote_value(value)}")
     address = parse_collector_address(value + ":tcp")
     return MetricsConfig(address.host, address.port)
 
@@ -261,14 +278,15 @@ def _bind_text(metrics: MetricsConfig) -> str:
 
 def parse_bool(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_show(value)}")
+        raise ValueError(f"expected true or false, got {quote_value(value)}")
     return value
 
 
 def integer_in(low: int, high: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected a whole number from {low} to {high}, got {_show(value)}")
+            raise ValueError(f"expected a whole number from {low} to {high}, got "
+                             f"{quote_value(value)}")
         return value
     return parse
 
@@ -276,14 +294,14 @@ def integer_in(low: int, high: int) -> Callable[[object], int]:
 def one_of(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {_show(value)}")
+            raise ValueError(f"expected one of {', '.join(choices)}, got {quote_value(value)}")
         return value  # type: ignore[return-value]
     return parse
 
 
 def non_empty_string(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a non-empty string, got {_show(value)}")
+        raise ValueError(f"expected a non-empty string, got {quote_value(value)}")
     return value.strip()
 
 
@@ -295,7 +313,7 @@ def optional_string(value: object) -> str | None:
 
 def parse_zones(value: object) -> frozenset[int]:
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of conntrack zones (0-65535), got {_show(value)}")
+        raise ValueError(f"expected a list of conntrack zones (0-65535), got {quote_value(value)}")
     zone = integer_in(0, 65535)
     zones = set()
     for index, entry in enumerate(value):
@@ -304,14 +322,6 @@ def parse_zones(value: object) -> frozenset[int]:
         except ValueError as err:
             raise ValueError(f"entry {index}: {err}") from None
     return frozenset(zones)
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
 
 
 # --- sections
@@ -327,7 +337,7 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            problems.append(f"{path}: expected a mapping of keys, got {_show(data)}")
+            problems.append(f"{path}: expected a mapping of keys, got {quote_value(data)}")
             data = {}
         self.data: dict = data
 
@@ -345,9 +355,11 @@ class _Section:
         for key in self.data:
             if key in self.known:
                 continue
-            close = difflib.get_close_matches(str(key), self.known, n=1)
+            plain = isinstance(key, str) and key.isprintable() and len(key) <= 100
+            name = key if plain else quote_value(key)
+            close = difflib.get_close_matches(name, self.known, n=1) if plain else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            where = f"{self.path}.{key}" if self.path else str(key)
+            where = f"{self.path}.{name}" if self.path else name
             self.problems.append(f"{where}: unknown key{hint}; known keys: "
                                  f"{', '.join(self.known)}")
 
@@ -396,18 +408,7 @@ def parse_config(data: object) -> Config:
     ix = _Section(top.data.get("ipfix"), "ipfix", problems)
     tl = _Section(ix.data.get("tls"), "ipfix.tls", problems)
     ix.known.append("tls")
-    d_tls = TlsSettings()
-    tls = TlsSettings(
-        ca_file=tl.take("caFile", optional_string, d_tls.ca_file),
-        cert_file=tl.take("certFile", optional_string, d_tls.cert_file),
-        key_file=tl.take("keyFile", optional_string, d_tls.key_file),
-        server_name=tl.take("serverName", optional_string, d_tls.server_name),
-        insecure_skip_verify=tl.take("insecureSkipVerify", parse_bool,
-                                     d_tls.insecure_skip_verify),
-    )
-    if tls.key_file and not tls.cert_file:
-        problems.append("ipfix.tls.keyFile: set, but certFile is not: a client key needs its "
-                        "certificate")
+    tls = _parse_tls(tl, flow_exporter.collector, warnings)
     ipfix = IpfixConfig(
         node_name=ix.take("nodeName", non_empty_string, default_node_name()),
         domain_id=ix.take("observationDomainId", integer_in(0, 0xFFFFFFFF), None),
@@ -425,6 +426,98 @@ def parse_config(data: object) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(flow_exporter, conntrack, ovs, ipfix, metrics, tuple(warnings))
+
+
+def _parse_tls(tl: _Section, collector: CollectorAddress, warnings: list[str]) -> TlsSettings:
+    """`ipfix.tls`. With a tls collector the files are opened and a TLS context is built, so
+    that a file which loads is one the agent can connect with; with udp or tcp the section
+    is ignored, with a warning when it sets something."""
+    d = TlsSettings()
+    problems_before = len(tl.problems)
+    tls = TlsSettings(
+        ca_file=tl.take("caFile", optional_string, d.ca_file),
+        cert_file=tl.take("certFile", optional_string, d.cert_file),
+        key_file=tl.take("keyFile", optional_string, d.key_file),
+        server_name=tl.take("serverName", optional_string, d.server_name),
+        insecure_skip_verify=tl.take("insecureSkipVerify", parse_bool, d.insecure_skip_verify),
+    )
+    if collector.transport != "tls":
+        ignored = [key for key in tl.known if tl.data.get(key) not in (None, "", False)]
+        if ignored:
+            warnings.append(f"ipfix.tls: {', '.join(ignored)} ignored: flowExporter."
+                            f"flowCollectorAddr {collector} is {collector.transport}, not tls")
+        return tls
+    if tls.key_file and not tls.cert_file:
+        tl.problems.append("ipfix.tls.keyFile: set, but certFile is not: a client key needs "
+                           "its certificate")
+    if tls.server_name and not _is_ip_or_host(tls.server_name):
+        tl.problems.append(f"ipfix.tls.serverName: {quote_value(tls.server_name)} is not a "
+                           "host name or IP address")
+    if tls.insecure_skip_verify:
+        warnings.append("ipfix.tls.insecureSkipVerify: true: the collector's certificate is "
+                        "NOT verified")
+    if len(tl.problems) == problems_before:
+        try:
+            client_tls_context(tls)
+        except ConfigError as err:
+            tl.problems.extend(err.problems)
+    return tls
+
+
+def _is_ip_or_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return _is_host(text)
+
+
+def client_tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The client side of the TLS session with the collector. Validation builds one and
+    throws it away, the agent builds the one it connects with: both by this function, so
+    that a configuration that loads is one the agent can use. Raises ConfigError naming
+    the key and the file."""
+    files = [("caFile", tls.ca_file), ("certFile", tls.cert_file), ("keyFile", tls.key_file)]
+    unreadable = []
+    for key, path in files:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            unreadable.append(f"ipfix.tls.{key}: cannot read {quote_value(path)}: "
+                              f"{err.strerror}")
+    if unreadable:
+        raise ConfigError(unreadable)
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    except ssl.SSLError as err:
+        raise ConfigError([f"ipfix.tls.caFile: {quote_value(tls.ca_file)} holds no PEM CA "
+                           f"certificate ({err.reason or err})"]) from None
+    if tls.cert_file:
+        key_key = "keyFile" if tls.key_file else "certFile"
+
+        def refuse_password() -> bytes:
+            # Without a callback OpenSSL would prompt on the terminal: a hang, in a pod.
+            raise ConfigError([f"ipfix.tls.{key_key}: the private key is encrypted; "
+                               "ovsflow reads only unencrypted keys"])
+
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=refuse_password)
+        except ssl.SSLError as err:
+            why = ("the key does not belong to the certificate"
+                   if err.reason == "KEY_VALUES_MISMATCH" else
+                   "expected a PEM certificate and an unencrypted PEM private key")
+            keys = "certFile, keyFile" if tls.key_file else "certFile"
+            raise ConfigError([f"ipfix.tls.{keys}: cannot load "
+                               f"{quote_value(tls.cert_file)} with "
+                               f"{quote_value(tls.key_file or tls.cert_file)}: {why} "
+                               f"({err.reason or err})"]) from None
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> ProtocolSet:
@@ -449,25 +542,53 @@ def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> 
 
 
 class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present
-    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last), a
+    key that is a list or a map (`? [a, b]`), and a scalar that PyYAML's constructors cannot
+    turn into a value (an integer of more than 4300 digits, a 13th month), each as a YAML
+    error with its line."""
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, which may override
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {type(key).__name__} as a key; keys are names",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+                    None, None, f"key {quote_value(key)} is given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node, deep=False):  # type: ignore[override]
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as err:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {quote_value(node.value)}: {err}",
+                node.start_mark) from None
+
 
 def load_config(path: str) -> Config:
+    """Read and validate the file. Whatever is in it, the only exception is ConfigError, with
+    one line per problem: a reload relies on that to keep the running configuration."""
     try:
         with open(path, encoding="utf-8") as stream:
             data = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     except OSError as err:
         raise ConfigError([f"{path}: cannot read the configuration: {err.strerror}"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: not UTF-8 text: {err.reason}"]) from None
     except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+        raise ConfigError([f"{path}: not valid YAML: {_one_line(err)}"]) from None
+    except RecursionError:  # the pure-Python parser, without libyaml's depth limit
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
     return parse_config(data)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's message spread over one line, each mark as `line L, column C`."""
+    return " ".join(str(err).split())

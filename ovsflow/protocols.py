@@ -8,6 +8,7 @@ contents differ between distributions and containers.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 
 # IANA keywords, lower-cased. Numbers without a keyword (61, 63, 68, 99, 114) and the
@@ -110,7 +111,7 @@ def parse_protocol_list(entries: object, key: str = "protocols") -> ParsedProtoc
         return ParsedProtocols(ALL_PROTOCOLS, ())
     if not isinstance(entries, list):
         raise ProtocolListError(
-            f"{key}: expected a list of protocol names or numbers, got {_quote(entries)}"
+            f"{key}: expected a list of protocol names or numbers, got {quote_value(entries)}"
         )
     if not entries:
         return ParsedProtocols(ALL_PROTOCOLS, ())
@@ -125,12 +126,12 @@ def parse_protocol_list(entries: object, key: str = "protocols") -> ParsedProtoc
             continue
         number, problem = _parse_entry(entry)
         if problem:
-            warnings.append(f"{where}: ignoring {_quote(entry)}: {problem}")
+            warnings.append(f"{where}: ignoring {quote_value(entry)}: {problem}")
             continue
         if number not in CONNTRACK_TRACKED and number not in numbers:
             warnings.append(
-                f"{where}: {_quote(entry)} is {protocol_name(number)} ({number}); conntrack "
-                "tracks it only generically (addresses, no ports or state)"
+                f"{where}: {quote_value(entry)} is {protocol_name(number)} ({number}); "
+                "conntrack tracks it only generically (addresses, no ports or state)"
             )
         numbers.add(number)
     if not numbers:
@@ -153,8 +154,10 @@ def _parse_entry(entry: object) -> tuple[int, str | None]:
     if isinstance(entry, str):
         text = entry.strip().lower()
         if text.isascii() and text.isdigit():
-            number = int(text)
-            return (number, None) if number <= 255 else (-1, "protocol numbers are 0-255")
+            digits = text.lstrip("0") or "0"
+            if len(digits) > 3 or int(digits) > 255:  # int() refuses more than 4300 digits
+                return -1, "protocol numbers are 0-255"
+            return int(digits), None
         if text in PROTOCOL_NUMBERS:
             return PROTOCOL_NUMBERS[text], None
         return -1, ("not a known protocol name (names are IANA keywords such as tcp, udp, "
@@ -170,11 +173,34 @@ def _kind(value: object) -> str:
     )
 
 
-def _quote(value: object) -> str:
-    """Show the value as the user wrote it, in YAML terms, so a warning can be matched to
-    the line of the config."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
+class _YamlRepr(reprlib.Repr):
+    """repr() in YAML's words (true, false, null), bounded in length and depth: YAML aliases
+    can build a value of billions of elements, and repr() refuses integers of more than
+    4300 digits, yet a message quoting the value must stay one readable line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 100
+        self.maxlist = self.maxtuple = self.maxset = self.maxdict = 6
+        self.maxlevel = 2
+
+    def repr_bool(self, value: bool, level: int) -> str:
         return "true" if value else "false"
-    return repr(value)
+
+    def repr_NoneType(self, value: None, level: int) -> str:  # noqa: N802 - reprlib's naming
+        return "null"
+
+    def repr_int(self, value: int, level: int) -> str:
+        if value.bit_length() > 256:
+            return f"a {value.bit_length()}-bit number"
+        return repr(value)
+
+
+_YAML_REPR = _YamlRepr()
+
+
+def quote_value(value: object) -> str:
+    """The value as the user wrote it, in YAML terms, so that a message can be matched to the
+    line of the file. The configuration's messages use it too."""
+    text = _YAML_REPR.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -34,7 +34,7 @@ def test_example_config_json():
     effective = json.loads(result.stdout)
     assert effective["flowExporter"]["protocols"] == [1, 6, 17]
     assert effective["flowExporter"]["flowCollectorAddr"] == "127.0.0.1:4739:udp"
-    assert effective["conntrack"]["zones"] == [65520]
+    assert effective["conntrack"]["zones"] == [65510, 65520]
     assert result.stderr == ""
 
 
@@ -82,3 +82,46 @@ def test_help_lists_every_command():
     result = ovsflow("--help")
     for command in ("run", "check-config", "collect", "conntrack"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    # Each of these made a validation regex backtrack for minutes or longer.
+    ("flowExporter:\n  flowCollectorAddr: '" + "a" * 40 + "_:4739:udp'\n",
+     "is not an IP address or host name"),
+    ("flowExporter:\n  flowPollInterval: '" + "1" * 3000 + "'\n", "invalid duration"),
+])
+def test_check_config_answers_at_once_on_input_that_backtracked(tmp_path, text, expected):
+    result = subprocess.run([OVSFLOW, "check-config", config_file(tmp_path, text)],
+                            capture_output=True, text=True, timeout=5)
+    assert result.returncode == 2
+    assert expected in result.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("? [a, b]\n: 1\n", "not valid YAML: a list as a key; keys are names"),
+    ("flowExporter:\n  protocols: ['" + "1" * 5000 + "']\n",
+     "none of the 1 entries is a valid protocol"),
+    ("flowExporter:\n  flowCollectorAddr: 'c.example:4739:tls'\nipfix:\n  tls:\n"
+     "    caFile: /nonexistent/ca.pem\n",
+     "error: ipfix.tls.caFile: cannot read '/nonexistent/ca.pem': No such file or directory"),
+])
+def test_files_the_agent_would_refuse_exit_2_with_one_line_per_problem(tmp_path, text,
+                                                                       expected):
+    path = config_file(tmp_path, text)
+    result = ovsflow("check-config", path)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert any(expected in line for line in lines), lines
+    assert lines[-1] == f"error: {path}: the agent would refuse to start"
+    assert all(line.startswith("error: ") for line in lines)
+    run = ovsflow("run", "--config", path)  # the same validation, the same answer
+    assert run.returncode == 2 and expected in run.stderr
+
+
+def test_tls_settings_without_tls_are_one_warning_line(tmp_path):
+    path = config_file(tmp_path, "ipfix:\n  tls:\n    caFile: /nonexistent/ca.pem\n")
+    result = ovsflow("check-config", path, "--json")
+    assert result.returncode == 0
+    assert result.stderr == ("warning: ipfix.tls: caFile ignored: flowExporter."
+                             "flowCollectorAddr 127.0.0.1:4739:udp is udp, not tls\n")
+    assert json.loads(result.stdout)["ipfix"]["tls"]["caFile"] == "/nonexistent/ca.pem"

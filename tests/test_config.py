@@ -1,11 +1,17 @@
+import socket
+import ssl
 import textwrap
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, strategies as st
 
 from ovsflow.config import (
-    CollectorAddress, Config, ConfigError, format_duration, load_config, parse_collector_address,
-    parse_config, parse_duration,
+    CollectorAddress, Config, ConfigError, client_tls_context, format_duration, load_config,
+    parse_collector_address, parse_config, parse_duration,
 )
 
 
@@ -21,7 +27,7 @@ def test_empty_document_gives_antrea_defaults():
     assert (fe.poll_interval, fe.active_timeout, fe.idle_timeout) == (5.0, 5.0, 15.0)
     assert fe.collector == CollectorAddress("127.0.0.1", 4739, "udp")
     assert fe.protocols.exports_all
-    assert config.conntrack.zones == {65520} and config.conntrack.source == "auto"
+    assert config.conntrack.zones == {65520, 65510} and config.conntrack.source == "auto"
     assert config.ovs.deny_table == 250 and config.ovs.bridge == "br-int"
 
 
@@ -212,9 +218,10 @@ def test_ipfix_section(monkeypatch):
                                      "tls": {"caFile": "/ca.pem", "serverName": "collector"}}})
     ipfix = config.ipfix
     assert ipfix.node_name == "node-7"
-    assert ipfix.observation_domain_id == parse_config({}).ipfix.observation_domain_id
-    assert ipfix.observation_domain_id != parse_config(
-        {"ipfix": {"nodeName": "node-8"}}).ipfix.observation_domain_id
+    # CRC-32 (IEEE) of b"node-7", as gzip computes it: printf node-7 | gzip | tail -c8
+    assert ipfix.observation_domain_id == 4203854186
+    assert parse_config({"ipfix": {"nodeName": "node-8"}}).ipfix.observation_domain_id == \
+        zlib.crc32(b"node-8")
     assert (ipfix.template_refresh, ipfix.path_mtu, ipfix.max_buffered_records) == (60, 9000, 10)
     assert (ipfix.tls.ca_file, ipfix.tls.server_name, ipfix.tls.cert_file) == (
         "/ca.pem", "collector", None)
@@ -224,10 +231,227 @@ def test_ipfix_section(monkeypatch):
 @pytest.mark.parametrize("data, key", [
     ({"ipfix": {"pathMTU": 100}}, "ipfix.pathMTU: expected a whole number from 576"),
     ({"ipfix": {"observationDomainId": -1}}, "ipfix.observationDomainId:"),
-    ({"ipfix": {"tls": {"keyFile": "/k.pem"}}}, "ipfix.tls.keyFile:"),
+    ({"flowExporter": {"flowCollectorAddr": "c:1:tls"}, "ipfix": {"tls": {"keyFile": "/k.pem"}}},
+     "ipfix.tls.keyFile: set, but certFile is not"),
     ({"ipfix": {"tls": {"cafile": "/ca.pem"}}}, "ipfix.tls.cafile: unknown key (did you mean "
                                                 "'caFile'?)"),
 ])
 def test_bad_ipfix_values(data, key):
     [problem] = problems_of(data)
     assert problem.startswith(key)
+
+
+# --- any file: the only exception out of load_config is ConfigError, one line per problem
+
+def load_problems(tmp_path, text):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert all("\n" not in problem for problem in caught.value.problems)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("? [a, b]\n: 1\n", ["a list as a key", "line 1"]),
+    ("flowExporter:\n  ? {x: 1}\n  : 1\n", ["a dict as a key", "line 2"]),
+    ("flowExporter:\n  protocols: [" + "1" * 5000 + "]\n",
+     ["cannot read '111", "4300 digits", "line 2"]),
+    ("flowExporter:\n  flowPollInterval: 2001-13-45\n", ["'2001-13-45'", "month", "line 2"]),
+    ("flowExporter:\n  protocols: [" + "[" * 5000 + "]" * 5000 + "]\n", ["nesting depth"]),
+])
+def test_yaml_that_pyyaml_cannot_construct_is_a_config_error(tmp_path, text, fragments):
+    [problem] = load_problems(tmp_path, text)
+    assert problem.startswith(str(tmp_path / "ovsflow.yaml") + ": not valid YAML: ")
+    for fragment in fragments:
+        assert fragment in problem
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "ovsflow.yaml"
+    path.write_bytes(b"flowExporter:\n  enable: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text: invalid start byte"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("text, expected", [
+    # int() refuses strings of more than 4300 digits
+    ("flowExporter:\n  protocols: ['" + "1" * 5000 + "']\n",
+     "flowExporter.protocols[0]: ignoring '11111"),
+    # hexadecimal escapes that limit, and repr() of the value does not
+    ("flowExporter:\n  protocols: [0x" + "f" * 5000 + "]\n",
+     "flowExporter.protocols[0]: ignoring a 20000-bit number: protocol numbers are 0-255"),
+    ("ipfix:\n  observationDomainId: 0x" + "f" * 5000 + "\n",
+     "ipfix.observationDomainId: expected a whole number from 0 to 4294967295, got a "
+     "20000-bit number"),
+    ("flowExporter:\n  flowCollectorAddr: 'h:" + "1" * 5000 + ":udp'\n",
+     "is not a number from 1 to 65535"),
+    ("flowExporter:\n  flowPollInterval: '" + "9" * 400 + "s'\n",
+     "flowExporter.flowPollInterval: duration '999"),
+    ("0x" + "f" * 1000 + ": 1\n", ": unknown key; known keys: flowExporter"),
+])
+def test_absurd_numbers_are_errors_naming_the_key(tmp_path, text, expected):
+    problems = load_problems(tmp_path, text)
+    assert any(expected in problem for problem in problems), problems
+    assert all(len(problem) < 500 for problem in problems)
+
+
+def test_an_alias_bomb_is_quoted_briefly(tmp_path):
+    lines = ['l0: &l0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    problems = load_problems(tmp_path, "\n".join(lines) + "\nflowExporter:\n  protocols: *l9\n")
+    assert "flowExporter.protocols[0]: ignoring [[[...]" in problems[0]
+    assert all(len(problem) < 500 for problem in problems)
+
+
+def test_a_merge_key_merges_and_may_be_overridden(tmp_path):
+    config = load_config(write(tmp_path, """\
+        flowExporter:
+          <<: {flowPollInterval: 1s, protocols: [udp]}
+          protocols: [tcp]
+        """))
+    assert config.flow_exporter.poll_interval == 1.0
+    assert config.flow_exporter.protocols.numbers == {6}
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1" * 300 + "s", "longer than Go's longest"),
+    ("1" * 3000, "invalid duration"),  # no unit: used to backtrack for minutes
+    ("٥s", "invalid duration"),  # an Arabic-Indic digit: Go reads ASCII digits only
+    ("2562048h", "longer than Go's longest"),
+])
+def test_durations_out_of_go_range(value, expected):
+    with pytest.raises(ValueError, match=expected):
+        parse_duration(value)
+
+
+def test_longest_go_duration_is_accepted():
+    assert parse_duration("2562047h") == 2562047 * 3600
+
+
+@pytest.mark.parametrize("host", [
+    "a" * 40 + "_", "a." * 100 + "_", "-a.example", "a-.example", "a" * 64 + ".example",
+    "a..example", "x" * 254,
+])
+def test_bad_host_names(host):
+    with pytest.raises(ValueError, match="not an IP address or host name"):
+        parse_collector_address(f"{host}:4739:udp")
+
+
+@pytest.mark.parametrize("host", ["a" * 63 + ".example", "collector.example.", "a", "1a.b-c"])
+def test_good_host_names(host):
+    assert parse_collector_address(f"{host}:4739:udp").host == host
+
+
+@pytest.mark.fuzz
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    | st.sampled_from(["tcp", "5s", "1.2.3.4:1:udp", "1" * 5000, 16**1000, "a" * 40 + "_"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["flowExporter", "conntrack", "ovs", "ipfix", "metrics", "tls",
+                         "protocols", "zones", "flowCollectorAddr", "flowPollInterval",
+                         "bridge", "bindAddress", "nodeName", "source", "denyTable",
+                         "caFile", "serverName", "pathMTU"]) | st.text(max_size=5)
+        | st.integers(), children, max_size=4),
+    max_leaves=20))
+def test_any_document_loads_or_raises_config_error(document):
+    try:
+        config = parse_config(document)
+    except ConfigError as err:
+        assert err.problems and all("\n" not in p for p in err.problems)
+    else:
+        assert isinstance(config, Config)
+        assert all("\n" not in w for w in config.warnings)
+
+
+# --- ipfix.tls: with a tls collector the files are opened and a TLS context is built
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a collector certificate and a client certificate from it, and bad files."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    collector = ca.issue_cert("collector.example")
+    client = ca.issue_cert("node-1")
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    client.cert_chain_pems[0].write_to_path(str(directory / "client.pem"))
+    client.private_key_pem.write_to_path(str(directory / "client.key"))
+    trustme.CA().issue_cert("other").private_key_pem.write_to_path(str(directory / "other.key"))
+    key = serialization.load_pem_private_key(client.private_key_pem.bytes(), None)
+    (directory / "encrypted.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    (directory / "junk.pem").write_text("not PEM\n")
+    return ca, collector, directory
+
+
+def tls_config(transport="tls", **tls):
+    return {"flowExporter": {"flowCollectorAddr": f"collector.example:4739:{transport}"},
+            "ipfix": {"tls": tls}}
+
+
+def test_tls_files_load_and_the_context_completes_a_mutual_handshake(pki):
+    ca, collector, d = pki
+    config = parse_config(tls_config(caFile=str(d / "ca.pem"), certFile=str(d / "client.pem"),
+                                     keyFile=str(d / "client.key")))
+    assert config.warnings == ()
+    client_context = client_tls_context(config.ipfix.tls)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    collector.configure_cert(server_context)
+    ca.configure_trust(server_context)
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    client_socket, server_socket = socket.socketpair()
+    with client_socket, server_socket, ThreadPoolExecutor(1) as pool:
+        server = pool.submit(lambda: server_context.wrap_socket(server_socket, server_side=True))
+        client = client_context.wrap_socket(client_socket, server_hostname="collector.example")
+        client_saw = client.getpeercert()
+        server_saw = server.result(timeout=10).getpeercert()
+    assert ("DNS", "collector.example") in client_saw["subjectAltName"]
+    assert ("DNS", "node-1") in server_saw["subjectAltName"]
+
+
+@pytest.mark.parametrize("tls, expected", [
+    ({"caFile": "absent.pem"}, "ipfix.tls.caFile: cannot read '{d}/absent.pem': No such file"),
+    ({"caFile": ""}, None),  # "": the system's CAs
+    ({"caFile": "."}, "ipfix.tls.caFile: cannot read '{d}': Is a directory"),
+    ({"caFile": "junk.pem"}, "ipfix.tls.caFile: '{d}/junk.pem' holds no PEM CA certificate"),
+    ({"certFile": "client.pem", "keyFile": "absent.key"},
+     "ipfix.tls.keyFile: cannot read '{d}/absent.key'"),
+    ({"certFile": "client.pem", "keyFile": "other.key"},
+     "ipfix.tls.certFile, keyFile: cannot load '{d}/client.pem' with '{d}/other.key': the key "
+     "does not belong to the certificate"),
+    ({"certFile": "junk.pem", "keyFile": "client.key"},
+     "ipfix.tls.certFile, keyFile: cannot load '{d}/junk.pem' with '{d}/client.key': expected "
+     "a PEM certificate"),
+    ({"certFile": "client.pem"}, "ipfix.tls.certFile: cannot load '{d}/client.pem' with "
+     "'{d}/client.pem': expected"),  # no key in it
+    ({"certFile": "client.pem", "keyFile": "encrypted.key"},
+     "ipfix.tls.keyFile: the private key is encrypted"),
+    ({"keyFile": "client.key"}, "ipfix.tls.keyFile: set, but certFile is not"),
+    ({"serverName": "bad name"}, "ipfix.tls.serverName: 'bad name' is not a host name"),
+    ({"serverName": "fd00::1"}, None),
+])
+def test_tls_problems_name_the_key_and_the_file(pki, tls, expected):
+    d = pki[2]
+    tls = {key: str(d / value) if key.endswith("File") and value else value
+           for key, value in tls.items()}
+    if expected is None:
+        assert parse_config(tls_config(**tls)).warnings == ()
+        return
+    [problem] = problems_of(tls_config(**tls))
+    assert problem.startswith(expected.format(d=d)), problem
+
+
+def test_tls_settings_with_udp_or_tcp_are_ignored_with_one_warning(pki):
+    for transport in ("udp", "tcp"):
+        config = parse_config(tls_config(transport, caFile="/absent.pem", serverName="bad name",
+                                         insecureSkipVerify=False))
+        assert config.warnings == (
+            f"ipfix.tls: caFile, serverName ignored: flowExporter.flowCollectorAddr "
+            f"collector.example:4739:{transport} is {transport}, not tls",)
+
+
+def test_insecure_skip_verify_with_tls_is_a_warning_and_verifies_nothing():
+    config = parse_config(tls_config(insecureSkipVerify=True))
+    assert config.warnings == ("ipfix.tls.insecureSkipVerify: true: the collector's "
+                               "certificate is NOT verified",)
+    context = client_tls_context(config.ipfix.tls)
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_NONE, False)

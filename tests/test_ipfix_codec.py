@@ -107,7 +107,7 @@ def test_messages_round_trip_definitions_and_records(fields, copies, domain, tem
     messages += encoder.data_messages([(template, [record] * copies)], 1234)
     decoder = MessageDecoder()
     decoded = [decoder.decode(m, "exp") for m in messages]
-    learned = decoder.templates["exp", domain, template_id]
+    learned = decoder.templates["exp", domain][template_id]
     assert [(f.element.enterprise, f.element.element_id, f.length) for f in learned.fields] == \
         [(f.element.enterprise, f.element.element_id, f.length) for f, _, _ in fields]
     records = [r for d in decoded for r in d.records]
@@ -116,7 +116,7 @@ def test_messages_round_trip_definitions_and_records(fields, copies, domain, tem
     assert learned.decode_records(record) == [records[0][1]]
 
 
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=30), st.integers(200, 2000))
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=30), st.integers(224, 2000))
 def test_messages_respect_the_size_limit_and_count_sequence_numbers(batch_sizes, limit):
     template, record = encoded(CONNTRACK)
     encoder = MessageEncoder(9, limit)
@@ -169,10 +169,10 @@ def test_template_withdrawal():
     encoder, decoder = MessageEncoder(3), MessageDecoder()
     [defined] = encoder.template_messages([template], 0)
     decoder.decode(defined, "a")
-    assert ("a", 3, 260) in decoder.templates
+    assert 260 in decoder.templates["a", 3]
     withdraw = HEADER.pack(10, 24, 0, 0, 3) + struct.pack("!HHHH", 2, 8, 260, 0)
     decoder.decode(withdraw, "a")
-    assert ("a", 3, 260) not in decoder.templates
+    assert 260 not in decoder.templates["a", 3]
     decoder.decode(defined, "a")
     withdraw_all = HEADER.pack(10, 24, 0, 0, 3) + struct.pack("!HHHH", 2, 8, 2, 0)
     decoder.decode(withdraw_all, "a")
@@ -194,6 +194,73 @@ def test_templates_are_kept_per_exporter_and_domain():
                           "b").unknown_template_sets == [260]
     assert decoder.decode(MessageEncoder(2).data_messages([(template, [record])], 0)[0],
                           "a").unknown_template_sets == [260]
+
+
+class FakeClock:
+    """Seconds set by the test: template lifetimes are tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def deny_template_and_data(domain: int = 1) -> tuple[bytes, bytes]:
+    template, record = encoded(DENY)
+    encoder = MessageEncoder(domain)
+    [defined] = encoder.template_messages([template], 0)
+    [data] = encoder.data_messages([(template, [record])], 0)
+    return defined, data
+
+
+def test_sources_not_heard_from_for_the_template_lifetime_are_forgotten():
+    clock = FakeClock()
+    decoder = MessageDecoder(template_lifetime=1800, clock=clock)
+    defined, data = deny_template_and_data()
+    decoder.decode(defined, "a")
+    decoder.decode(defined, "b")
+    clock.now = 1000.0
+    assert len(decoder.decode(data, "a").records) == 1  # heard from: "a" lives on
+    clock.now = 2500.0  # "b" silent for 2500 s, "a" for 1500 s
+    assert len(decoder.decode(data, "a").records) == 1
+    assert list(decoder.templates) == [("a", 1)]
+    assert decoder.decode(data, "b").unknown_template_sets == [260]
+    clock.now = 4300.0  # "a" silent for 1800 s: its templates are gone too
+    assert decoder.decode(data, "a").unknown_template_sets == [260]
+    assert decoder.templates == {}
+
+
+def test_many_short_lived_udp_exporters_keep_memory_bounded():
+    clock = FakeClock()
+    decoder = MessageDecoder(template_lifetime=60, clock=clock)
+    defined, data = deny_template_and_data()
+    for i in range(20_000):  # a new exporter every second, each heard from once
+        clock.now = float(i)
+        decoder.decode(defined, f"10.0.{i // 256}.{i % 256}:4739")
+    assert len(decoder.templates) == 60  # those of the last 60 s
+    assert len(decoder.decode(data, "10.0.78.31:4739").records) == 1  # the newest, i = 19999
+
+
+def test_at_most_max_sources_keep_templates_the_least_recently_heard_goes():
+    clock = FakeClock()
+    decoder = MessageDecoder(max_sources=2, clock=clock)
+    defined, data = deny_template_and_data()
+    decoder.decode(defined, "a")
+    decoder.decode(defined, "b")
+    decoder.decode(data, "a")  # "b" is now the least recently heard from
+    decoder.decode(defined, "c")
+    assert list(decoder.templates) == [("a", 1), ("c", 1)]
+    assert decoder.decode(data, "b").unknown_template_sets == [260]
+
+
+def test_without_a_lifetime_templates_stay():
+    clock = FakeClock()
+    decoder = MessageDecoder(clock=clock)
+    defined, data = deny_template_and_data()
+    decoder.decode(defined, "a")
+    clock.now = 10.0**9
+    assert len(decoder.decode(data, "a").records) == 1
 
 
 @pytest.mark.parametrize("message, fragment", [

@@ -131,3 +131,20 @@ def test_groups():
 def test_group_names_do_not_shadow_protocols():
     from ovsflow.protocols import PROTOCOL_GROUPS
     assert not set(PROTOCOL_GROUPS) & set(PROTOCOL_NUMBERS)
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("1" * 5000, "protocols[1]: ignoring '1111"),  # int() refuses more than 4300 digits
+    (" " + "0" * 5000 + "6 ", None),  # leading zeros: still tcp
+    ("256", "protocols[1]: ignoring '256': protocol numbers are 0-255"),
+    (16**5000 - 1, "protocols[1]: ignoring a 20000-bit number: protocol numbers are 0-255"),
+    ("x" * 10_000, "protocols[1]: ignoring 'xxx"),
+], ids=["5000 digits", "leading zeros", "256", "a 20000-bit int", "10000 letters"])
+def test_huge_entries_are_warned_about_briefly(entry, expected):
+    parsed = parse_protocol_list(["udp", entry])
+    if expected is None:
+        assert parsed.protocols.numbers == {6, 17} and parsed.warnings == ()
+        return
+    assert parsed.protocols.numbers == {17}
+    [warning] = parsed.warnings
+    assert warning.startswith(expected) and len(warning) < 400

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import socket
 import struct
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -319,14 +321,26 @@ class DecodedMessage:
 
 
 class MessageDecoder:
-    """Turns messages into records, keeping templates per (exporter, domain, template id).
+    """Turns messages into records, keeping templates per source, (exporter, domain).
 
     Data sets whose template has not been seen are skipped and reported in
     `DecodedMessage.unknown_template_sets` (over UDP they arrive before the template resend).
+
+    Over UDP nothing says that an exporter is gone, so its templates would be kept for ever:
+    with `template_lifetime`, a source not heard from for that many seconds is forgotten
+    (RFC 7011 §8.4: a template not refreshed within its lifetime is discarded), and with
+    `max_sources` the source heard from least recently makes room for a new one. A TCP/TLS
+    session needs neither: its templates end with it.
     """
 
-    def __init__(self) -> None:
-        self.templates: dict[tuple[str, int, int], Template] = {}
+    def __init__(self, template_lifetime: float | None = None, max_sources: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        # Ordered by when each source was last heard from, least recent first.
+        self.templates: OrderedDict[tuple[str, int], dict[int, Template]] = OrderedDict()
+        self._heard_at: dict[tuple[str, int], float] = {}
+        self.template_lifetime = template_lifetime
+        self.max_sources = max_sources
+        self.clock = clock
 
     def decode(self, message: bytes, exporter: str = "") -> DecodedMessage:
         if len(message) < HEADER.size:
@@ -338,6 +352,8 @@ class MessageDecoder:
         if length != len(message):
             raise DecodeError(f"header says {length} bytes, message has {len(message)}")
         decoded = DecodedMessage(domain, export_time, sequence)
+        source = (exporter, domain)
+        self._heard_from(source)
         pos = HEADER.size
         while pos < length:
             if length - pos < SET_HEADER.size:
@@ -349,9 +365,9 @@ class MessageDecoder:
                                   f"{length - pos} bytes left")
             body = message[pos + SET_HEADER.size:pos + set_length]
             if set_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):
-                self._read_templates(body, set_id, (exporter, domain))
+                self._read_templates(body, set_id, source)
             elif set_id >= MIN_DATA_SET_ID:
-                template = self.templates.get((exporter, domain, set_id))
+                template = self.templates.get(source, {}).get(set_id)
                 if template is None:
                     decoded.unknown_template_sets.append(set_id)
                 else:
@@ -361,6 +377,34 @@ class MessageDecoder:
             pos += set_length
         return decoded
 
+    def _heard_from(self, source: tuple[str, int]) -> None:
+        """Forget the sources idle past the template lifetime, then mark `source` as heard
+        from now. Idle sources are at the front of the order: this costs O(1) per message
+        plus O(1) per source forgotten."""
+        now = self.clock()
+        if self.template_lifetime is not None:
+            while self.templates:
+                oldest = next(iter(self.templates))
+                if now - self._heard_at[oldest] < self.template_lifetime:
+                    break
+                self._forget(oldest)
+        if source in self.templates:
+            self.templates.move_to_end(source)
+            self._heard_at[source] = now
+
+    def _forget(self, source: tuple[str, int]) -> None:
+        """Drop the templates of one (exporter, domain)."""
+        self.templates.pop(source, None)
+        self._heard_at.pop(source, None)
+
+    def _learn(self, source: tuple[str, int], template: Template) -> None:
+        if source not in self.templates:
+            if self.max_sources is not None and len(self.templates) >= self.max_sources:
+                self._forget(next(iter(self.templates)))
+            self.templates[source] = {}
+            self._heard_at[source] = self.clock()
+        self.templates[source][template.template_id] = template
+
     def _read_templates(self, body: bytes, set_id: int, source: tuple[str, int]) -> None:
         pos, end = 0, len(body)
         options = set_id == OPTIONS_TEMPLATE_SET_ID
@@ -369,10 +413,9 @@ class MessageDecoder:
             pos += 4
             if count == 0:  # withdrawal; the set id as template id withdraws them all
                 if template_id == set_id:
-                    for key in [k for k in self.templates if k[:2] == source]:
-                        del self.templates[key]
+                    self._forget(source)
                 else:
-                    self.templates.pop((*source, template_id), None)
+                    self.templates.get(source, {}).pop(template_id, None)
                 continue
             scope_count = 0
             if options:
@@ -401,7 +444,7 @@ class MessageDecoder:
                 fields.append(TemplateField(lookup(enterprise, element_id), length))
             if template_id < MIN_DATA_SET_ID:
                 raise DecodeError(f"template id {template_id} is below 256")
-            self.templates[(*source, template_id)] = Template(template_id, fields, scope_count)
+            self._learn(source, Template(template_id, fields, scope_count))
 
 
 class MessageStream:
