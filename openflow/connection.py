@@ -25,7 +25,7 @@ class OpenFlowConnection:
         self._reader, self._writer = reader, writer
         self._xids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self._errors: dict[int, m.OpenFlowError] = {}
+        self._errors: dict[int, m.OpenFlowError] = {}  # of running transactions only
         self._pending_xids: set[int] = set()  # sent by transact(), answered by a barrier
         self.events: asyncio.Queue[m.Message | None] = asyncio.Queue()
         self.malformed = 0
@@ -122,7 +122,8 @@ class OpenFlowConnection:
 
     async def transact(self, requests: list, timeout: float = 10.0) -> None:
         """Send requests (each a callable xid -> bytes) then a barrier; raise the first
-        OFPT_ERROR any of them drew."""
+        OFPT_ERROR any of them drew. Errors are kept only while their transaction runs:
+        a connection that sees many refusals does not collect them."""
         xids = []
         for build in requests:
             xid = self.next_xid()
@@ -133,9 +134,12 @@ class OpenFlowConnection:
             await self.request(m.barrier_request, timeout)
         finally:
             self._pending_xids.difference_update(xids)
-        for xid in xids:
-            if xid in self._errors:
-                raise self._errors.pop(xid)
+            errors = [self._errors.pop(xid) for xid in xids if xid in self._errors]
+        if len(errors) > 1:
+            log.warning("%d more OpenFlow error(s) in the same transaction, the last: %s",
+                        len(errors) - 1, errors[-1])
+        if errors:
+            raise errors[0]
 
     @property
     def closed(self) -> bool:

@@ -1,5 +1,6 @@
 """Denied-packet parsing, the deny flows for a protocol list, and the deny store."""
 
+import random
 import socket
 import struct
 
@@ -8,6 +9,7 @@ from hypothesis import given, strategies as st
 
 from ovsflow.deny.packet import PacketError, parse_packet
 from ovsflow.deny.rules import deny_flows
+from ovsflow.deny.source import Backoff
 from ovsflow.deny.store import DenyStore
 from ovsflow.protocols import parse_protocol_list
 from ovsflow.record import ACTIVE_TIMEOUT, DENY, FORCED_END, IDLE_TIMEOUT
@@ -70,11 +72,16 @@ def test_bad_frames(frame, fragment):
 @pytest.mark.fuzz
 @given(st.binary(max_size=120))
 def test_fuzzed_frames_parse_or_raise_packet_error(blob):
+    """Whatever parses must fit the record's fields: the store and the encoder trust it."""
     for frame in (blob, MACS + b"\x08\x00" + blob, MACS + b"\x86\xdd" + blob):
         try:
-            parse_packet(frame)
+            p = parse_packet(frame)
         except PacketError:
-            pass
+            continue
+        assert len(p.source) == len(p.destination) in (4, 16)
+        assert 0 <= p.protocol <= 255 and 0 <= p.icmp_type <= 255 and 0 <= p.icmp_code <= 255
+        assert 0 <= p.source_port <= 65535 and 0 <= p.destination_port <= 65535
+        assert 0 <= p.ip_length <= 65535 + 40
 
 
 def summary(protocols):
@@ -128,3 +135,44 @@ def test_deny_store_is_bounded():
     for sport in range(5):
         store.add(packet(sport=sport), 0, 0.0)
     assert len(store) == 2 and store.rejected == 3
+
+
+def test_deny_store_exports_only_while_packets_come_then_one_idle_record():
+    store = DenyStore(active_timeout=1, idle_timeout=3, max_entries=10)
+    store.add(packet(), 7, 0.0)
+    store.add(packet(), 7, 0.5)
+    [first] = store.expired(1.0)
+    assert store.expired(2.0) == []  # no packet since the last record: nothing to say
+    store.add(packet(), 7, 2.5)
+    [second] = store.expired(3.0)
+    assert store.expired(4.0) == [] and store.expired(5.0) == []
+    [last] = store.expired(5.5)  # 3 s after the last packet
+    assert [(r.end_reason, r.packet_delta, r.packets, r.start_ms, r.end_ms)
+            for r in (first, second, last)] == [
+        (ACTIVE_TIMEOUT, 2, 2, 0, 500), (ACTIVE_TIMEOUT, 1, 3, 0, 2500),
+        (IDLE_TIMEOUT, 0, 3, 0, 2500)]
+    assert len(store) == 0 and store.expired(10.0) == []
+
+
+def test_deny_store_flow_end_never_goes_backwards_when_the_clock_does():
+    store = DenyStore(active_timeout=1, idle_timeout=5, max_entries=10)
+    store.add(packet(), 0, 10.0)
+    [active] = store.expired(11.0)
+    store.add(packet(), 0, 9.0)  # the wall clock was stepped back by a second and a half
+    [idle] = store.expired(14.0)
+    assert (active.end_ms, idle.end_ms) == (10000, 10000)
+    assert (idle.end_reason, idle.packet_delta, idle.start_ms) == (IDLE_TIMEOUT, 1, 10000)
+
+
+def test_backoff_doubles_to_the_cap_with_jitter_and_resets_after_a_healthy_session():
+    backoff = Backoff(initial=0.2, cap=2.0, reset_after=30, rng=random.Random(7))
+    delays = [backoff.next_delay(healthy_for=0) for _ in range(8)]
+    steps = [0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0]
+    assert all(step / 2 <= d <= step for d, step in zip(delays, steps)), delays
+    assert len(set(delays[4:])) == 4  # jittered: capped retries do not fall in step
+    assert 1.0 <= backoff.next_delay(healthy_for=29.9) <= 2.0  # too short to count as healthy
+    assert 0.1 <= backoff.next_delay(healthy_for=30.0) <= 0.2  # healthy long enough: reset
+    assert 0.2 <= backoff.next_delay(healthy_for=0) <= 0.4
+    for _ in range(2000):  # a switch refusing for days: the step stays at the cap
+        delay = backoff.next_delay(healthy_for=0)
+    assert 1.0 <= delay <= 2.0

@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from openflow import messages as m
 from openflow import oxm
 from openflow.connection import OpenFlowConnection
+from lab.ovs_lab import OvsLab
 
 COOKIE = 0x6F7673666C6F7700
 
@@ -137,9 +138,10 @@ def test_malformed_messages_raise_clear_errors(data, fragment):
 def test_fuzzed_messages_decode_or_raise_decode_error(data):
     message = m.HEADER.pack(4, data[0] % 32 if data else 10, 8 + len(data), 1) + data
     try:
-        m.decode(message)
+        decoded = m.decode(message)
     except m.DecodeError:
-        pass
+        return
+    assert isinstance(decoded, m.Message) and decoded.xid == 1
 
 
 def test_the_connection_survives_a_malformed_message():
@@ -167,3 +169,37 @@ def test_the_connection_survives_a_malformed_message():
     assert isinstance(event, m.PacketIn) and event.field("reg3").int() == 9
     assert isinstance(echo, m.EchoReply) and echo.data == b"ping" and echo.xid == 4
     assert end is None  # the stream ended, and the reader said so
+
+
+def test_a_transaction_with_many_refusals_raises_the_first_and_keeps_none(tmp_path):
+    """Open vSwitch itself refuses: a flow limit of 1 with overflow_policy=refuse makes every
+    further ADD in table 250 fail with TABLE_FULL. The connection must not keep the errors
+    it did not raise (a long-lived session would collect every refusal it ever saw)."""
+    lab = OvsLab(tmp_path / "ovs")
+    try:
+        lab.vsctl("--", "--id=@ft", "create", "Flow_Table", "flow_limit=1",
+                  "overflow_policy=refuse", "--", "set", "Bridge", lab.bridge,
+                  "flow_tables:250=@ft")
+
+        def add(priority):
+            return lambda xid: m.flow_mod(xid, command=m.OFPFC_ADD, table_id=250,
+                                          priority=priority, cookie=COOKIE)
+
+        async def scenario():
+            connection = await OpenFlowConnection.open_unix(f"{lab.run_dir}/br0.mgmt")
+            try:
+                with pytest.raises(m.OpenFlowError) as refused:
+                    await connection.transact([add(p) for p in range(1, 6)])
+                return refused.value, dict(connection._errors)
+            finally:
+                await connection.close()
+
+        error, kept = asyncio.run(scenario())
+        flows = lab.ofctl("dump-flows", "table=250")
+    finally:
+        lab.stop()
+    assert "FLOW_MOD_FAILED/TABLE_FULL" in str(error)
+    # xid 1 was HELLO, 2 the one flow that fit: 3 is the first refusal, 4-6 were not raised
+    assert error.xid == 3
+    assert kept == {}
+    assert flows.count("priority=1 ") == 1 and "priority=2" not in flows

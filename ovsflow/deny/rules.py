@@ -1,8 +1,9 @@
 """The flows ovsflow owns in the deny table: the datapath half of the protocol filter.
 
 For each configured protocol, one IPv4 and one IPv6 flow `ip_proto=P -> meter, controller`
-(one per family without ip_proto when every protocol is exported), and a lowest-priority
-drop: packets of other protocols die in the datapath and never cost a packet-in.
+(one per family without ip_proto when every protocol is exported; no meter where the switch
+refuses one), and a lowest-priority drop: packets of other protocols die in the datapath and
+never cost a packet-in.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ class DenyFlow:
     match: tuple[Field, ...]
     export: bool  # to the controller (through the meter), or drop
 
-    def add(self, xid: int, table: int, meter_id: int) -> bytes:
+    def add(self, xid: int, table: int, meter_id: int | None) -> bytes:
+        """`meter_id` None: no meter (the switch refused ours), packet-ins unlimited."""
         instructions = b""
         if self.export:
-            instructions = m.meter(meter_id) + m.apply_actions(
-                m.nx_controller(PACKET_IN_BYTES, CONTROLLER_ID))
+            instructions = (m.meter(meter_id) if meter_id is not None else b"") + \
+                m.apply_actions(m.nx_controller(PACKET_IN_BYTES, CONTROLLER_ID))
         return m.flow_mod(xid, command=m.OFPFC_ADD, table_id=table, priority=self.priority,
                           cookie=COOKIE, match=list(self.match), instructions=instructions)
 

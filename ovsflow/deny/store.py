@@ -1,5 +1,10 @@
-"""Denied packets aggregated per connection and deny rule, exported like connections:
-every active timeout while packets keep coming, once more when they stop (idle timeout)."""
+"""Denied packets aggregated per connection and deny rule, exported while packets come: at
+most one record per active timeout and only when new packets arrived since the previous one,
+then one final idle-timeout record when they have stopped for the idle timeout.
+
+A record's end is the time of the last packet it counts (IPFIX's flowEnd), never earlier
+than the previous record's end: within a flow, flowEnd does not go backwards even if the
+wall clock does."""
 
 from __future__ import annotations
 
@@ -12,12 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class _Denied:
-    __slots__ = ("packet", "rule_id", "first", "last", "last_export", "packets", "octets",
-                 "exported_packets", "exported_octets")
+    __slots__ = ("packet", "rule_id", "first", "last", "last_export", "last_end", "packets",
+                 "octets", "exported_packets", "exported_octets")
 
     def __init__(self, packet: DeniedPacket, rule_id: int, now: float):
         self.packet, self.rule_id = packet, rule_id
-        self.first = self.last = self.last_export = now
+        self.first = self.last = self.last_export = self.last_end = now
         self.packets = self.octets = self.exported_packets = self.exported_octets = 0
 
 
@@ -48,12 +53,15 @@ class DenyStore:
         entry.last = now
 
     def expired(self, now: float) -> list[FlowRecord]:
+        """Idle entries end with one record and are removed; active ones with new packets
+        since their last record get an active-timeout record; quiet ones get nothing."""
         records, idle = [], []
         for key, entry in self._entries.items():
             if now - entry.last >= self.idle_timeout:
-                records.append(self._record(entry, IDLE_TIMEOUT, entry.last))
+                records.append(self._record(entry, IDLE_TIMEOUT, now))
                 idle.append(key)
-            elif now - entry.last_export >= self.active_timeout:
+            elif (entry.packets > entry.exported_packets
+                  and now - entry.last_export >= self.active_timeout):
                 records.append(self._record(entry, ACTIVE_TIMEOUT, now))
         for key in idle:
             del self._entries[key]
@@ -64,8 +72,9 @@ class DenyStore:
         self._entries.clear()
         return records
 
-    def _record(self, entry: _Denied, reason: int, end: float) -> FlowRecord:
+    def _record(self, entry: _Denied, reason: int, now: float) -> FlowRecord:
         p = entry.packet
+        entry.last_end = end = max(entry.last, entry.last_end)
         start_ms, end_ms = int(entry.first * 1000), int(end * 1000)
         rule = str(entry.rule_id) if entry.rule_id else ""
         record = FlowRecord(
@@ -77,5 +86,5 @@ class DenyStore:
             ingress_rule_action=RULE_DROP, egress_rule_action=RULE_DROP,
             ingress_rule_name=rule, egress_rule_name=rule)
         entry.exported_packets, entry.exported_octets = entry.packets, entry.octets
-        entry.last_export = end
+        entry.last_export = now
         return record
