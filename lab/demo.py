@@ -4,11 +4,17 @@ only tcp, udp and icmp, and the records as a collector received them.
     python -m lab.demo        (as root; scripts/demo installs what it needs first)
 
 The world it builds, all in network namespaces it deletes at the end:
-  - Open vSwitch with the userspace datapath (no kernel module) and three pods on a bridge.
-    An Antrea-like pipeline sends allowed IP traffic through ct(commit,zone=65520); pod3's
-    packets to pod2 are denied by "rule 7" and resubmitted to ovsflow's deny table.
+  - Open vSwitch with the userspace datapath (no kernel module) and three Pods (demo/pod1,
+    demo/pod2, demo/pod3) on a bridge, their Ports carrying the external_ids Antrea's CNI
+    writes; two more ports without them stand for a Pod on another node ("remote", inside the
+    cluster's Pod CIDR 10.60.0.0/25) and an address outside the cluster ("external").
+    An Antrea-like pipeline sends allowed IP traffic through ct(commit,zone=65520), with the
+    allowing NetworkPolicy rules' ids in ct_label where Antrea puts them (ingress rule 12 of
+    pod2, egress rules 11 and 13 of pod1); pod3's packets to pod2 are denied by "rule 7" and
+    resubmitted to ovsflow's deny table.
   - A kernel-conntrack path on the same node (iptables CT zone 65520), so that records with
-    real packet and byte counts appear too.
+    real packet and byte counts appear too; its connections are labelled with egress rule 21
+    (iptables connlabel, one bit per label).
   - Two agents (one per conntrack source; the first also runs the deny path) and
     `ovsflow collect`, all exporting to and listening on the node's loopback.
 """
@@ -27,13 +33,19 @@ import zlib
 from pathlib import Path
 
 from .netns import LAB, PYTHON, Netns, veth_pair
-from .ovs_lab import CONNTRACK_PIPELINE, OvsLab
+from .ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 
 OVSFLOW = shutil.which("ovsflow", path=str(Path(sys.executable).parent)) or "ovsflow"
 PROTOCOLS = "[tcp, udp, 1]"
 DENY_TABLE = 250
 NAMES = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 132: "sctp"}
 REASONS = {1: "idle", 2: "active", 3: "end", 4: "shutdown"}
+FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}
+POD_NAMESPACE = "demo"
+# (client, server, ingress rule id, egress rule id) committed into ct_label
+ALLOWING_RULES = [("pod1", "pod2", 12, 11), ("pod1", "remote", 0, 11),
+                  ("pod1", "external", 0, 13), ("external", "pod2", 12, 0)]
+KERNEL_EGRESS_RULE = 21
 
 
 def agent_config(directory: Path, name: str, source: str, bridge: str, run_dir: str,
@@ -64,15 +76,22 @@ metrics:
 def build_world(run_dir: Path) -> tuple[OvsLab, Netns, Netns]:
     """OVS (run directory `run_dir`) with pods and the Antrea-like pipeline, and the kernel
     path: (lab, node, peer). The node is the namespace OVS runs in; pod3 > pod2 is denied by
-    rule 7."""
+    rule 7. lab.pods: pod1, pod2, pod3, remote, external."""
     lab = OvsLab(run_dir)
     peer = None
     try:
         for index in (1, 2, 3):
-            lab.add_pod(f"10.60.0.{index}/24")
-        pod1, pod2, pod3 = lab.pods
+            lab.add_pod(f"10.60.0.{index}/24", namespace=POD_NAMESPACE)
+        lab.add_pod("10.60.0.50/24", pod=False)
+        lab.add_pod("10.60.0.200/24", pod=False)
+        pod1, pod2, pod3, remote, external = lab.pods
+        ends = {"pod1": pod1, "pod2": pod2, "remote": remote, "external": external}
         for flow in CONNTRACK_PIPELINE:
             lab.ofctl("add-flow", flow)
+        for client, server, ingress, egress in ALLOWING_RULES:
+            lab.ofctl("add-flow", commit_with_rules(
+                f"nw_src={ends[client].address},nw_dst={ends[server].address}", ingress,
+                egress))
         lab.ofctl("add-flow", f"table=0,priority=100,ip,in_port={lab.ofport(pod3)},"
                               f"nw_dst={pod2.address},actions=load:7->NXM_NX_REG3[],"
                               f"resubmit(,{DENY_TABLE})")
@@ -86,6 +105,11 @@ def build_world(run_dir: Path) -> tuple[OvsLab, Netns, Netns]:
                  "--zone", "65520")
         node.run("iptables", "-t", "raw", "-A", "PREROUTING", "!", "-i", "lo", "-j", "CT",
                  "--zone", "65520")
+        # Antrea's egress rule id in ct_label bits 32-63: connlabel sets one bit per label
+        for bit in range(KERNEL_EGRESS_RULE.bit_length()):
+            if KERNEL_EGRESS_RULE >> bit & 1:
+                node.run("iptables", "-t", "mangle", "-A", "OUTPUT", "!", "-o", "lo", "-m",
+                         "connlabel", "--label", str(32 + bit), "--set")
         return lab, node, peer
     except BaseException:
         if peer is not None:
@@ -95,7 +119,7 @@ def build_world(run_dir: Path) -> tuple[OvsLab, Netns, Netns]:
 
 
 def traffic(lab: OvsLab, node: Netns, peer: Netns) -> None:
-    pod1, pod2, pod3 = lab.pods
+    pod1, pod2, pod3, remote, external = lab.pods
     for client, server, port in ((pod1, pod2, 8080), (node, peer, 8081)):
         listener = server.popen(PYTHON, "-u", str(LAB / "traffic.py"), "tcp-server", str(port),
                                 "20000", stdout=subprocess.PIPE, text=True)
@@ -108,6 +132,8 @@ def traffic(lab: OvsLab, node: Netns, peer: Netns) -> None:
         client.traffic("sctp-init", client.address, server.address, "5000", "6000")
         client.traffic("gre", client.address, server.address)
     pod3.traffic("tcp-syn", pod2.address, "80")
+    for client, server in ((pod1, remote), (pod1, external), (external, pod2)):
+        client.traffic("udp", server.address, "5353", "2", "100")
 
 
 def conntrack_protocols(directory: Path, source: str, bridge: str, run_dir: str,
@@ -127,6 +153,22 @@ def conntrack_protocols(directory: Path, source: str, bridge: str, run_dir: str,
     return counts
 
 
+def rules(record: dict) -> str:
+    """The NetworkPolicy rules named in a record, e.g. `in:12,out:11`; `-` for none."""
+    named = [f"{direction}:{record[f'{key}NetworkPolicyRuleName']}"
+             for direction, key in (("in", "ingress"), ("out", "egress"))
+             if record.get(f"{key}NetworkPolicyRuleName")]
+    return ",".join(named) or "-"
+
+
+def pod(record: dict, end: str) -> str:
+    """`namespace/name@node` of the record's source or destination Pod; `-` if not a Pod's."""
+    name = record.get(f"{end}PodName")
+    if not name:
+        return "-"
+    return f"{record.get(f'{end}PodNamespace')}/{name}@{record.get(f'{end}NodeName')}"
+
+
 def show(records: list[dict], domains: dict[int, str], drops: int,
          held: dict[str, dict[str, int]]) -> None:
     rows = []
@@ -142,11 +184,14 @@ def show(records: list[dict], domains: dict[int, str], drops: int,
         packets = r.get("packetTotalCount", "-")
         octets = r.get("octetTotalCount", "-")
         rows.append((layer, NAMES.get(protocol, str(protocol)), f"{src} > {dst}", ports,
-                     str(packets), str(octets), REASONS.get(r["flowEndReason"], "?"), verdict))
-    header = ("layer", "proto", "addresses", "ports", "packets", "bytes", "end", "verdict")
+                     str(packets), str(octets), REASONS.get(r["flowEndReason"], "?"), verdict,
+                     rules(r), FLOW_TYPES.get(r.get("flowType", 0), "-"),
+                     pod(r, "source"), pod(r, "destination")))
+    header = ("layer", "proto", "addresses", "ports", "packets", "bytes", "end", "verdict",
+              "rules", "flow-type", "source-pod", "destination-pod")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     seen = sorted({NAMES.get(r["protocolIdentifier"], "?") for r in records})
     print(f"\n{len(records)} records; protocols configured: {PROTOCOLS}; exported: "
           f"{', '.join(seen)}.")
@@ -161,6 +206,9 @@ def show(records: list[dict], domains: dict[int, str], drops: int,
           "table's flows in the datapath and never reached ovsflow as packet-ins.")
     print("OVS userspace conntrack keeps no counters: its records show '-' for packets and "
           "bytes.")
+    print("Rules: the NetworkPolicy rule ids of allowed connections come from the conntrack "
+          "labels the pipeline committed; denied ones from the deny flow (reg3). Pods: from "
+          "the Ports' external_ids in OVSDB.")
 
 
 def main() -> int:
@@ -189,7 +237,7 @@ def main() -> int:
         time.sleep(1)  # the kernel agent has switched conntrack accounting on
 
         print("Sending tcp, udp, icmp, sctp and gre: allowed (pod1 > pod2, node > peer) and "
-              "denied (pod3 > pod2) ...")
+              "denied (pod3 > pod2); udp between the pods, 'remote' and 'external' ...")
         traffic(lab, node, node_peer)
         time.sleep(2.5)  # a couple of polls
         held = {source: conntrack_protocols(workdir, source, bridge, lab.run_dir, node)

@@ -51,7 +51,20 @@ class FlowRecord:
     egress_rule_action: int = 0
     ingress_rule_name: str = ""
     egress_rule_name: str = ""
+    # Antrea's Pod and node elements: filled for Pods of this node (see ovsflow.enrich)
+    source_pod_name: str = ""
+    source_pod_namespace: str = ""
+    source_node_name: str = ""
+    destination_pod_name: str = ""
+    destination_pod_namespace: str = ""
+    destination_node_name: str = ""
+    labels: bytes = b""  # conntrack labels, 16 bytes big-endian as dpctl prints them; not exported
 
     @property
     def ipv6(self) -> bool:
         return len(self.source_address) == 16
+
+    @property
+    def icmp_type_code(self) -> int:
+        """icmpTypeCodeIPv4/IPv6: type * 256 + code (Debian 12's nfdump reads only these)."""
+        return self.icmp_type << 8 | self.icmp_code

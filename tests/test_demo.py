@@ -1,11 +1,14 @@
 """The README's first command's main part: the demo runs, shows the configured protocols
-only, from both layers, and cleans up after itself."""
+only, from both layers, with Pod names, flow types and rule ids, and cleans up after itself."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ("verdict", "rules", "flow-type", "source-pod", "destination-pod")
 
 
 def netns_names() -> set[str]:
@@ -13,18 +16,61 @@ def netns_names() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def test_demo(tmp_path):
-    before = netns_names()
-    result = subprocess.run([sys.executable, "-m", "lab.demo"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    rows = [line.split() for line in out.splitlines()
-            if line.startswith(("conntrack (", "deny path"))]
-    protocols = {row[2] if row[0] == "conntrack" else row[2] for row in rows}
-    assert protocols == {"tcp", "udp", "icmp"}, out
-    assert any(row[:2] == ["deny", "path"] and row[-1] == "deny" for row in rows)
-    assert any(row[:2] == ["conntrack", "(kernel)"] and row[-3] != "-" for row in rows)
-    assert any(row[:2] == ["conntrack", "(ovs)"] for row in rows)
+@pytest.fixture(scope="module")
+def demo():
+    """(its output, its table's rows) from one run; every cell of a row is one word, but for
+    the layer (two words), the addresses and the ports (two or three)."""
+    process = subprocess.Popen([sys.executable, "-m", "lab.demo"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, out + errors
+    # lab/netns.py names its namespaces of-ROLE-PID-N: none of the demo's may be left
+    # (other tests may be running theirs meanwhile)
+    assert not [name for name in netns_names() if f"-{process.pid}-" in name]
+    rows = []
+    for line in out.splitlines():
+        if line.startswith(("conntrack (", "deny path")):
+            words = line.split()
+            row = dict(zip(COLUMNS, words[-len(COLUMNS):]))
+            row.update(layer=" ".join(words[:2]), proto=words[2], addresses=" ".join(words[3:6]),
+                       packets=words[-len(COLUMNS) - 3])
+            rows.append(row)
+    return out, rows
+
+
+def test_demo(demo):
+    out, rows = demo
+    assert {row["proto"] for row in rows} == {"tcp", "udp", "icmp"}, out
+    assert any(row["layer"] == "deny path" and row["verdict"] == "deny" for row in rows)
+    assert any(row["layer"] == "conntrack (kernel)" and row["packets"] != "-" for row in rows)
+    assert any(row["layer"] == "conntrack (ovs)" for row in rows)
     assert out.count("filtered out: gre, sctp") == 2
-    assert netns_names() == before
+
+
+def test_demo_shows_pods_flow_types_and_rules(demo):
+    out, rows = demo
+
+    def one(layer: str, addresses: str, proto: str = "udp") -> dict:
+        found = [r for r in rows if r["layer"] == layer and r["addresses"] == addresses
+                 and r["proto"] == proto]
+        assert found, f"no {layer} {proto} row for {addresses}:\n{out}"
+        return found[0]
+
+    intra = one("conntrack (ovs)", "10.60.0.1 > 10.60.0.2", "tcp")
+    assert (intra["source-pod"], intra["destination-pod"]) == (
+        "demo/pod1@node-ovs", "demo/pod2@node-ovs"), out
+    assert (intra["flow-type"], intra["rules"]) == ("intra-node", "in:12,out:11"), out
+    inter = one("conntrack (ovs)", "10.60.0.1 > 10.60.0.50")
+    assert (inter["flow-type"], inter["rules"], inter["destination-pod"]) == (
+        "inter-node", "out:11", "-"), out
+    to_external = one("conntrack (ovs)", "10.60.0.1 > 10.60.0.200")
+    assert (to_external["flow-type"], to_external["rules"]) == ("to-external", "out:13"), out
+    from_external = one("conntrack (ovs)", "10.60.0.200 > 10.60.0.2")
+    assert (from_external["flow-type"], from_external["rules"]) == (
+        "from-external", "in:12"), out
+    denied = one("deny path", "10.60.0.3 > 10.60.0.2")
+    assert (denied["source-pod"], denied["destination-pod"], denied["flow-type"],
+            denied["rules"]) == ("demo/pod3@node-ovs", "demo/pod2@node-ovs", "intra-node",
+                                 "in:7,out:7"), out
+    kernel = one("conntrack (kernel)", "10.61.0.1 > 10.61.0.2")
+    assert (kernel["rules"], kernel["source-pod"]) == ("out:21", "-"), out

@@ -116,7 +116,7 @@ def test_messages_round_trip_definitions_and_records(fields, copies, domain, tem
     assert learned.decode_records(record) == [records[0][1]]
 
 
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=30), st.integers(224, 2000))
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=30), st.integers(240, 2000))
 def test_messages_respect_the_size_limit_and_count_sequence_numbers(batch_sizes, limit):
     template, record = encoded(CONNTRACK)
     encoder = MessageEncoder(9, limit)

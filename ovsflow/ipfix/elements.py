@@ -105,6 +105,14 @@ _ANTREA_ELEMENTS = [
     (146, "reverseThroughput", "unsigned64"),
 ]
 
+# RFC 5103 §6.1: elements that describe the export, not the flow, have no reverse form
+# (the names go-ipfix's registry.go lists; those in the table above).
+_NOT_REVERSIBLE = {
+    "biflowDirection", "exportedMessageTotalCount", "exportedOctetTotalCount",
+    "exportedFlowRecordTotalCount", "exporterIPv4Address", "exporterIPv6Address", "flowId",
+    "observationDomainId", "paddingOctets",
+}
+
 _BY_KEY: dict[tuple[int, int], InformationElement] = {}
 _BY_NAME: dict[str, InformationElement] = {}
 
@@ -116,6 +124,8 @@ def _register(element: InformationElement) -> None:
 
 for _id, _name, _type in _IANA_ELEMENTS:
     _register(InformationElement(_name, _id, _type))
+    if _name in _NOT_REVERSIBLE:
+        continue
     # RFC 5103: the reverse element has the same id under PEN 29305, named reverse<Name>.
     _register(InformationElement("reverse" + _name[0].upper() + _name[1:], _id, _type,
                                  REVERSE_PEN))

@@ -13,40 +13,65 @@ from ..record import CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
 from .codec import Template, TemplateField
 from .elements import element
 
-_TIMES = [
+# The elements ovsflow shares with Antrea's agent come first and in the order of Antrea's
+# templates (pkg/agent/flowexporter/exporter/ipfix.go: IANA common, addresses, reverse
+# counters, Antrea's), so that a collector written for Antrea's records reads ours; the
+# elements Antrea does not send follow. Deltas stay after totals: nfdump relies on it.
+_HEAD = [
     ("flowStartSeconds", "start_seconds"), ("flowEndSeconds", "end_seconds"),
-    # nfdump and some others read only the millisecond forms
-    ("flowStartMilliseconds", "start_ms"), ("flowEndMilliseconds", "end_ms"),
     ("flowEndReason", "end_reason"),
-]
-_V4_TUPLE = [
-    ("sourceIPv4Address", "source_address"), ("destinationIPv4Address", "destination_address"),
     ("sourceTransportPort", "source_port"), ("destinationTransportPort", "destination_port"),
     ("protocolIdentifier", "protocol"),
-    ("icmpTypeIPv4", "icmp_type"), ("icmpCodeIPv4", "icmp_code"),
-]
-_V6_TUPLE = [
-    ("sourceIPv6Address", "source_address"), ("destinationIPv6Address", "destination_address"),
-    ("sourceTransportPort", "source_port"), ("destinationTransportPort", "destination_port"),
-    ("protocolIdentifier", "protocol"),
-    ("icmpTypeIPv6", "icmp_type"), ("icmpCodeIPv6", "icmp_code"),
 ]
 _COUNTERS = [
     ("packetTotalCount", "packets"), ("octetTotalCount", "octets"),
     ("packetDeltaCount", "packet_delta"), ("octetDeltaCount", "octet_delta"),
+]
+_V4_ADDRESSES = [
+    ("sourceIPv4Address", "source_address"), ("destinationIPv4Address", "destination_address"),
+]
+_V6_ADDRESSES = [
+    ("sourceIPv6Address", "source_address"), ("destinationIPv6Address", "destination_address"),
 ]
 _REVERSE_COUNTERS = [
     ("reversePacketTotalCount", "reverse_packets"), ("reverseOctetTotalCount", "reverse_octets"),
     ("reversePacketDeltaCount", "reverse_packet_delta"),
     ("reverseOctetDeltaCount", "reverse_octet_delta"),
 ]
-_CONNTRACK_TAIL = [("flowId", "flow_id"), ("flowType", "flow_type"), ("tcpState", "tcp_state")]
-_DENY_TAIL = [
-    ("ingressNetworkPolicyRuleAction", "ingress_rule_action"),
-    ("egressNetworkPolicyRuleAction", "egress_rule_action"),
-    ("ingressNetworkPolicyRuleName", "ingress_rule_name"),
-    ("egressNetworkPolicyRuleName", "egress_rule_name"),
+_PODS = [
+    ("sourcePodName", "source_pod_name"), ("sourcePodNamespace", "source_pod_namespace"),
+    ("sourceNodeName", "source_node_name"),
+    ("destinationPodName", "destination_pod_name"),
+    ("destinationPodNamespace", "destination_pod_namespace"),
+    ("destinationNodeName", "destination_node_name"),
 ]
+_RULES = [
+    ("ingressNetworkPolicyRuleName", "ingress_rule_name"),
+    ("ingressNetworkPolicyRuleAction", "ingress_rule_action"),
+    ("egressNetworkPolicyRuleName", "egress_rule_name"),
+    ("egressNetworkPolicyRuleAction", "egress_rule_action"),
+]
+_TCP_STATE = [("tcpState", "tcp_state")]
+_FLOW_TYPE = [("flowType", "flow_type")]
+# Not in Antrea's templates: nfdump reads only the millisecond times and, in Debian 12's
+# version, ICMP type and code only from icmpTypeCode*.
+_MILLISECONDS = [("flowStartMilliseconds", "start_ms"), ("flowEndMilliseconds", "end_ms")]
+_V4_ICMP = [("icmpTypeCodeIPv4", "icmp_type_code"),
+            ("icmpTypeIPv4", "icmp_type"), ("icmpCodeIPv4", "icmp_code")]
+_V6_ICMP = [("icmpTypeCodeIPv6", "icmp_type_code"),
+            ("icmpTypeIPv6", "icmp_type"), ("icmpCodeIPv6", "icmp_code")]
+# The kernel's conntrack id: unique among a node's live connections. The OVS userspace
+# datapath's ids are not reliably so, and its templates leave flowId out.
+_FLOW_ID = [("flowId", "flow_id")]
+
+
+def _fields(kind: str, ipv6: bool) -> list[tuple[str, str]]:
+    """One template's (element name, FlowRecord attribute) list, in the order above."""
+    counted, conntrack = kind != CONNTRACK_UNCOUNTED, kind != DENY
+    return (_HEAD + (_COUNTERS if counted else []) + (_V6_ADDRESSES if ipv6 else _V4_ADDRESSES)
+            + (_REVERSE_COUNTERS if counted and conntrack else []) + _PODS + _RULES
+            + (_TCP_STATE if conntrack else []) + _FLOW_TYPE + _MILLISECONDS
+            + (_V6_ICMP if ipv6 else _V4_ICMP) + (_FLOW_ID if kind == CONNTRACK else []))
 
 
 @dataclass(frozen=True)
@@ -66,14 +91,10 @@ def _record_template(template_id: int, fields: list[tuple[str, str]]) -> RecordT
 
 # (kind, is IPv6) -> template. Ids are fixed so that collectors see stable templates.
 RECORD_TEMPLATES: dict[tuple[str, bool], RecordTemplate] = {
-    (CONNTRACK, False): _record_template(
-        256, _TIMES + _V4_TUPLE + _COUNTERS + _REVERSE_COUNTERS + _CONNTRACK_TAIL),
-    (CONNTRACK, True): _record_template(
-        257, _TIMES + _V6_TUPLE + _COUNTERS + _REVERSE_COUNTERS + _CONNTRACK_TAIL),
-    (CONNTRACK_UNCOUNTED, False): _record_template(258, _TIMES + _V4_TUPLE + _CONNTRACK_TAIL),
-    (CONNTRACK_UNCOUNTED, True): _record_template(259, _TIMES + _V6_TUPLE + _CONNTRACK_TAIL),
-    (DENY, False): _record_template(260, _TIMES + _V4_TUPLE + _COUNTERS + _DENY_TAIL),
-    (DENY, True): _record_template(261, _TIMES + _V6_TUPLE + _COUNTERS + _DENY_TAIL),
+    (kind, ipv6): _record_template(template_id, _fields(kind, ipv6))
+    for template_id, (kind, ipv6) in enumerate(
+        [(CONNTRACK, False), (CONNTRACK, True), (CONNTRACK_UNCOUNTED, False),
+         (CONNTRACK_UNCOUNTED, True), (DENY, False), (DENY, True)], start=256)
 }
 
 ALL_TEMPLATES = [t.template for t in RECORD_TEMPLATES.values()]
