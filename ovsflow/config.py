@@ -25,6 +25,7 @@ from .protocols import (
     ALL_PROTOCOLS, ProtocolListError, ProtocolSet, parse_protocol_list, quote_value,
 )
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TRANSPORTS = ("udp", "tcp", "tls")
 CONNTRACK_SOURCES = ("auto", "kernel", "ovs")
 DEFAULT_IPFIX_PORT = 4739
@@ -99,6 +100,8 @@ class IpfixConfig:
     path_mtu: int = 1500
     max_buffered_records: int = 100_000
     tls: TlsSettings = TlsSettings()
+    # Every node's Pod CIDRs: what tells an inter-node peer from an external one (flowType)
+    cluster_pod_cidrs: tuple[IPNetwork, ...] = ()
 
     @property
     def observation_domain_id(self) -> int:
@@ -148,6 +151,7 @@ class Config:
                 "templateRefreshTimeout": format_duration(ipfix.template_refresh),
                 "pathMTU": ipfix.path_mtu,
                 "maxBufferedRecords": ipfix.max_buffered_records,
+                "clusterPodCIDRs": [str(network) for network in ipfix.cluster_pod_cidrs],
                 "tls": {"caFile": ipfix.tls.ca_file, "certFile": ipfix.tls.cert_file,
                         "keyFile": ipfix.tls.key_file, "serverName": ipfix.tls.server_name,
                         "insecureSkipVerify": ipfix.tls.insecure_skip_verify},
@@ -311,6 +315,22 @@ def optional_string(value: object) -> str | None:
     return non_empty_string(value)
 
 
+def parse_cidrs(value: object) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of CIDRs (e.g. [10.10.0.0/16, fd00:10::/48]), got "
+                         f"{quote_value(value)}")
+    networks = []
+    for index, entry in enumerate(value):
+        if not isinstance(entry, str):
+            raise ValueError(f"entry {index}: expected a CIDR, got {quote_value(entry)}")
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=True))
+        except ValueError as err:
+            raise ValueError(f"entry {index}: {quote_value(entry)} is not a CIDR ({err})") \
+                from None
+    return tuple(networks)
+
+
 def parse_zones(value: object) -> frozenset[int]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of conntrack zones (0-65535), got {quote_value(value)}")
@@ -416,6 +436,7 @@ def parse_config(data: object) -> Config:
         path_mtu=ix.take("pathMTU", integer_in(576, 65535), 1500),
         max_buffered_records=ix.take("maxBufferedRecords", integer_in(1, 100_000_000), 100_000),
         tls=tls,
+        cluster_pod_cidrs=ix.take("clusterPodCIDRs", parse_cidrs, ()),
     )
 
     mx = _Section(top.data.get("metrics"), "metrics", problems)

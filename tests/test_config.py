@@ -455,3 +455,20 @@ def test_insecure_skip_verify_with_tls_is_a_warning_and_verifies_nothing():
                                "certificate is NOT verified",)
     context = client_tls_context(config.ipfix.tls)
     assert (context.verify_mode, context.check_hostname) == (ssl.CERT_NONE, False)
+
+
+def test_cluster_pod_cidrs_are_read_and_normalised():
+    config = parse_config({"ipfix": {"clusterPodCIDRs": ["10.60.0.0/25", " fd00:10::/48 "]}})
+    assert [str(n) for n in config.ipfix.cluster_pod_cidrs] == ["10.60.0.0/25", "fd00:10::/48"]
+    assert parse_config({}).ipfix.cluster_pod_cidrs == ()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (["10.60.0.1/25"], "'10.60.0.1/25' is not a CIDR"),  # host bits set
+    (["10.60.0.0/33"], "'10.60.0.0/33' is not a CIDR"),
+    ([7], "entry 0: expected a CIDR, got 7"),
+    ("10.0.0.0/8", "expected a list of CIDRs"),
+])
+def test_bad_cluster_pod_cidrs_name_the_key_and_value(value, fragment):
+    [problem] = problems_of({"ipfix": {"clusterPodCIDRs": value}})
+    assert problem.startswith("ipfix.clusterPodCIDRs: ") and fragment in problem, problem
