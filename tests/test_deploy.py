@@ -1,33 +1,39 @@
-"""The deployment files: they parse, and say what the docs promise."""
+"""The deployment files: they parse, and say what the docs and the measurements promise."""
 
+import ipaddress
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ovsflow.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
+ANTREA_ZONES = {65520, 65510}  # IPv4, IPv6
 
 
-def test_kubernetes_manifest():
+@pytest.fixture(scope="module")
+def manifest():
     config_map, daemon_set = yaml.safe_load_all((ROOT / "deploy/kubernetes/ovsflow.yaml")
                                                 .read_text())
     assert config_map["kind"] == "ConfigMap" and daemon_set["kind"] == "DaemonSet"
     config = parse_config(yaml.safe_load(config_map["data"]["ovsflow.yaml"]))
+    [container] = daemon_set["spec"]["template"]["spec"]["containers"]
+    return config_map, daemon_set, config, container
+
+
+def test_kubernetes_manifest(manifest):
+    config_map, daemon_set, config, container = manifest
     assert config.flow_exporter.protocols.numbers == {6, 17}
+    assert config.conntrack.zones == ANTREA_ZONES
     spec = daemon_set["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
-    [container] = spec["containers"]
-    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"],
-                                                            "add": ["NET_ADMIN"]}
-    assert "privileged" not in container["securityContext"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    port = config.metrics.port
-    assert container["ports"][0]["containerPort"] == port
-    assert container["livenessProbe"]["httpGet"]["port"] == port
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert mounts["ovs-run"] == config.ovs.run_dir == volumes["ovs-run"]["hostPath"]["path"]
@@ -37,6 +43,71 @@ def test_kubernetes_manifest():
         daemon_set["spec"]["template"]["metadata"]["labels"]
 
 
+def test_kubernetes_security_context(manifest):
+    """Root (see the manifest's comment) with NET_ADMIN alone, nothing written but the
+    sysctls: every mount but /proc/sys/net read-only, and so is the root filesystem."""
+    _, daemon_set, _, container = manifest
+    context = container["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context.get("privileged", False) is False
+    assert daemon_set["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] == \
+        {"type": "RuntimeDefault"}
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/proc/sys/net"}
+
+
+def test_kubernetes_metrics_scrapeable_where_annotated(manifest):
+    """With hostNetwork the pod's IP is the node's and one ConfigMap serves every node: only
+    a wildcard bind answers Prometheus (and the probes) at that address."""
+    _, daemon_set, config, container = manifest
+    annotations = daemon_set["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(config.metrics.port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert ipaddress.ip_address(config.metrics.host).is_unspecified
+    assert container["ports"][0]["containerPort"] == config.metrics.port
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == config.metrics.port
+        assert "host" not in container[probe]["httpGet"]  # the pod IP, as Prometheus
+
+
+def measured_peak() -> tuple[int, float]:
+    """docs/performance.md's benchmark 4: (connections, the highest peak RSS in bytes)."""
+    text = (ROOT / "docs/performance.md").read_text()
+    row = re.search(r"^\| 4\. peak RSS of `ovsflow run` tracking (\d+)k connections \|"
+                    r"([^|]*)\|", text, re.MULTILINE)
+    assert row, "docs/performance.md lost its peak RSS row (benchmark 4)"
+    peaks = [float(mb) * 1e6 for mb in re.findall(r"(\d+(?:\.\d+)?) MB", row[2])]
+    assert peaks, row[0]
+    return int(row[1]) * 1000, max(peaks)
+
+
+def quantity_bytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]i?)", quantity).groups()
+    base = 1024 if unit.endswith("i") else 1000
+    return float(number) * base ** ("KMG".index(unit[0]) + 1)
+
+
+def test_kubernetes_memory_limit_above_measured_peak(manifest):
+    """The limit covers the measured peak with headroom at the scale the ConfigMap keeps
+    the agent to (maxConnections), so neither can drift from the benchmark."""
+    _, _, config, container = manifest
+    connections, peak = measured_peak()
+    limit = quantity_bytes(container["resources"]["limits"]["memory"])
+    assert limit >= 1.25 * peak, (limit, peak)
+    assert config.conntrack.max_connections <= connections
+    assert quantity_bytes(container["resources"]["requests"]["memory"]) <= limit
+
+
+def test_measured_peak_parsing():
+    """The parser reads the figures that are there (206 and 262 MB at 100k today)."""
+    connections, peak = measured_peak()
+    assert connections >= 10_000 and 50e6 < peak < 4e9
+    assert quantity_bytes("400Mi") == 400 * 2**20 and quantity_bytes("1G") == 1e9
+
+
 def test_systemd_unit():
     unit = (ROOT / "deploy/systemd/ovsflow.service").read_text()
     assert "ExecStart=/usr/local/bin/ovsflow run --config /etc/ovsflow/ovsflow.yaml" in unit
@@ -44,17 +115,60 @@ def test_systemd_unit():
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
 
 
-def test_docker_compose_validates_with_docker_compose():
-    """Debian's docker-compose 1.29 validates without a Docker engine."""
+def compose_config(*files: str) -> dict:
+    """docker-compose 1.29's own view of the files (it validates without a Docker engine),
+    every profile included."""
     docker_compose = shutil.which("docker-compose")
     assert docker_compose, "docker-compose is installed by scripts/setup"
-    result = subprocess.run([docker_compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    args = [docker_compose]
+    for name in files:
+        args += ["-f", str(ROOT / name)]
+    result = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, env={**os.environ, "COMPOSE_PROFILES": "nfacctd"})
     assert result.returncode == 0, result.stderr
-    services = yaml.safe_load(result.stdout)["services"]
-    assert {"node", "agent", "collector"} <= set(services)
-    assert services["agent"]["cap_add"] == ["NET_ADMIN"]
-    compose_config = parse_config(yaml.safe_load(
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def test_docker_compose_validates_with_docker_compose():
+    services = compose_config("docker-compose.yml")
+    assert {"node", "agent", "collector", "nfacctd", "agent-nfacctd"} <= set(services)
+    for agent in ("agent", "agent-nfacctd"):
+        assert services[agent]["cap_add"] == ["NET_ADMIN"]
+        assert services[agent]["cap_drop"] == ["ALL"]
+        assert services[agent]["read_only"] is True
+    assert services["node"]["init"] is True  # reaps the detached OVS daemons
+    compose_config_file = parse_config(yaml.safe_load(
         (ROOT / "deploy/compose/ovsflow.yaml").read_text()))
-    assert compose_config.ovs.run_dir == "/run/ovsflow-lab"
-    assert compose_config.flow_exporter.collector.host == "collector"
+    assert compose_config_file.ovs.run_dir == "/run/ovsflow-lab"
+    assert compose_config_file.flow_exporter.collector.host == "collector"
+    assert compose_config_file.conntrack.zones == ANTREA_ZONES
+
+
+def test_docker_compose_nfacctd_profile_needs_no_edit():
+    """The profile brings its own agent exporting to nfacctd, and nfacctd is built from
+    Debian's pmacct (no registry image)."""
+    services = compose_config("docker-compose.yml")
+    for name in ("nfacctd", "agent-nfacctd"):
+        assert services[name]["profiles"] == ["nfacctd"]
+    assert "build" in services["nfacctd"] and "image" not in services["nfacctd"]
+    assert services["nfacctd"]["stop_signal"] == "SIGINT"  # it ignores SIGTERM
+    mounts = {volume.split(":")[1]: volume.split(":")[0]
+              for volume in services["agent-nfacctd"]["volumes"]}
+    config = parse_config(yaml.safe_load(Path(mounts["/etc/ovsflow/ovsflow.yaml"]).read_text()))
+    assert config.flow_exporter.collector.host == "nfacctd"
+    assert config.ovs.bridge == ""  # the deny table belongs to the first agent
+    assert config.ovs.run_dir == "/run/ovsflow-lab"
+
+
+def test_compose_build_override_covers_every_build():
+    """Every service that builds gets the host network in the CI override, and only there:
+    the user's compose file stays engine-neutral."""
+    services = compose_config("docker-compose.yml")
+    overridden = compose_config("docker-compose.yml", "deploy/compose/host-network-build.yml")
+    building = {name for name, service in services.items() if "build" in service}
+    assert building == {"node", "agent", "collector", "nfacctd", "agent-nfacctd"}
+    for name in building:
+        assert "network" not in services[name]["build"]
+        assert overridden[name]["build"]["network"] == "host"
+        for key in ("context", "dockerfile"):
+            assert overridden[name]["build"].get(key) == services[name]["build"].get(key)
