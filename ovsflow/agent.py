@@ -1,9 +1,14 @@
 """`ovsflow run`: source -> filter -> store -> exporter, on one asyncio loop, for both
 layers: conntrack polls and, when `ovs.bridge` is set, the deny path's packet-ins.
 
+Every long-lived task (poll loop, exporter, deny path, metrics server) runs under one
+`Supervisor`: an unexpected exception is logged, counted and the task restarts with backoff.
 The poll's blocking parts run in a worker thread, so the exporter keeps sending while a
-large table is dumped. SIGTERM/SIGINT: final records for every live connection, a bounded
-flush of the queue, exit 0.
+large table is dumped; the poll loop waits for the exporter when the queue is over its bound
+(backpressure), so a large poll loses nothing while the collector takes records. A reload is
+built completely before anything is swapped, and two never run at once. SIGTERM/SIGINT: the
+poll in progress completes, final records for every live connection, a flush of the queue
+bounded only by the time the collector takes nothing, exit 0.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections import Counter
+
+from openflow.messages import OpenFlowError
 
 from .config import Config, ConfigError, load_config
 from .deny.source import DenySource
@@ -21,13 +29,25 @@ from .deny.store import DenyStore
 from .exporter import Exporter
 from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
+from .protocols import ProtocolSet
 from .source import open_source
 from .store import ConnectionStore
+from .supervisor import Supervisor
 from .transport import transport_for
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_FLUSH_SECONDS = 10.0
+SHUTDOWN_FLUSH_SECONDS = 10.0  # without progress: the collector is away
+HEALTH_POLLS = 3  # a layer failing for this many poll intervals makes /healthz answer 503
+HEALTH_MIN_SECONDS = 5.0  # ... and at least this long
+# What building a reloaded configuration can raise besides ConfigError: unreadable TLS files
+# (ssl.SSLError is an OSError), values the parts refuse, a switch refusing the new flows.
+RELOAD_ERRORS = (OSError, ssl.SSLError, TypeError, ValueError, OpenFlowError)
+
+
+def _one_line(text: str) -> str:
+    """YAML errors span lines (with a caret under the column); a log line does not."""
+    return " ".join(text.split())
 
 
 class Agent:
@@ -41,20 +61,29 @@ class Agent:
         self.filter = ConnectionFilter(config.conntrack.zones, fe.protocols)
         self.store = ConnectionStore(fe.active_timeout, fe.idle_timeout,
                                      config.conntrack.max_connections)
+        self.stopping = asyncio.Event()
+        self.supervisor = Supervisor(self.stopping)
         self.exporter = Exporter(transport_for(fe.collector, config.ipfix),
                                  config.ipfix.observation_domain_id,
                                  max_buffered=config.ipfix.max_buffered_records,
-                                 template_refresh=config.ipfix.template_refresh)
+                                 template_refresh=config.ipfix.template_refresh,
+                                 supervisor=self.supervisor)
         ovs = config.ovs
         self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections)
         self.deny = DenySource(ovs.run_dir, ovs.bridge, ovs.deny_table, ovs.deny_meter_id,
                                ovs.deny_packet_in_rate, self.filter,
                                self.deny_store) if ovs.bridge else None
-        self.stopping = asyncio.Event()
+        # Held by a reload and by a poll's dump: a reload never changes the filter under a
+        # dump in progress, and two reloads never overlap.
+        self._config_lock = asyncio.Lock()
+        self._metrics_server: asyncio.Server | None = None
         self.polls = 0
         self.poll_errors = 0
         self.last_poll_seconds = 0.0
+        self.started_at = time.monotonic()
         self.last_poll_at = 0.0  # time.monotonic() of the last completed poll
+        self.poll_failing_since: float | None = None
+        self.poll_error = ""
         self.records_by_protocol: dict[tuple[str, int], int] = {}  # (layer, protocol)
         self.poll_buckets = [0] * len(POLL_BUCKETS)  # polls at or under each bound
         self.poll_seconds_sum = 0.0
@@ -66,34 +95,38 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.create_task(self.reload()))
+        reloads: set[asyncio.Task] = set()
+
+        def reload_on_signal() -> None:
+            task = asyncio.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
         fe = self.config.flow_exporter
         log.info("exporting protocols %s from zones %s to %s (observation domain %d)",
                  fe.protocols.describe(), sorted(self.config.conntrack.zones) or "all",
                  fe.collector, self.config.ipfix.observation_domain_id)
-        metrics_server = None
-        if self.config.metrics.host:
-            metrics_server = await serve(self, self.config.metrics.host,
-                                         self.config.metrics.port)
+        if self.config.metrics.host:  # bound here: a taken address stops the start
+            self._metrics_server = await serve(self, self.config.metrics.host,
+                                               self.config.metrics.port)
         self.exporter.start()
-        deny_task = asyncio.create_task(self.deny.run(), name="deny-path") if self.deny else None
+        poll_task = self.supervisor.spawn("poll", self._poll_loop)
+        background = []
+        if self.deny is not None:
+            background.append(self.supervisor.spawn("deny-path", self.deny.run))
+        if self._metrics_server is not None:
+            background.append(self.supervisor.spawn("metrics", self._serve_metrics))
         try:
-            self.source = await asyncio.to_thread(open_source, self.config, self.filter)
-            while not self.stopping.is_set():
-                started = time.monotonic()
-                if self._config_file_changed():
-                    await self.reload()
-                await self.poll_once(self.source)
-                wait = self.config.flow_exporter.poll_interval - (time.monotonic() - started)
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), max(wait, 0))
-                except TimeoutError:
-                    pass
+            await self.stopping.wait()
+            await poll_task  # the poll in progress completes: the store stays consistent
         finally:
-            if deny_task is not None:
-                deny_task.cancel()
+            # a reload half done would leave the exporter between two transports
+            await asyncio.gather(*reloads, return_exceptions=True)
+            for task in [poll_task, *background]:
+                task.cancel()
                 try:
-                    await deny_task
+                    await task
                 except asyncio.CancelledError:
                     pass
             now = time.time()
@@ -105,82 +138,141 @@ class Agent:
             self.exporter.submit(final)
             log.info("stopping: %d final records; flushing the export queue", len(final))
             await self.exporter.close(SHUTDOWN_FLUSH_SECONDS)
-            if metrics_server is not None:
-                metrics_server.close()
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+    async def _serve_metrics(self) -> None:
+        if self._metrics_server is None or not self._metrics_server.is_serving():
+            self._metrics_server = await serve(self, self.config.metrics.host,
+                                               self.config.metrics.port)
+        await self._metrics_server.serve_forever()
+
+    async def _poll_loop(self) -> None:
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            if self._config_file_changed():
+                await self.reload()
+            await self.poll_once()
+            wait = self.config.flow_exporter.poll_interval - (time.monotonic() - started)
+            try:
+                async with asyncio.timeout(max(wait, 0)):
+                    await self.stopping.wait()
+            except TimeoutError:
+                pass
 
     def _config_file_changed(self) -> bool:
         """Whether the file changed since it was last read: a Kubernetes ConfigMap update
         reaches the pod as a changed file, with no signal."""
-        if self.config_path is None:
-            return False
-        try:
-            stamp = os.stat(self.config_path).st_mtime_ns
-        except OSError:
+        stamp = self._file_stamp()
+        if stamp is None:
             return False  # e.g. mid-swap of a ConfigMap's symlink; the next poll looks again
-        changed = self._config_stamp is not None and stamp != self._config_stamp
-        self._config_stamp = stamp
-        return changed
+        if self._config_stamp is None:
+            self._config_stamp = stamp
+        return stamp != self._config_stamp
+
+    def _file_stamp(self) -> int | None:
+        try:
+            return os.stat(self.config_path).st_mtime_ns if self.config_path else None
+        except OSError:
+            return None
 
     def _count_by_protocol(self, layer: str, records: list) -> None:
         counts = self.records_by_protocol
         for protocol, count in Counter(r.protocol for r in records).items():
             counts[layer, protocol] = counts.get((layer, protocol), 0) + count
 
-    async def reload(self) -> None:
-        """SIGHUP, or the file changed: read it again. Protocols and zones change at both layers at once
-        (the poller's filter and dump plan, the deny-table flows); timeouts, the poll
-        interval and the collector address change too. An invalid file changes nothing."""
+    async def reload(self) -> bool:
+        """SIGHUP, or the file changed: read it again, build everything it needs, and only
+        then swap. Protocols and zones change at both layers at once (the poller's filter and
+        dump plan, the deny-table flows); timeouts, the poll interval, the collector and its
+        TLS settings change too. Any failure changes nothing and is said in one line."""
         if self.config_path is None:
-            return
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as err:
-            log.error("reload: %s is invalid, keeping the running configuration: %s",
-                      self.config_path, "; ".join(err.problems))
-            return
+            return False
+        async with self._config_lock:
+            # this content is read now: a SIGHUP for a changed file is not followed by a
+            # second reload of the same file when the poll loop sees the change
+            self._config_stamp = self._file_stamp() or self._config_stamp
+            try:
+                await self._reload(load_config(self.config_path))
+                return True
+            except ConfigError as err:
+                log.error("reload: %s is invalid, keeping the running configuration: %s",
+                          self.config_path, _one_line("; ".join(err.problems)))
+            except RELOAD_ERRORS as err:
+                log.error("reload: %s: %s; keeping the running configuration",
+                          self.config_path, _one_line(str(err) or type(err).__name__))
+            return False
+
+    async def _reload(self, new: Config) -> None:
+        old = self.config
+        fe, new_fe = old.flow_exporter, new.flow_exporter
+        if new_fe.enable != fe.enable:
+            # Stopping would leave a running agent that does nothing; the start (cmd_run)
+            # is where `enable` is honoured, so it needs a restart.
+            raise ValueError(f"flowExporter.enable: {str(new_fe.enable).lower()} is applied "
+                             "at the next restart only")
+        transport = None
+        if (new_fe.collector, new.ipfix.tls, new.ipfix.path_mtu) != (
+                fe.collector, old.ipfix.tls, old.ipfix.path_mtu):
+            transport = transport_for(new_fe.collector, new.ipfix)  # reads the TLS files
+        if (new_fe.protocols, new.conntrack.zones) != (fe.protocols, old.conntrack.zones):
+            await self._refilter(new_fe.protocols, new.conntrack.zones)
+        # Built and applied: from here on nothing fails.
+        self.config = new
+        self.reloads += 1
         for warning in new.warnings:
             log.warning("reload: %s", warning)
-        old, self.config = self.config, new
-        self.reloads += 1
-        fe, new_fe = old.flow_exporter, new.flow_exporter
-        if (new_fe.protocols, new.conntrack.zones) != (fe.protocols, old.conntrack.zones):
-            self.filter.protocols, self.filter.zones = new_fe.protocols, new.conntrack.zones
-            if self.source is not None:
-                self.source.replan()
-            log.info("reload: exporting protocols %s from zones %s",
-                     new_fe.protocols.describe(), sorted(new.conntrack.zones) or "all")
-            if self.deny is not None:
-                try:
-                    await self.deny.reconcile()
-                except (OSError, ConnectionError, RuntimeError) as err:
-                    # The session restarts and installs the new set anyway.
-                    log.warning("reload: deny flows not reconciled now: %s", err)
         for store in (self.store, self.deny_store):
             store.active_timeout, store.idle_timeout = new_fe.active_timeout, new_fe.idle_timeout
-        if new_fe.collector != fe.collector:
+        self.exporter.max_buffered = new.ipfix.max_buffered_records
+        self.exporter.template_refresh = new.ipfix.template_refresh
+        if transport is not None:
             log.info("reload: collector %s -> %s", fe.collector, new_fe.collector)
-            await self.exporter.retarget(transport_for(new_fe.collector, new.ipfix))
-        for section in ("ovs", "ipfix", "metrics"):
-            if getattr(new, section) != getattr(old, section):
-                log.warning("reload: changes to %s take effect at the next restart", section)
-        if (new.conntrack.source, new.conntrack.max_connections) != (
-                old.conntrack.source, old.conntrack.max_connections):
-            log.warning("reload: conntrack.source and maxConnections take effect at the next "
-                        "restart")
+            await self.exporter.retarget(transport)
+        restart_only = [key for key, before, after in [
+            ("ovs", old.ovs, new.ovs), ("metrics", old.metrics, new.metrics),
+            ("conntrack.source", old.conntrack.source, new.conntrack.source),
+            ("conntrack.maxConnections", old.conntrack.max_connections,
+             new.conntrack.max_connections),
+            ("ipfix.nodeName/observationDomainId", old.ipfix.observation_domain_id,
+             new.ipfix.observation_domain_id)] if before != after]
+        if restart_only:
+            log.warning("reload: changes to %s take effect at the next restart",
+                        ", ".join(restart_only))
 
-    async def poll_once(self, source) -> None:
+    async def _refilter(self, protocols: ProtocolSet, zones: frozenset[int]) -> None:
+        """The new protocols and zones at both layers; on a failure, the old ones again."""
+        previous = self.filter.protocols, self.filter.zones
+        self.filter.protocols, self.filter.zones = protocols, zones
+        try:
+            if self.source is not None:
+                self.source.replan()
+            if self.deny is not None:
+                await self.deny.reconcile()
+        except BaseException:
+            self.filter.protocols, self.filter.zones = previous
+            if self.source is not None:
+                self.source.replan()
+            raise
+        log.info("reload: exporting protocols %s from zones %s", protocols.describe(),
+                 sorted(zones) or "all")
+
+    async def poll_once(self) -> None:
         started = time.perf_counter()
         now = time.time()
         try:
-            records = await source.update(self.store, now)
+            async with self._config_lock:
+                if self.source is None:
+                    self.source = await asyncio.to_thread(open_source, self.config, self.filter)
+                records = await self.source.update(self.store, now)
         except (OSError, RuntimeError, ValueError) as err:
             # The table is unknown this time: nothing is taken for gone (that would end every
             # connection). Try again at the next interval.
-            self.poll_errors += 1
-            log.error("conntrack poll failed: %s", err)
+            self._poll_failed(str(err) or type(err).__name__)
             return
+        self.poll_failing_since, self.poll_error = None, ""
         conntrack_records = len(records)
         deny_records = self.deny_store.expired(now)
         self._count_by_protocol("conntrack", records)
@@ -199,3 +291,42 @@ class Agent:
         log.debug("poll: %d connections tracked, %d conntrack and %d deny records, cycle "
                   "(dump, decode, filter, store update) %.3fs", len(self.store),
                   conntrack_records, len(records) - conntrack_records, self.last_poll_seconds)
+        await self.exporter.wait_for_room()  # backpressure: the next poll waits for it
+
+    def _poll_failed(self, error: str) -> None:
+        self.poll_errors += 1
+        if self.poll_failing_since is None:
+            self.poll_failing_since = time.monotonic()
+        # Once per distinct error: a source that stays broken is shown by /healthz and
+        # ovsflow_poll_errors_total, not by a line every interval.
+        (log.debug if error == self.poll_error else log.error)(
+            "conntrack poll failed: %s", error)
+        self.poll_error = error
+
+    def health_grace(self) -> float:
+        return max(HEALTH_POLLS * self.config.flow_exporter.poll_interval, HEALTH_MIN_SECONDS)
+
+    def problems(self) -> dict[str, str]:
+        """Layer -> why it has been unable to do its job for longer than `health_grace`."""
+        grace, now = self.health_grace(), time.monotonic()
+        problems = {}
+        if self.poll_failing_since is not None and now - self.poll_failing_since > grace:
+            problems["poll"] = (f"conntrack polls failing for "
+                                f"{now - self.poll_failing_since:.0f}s: {self.poll_error}")
+        elif now - (self.last_poll_at or self.started_at) > grace:
+            problems["poll"] = (f"no conntrack poll completed for "
+                                f"{now - (self.last_poll_at or self.started_at):.0f}s")
+            if self.exporter.queued > self.exporter.max_buffered:
+                problems["poll"] += (f" (held back: {self.exporter.queued} records wait for "
+                                     "the exporter)")
+        exporter = self.exporter.problem(grace)
+        if exporter is not None:
+            problems["exporter"] = exporter
+        deny = self.deny.problem() if self.deny is not None else None
+        if deny is not None and now - deny[0] > grace:
+            problems["deny"] = f"flows not in place for {now - deny[0]:.0f}s: {deny[1]}"
+        for task, (since, failures, error) in self.supervisor.problems().items():
+            if failures > 1 and now - since > grace:
+                problems[f"task {task}"] = (f"failed {failures} times in a row, restarting "
+                                            f"with backoff: {error}")
+        return problems

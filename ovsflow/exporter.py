@@ -1,52 +1,106 @@
-"""The exporting process: a bounded queue of flow records, IPFIX messages, one transport.
+"""The exporting process: a queue of flow records, IPFIX messages, one transport.
 
-Stores `submit` records and never wait. The exporter task (`start`) sends them, (re)connects with
-exponential backoff and jitter, sends templates first on every new connection (and every
-`template_refresh` seconds over UDP), and keeps records queued while the collector is away.
-When the queue is full the oldest records are dropped: counted and logged, never silently.
+Stores `submit` records without waiting; the agent then awaits `wait_for_room`, which holds
+the next poll back while the queue is over `max_buffered` and the collector is taking
+records. The bound is for collector outages: the oldest records are dropped (counted and
+logged, never silently) only while the collector is unreachable or takes nothing for
+`stall_timeout` seconds. The exporter task (`start`) sends, (re)connects with exponential
+backoff and jitter, and sends templates first on every new connection, and over UDP every
+`template_refresh` seconds. A clean end of a TCP/TLS session withdraws the templates
+(RFC 7011 §8.1). A record with a value its field cannot hold is rejected and counted on its
+own; it never stops the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import struct
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from .ipfix.codec import MessageEncoder
-from .ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES
+from .ipfix.codec import HEADER, SET_HEADER, TEMPLATE_SET_ID, VERSION, MessageEncoder, Template
+from .ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES, RecordTemplate
 from .record import FlowRecord
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 BATCH = 5000  # records encoded between yields to the event loop
+CONNECT_TIMEOUT = 10.0  # seconds; a collector behind a black hole is unreachable, not slow
+STALL_TIMEOUT = 10.0  # seconds without a record taken: the collector counts as unreachable
+WITHDRAW_TIMEOUT = 2.0
+# What packing a value that does not fit its field raises (struct, int.to_bytes, strings)
+ENCODE_ERRORS = (struct.error, OverflowError, ValueError, TypeError, AttributeError)
+
+# (kind, address length) -> template: a record whose addresses are neither 4 nor 16 bytes
+# has no template and is rejected rather than padded or cut to fit.
+_TEMPLATES_BY_ADDRESS = {(kind, 16 if ipv6 else 4): template
+                         for (kind, ipv6), template in RECORD_TEMPLATES.items()}
 
 
 @dataclass
 class ExporterStats:
     records_submitted: int = 0
     records_exported: int = 0  # handed to the socket (UDP: sent; TCP: written)
-    records_dropped: int = 0  # queue full, or still queued at shutdown
+    records_dropped: int = 0  # queue over its bound while the collector was away, or unsent
+    # at shutdown
+    records_rejected: int = 0  # a value did not fit its IPFIX field (see Exporter.rejected)
     messages_sent: int = 0
     connections: int = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _one_field(template: Template, index: int) -> Template:
+    """A template of one field of `template`: packs a single value to find the culprit."""
+    return Template(template.template_id, [template.fields[index]])
+
+
+def _misfit(template: Template, values: tuple) -> tuple[str, object]:
+    """The first field whose value `template` cannot encode: (element name, value)."""
+    for index, value in enumerate(values):
+        try:
+            _one_field(template, index).encode_record((value,))
+        except ENCODE_ERRORS:
+            return template.fields[index].element.name, value
+    return "record", values
+
+
+def _withdrawal(encoder: MessageEncoder, export_time: int) -> bytes:
+    """RFC 7011 §8.1: a template set withdrawing every template of the domain (template id
+    2, field count 0)."""
+    body = SET_HEADER.pack(TEMPLATE_SET_ID, SET_HEADER.size + 4) + struct.pack(
+        "!HH", TEMPLATE_SET_ID, 0)
+    return HEADER.pack(VERSION, HEADER.size + len(body), export_time & 0xFFFFFFFF,
+                       encoder.sequence, encoder.observation_domain_id) + body
 
 
 class Exporter:
     def __init__(self, transport, observation_domain_id: int, *,
                  max_buffered: int = 100_000, template_refresh: float = 600.0,
-                 max_backoff: float = 30.0):
+                 max_backoff: float = 30.0, stall_timeout: float = STALL_TIMEOUT,
+                 supervisor: Supervisor | None = None):
         self.transport = transport
         self.observation_domain_id = observation_domain_id
         self.max_buffered = max_buffered
         self.template_refresh = template_refresh
         self.max_backoff = max_backoff
+        self.stall_timeout = stall_timeout
+        self.supervisor = supervisor or Supervisor()
         self.stats = ExporterStats()
+        self.rejected: Counter[str] = Counter()  # IPFIX element -> records rejected for it
+        self.reachable = True  # until a connection attempt or a send fails, or a stall
+        self.last_error = ""
         self._queue: deque[FlowRecord] = deque()
         self._pending = asyncio.Event()
+        self._progress = asyncio.Event()  # records were taken, or the collector was lost
+        self._last_progress = time.monotonic()
+        self._waiting_since = time.monotonic()  # when the queue last became non-empty
         self._encoder = MessageEncoder(observation_domain_id, transport.max_message_size)
         self._templates_sent_at = float("-inf")
         self._task: asyncio.Task | None = None
@@ -56,32 +110,96 @@ class Exporter:
         return len(self._queue)
 
     def submit(self, records: Iterable[FlowRecord]) -> None:
+        """Queue records for export; never waits (see `wait_for_room`)."""
         queue = self._queue
         before = len(queue)
+        if not before:
+            self._waiting_since = time.monotonic()
         queue.extend(records)
         self.stats.records_submitted += len(queue) - before
-        excess = len(queue) - self.max_buffered
-        if excess > 0:
-            for _ in range(excess):
-                queue.popleft()
-            self.stats.records_dropped += excess
-            log.warning("export queue full (%d records): dropped the %d oldest records "
-                        "(%d dropped so far)", self.max_buffered, excess,
-                        self.stats.records_dropped)
+        if not self.reachable:
+            self._drop_excess()
         self._pending.set()
 
+    async def wait_for_room(self) -> None:
+        """Backpressure: wait while the queue is over its bound and the collector takes
+        records. When it does not (unreachable, or nothing taken for `stall_timeout`
+        seconds), drop the oldest records beyond the bound instead."""
+        while len(self._queue) > self.max_buffered:
+            if not self.reachable:
+                self._drop_excess()
+                return
+            self._progress.clear()
+            try:
+                async with asyncio.timeout(self.stall_timeout):
+                    await self._progress.wait()
+            except TimeoutError:
+                self.last_error = (f"the collector took no records for "
+                                   f"{self.stall_timeout:.0f}s")
+                self._mark_unreachable()
+
+    def _drop_excess(self) -> None:
+        queue = self._queue
+        excess = len(queue) - self.max_buffered
+        if excess <= 0:
+            return
+        for _ in range(excess):
+            queue.popleft()
+        self.stats.records_dropped += excess
+        log.warning("collector %s:%s unreachable (%s) and the export queue full (%d records): "
+                    "dropped the %d oldest records (%d dropped so far)", self.transport.host,
+                    self.transport.port, self.last_error or "no progress", self.max_buffered,
+                    excess, self.stats.records_dropped)
+
+    def _mark_unreachable(self) -> None:
+        self.reachable = False
+        self._drop_excess()
+        self._progress.set()  # wake `wait_for_room`: it has nothing more to wait for
+
+    def _note_progress(self) -> None:
+        self.reachable, self.last_error = True, ""
+        self._last_progress = time.monotonic()
+        self._progress.set()
+
+    def problem(self, grace: float) -> str | None:
+        """Why the exporter has been unable to do its job for more than `grace` seconds, or
+        None: records waiting with none taken, or a transport whose sends keep failing."""
+        now = time.monotonic()
+        if self._queue:
+            stuck = now - max(self._last_progress, self._waiting_since)
+            if stuck > grace:
+                return (f"{len(self._queue)} records waiting, none sent for {stuck:.0f}s to "
+                        f"{self.transport.host}:{self.transport.port}: "
+                        f"{self.last_error or 'no progress'}")
+        failing_since = self.transport.failing_since
+        if failing_since is not None and now - failing_since > grace:
+            return (f"sends to {self.transport.host}:{self.transport.port} failing for "
+                    f"{now - failing_since:.0f}s: {self.transport.last_error}")
+        return None
+
+    @property
+    def delivered(self) -> bool:
+        """Something reached the collector's socket: a TCP/TLS connection was made, or over
+        UDP a datagram went out without an error."""
+        if self.transport.reliable:
+            return self.stats.connections > 0
+        return self.transport.datagrams_sent > 0
+
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ipfix-exporter")
+        self._task = self.supervisor.spawn("exporter", self._run)
+        self._pending.set()  # connect now: templates go first, and /readyz learns early
 
     async def retarget(self, transport) -> None:
-        """Send to another collector from now on (a reload changed the address); what is
-        queued goes there."""
+        """Send to another collector from now on (a reload changed the address or its TLS
+        settings); what is queued goes there."""
         running = self._task is not None
         await self._stop_task()
+        await self._withdraw_templates()
         await self.transport.close()
         self.transport = transport
         self._encoder = MessageEncoder(self.observation_domain_id, transport.max_message_size)
         self._templates_sent_at = float("-inf")
+        self.reachable = True
         if running:
             self.start()
         self._pending.set()
@@ -96,12 +214,13 @@ class Exporter:
             self._task = None
 
     async def close(self, timeout: float) -> bool:
-        """Stop sending in the background, then send what is queued within `timeout` seconds
-        (see `_flush`). True when nothing was left unsent."""
+        """Stop sending in the background, then send what is queued (see `_flush`) and end
+        the session cleanly. True when nothing was left unsent."""
         await self._stop_task()
         return await self._flush(timeout)
 
     async def _run(self) -> None:
+        pause = 0.0
         while True:
             timeout = None
             if not self.transport.reliable:
@@ -118,32 +237,61 @@ class Exporter:
             await self._connect()
             try:
                 await self._send_queued()
+                pause = 0.0
             except (OSError, ConnectionError) as err:
                 log.warning("sending to the collector failed: %s; reconnecting", err)
-                await self.transport.close()
+                await self._lost(err)
+                # a collector that accepts and then fails every send gets backoff too
+                pause = min(max(pause * 2, 0.2), self.max_backoff)
+                await asyncio.sleep(pause)
                 self._pending.set()
 
+    async def _lost(self, err: BaseException) -> None:
+        self.last_error = str(err) or type(err).__name__
+        self._mark_unreachable()
+        await self.transport.close()
+
     async def _flush(self, timeout: float) -> bool:
-        """Send everything queued, reconnecting if needed, for at most `timeout` seconds.
-        Whatever is left is counted as dropped and logged."""
+        """Send everything queued, reconnecting if needed. `timeout` bounds only the time
+        without progress: with the collector taking records, every record goes out however
+        long that takes; what is left when it stops taking them is counted as dropped."""
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
                 while self._queue:
                     await self._connect()
                     try:
-                        await self._send_queued()
-                    except (OSError, ConnectionError):
-                        await self.transport.close()
+                        await self._send_templates_if_due()
+                        await self._send_batch()
+                    except (OSError, ConnectionError) as err:
+                        await self._lost(err)
+                        await asyncio.sleep(0.1)
+                        continue
+                    deadline.reschedule(loop.time() + timeout)
         except TimeoutError:
             pass
         left = len(self._queue)
         if left:
             self.stats.records_dropped += left
-            log.error("shutting down with %d records unsent: the collector was unreachable "
-                      "for %.1fs; they are dropped", left, timeout)
+            log.error("shutting down with %d records unsent: the collector took nothing for "
+                      "%.1fs (%s); they are dropped", left, timeout,
+                      self.last_error or "no progress")
             self._queue.clear()
+        await self._withdraw_templates()
         await self.transport.close()
         return left == 0
+
+    async def _withdraw_templates(self) -> None:
+        """Before a clean close of a TCP/TLS session (RFC 7011 §8.1). Never over UDP, where
+        withdrawals must not be sent."""
+        if not (self.transport.reliable and self.transport.connected):
+            return
+        try:
+            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+                await self.transport.send([_withdrawal(self._encoder, int(time.time()))])
+            self.stats.messages_sent += 1
+        except (OSError, ConnectionError) as err:  # TimeoutError included
+            log.debug("template withdrawal not sent: %s", err)
 
     async def _connect(self) -> None:
         if self.transport.connected:
@@ -153,23 +301,33 @@ class Exporter:
                 wait=wait_exponential(multiplier=0.2, max=self.max_backoff) + wait_random(0, 0.2),
                 before_sleep=self._log_retry):
             with attempt:
-                await self.transport.connect()
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await self.transport.connect()
         self.stats.connections += 1
+        self.reachable = True
         if self.transport.reliable:
             # A new transport session: its sequence numbers start again (RFC 7011 §3.1).
             self._encoder = MessageEncoder(self.observation_domain_id,
                                            self.transport.max_message_size)
+        else:  # the size follows the family the collector's name resolved to
+            self._encoder.max_message_size = self.transport.max_message_size
         log.info("connected to the collector %s:%s", self.transport.host, self.transport.port)
         self._templates_sent_at = float("-inf")
 
     def _log_retry(self, state) -> None:
+        error = state.outcome.exception()
+        self.last_error = str(error) or type(error).__name__
+        self._mark_unreachable()
         log.warning("collector %s:%s unreachable (%s); %d records queued; retrying in %.1fs",
-                    self.transport.host, self.transport.port, state.outcome.exception(),
+                    self.transport.host, self.transport.port, self.last_error,
                     len(self._queue), state.next_action.sleep)
 
     async def _send_templates_if_due(self) -> None:
+        """Once per connection; over UDP also every `template_refresh` seconds (RFC 7011
+        §8.4). A TCP/TLS session keeps its templates until it ends."""
         now = time.monotonic()
-        if now - self._templates_sent_at < self.template_refresh:
+        if self._templates_sent_at != float("-inf") and (
+                self.transport.reliable or now - self._templates_sent_at < self.template_refresh):
             return
         messages = self._encoder.template_messages(ALL_TEMPLATES, int(time.time()))
         await self.transport.send(messages)
@@ -178,26 +336,84 @@ class Exporter:
 
     async def _send_queued(self) -> None:
         await self._send_templates_if_due()
-        queue = self._queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
-            try:
-                messages = self._encode(batch)
-                await self.transport.send(messages)
-            except BaseException:
-                queue.extendleft(reversed(batch))  # keep them, in order, for the retry
-                raise
-            self.stats.records_exported += len(batch)
-            self.stats.messages_sent += len(messages)
+        while self._queue:
+            await self._send_batch()
             await self._send_templates_if_due()
 
-    def _encode(self, batch: list[FlowRecord]) -> list[bytes]:
-        groups: dict[tuple[str, bool], list[FlowRecord]] = {}
+    async def _send_batch(self) -> None:
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+        rejected, rejected_by_field = self.stats.records_rejected, self.rejected.copy()
+        try:
+            messages = self.encode(batch)
+            await self.transport.send(messages)
+        except BaseException:
+            queue.extendleft(reversed(batch))  # keep them, in order, for the retry
+            # which counts any rejected among them again
+            self.stats.records_rejected, self.rejected = rejected, rejected_by_field
+            raise
+        self.stats.records_exported += len(batch) - (self.stats.records_rejected - rejected)
+        self.stats.messages_sent += len(messages)
+        if not queue:
+            self._waiting_since = time.monotonic()
+        self._note_progress()
+
+    def encode(self, batch: list[FlowRecord]) -> list[bytes]:
+        """Data messages for `batch`. The records of each template are packed in one go;
+        only when that fails are they packed one by one, to leave out and count the
+        records with a value their field cannot hold."""
+        groups: dict[tuple[str, int], list[FlowRecord]] = {}
         for record in batch:
-            groups.setdefault((record.kind, len(record.source_address) == 16), []).append(record)
+            groups.setdefault((record.kind, len(record.source_address)), []).append(record)
         encoded = []
         for key, records in groups.items():
-            record_template = RECORD_TEMPLATES[key]
-            pack, values = record_template.template.encode_record, record_template.values
-            encoded.append((record_template.template, [pack(values(r)) for r in records]))
-        return self._encoder.data_messages(encoded, int(time.time()))
+            record_template = _TEMPLATES_BY_ADDRESS.get(key)
+            if record_template is None:
+                for record in records:
+                    self._reject("kind and address length", key)
+                continue
+            template = record_template.template
+            try:
+                encoded.append((template, record_template.encode_many(records)))
+            except ENCODE_ERRORS:
+                encoded.append((template, self._encode_each(record_template, records)))
+        export_time, sequence = int(time.time()), self._encoder.sequence
+        try:
+            return self._encoder.data_messages(encoded, export_time)
+        except ValueError:  # a record longer than a message can hold (long strings, UDP)
+            self._encoder.sequence = sequence  # messages made before it are not sent
+            encoded = [(template, self._fitting(template, records))
+                       for template, records in encoded]
+            return self._encoder.data_messages(encoded, export_time)
+
+    def _encode_each(self, record_template: RecordTemplate, records: list[FlowRecord]
+                     ) -> list[bytes]:
+        template, values = record_template.template, record_template.values
+        encoded = []
+        for record in records:
+            try:
+                encoded.append(template.encode_record(values(record)))
+            except ENCODE_ERRORS:
+                self._reject(*_misfit(template, values(record)))
+        return encoded
+
+    def _fitting(self, template: Template, records: list[bytes]) -> list[bytes]:
+        """Records that fit in a message (long strings may not, over UDP)."""
+        limit = self._encoder.max_message_size - HEADER.size - SET_HEADER.size - 3
+        kept = []
+        for data in records:
+            if len(data) > limit:
+                self._reject("record length", f"{len(data)} bytes (template "
+                             f"{template.template_id}; a message holds {limit})")
+            else:
+                kept.append(data)
+        return kept
+
+    def _reject(self, field: str, value: object) -> None:
+        """Count a record left out; log the first of each kind (a bad source repeats)."""
+        self.stats.records_rejected += 1
+        self.rejected[field] += 1
+        if self.rejected[field] == 1:
+            log.error("flow record not exported: %s=%r does not fit its IPFIX field; further "
+                      "records rejected for %s are only counted "
+                      "(ovsflow_records_rejected_total)", field, value, field)

@@ -2,15 +2,16 @@
 
 The components count in plain integers (cheap on the hot path, easy to assert on in tests);
 this module only presents them, over a small HTTP server on the agent's event loop:
-`/metrics`, `/healthz` (the loop answers and polls are not stuck) and `/readyz` (a poll has
-completed and the exporter has reached its collector once).
+`/metrics`, `/healthz` (503 while a layer — poll, exporter, deny path, a supervised task —
+has been unable to do its job for a few poll intervals; the body says which and why) and
+`/readyz` (a poll has completed and something reached the collector: over UDP, a datagram
+went out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -41,14 +42,24 @@ class ExporterMetrics(Collector):
              stats.records_submitted),
             ("ovsflow_records_exported", "Flow records written to the collector's socket",
              stats.records_exported),
-            ("ovsflow_records_dropped", "Flow records dropped: export queue full, or unsent "
-             "at shutdown", stats.records_dropped),
+            ("ovsflow_records_dropped", "Flow records dropped: export queue over "
+             "ipfix.maxBufferedRecords while the collector was unreachable, or unsent at "
+             "shutdown", stats.records_dropped),
             ("ovsflow_ipfix_messages_sent", "IPFIX messages sent", stats.messages_sent),
             ("ovsflow_collector_connections", "Connections (UDP: sockets) made to the "
              "collector", stats.connections),
         ]
         for name, help_text, value in counters:
             yield CounterMetricFamily(name, help_text, value=value)
+        rejected = CounterMetricFamily("ovsflow_records_rejected", "Flow records not exported "
+                                       "because a value did not fit its IPFIX field, by field",
+                                       labels=["field"])
+        for field, count in sorted(self.exporter.rejected.items()):
+            rejected.add_metric([field], count)
+        yield rejected
+        yield GaugeMetricFamily("ovsflow_collector_reachable", "1 while the collector takes "
+                                "records (or has not failed yet), 0 while it is unreachable",
+                                value=int(self.exporter.reachable))
         yield GaugeMetricFamily("ovsflow_export_queue_records",
                                 "Flow records waiting to be exported", value=self.exporter.queued)
 
@@ -84,8 +95,21 @@ class AgentMetrics(Collector):
         histogram.add_metric([], buckets + [("+Inf", agent.polls)],
                              sum_value=agent.poll_seconds_sum)
         yield histogram
-        yield CounterMetricFamily("ovsflow_reloads", "Configurations reloaded (SIGHUP)",
-                                  value=agent.reloads)
+        yield CounterMetricFamily("ovsflow_reloads", "Configurations reloaded (SIGHUP or a "
+                                  "changed file)", value=agent.reloads)
+        restarts = CounterMetricFamily("ovsflow_task_restarts", "Restarts of a long-lived "
+                                       "task after an unexpected exception", labels=["task"])
+        for task, count in sorted(agent.supervisor.restarts.items()):
+            restarts.add_metric([task], count)
+        yield restarts
+        problems = agent.problems()
+        healthy = GaugeMetricFamily("ovsflow_healthy", "1 when the layer does its job, 0 when "
+                                    "it has been unable to for a few poll intervals (/healthz "
+                                    "says why)", labels=["layer"])
+        layers = ["poll", "exporter"] + (["deny"] if agent.deny is not None else [])
+        for layer in layers:
+            healthy.add_metric([layer], int(layer not in problems))
+        yield healthy
         by_protocol = CounterMetricFamily("ovsflow_records_by_protocol", "Flow records made, "
                                           "by layer and protocol", labels=["layer", "protocol"])
         for (layer, protocol), count in sorted(agent.records_by_protocol.items()):
@@ -116,19 +140,25 @@ class AgentMetrics(Collector):
             yield CounterMetricFamily("ovsflow_openflow_connections",
                                       "OpenFlow sessions opened with the bridge",
                                       value=deny.connections)
+            if deny.meter_supported is not None:  # known once a switch answered
+                yield GaugeMetricFamily("ovsflow_deny_meter_supported", "1 when the switch "
+                                        "took the packet-in meter, 0 when the deny flows go "
+                                        "without it (packet-ins not rate-limited)",
+                                        value=int(deny.meter_supported))
 
 
 def health(agent: Agent) -> tuple[int, str]:
-    interval = agent.config.flow_exporter.poll_interval
-    stuck = agent.last_poll_at and time.monotonic() - agent.last_poll_at > max(60, 5 * interval)
-    return (503, "polls are stuck\n") if stuck else (200, "ok\n")
+    problems = agent.problems()
+    if problems:
+        return 503, "".join(f"{layer}: {why}\n" for layer, why in sorted(problems.items()))
+    return 200, "ok\n"
 
 
 def readiness(agent: Agent) -> tuple[int, str]:
     if not agent.polls:
         return 503, "no conntrack poll has completed yet\n"
-    if not agent.exporter.stats.connections:
-        return 503, "the collector has not been reached yet\n"
+    if not agent.exporter.delivered:
+        return 503, "nothing has reached the collector yet\n"
     return 200, "ready\n"
 
 
@@ -136,19 +166,26 @@ async def serve(agent: Agent, host: str, port: int) -> asyncio.Server:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(AgentMetrics(agent))
 
+    def _answer(path: str) -> tuple[int, bytes, str]:
+        if path == "/metrics":
+            return 200, generate_latest(registry), "text/plain; version=0.0.4"
+        if path in ("/healthz", "/readyz"):
+            status, text = (health if path == "/healthz" else readiness)(agent)
+            return status, text.encode(), "text/plain"
+        return 404, b"not found\n", "text/plain"
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
             parts = request.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            if path == "/metrics":
-                status, body, kind = 200, generate_latest(registry), "text/plain; version=0.0.4"
-            elif path in ("/healthz", "/readyz"):
-                status, text = (health if path == "/healthz" else readiness)(agent)
-                body, kind = text.encode(), "text/plain"
-            else:
-                status, body, kind = 404, b"not found\n", "text/plain"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            try:
+                status, body, kind = _answer(path)
+            except Exception as err:  # noqa: BLE001 - a bug in one answer; the server stays
+                log.exception("metrics server: answering %s failed", path)
+                status, body, kind = 500, f"{type(err).__name__}: {err}\n".encode(), "text/plain"
+            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error",
+                      503: "Service Unavailable"}[status]
             writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                          + body)

@@ -1,53 +1,43 @@
 """Sockets to the collector: thin asyncio adapters around the sans-IO IPFIX codec.
 
-UDP sends datagrams that fit the path MTU; TCP and TLS keep one stream, and watch its read
-side so that a collector that went away is noticed at once rather than at the next write.
+UDP sends datagrams that fit the path MTU, sized by the address family the collector's name
+resolves to at connect time; TCP and TLS keep one stream, and watch its read side so that a
+collector that went away is noticed at once rather than at the next write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import socket
 import ssl
+import time
 
-from .config import CollectorAddress, IpfixConfig, TlsSettings
+from .config import CollectorAddress, IpfixConfig, client_tls_context
 from .ipfix.codec import MAX_MESSAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 UDP_HEADER, IPV4_HEADER, IPV6_HEADER = 8, 20, 40
 TLS_REFUSAL_WAIT = 0.2  # seconds
-
-
-def client_tls_context(settings: TlsSettings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    if settings.cert_file:
-        context.load_cert_chain(settings.cert_file, settings.key_file)
-    if settings.insecure_skip_verify:
-        log.warning("TLS: the collector's certificate is NOT verified "
-                    "(ipfix.tls.insecureSkipVerify is true)")
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
+CLOSE_TIMEOUT = 2.0
 
 
 class UdpTransport:
     reliable = False
 
     def __init__(self, host: str, port: int, path_mtu: int = 1500):
-        self.host, self.port = host, port
-        ip_header = IPV6_HEADER if _is_ipv6(host) else IPV4_HEADER
-        self.max_message_size = min(path_mtu - ip_header - UDP_HEADER, MAX_MESSAGE_SIZE)
+        self.host, self.port, self.path_mtu = host, port, path_mtu
+        self.max_message_size = self._message_size(socket.AF_INET)  # until connect resolves
         self._transport: asyncio.DatagramTransport | None = None
         self.send_errors = 0
+        self.datagrams_sent = 0  # handed to the kernel without an error
+        self.failing_since: float | None = None  # monotonic time of the first failed send
+        self.last_error = ""  # since the last datagram that went out
+
+    def _message_size(self, family: int) -> int:
+        ip_header = IPV6_HEADER if family == socket.AF_INET6 else IPV4_HEADER
+        return min(self.path_mtu - ip_header - UDP_HEADER, MAX_MESSAGE_SIZE)
 
     @property
     def connected(self) -> bool:
@@ -61,16 +51,28 @@ class UdpTransport:
                 # ICMP port unreachable and the like: the collector is not there right now.
                 # UDP gives no delivery guarantee; count it and carry on.
                 owner.send_errors += 1
+                owner.last_error = str(exc)
+                if owner.failing_since is None:
+                    owner.failing_since = time.monotonic()
                 log.debug("UDP send to %s:%s failed: %s", owner.host, owner.port, exc)
 
         loop = asyncio.get_running_loop()
+        # Resolved here, not once at start: a name may move, and its family decides the
+        # largest datagram that fits the path MTU.
+        family, _, _, _, address = (await loop.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_DGRAM))[0]
+        self.max_message_size = self._message_size(family)
         self._transport, _ = await loop.create_datagram_endpoint(
-            Protocol, remote_addr=(self.host, self.port))
+            Protocol, remote_addr=address[:2], family=family)  # asyncio takes (host, port)
 
     async def send(self, messages: list[bytes]) -> None:
         assert self._transport is not None
         for message in messages:
-            self._transport.sendto(message)
+            errors = self.send_errors
+            self._transport.sendto(message)  # an immediate failure calls error_received
+            if self.send_errors == errors:
+                self.datagrams_sent += 1
+                self.failing_since, self.last_error = None, ""
 
     async def close(self) -> None:
         if self._transport is not None:
@@ -83,6 +85,9 @@ class StreamTransport:
 
     reliable = True
     max_message_size = MAX_MESSAGE_SIZE
+    # A stream's failures raise from connect and send, and the exporter tracks them.
+    failing_since: float | None = None
+    last_error = ""
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
                  server_name: str | None = None):
@@ -133,7 +138,11 @@ class StreamTransport:
         if self._writer is not None:
             self._writer.close()
             try:
-                await self._writer.wait_closed()
+                # a peer that reads nothing would keep the unsent bytes, and us, for ever
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._writer.wait_closed()
+            except TimeoutError:
+                self._writer.transport.abort()
             except (OSError, ssl.SSLError):
                 pass
             self._writer = None

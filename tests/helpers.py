@@ -110,6 +110,7 @@ def agent_config(directory: Path, port: int, protocols, **sections) -> str:
                          "idleFlowExportTimeout": "30s", "protocols": protocols},
         "conntrack": {"source": "kernel", "zones": [65520]},
         "ovs": {"bridge": ""},
+        "ipfix": {},
         "metrics": {"bindAddress": ""},
     }
     for section, values in sections.items():

@@ -175,7 +175,8 @@ class DenySource:
     async def reconcile(self) -> None:
         """Bring the flows in line with the filter's protocols (after a reload): add the new
         ones first, then delete the ones no longer wanted. If the switch refuses, the session
-        ends and the next one installs the whole current set (after the usual backoff)."""
+        ends and the error goes on to the reload, which puts the previous protocols back:
+        the next session installs that set (after the usual backoff)."""
         connection = self.connection
         if connection is None or connection.closed or not self.installed_event.is_set():
             return  # the next session installs the current set
@@ -189,7 +190,7 @@ class DenySource:
         except SESSION_ERRORS as err:
             self._abandoned = err  # the session ends with this error
             await connection.close()  # its reader sees the end of the events
-            return
+            raise
         self.installed = wanted
         log.info("deny path: flows reconciled for protocols %s",
                  self.filter.protocols.describe())
