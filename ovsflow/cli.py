@@ -185,8 +185,10 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
     from .source import open_source
 
     try:
+        # a diagnostic: it switches no accounting sysctl on
         source = open_source(config, ConnectionFilter(config.conntrack.zones,
-                                                      config.flow_exporter.protocols))
+                                                      config.flow_exporter.protocols),
+                             accounting=False)
         connections = source.dump_all()
     except (OSError, RuntimeError, ValueError) as err:
         print(f"error: conntrack poll failed: {err}", file=sys.stderr)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ICMP_PROTOCOLS = (1, 58)
+# States after which a connection carries no more traffic worth waiting for, as both
+# sources name them: TIME_WAIT and CLOSE (kernel TCP), CLOSED (SCTP, OVS userspace TCP).
+ENDED_STATES = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
 
 
 @dataclass(slots=True)
@@ -37,3 +40,11 @@ class Connection:
     start_ns: int = 0  # wall clock, ns since the Unix epoch; 0 = unknown
     id: int = 0
     timeout: int = 0
+    # The source's verdict that the connection carries no more traffic worth waiting for
+    # (kernel: IPS_DYING or a closed TCP/SCTP state; OVS: the same read from its text), so
+    # the store exports it now and needs no source's constants.
+    ended: bool = False
+    # The connection's identity for the store: zone and original tuple, as the source's own
+    # encoding of them (ctnetlink: the bytes of CTA_TUPLE_ORIG and CTA_ZONE). Every source
+    # sets it; bytes hash once and compare fast, where a tuple of fields hashes per lookup.
+    key: bytes = b""

@@ -31,16 +31,21 @@ class ConnectionFilter:
         return (not self.zones or zone in self.zones) and protocol in self.protocols
 
     def apply(self, connections: list[Connection]) -> list[Connection]:
+        """The connections the filter accepts; the others are counted by protocol. One pass
+        for both: where the kernel could not filter (older kernels, zone 0) most of a dump
+        is rejected, and a second pass to count them cost as much again."""
         zones, numbers = self.zones, self.protocols.numbers
-        if zones and numbers is not None:
-            kept = [c for c in connections if c.zone in zones and c.protocol in numbers]
-        elif zones:
-            kept = [c for c in connections if c.zone in zones]
-        elif numbers is not None:
-            kept = [c for c in connections if c.protocol in numbers]
-        else:
+        if not zones and numbers is None:
             return connections
-        if len(kept) != len(connections):
-            kept_ids = set(map(id, kept))
-            self.rejected.update(c.protocol for c in connections if id(c) not in kept_ids)
+        any_zone, any_protocol = not zones, numbers is None
+        kept: list[Connection] = []
+        rejected: list[int] = []
+        keep, reject = kept.append, rejected.append
+        for c in connections:
+            if (any_zone or c.zone in zones) and (any_protocol or c.protocol in numbers):
+                keep(c)
+            else:
+                reject(c.protocol)
+        if rejected:
+            self.rejected.update(rejected)
         return kept

@@ -1,15 +1,18 @@
 """Kernel conntrack in network namespaces, real traffic of five protocols, and `ovsflow run`
-and `ovsflow conntrack` reading it; `conntrack -L` is the reference."""
+and `ovsflow conntrack` reading it; `conntrack -L` is the reference. Also the dump filter
+probe and an entry-by-entry comparison over zones, protocols and both address families
+(tests/conntrack_compare.py, which tests/test_kernel_61.py runs on Debian 12's kernel)."""
 
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+import conntrack_compare
 from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import LAB, PYTHON, Netns, veth_pair
 
@@ -192,3 +195,37 @@ def test_a_reload_changes_the_poller_filter_live(node, tmp_path, trigger):
     # 7001 existed before the reload but only became exportable with it
     assert all(r["flowEndMilliseconds"] >= reloaded_ms - 1000 for r in udp)
     assert not [r for r in records if r.get("destinationTransportPort") == 7003]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """tests/conntrack_compare.py in a namespace of its own on the host's kernel (the same
+    script runs on Debian 12's kernel in tests/test_kernel_61.py)."""
+    report = tmp_path_factory.mktemp("compare") / "report.json"
+    ns = Netns("compare")
+    try:
+        ns.run(PYTHON, str(Path(__file__).with_name("conntrack_compare.py")), str(report))
+    finally:
+        ns.delete()
+    return json.loads(report.read_text())
+
+
+def test_the_probe_finds_the_filters_this_kernel_applies(compared):
+    release = tuple(map(int, re.match(r"(\d+)\.(\d+)", compared["kernel"]).groups()))
+    # zone-filtered dumps since Linux 6.8; the family and CTA_FILTER's protocol long before
+    assert compared["probe"] == {"family": True, "protocol": True, "zone": release >= (6, 8)}
+
+
+@pytest.mark.parametrize("case", range(len(conntrack_compare.CASES)),
+                         ids=[f"zones={z}-protocols={p}" for z, p in conntrack_compare.CASES])
+def test_conntrack_command_lists_every_family_as_conntrack_tools_do(compared, case):
+    conntrack_compare.check(compared, case)
+
+
+def test_the_probe_entry_is_gone_and_nothing_else(compared):
+    assert compared["created"] == len(compared["conntrack"]) == 80
+    assert [e for e in compared["conntrack"] if e[2] == "192.0.2.1"] == []
+
+
+def test_conntrack_command_writes_no_sysctl(compared):
+    assert compared["sysctls"] == {"nf_conntrack_acct": "0", "nf_conntrack_timestamp": "0"}

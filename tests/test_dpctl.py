@@ -1,6 +1,8 @@
 """The dpctl/dump-conntrack text parser: the formats ct-dpif.c prints, and fuzzing."""
 
 import ipaddress
+import os
+import time
 
 import pytest
 from hypothesis import given, strategies as st
@@ -51,12 +53,51 @@ def test_ipv6_status_mark_labels():
     assert c.labels == (0xabcd).to_bytes(16, "big")
 
 
-def test_kernel_datapath_counters_and_start_time():
+@pytest.fixture
+def local_time_zone():
+    """Set the process's local time zone (POSIX TZ) for one test, then put it back."""
+    saved = os.environ.get("TZ")
+
+    def set_zone(zone: str) -> None:
+        os.environ["TZ"] = zone
+        time.tzset()
+
+    yield set_zone
+    if saved is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+def test_kernel_datapath_counters_and_start_time(local_time_zone):
+    local_time_zone("UTC0")
     c = parse_entry(KERNEL)
     assert c.counted and (c.packets, c.octets, c.reply_packets, c.reply_octets) == (
         5, 300, 4, 200)
     assert c.start_ns == 1795645032345000000 and c.state == "ESTABLISHED"
     assert c.status == 1 << 2
+
+
+def test_start_is_read_in_local_time_as_ovs_prints_it(local_time_zone):
+    """ct-dpif.c formats start= with ds_put_strftime_msec(..., utc=false): vswitchd's local
+    time. 22:17:12.345 on a node two hours east of UTC is 20:17:12.345 UTC."""
+    local_time_zone("EET-2")
+    assert parse_entry(KERNEL).start_ns == 1795645032345000000 - 2 * 3600 * 10**9
+    local_time_zone("EST5")
+    assert parse_entry(KERNEL).start_ns == 1795645032345000000 + 5 * 3600 * 10**9
+
+
+@pytest.mark.parametrize("line, ended", [
+    (TCP, False),  # FIN_WAIT_2: the other side may still send
+    (TCP.replace("state_orig=FIN_WAIT_2", "state_orig=TIME_WAIT"), True),
+    (TCP.replace("state_orig=FIN_WAIT_2", "state_orig=CLOSED"), True),
+    (KERNEL.replace("state=ESTABLISHED", "state=CLOSE"), True),
+    (UDP6, False),
+    (UDP6.replace("SEEN_REPLY|CONFIRMED", "CONFIRMED|DYING"), True),
+])
+def test_the_parser_says_when_a_connection_ended(line, ended):
+    assert parse_entry(line).ended is ended
 
 
 def test_portless_and_numbered_protocols():
@@ -78,7 +119,21 @@ def test_portless_and_numbered_protocols():
      "unknown status flag 'WEIRD'"),
     ("tcp,orig=(src=1.2.3.4),reply=(src=1.2.3.5,dst=1.2.3.4)", "without src= or dst="),
     ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),labels=0x1"
-     + "0" * 40, "labels out of range"),
+     + "0" * 40, "labels=0x1" + "0" * 40 + " out of range (128 bits)"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5,sport=70000,dport=2),reply=(src=1.2.3.5,"
+     "dst=1.2.3.4)", "sport=70000 out of range (16 bits)"),
+    ("tcp,orig=(src=1.2.3.4,dst=1.2.3.5,sport=-1,dport=2),reply=(src=1.2.3.5,dst=1.2.3.4)",
+     "sport=-1 out of range"),
+    ("icmp,orig=(src=1.2.3.4,dst=1.2.3.5,id=1,type=300,code=0),reply=(src=1.2.3.5,"
+     "dst=1.2.3.4)", "type=300 out of range (8 bits)"),
+    ("udp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),zone=65536",
+     "zone=65536 out of range (16 bits)"),
+    ("udp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),id=4294967296",
+     "id=4294967296 out of range (32 bits)"),
+    ("udp,orig=(src=1.2.3.4,dst=1.2.3.5,packets=18446744073709551616),reply=(src=1.2.3.5,"
+     "dst=1.2.3.4)", "packets=18446744073709551616 out of range (64 bits)"),
+    ("udp,orig=(src=1.2.3.4,dst=1.2.3.5),reply=(src=1.2.3.5,dst=1.2.3.4),"
+     "start=1960-01-01T00:00:00.000", "start time '1960-01-01T00:00:00.000' before 1970"),
 ])
 def test_bad_lines_are_named(line, fragment):
     with pytest.raises(DpctlParseError, match=fragment.replace("(", r"\(").replace(")", r"\)")
@@ -122,20 +177,36 @@ def test_generated_entries_parse_back(entry):
 
 @pytest.mark.fuzz
 @given(st.text(max_size=300))
-def test_arbitrary_text_never_escapes_as_another_error(text):
+def test_arbitrary_text_is_accounted_for_line_by_line(text):
+    """Every non-blank line is either a connection or one DpctlParseError that quotes it;
+    nothing else escapes, nothing is lost."""
     connections, errors = parse_dump(text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(connections) + len(errors) == len(lines)
     assert all(isinstance(e, DpctlParseError) for e in errors)
+    assert all(any(repr(line) in str(e) for line in lines) for e in errors)
 
 
 @pytest.mark.fuzz
 @given(entries(), st.integers(0, 400), st.text(max_size=5))
-def test_mangled_entries_never_escape_as_another_error(entry, cut, junk):
+def test_mangled_entries_parse_to_valid_values_or_a_named_error(entry, cut, junk):
+    """A mangled line either raises DpctlParseError quoting it or gives a connection whose
+    values fit their fields (ports 16 bits, protocol 8, addresses 4 or 16 bytes): the
+    encoder never sees an out-of-range number from this parser."""
     line = entry[0]
     mangled = line[:cut] + junk + line[cut + len(junk):]
     try:
-        parse_entry(mangled)
-    except DpctlParseError:
-        pass
+        c = parse_entry(mangled)
+    except DpctlParseError as err:
+        assert repr(mangled) in str(err)
+        return
+    assert 0 <= c.protocol <= 255
+    assert len(c.source) == len(c.destination) in (4, 16)
+    assert all(0 <= value <= 65535 for value in (
+        c.source_port, c.destination_port, c.reply_source_port, c.reply_destination_port,
+        c.icmp_id, c.zone))
+    assert 0 <= c.icmp_type <= 255 and 0 <= c.icmp_code <= 255
+    assert all(0 <= value < 1 << 32 for value in (c.id, c.mark, c.timeout, c.status))
 
 
 @pytest.mark.parametrize("line", [

@@ -8,18 +8,18 @@ from ovsflow.record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
 )
 from ovsflow.connection import Connection
-from ovsflow.source.ctnetlink import IPS_DYING
 from ovsflow.store import ConnectionStore
 
 A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
 
 
-def conn(sport=1000, packets=0, octets=0, *, conn_id=1, state="ESTABLISHED", status=0,
+def conn(sport=1000, packets=0, octets=0, *, conn_id=1, state="ESTABLISHED", ended=False,
          counted=True, protocol=6, zone=65520):
     return Connection(protocol, A, B, sport, 80, B, A, 80, sport, zone=zone, state=state,
-                      status=status, packets=packets, octets=octets, reply_packets=packets,
+                      packets=packets, octets=octets, reply_packets=packets,
                       reply_octets=octets * 2, counted=counted, id=conn_id,
-                      start_ns=1_000_000_000_000 if counted else 0)
+                      start_ns=1_000_000_000_000 if counted else 0, ended=ended,
+                      key=f"{zone} {protocol} {sport}".encode())
 
 
 def store(active=5.0, idle=15.0, **kwargs):
@@ -67,19 +67,21 @@ def test_a_connection_gone_between_polls_gets_a_final_record_with_its_last_count
 def test_time_wait_ends_the_flow_once():
     s = store()
     s.update([conn(packets=2)], 0.0)
-    [end] = s.update([conn(packets=6, state="TIME_WAIT")], 1.0)
+    [end] = s.update([conn(packets=6, state="TIME_WAIT", ended=True)], 1.0)
     assert end.end_reason == END_OF_FLOW and end.packet_delta == 6
     assert end.tcp_state == "TIME_WAIT"
     for t in (2.0, 10.0, 30.0):
-        assert s.update([conn(packets=6, state="TIME_WAIT")], t) == []
+        assert s.update([conn(packets=6, state="TIME_WAIT", ended=True)], t) == []
     assert s.update([], 31.0) == []  # its disappearance adds nothing
 
 
-def test_dying_status_ends_the_flow():
+def test_the_sources_ended_flag_ends_the_flow():
+    """The store reads no source's constants (IPS_DYING, state names): the flag is all."""
     s = store()
     s.update([conn(protocol=17, state="")], 0.0)
-    [end] = s.update([conn(protocol=17, state="", status=IPS_DYING, packets=1)], 1.0)
+    [end] = s.update([conn(protocol=17, state="", ended=True, packets=1)], 1.0)
     assert end.end_reason == END_OF_FLOW and end.tcp_state == ""
+    assert s.update([conn(state="TIME_WAIT", sport=7)], 2.0) == []  # a name alone: no end
 
 
 def test_same_tuple_new_conntrack_entry_ends_the_old_one():
@@ -91,6 +93,17 @@ def test_same_tuple_new_conntrack_entry_ends_the_old_one():
     assert new.flow_id == 2 and new.octet_delta == 10
 
 
+def test_a_retried_dump_that_repeats_a_reused_tuple_ends_the_old_entry_once():
+    """ENOBUFS restarts a dump: the connections before the overflow come twice in one
+    poll. A tuple whose conntrack entry was replaced must still end once, not twice."""
+    s = store()
+    s.update([conn(packets=5, conn_id=1)], 0.0)
+    records = s.update([conn(packets=1, conn_id=2), conn(packets=1, conn_id=2)], 1.0)
+    assert [(r.flow_id, r.end_reason) for r in records] == [(1, END_OF_FLOW)]
+    [new] = s.update([conn(packets=2, conn_id=2)], 6.0)
+    assert (new.flow_id, new.packet_delta) == (2, 2)
+
+
 def test_the_store_is_bounded_and_counts_what_it_could_not_track(caplog):
     s = store(max_connections=3)
     assert s.update([conn(sport=p) for p in range(5)], 0.0) == []
@@ -100,7 +113,7 @@ def test_the_store_is_bounded_and_counts_what_it_could_not_track(caplog):
 
 def test_flush_gives_live_connections_a_forced_end():
     s = store()
-    s.update([conn(sport=1, packets=1), conn(sport=2, packets=2, state="TIME_WAIT")], 0.0)
+    s.update([conn(sport=1, packets=1), conn(sport=2, packets=2, ended=True)], 0.0)
     records = s.flush(3.0)
     assert [(r.source_port, r.end_reason) for r in records] == [(1, FORCED_END)]
     assert len(s) == 0
@@ -112,6 +125,55 @@ def test_uncounted_connections_use_their_own_template_and_first_seen_time():
     [record] = s.update([conn(counted=False)], 105.0)
     assert record.kind == CONNTRACK_UNCOUNTED and record.start_ms == 100_000
     assert record.end_reason == ACTIVE_TIMEOUT  # present in every poll counts as active
+
+
+def test_counters_that_go_backwards_are_a_reset_and_the_delta_is_the_new_total():
+    s = store(active=1, idle=100)
+    s.update([conn(packets=10, octets=1000)], 0.0)
+    [first] = s.update([conn(packets=10, octets=1000)], 1.0)
+    assert (first.packet_delta, first.octet_delta) == (10, 1000)
+    # `conntrack -L -z` between polls, then a little traffic
+    [reset] = s.update([conn(packets=3, octets=300)], 2.0)
+    assert (reset.packets, reset.packet_delta, reset.octet_delta) == (3, 3, 300)
+    assert (reset.reverse_packet_delta, reset.reverse_octet_delta) == (3, 600)
+    [after] = s.update([conn(packets=5, octets=500)], 3.0)
+    assert (after.packet_delta, after.octet_delta) == (2, 200)
+
+
+def test_a_reset_of_one_counter_resets_the_deltas_of_all():
+    """Zeroing is per entry: one counter below its last export means all were zeroed,
+    even if another has since grown past its old value."""
+    s = store(active=1, idle=100)
+    s.update([conn(packets=10, octets=100)], 0.0)
+    s.update([conn(packets=10, octets=100)], 1.0)
+    [reset] = s.update([conn(packets=4, octets=400)], 2.0)
+    assert (reset.packet_delta, reset.octet_delta) == (4, 400)
+
+
+def test_tuple_reuse_soak_keeps_one_heap_item_per_connection():
+    """A fake clock, 50 tuples whose conntrack entries end and come back under a new id
+    every few polls (a busy client reusing ports), 400 polls: the heap stays bounded."""
+    s = store(active=5, idle=15)
+    conn_ids = {port: 1 for port in range(50)}
+    for t in range(400):
+        for port in conn_ids:
+            if (t + port) % 3 == 0:
+                conn_ids[port] += 1
+        s.update([conn(sport=port, packets=t, conn_id=i) for port, i in conn_ids.items()],
+                 float(t))
+        assert len(s._heap) <= len(s) == 50
+
+
+def test_churn_soak_keeps_the_heap_bounded_by_the_slots():
+    """Connections that end and others that take their place (freed slots reused), with
+    tuple reuse among them, over 500 polls of a fake clock with uneven steps."""
+    s = store(active=3, idle=7)
+    for poll in range(500):
+        window = range(poll * 5, poll * 5 + 40)  # 5 gone and 5 new per poll
+        now = poll * 0.7 + (poll % 3) * 0.2
+        s.update([conn(sport=port, packets=poll * (port % 2),
+                       conn_id=1 + poll // 4 * (port % 3 == 0)) for port in window], now)
+        assert len(s) == 40 and len(s._heap) <= 50  # 40 live, 5 just gone, 5 to spare
 
 
 def test_one_heap_item_per_connection():
@@ -154,3 +216,21 @@ def test_deltas_always_add_up_to_the_totals(polls, timeouts):
     for r in s.flush(float(len(polls))):
         exported[r.source_port] = exported.get(r.source_port, 0) + r.packet_delta
         assert exported.pop(r.source_port) == last[r.source_port]
+
+
+@settings(max_examples=200)
+@given(st.lists(st.dictionaries(st.integers(1, 4), st.integers(0, 2**63 - 1), max_size=4),
+                min_size=1, max_size=20))
+def test_counters_in_any_order_give_deltas_between_zero_and_the_total(polls):
+    """Counters that jump anywhere between polls (grown, zeroed, zeroed and grown past the
+    old value): every delta is within [0, total], whatever the history."""
+    s = store(1.0, 2.0)
+    for t, poll in enumerate(polls):
+        records = s.update([conn(sport=port, packets=n, octets=n) for port, n in poll.items()],
+                           float(t))
+        records += s.flush(float(t)) if t == len(polls) - 1 else []
+        for r in records:
+            for delta, total in ((r.packet_delta, r.packets), (r.octet_delta, r.octets),
+                                 (r.reverse_packet_delta, r.reverse_packets),
+                                 (r.reverse_octet_delta, r.reverse_octets)):
+                assert 0 <= delta <= total

@@ -13,10 +13,13 @@ from ..filter import ConnectionFilter
 log = logging.getLogger(__name__)
 
 
-def open_source(config: Config, connection_filter: ConnectionFilter):
+def open_source(config: Config, connection_filter: ConnectionFilter, *,
+                accounting: bool = True):
     """The configured source; `auto` asks OVSDB whether the bridge's datapath is netdev.
+    With `accounting`, the kernel's counters and timestamps are switched on (sysctls): the
+    agent wants them, a diagnostic (`ovsflow conntrack`) must change nothing.
     Blocking (OVSDB, sysctls, a netlink probe): the agent calls it in a worker thread."""
-    from .kernel import KernelSource, enable_accounting, kernel_supports_protocol_filter
+    from .kernel import KernelSource, enable_accounting, probe_filters
     from .ovs import OvsSource, UnixctlError, bridge_datapath_type
 
     kind = config.conntrack.source
@@ -33,5 +36,6 @@ def open_source(config: Config, connection_filter: ConnectionFilter):
                  config.ovs.bridge, datapath or "system", kind)
     if kind == "ovs":
         return OvsSource(connection_filter, config.ovs.run_dir)
-    enable_accounting()
-    return KernelSource(connection_filter, kernel_supports_protocol_filter())
+    if accounting:
+        enable_accounting()
+    return KernelSource(connection_filter, probe_filters())

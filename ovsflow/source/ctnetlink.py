@@ -15,11 +15,11 @@ import os
 import socket
 import struct
 
-from ..connection import Connection
+from ..connection import ENDED_STATES, Connection
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFNETLINK_V0 = 0
@@ -37,6 +37,9 @@ CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
 CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 CTA_TIMESTAMP_START = 1
+# Architectures without efficient unaligned access get an empty CTA_COUNTERS_PAD (5) /
+# CTA_TIMESTAMP_PAD (3) attribute (4 bytes, no payload) before each 64-bit value, so that
+# the value is 8-byte aligned (nla_put_be64): the walks skip any attribute they do not read.
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_DCCP, CTA_PROTOINFO_SCTP = 1, 2, 3
 CTA_PROTOINFO_STATE = 1  # the first attribute of each of the three nests
 CTA_FILTER_ORIG_FLAGS = 1
@@ -77,11 +80,19 @@ def _attr(attr_type: int, payload: bytes) -> bytes:
     return NLATTR.pack(length, attr_type) + payload + b"\0" * (-length % 4)
 
 
+def _message(kind: int, flags: int, sequence: int, family: int, attrs: bytes) -> bytes:
+    body = NFGENMSG.pack(family, NFNETLINK_V0, 0) + attrs
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | kind,
+                         NLM_F_REQUEST | flags, sequence, 0) + body
+
+
 def dump_request(sequence: int, family: int, zone: int | None = None,
                  protocol: int | None = None) -> bytes:
-    """IPCTNL_MSG_CT_GET dump of `family` (AF_INET, AF_INET6; 0 = both), filtered by the
-    kernel to one zone and one original-direction protocol when given. The protocol filter
-    (CTA_FILTER, Linux >= 5.8) needs a real address family."""
+    """IPCTNL_MSG_CT_GET dump of `family` (AF_INET, AF_INET6; 0 = both), filtered to one zone
+    and one original-direction protocol when given. Kernels honour what they know and
+    ignore the rest silently: the zone since Linux 6.8 (not zone 0), the protocol
+    (CTA_FILTER, which needs a real address family) since 5.8. `kernel.probe_filters`
+    finds out which."""
     attrs = b""
     if zone is not None:
         attrs += _attr(CTA_ZONE, struct.pack(">H", zone))
@@ -90,10 +101,7 @@ def dump_request(sequence: int, family: int, zone: int | None = None,
             CTA_FILTER_ORIG_FLAGS, struct.pack("=I", CTA_FILTER_F_CTA_PROTO_NUM)))
         attrs += _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, _attr(
             CTA_TUPLE_PROTO | NLA_F_NESTED, _attr(CTA_PROTO_NUM, bytes((protocol,)))))
-    body = NFGENMSG.pack(family, NFNETLINK_V0, 0) + attrs
-    message_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), message_type, NLM_F_REQUEST | NLM_F_DUMP,
-                         sequence, 0) + body
+    return _message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, sequence, family, attrs)
 
 
 NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x4, 0x200, 0x400
@@ -119,30 +127,45 @@ def _tuple_attr(attr_type: int, protocol: int, src: bytes, dst: bytes, sport: in
                  _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto))
 
 
-def new_request(sequence: int, protocol: int, src: bytes, dst: bytes, sport: int, dport: int,
-                *, zone: int = 0, timeout: int = 600, tcp_state: str = "ESTABLISHED") -> bytes:
-    """IPCTNL_MSG_CT_NEW creating one entry and its reply tuple; for ICMP an echo with id
-    `sport`. How tests and benchmarks fill conntrack fast, many messages per send
-    (`conntrack -I` manages ~800/s)."""
+def _tuples(protocol: int, src: bytes, dst: bytes, sport: int, dport: int) -> tuple[bytes, bytes]:
+    """The original and reply tuple attributes of one entry; for ICMP an echo with id
+    `sport`."""
     v4 = len(src) == 4
     orig_icmp = reply_icmp = None
     if protocol in (1, 58):
         orig_icmp = (sport, 8 if v4 else 128, 0)
         reply_icmp = (sport, 0 if v4 else 129, 0)
-    attrs = _tuple_attr(CTA_TUPLE_ORIG, protocol, src, dst, sport, dport, orig_icmp)
-    attrs += _tuple_attr(CTA_TUPLE_REPLY, protocol, dst, src, dport, sport, reply_icmp)
-    attrs += _attr(CTA_TIMEOUT, struct.pack(">I", timeout))
-    if zone:
-        attrs += _attr(CTA_ZONE, struct.pack(">H", zone))
+    return (_tuple_attr(CTA_TUPLE_ORIG, protocol, src, dst, sport, dport, orig_icmp),
+            _tuple_attr(CTA_TUPLE_REPLY, protocol, dst, src, dport, sport, reply_icmp))
+
+
+def _zone_attr(zone: int) -> bytes:
+    return _attr(CTA_ZONE, struct.pack(">H", zone)) if zone else b""  # zone 0: no attribute
+
+
+def new_request(sequence: int, protocol: int, src: bytes, dst: bytes, sport: int, dport: int,
+                *, zone: int = 0, timeout: int = 600, tcp_state: str = "ESTABLISHED") -> bytes:
+    """IPCTNL_MSG_CT_NEW creating one entry and its reply tuple; for ICMP an echo with id
+    `sport`. How tests and benchmarks fill conntrack fast, many messages per send
+    (`conntrack -I` manages ~800/s), and how the filter probe makes its entry."""
+    orig, reply = _tuples(protocol, src, dst, sport, dport)
+    attrs = orig + reply + _attr(CTA_TIMEOUT, struct.pack(">I", timeout)) + _zone_attr(zone)
     if protocol == 6:
         attrs += _attr(CTA_PROTOINFO | NLA_F_NESTED, _attr(
             CTA_PROTOINFO_TCP | NLA_F_NESTED,
             _attr(CTA_PROTOINFO_STATE, bytes((TCP_STATES[tcp_state],)))))
-    body = NFGENMSG.pack(socket.AF_INET if v4 else socket.AF_INET6, NFNETLINK_V0, 0) + attrs
-    message_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), message_type,
-                         NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-                         sequence, 0) + body
+    family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
+    return _message(IPCTNL_MSG_CT_NEW, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK, sequence, family,
+                    attrs)
+
+
+def delete_request(sequence: int, protocol: int, src: bytes, dst: bytes, sport: int,
+                   dport: int, *, zone: int = 0) -> bytes:
+    """IPCTNL_MSG_CT_DELETE of the entry `new_request` made with the same arguments. Always
+    by its tuple: a delete without one flushes the whole table."""
+    family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
+    return _message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, sequence, family,
+                    _tuples(protocol, src, dst, sport, dport)[0] + _zone_attr(zone))
 
 
 _LENGTH_TYPE = struct.Struct("=IH").unpack_from
@@ -165,13 +188,17 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         if message_type == _CT_NEW:
             start = pos + NLMSGHDR.size + NFGENMSG.size
             # the fast path (see _learn), inlined: this loop runs once per connection
-            for mask, expected, unpack, arguments, state_names in layouts.get(length, ()):
+            for mask, expected, unpack, arguments, state_names, key in layouts.get(length, ()):
                 if from_bytes(data[start:pos + length], "big") & mask == expected:
                     connection = Connection(*arguments(unpack(data, start) + _CONSTANTS))
+                    connection.key = (data[start + key[0]:start + key[1]]
+                                      + data[start + key[2]:start + key[3]])
                     if state_names is not None:
                         number = connection.state
                         connection.state = (state_names[number] if number < len(state_names)
                                             else str(number))
+                    if connection.status & IPS_DYING or connection.state in ENDED_STATES:
+                        connection.ended = True
                     break
             else:
                 try:
@@ -184,6 +211,9 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         elif message_type == NLMSG_DONE:
             return True
         elif message_type == NLMSG_ERROR:
+            if length < NLMSGHDR.size + 4:
+                raise CtnetlinkError(f"NLMSG_ERROR at offset {pos} has {length} bytes: too "
+                                     "short for its errno")
             error = -struct.unpack_from("=i", data, pos + NLMSGHDR.size)[0]
             if error:
                 raise NetlinkError(error, f"conntrack dump refused by the kernel: "
@@ -201,7 +231,7 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
     orig = reply = None
     status = mark = zone = timeout = conn_id = 0
     packets = octets = reply_packets = reply_octets = start_ns = 0
-    labels = b""
+    labels = key_tuple = key_zone = b""
     state = ""
     while pos < end:
         length, attr_type = _unpack_attr(data, pos)
@@ -212,6 +242,7 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
             _bad(pos, length, end)
         if attr_type == CTA_TUPLE_ORIG:
             orig = _tuple(data, pos + 4, pos + length)
+            key_tuple = data[pos:pos + length]
         elif attr_type == CTA_TUPLE_REPLY:
             reply = _tuple(data, pos + 4, pos + length)
         elif attr_type == CTA_STATUS:
@@ -230,6 +261,7 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
             mark = _BE32(data, pos + 4)[0]
         elif attr_type == CTA_ZONE:
             zone = (data[pos + 4] << 8) | data[pos + 5]
+            key_zone = data[pos + 4:pos + 6]
         elif attr_type == CTA_TIMESTAMP:
             start_ns = _timestamp(data, pos + 4, pos + length)
         elif attr_type == CTA_LABELS:
@@ -238,12 +270,16 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
     if orig is None:
         raise CtnetlinkError("conntrack entry without an original tuple")
     protocol, src, dst, sport, dport, icmp_id, icmp_type, icmp_code = orig
+    if len(src) not in (4, 16) or len(dst) != len(src):
+        raise CtnetlinkError(f"conntrack entry with addresses of {len(src)} and {len(dst)} "
+                             "bytes in its original tuple")
     if reply is None:
         reply = (protocol, b"", b"", 0, 0, 0, 0, 0)
     return Connection(protocol, src, dst, sport, dport, reply[1], reply[2], reply[3],
                       reply[4], icmp_type, icmp_code, icmp_id, zone, mark, labels, status,
                       state, packets, octets, reply_packets, reply_octets, True, start_ns,
-                      conn_id, timeout)
+                      conn_id, timeout, bool(status & IPS_DYING) or state in ENDED_STATES,
+                      key_tuple + key_zone)
 
 
 def _tuple(data: bytes, pos: int, end: int) -> tuple:
@@ -296,25 +332,30 @@ def _counters(data: bytes, pos: int, end: int) -> tuple[int, int]:
     packets = octets = 0
     while pos < end:
         length, attr_type = _unpack_attr(data, pos)
-        if length < NLATTR.size + 8 or pos + length > end:
+        if length < NLATTR.size or pos + length > end:
             _bad(pos, length, end)
         attr_type &= NLA_TYPE_MASK
-        if attr_type == CTA_COUNTERS_PACKETS:
-            packets = _BE64(data, pos + 4)[0]
-        elif attr_type == CTA_COUNTERS_BYTES:
-            octets = _BE64(data, pos + 4)[0]
-        pos += (length + 3) & ~3
+        if attr_type == CTA_COUNTERS_PACKETS or attr_type == CTA_COUNTERS_BYTES:
+            if length < NLATTR.size + 8:
+                _bad(pos, length, end)
+            if attr_type == CTA_COUNTERS_PACKETS:
+                packets = _BE64(data, pos + 4)[0]
+            else:
+                octets = _BE64(data, pos + 4)[0]
+        pos += (length + 3) & ~3  # CTA_COUNTERS_PAD and the 32-bit forms: skipped
     return packets, octets
 
 
 def _timestamp(data: bytes, pos: int, end: int) -> int:
     while pos < end:
         length, attr_type = _unpack_attr(data, pos)
-        if length < NLATTR.size + 8 or pos + length > end:
+        if length < NLATTR.size or pos + length > end:
             _bad(pos, length, end)
         if attr_type & NLA_TYPE_MASK == CTA_TIMESTAMP_START:
+            if length < NLATTR.size + 8:
+                _bad(pos, length, end)
             return _BE64(data, pos + 4)[0]
-        pos += (length + 3) & ~3
+        pos += (length + 3) & ~3  # CTA_TIMESTAMP_PAD: skipped
     return 0
 
 
@@ -353,7 +394,7 @@ _CONSTANTS = (0, b"", "", True)  # appended to the unpacked values: defaults by 
 _DEFAULTS = {"labels": 1, "state": 2, "counted": 3}
 _MAX_LAYOUTS_PER_LENGTH = 4
 # message length -> layouts: (header mask, expected headers, unpack of the values, Connection
-# arguments getter, state names or None)
+# arguments getter, state names or None, offsets of the key's two slices)
 _LAYOUTS: dict[int, list[tuple]] = {}
 
 
@@ -363,6 +404,7 @@ def _learn(data: bytes, start: int, end: int) -> None:
     headers: list[tuple[int, int]] = []  # (offset, the header as a big-endian u32)
     leaves: list[tuple[int, str, str]] = []  # (offset, struct code, Connection field)
     state_names: list[tuple[str, ...]] = []
+    key = [0, 0, 0, 0]  # Connection.key: where CTA_TUPLE_ORIG and CTA_ZONE's value are
 
     def header(pos: int) -> tuple[int, int, int]:
         length, attr_type = _unpack_attr(data, pos)
@@ -407,6 +449,10 @@ def _learn(data: bytes, start: int, end: int) -> None:
     scalars = {CTA_STATUS: ("I", "status"), CTA_ID: ("I", "id"), CTA_TIMEOUT: ("I", "timeout"),
                CTA_MARK: ("I", "mark"), CTA_ZONE: ("H", "zone")}
     for pos, length, kind, attr_end in children(start, end):
+        if kind == CTA_TUPLE_ORIG:
+            key[:2] = pos - start, pos - start + length
+        elif kind == CTA_ZONE:
+            key[2:] = pos + 4 - start, pos + 6 - start
         if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
             tuple_(pos + 4, attr_end, kind == CTA_TUPLE_REPLY)
         elif kind in scalars:
@@ -456,7 +502,7 @@ def _learn(data: bytes, start: int, end: int) -> None:
                      for name in _FIELDS]
     layout = (int.from_bytes(mask, "big"), int.from_bytes(expected, "big"),
               struct.Struct("".join(codes)).unpack_from, operator.itemgetter(*field_indexes),
-              state_names[0] if state_names else None)
+              state_names[0] if state_names else None, tuple(key))
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]

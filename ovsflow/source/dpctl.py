@@ -13,10 +13,11 @@ datapath adds `packets=`/`bytes=`/`start=`, they are read.
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timezone
+import struct
+from datetime import datetime
 
 from ..protocols import PROTOCOL_NUMBERS
-from ..connection import Connection
+from ..connection import ENDED_STATES, Connection
 
 # ct_dpif_format_ipproto's names ("icmpv6" and the rest are in the IANA table too)
 _PROTOCOLS = PROTOCOL_NUMBERS
@@ -25,6 +26,10 @@ _PROTOCOLS = PROTOCOL_NUMBERS
 _STATUS_BITS = {name: 1 << bit for bit, name in enumerate((
     "EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED", "SRC_NAT", "DST_NAT", "SEQ_ADJUST",
     "SRC_NAT_DONE", "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT", "TEMPLATE", "UNTRACKED"))}
+
+
+# Connection.key: the original tuple and the zone
+_IDENTITY = struct.Struct(">BHHHBBH")
 
 
 class DpctlParseError(ValueError):
@@ -65,14 +70,19 @@ def _address(text: str, line: str) -> bytes:
         raise DpctlParseError(f"bad address {text!r} in {line!r}") from None
 
 
-def _int(fields: dict[str, str], key: str, line: str, default: int = 0) -> int:
+def _int(fields: dict[str, str], key: str, line: str, bits: int = 32) -> int:
+    """fields[key] (0 when absent) as an unsigned number of `bits` bits: a value that does
+    not fit its field is an error here, not an exception in the encoder."""
     text = fields.get(key)
     if text is None:
-        return default
+        return 0
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
         raise DpctlParseError(f"bad number {key}={text!r} in {line!r}") from None
+    if not 0 <= value < 1 << bits:
+        raise DpctlParseError(f"{key}={text} out of range ({bits} bits) in {line!r}")
+    return value
 
 
 def _status(text: str, line: str) -> int:
@@ -87,12 +97,17 @@ def _status(text: str, line: str) -> int:
 
 
 def _start_ns(text: str, line: str) -> int:
-    """`start=2026-11-25T22:17:12.345` (UTC, milliseconds) to ns since the epoch."""
+    """`start=2026-11-25T22:17:12.345` to ns since the epoch. ct-dpif.c prints it with
+    `ds_put_strftime_msec(..., utc=false)`: ovs-vswitchd's local time, with no zone in the
+    text. The agent runs on the same node, so it reads it in its own local time zone."""
     try:
-        moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc)
-    except ValueError:
+        moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f")  # naive: local time
+        start_ns = round(moment.timestamp() * 1000) * 1_000_000
+    except (ValueError, OverflowError, OSError):
         raise DpctlParseError(f"bad start time {text!r} in {line!r}") from None
-    return int(moment.timestamp() * 1000) * 1_000_000
+    if start_ns <= 0:
+        raise DpctlParseError(f"start time {text!r} before 1970 in {line!r}")
+    return start_ns
 
 
 def parse_entry(line: str) -> Connection:
@@ -116,24 +131,28 @@ def parse_entry(line: str) -> Connection:
     if len(source) != len(destination):
         raise DpctlParseError(f"mixed IPv4 and IPv6 in {line!r}")
     protoinfo = _fields(fields["protoinfo"], line) if "protoinfo" in fields else {}
-    packets, octets = _int(orig, "packets", line), _int(orig, "bytes", line)
-    reply_packets, reply_octets = _int(reply, "packets", line), _int(reply, "bytes", line)
-    labels = _int(fields, "labels", line)
-    if not 0 <= labels < 1 << 128:
-        raise DpctlParseError(f"labels out of range (128 bits) in {line!r}")
+    packets, octets = _int(orig, "packets", line, 64), _int(orig, "bytes", line, 64)
+    reply_packets = _int(reply, "packets", line, 64)
+    reply_octets = _int(reply, "bytes", line, 64)
+    labels = _int(fields, "labels", line, 128)
+    status = _status(fields.get("status", "0"), line)
+    state = protoinfo.get("state_orig", protoinfo.get("state", ""))
+    sport, dport = _int(orig, "sport", line, 16), _int(orig, "dport", line, 16)
+    icmp_type, icmp_code = _int(orig, "type", line, 8), _int(orig, "code", line, 8)
+    icmp_id, zone = _int(orig, "id", line, 16), _int(fields, "zone", line, 16)
     return Connection(
-        protocol, source, destination, _int(orig, "sport", line), _int(orig, "dport", line),
-        _address(reply["src"], line), _address(reply["dst"], line),
-        _int(reply, "sport", line), _int(reply, "dport", line),
-        _int(orig, "type", line), _int(orig, "code", line), _int(orig, "id", line),
-        _int(fields, "zone", line), _int(fields, "mark", line),
+        protocol, source, destination, sport, dport, _address(reply["src"], line),
+        _address(reply["dst"], line), _int(reply, "sport", line, 16),
+        _int(reply, "dport", line, 16), icmp_type, icmp_code, icmp_id, zone,
+        _int(fields, "mark", line),
         labels.to_bytes(16, "big") if labels else b"",
-        _status(fields.get("status", "0"), line),
-        protoinfo.get("state_orig", protoinfo.get("state", "")),
-        packets, octets, reply_packets, reply_octets,
+        status, state, packets, octets, reply_packets, reply_octets,
         "packets" in orig or "bytes" in orig,
         _start_ns(fields["start"], line) if "start" in fields else 0,
-        _int(fields, "id", line), _int(fields, "timeout", line))
+        _int(fields, "id", line), _int(fields, "timeout", line),
+        bool(status & _STATUS_BITS["DYING"]) or state in ENDED_STATES,
+        _IDENTITY.pack(protocol, sport, dport, icmp_id, icmp_type, icmp_code, zone)
+        + source + destination)
 
 
 def parse_dump(text: str) -> tuple[list[Connection], list[DpctlParseError]]:

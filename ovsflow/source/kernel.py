@@ -1,4 +1,5 @@
-"""The kernel's conntrack, dumped over ctnetlink with kernel-side zone and protocol filters.
+"""The kernel's conntrack, dumped over ctnetlink with the kernel-side zone and protocol
+filters that this kernel is found to apply (`probe_filters`).
 
 Blocking socket work: the agent runs `poll` in a worker thread so the event loop (and the
 exporter) keeps going during a large dump.
@@ -10,6 +11,7 @@ import errno
 import gc
 import itertools
 import logging
+import random
 import socket
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
 from ..connection import Connection
-from .ctnetlink import NETLINK_NETFILTER, dump_request, parse_dump
+from .ctnetlink import NETLINK_NETFILTER, delete_request, dump_request, new_request, parse_dump
 
 if TYPE_CHECKING:
     from ..record import FlowRecord
@@ -32,11 +34,26 @@ RECEIVE_SIZE = 1 << 16  # the kernel fills dump buffers up to the largest size w
 SOCKET_BUFFER = 8 << 20
 MAX_FILTERED_DUMPS = 16  # beyond this many table walks, one walk + userspace filtering wins
 DUMP_RETRIES = 3
-PROBE_ZONE, PROBE_PROTOCOL = 65535, 255  # a zone and protocol (reserved) that hold nothing
+# The probe's own entry: IPv4 UDP in zone 0 between TEST-NET-1 addresses (RFC 5737), a
+# random source port so that two probes at once do not collide, and a short timeout so it
+# goes away even if we die before deleting it. The probe dumps ask for what it is not.
+PROBE_SOURCE, PROBE_DESTINATION = socket.inet_aton("192.0.2.1"), socket.inet_aton("192.0.2.2")
+PROBE_ENTRY_PROTOCOL, PROBE_ENTRY_PORT, PROBE_ENTRY_TIMEOUT = 17, 9, 10
+PROBE_DUMP_ZONE, PROBE_DUMP_PROTOCOL = 65535, 255
 
 
 class SourceError(RuntimeError):
     """The source cannot work; the text says why and what to do."""
+
+
+@dataclass(frozen=True)
+class KernelFilters:
+    """The dump filters the running kernel applies. Kernels ignore the ones they do not
+    know silently (Linux 6.1 returns every zone to a zone-filtered dump): asking one of
+    those for a dump per zone would decode every entry once per zone."""
+    family: bool
+    protocol: bool
+    zone: bool
 
 
 @dataclass(frozen=True)
@@ -46,14 +63,16 @@ class Dump:
     protocol: int | None
 
 
-def plan_dumps(connection_filter: ConnectionFilter, protocol_filter: bool) -> list[Dump]:
-    """The dumps that fetch what the filter accepts with the least crossing into userspace:
-    one per zone (the kernel cannot select zone 0), and when `protocol_filter` (the kernel
-    supports CTA_FILTER) one per address family and protocol."""
+def plan_dumps(connection_filter: ConnectionFilter, kernel: KernelFilters) -> list[Dump]:
+    """The dumps that fetch what the filter accepts with the least crossing into userspace,
+    using only the filters the kernel applies, so that no two dumps return the same entry:
+    one per zone (the kernel cannot select zone 0), and one per address family and protocol.
+    The userspace filter always runs after them."""
     zones = sorted(connection_filter.zones)
-    zone_choices: list[int | None] = zones if zones and 0 not in zones else [None]
+    zone_choices: list[int | None] = (zones if kernel.zone and zones and 0 not in zones
+                                      else [None])
     numbers = connection_filter.protocols.numbers
-    if numbers is None or not protocol_filter:
+    if numbers is None or not (kernel.protocol and kernel.family):
         return [Dump(0, zone, None) for zone in zone_choices]
     pairs = [(family, protocol) for family in (socket.AF_INET, socket.AF_INET6)
              for protocol in sorted(numbers)
@@ -80,38 +99,84 @@ def enable_accounting() -> None:
                 "/proc/sys/net in the node's network namespace (hostNetwork).") from None
 
 
-def kernel_supports_protocol_filter() -> bool:
-    """Probe CTA_FILTER (Linux >= 5.8): a protocol-filtered dump for a zone and protocol
-    that hold nothing. Kernels without it answer EOPNOTSUPP or EINVAL; kernels that ignore
-    it silently are caught by the userspace filter, which always runs."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.bind((0, 0))
-        sock.send(dump_request(1, socket.AF_INET, zone=PROBE_ZONE, protocol=PROBE_PROTOCOL))
+def probe_filters() -> KernelFilters:
+    """Which filters the kernel applies, judged by what it returns: each kind is tried on
+    its own, with a dump that must leave out an entry of our own (IPv4, UDP, zone 0) — an
+    IPv6 dump, a dump of protocol 255 (without a zone: some builds refuse CTA_ZONE beside
+    CTA_FILTER), a dump of zone 65535. A filter counts only if the entry stayed out; when
+    the probe cannot run, none counts (one dump, filtered in userspace, is always right)."""
+    entry = (PROBE_ENTRY_PROTOCOL, PROBE_SOURCE, PROBE_DESTINATION,
+             random.randrange(1024, 65536), PROBE_ENTRY_PORT)
+    with _netlink_socket() as sock:
         try:
-            while not parse_dump(sock.recv(RECEIVE_SIZE), []):
-                pass
+            _request(sock, new_request(1, *entry, timeout=PROBE_ENTRY_TIMEOUT))
         except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            log.info("the kernel does not filter conntrack dumps by protocol (%s): filtering "
-                     "in userspace", err.strerror)
+            log.warning("cannot insert the conntrack filter probe entry (%s): every dump "
+                        "filter is left to userspace", err.strerror)
+            return KernelFilters(family=False, protocol=False, zone=False)
+        try:
+            filters = KernelFilters(
+                family=_leaves_out(entry, socket.AF_INET6),
+                protocol=_leaves_out(entry, socket.AF_INET, protocol=PROBE_DUMP_PROTOCOL),
+                zone=_leaves_out(entry, 0, zone=PROBE_DUMP_ZONE))
+        finally:
+            try:
+                _request(sock, delete_request(2, *entry))
+            except OSError as err:
+                log.warning("conntrack filter probe entry not deleted (%s): it expires in "
+                            "%d s", err.strerror, PROBE_ENTRY_TIMEOUT)
+    log.info("kernel conntrack dump filters: %s", ", ".join(
+        f"{kind} {'applied' if applied else 'ignored (checked in userspace)'}"
+        for kind, applied in vars(filters).items()))
+    return filters
+
+
+def _netlink_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    sock.bind((0, 0))
+    return sock
+
+
+def _request(sock: socket.socket, message: bytes) -> None:
+    """Send a request that asks for an acknowledgement; NetlinkError if refused."""
+    sock.send(message)
+    parse_dump(sock.recv(RECEIVE_SIZE), [])
+
+
+def _leaves_out(entry: tuple, family: int, *, zone: int | None = None,
+                protocol: int | None = None) -> bool:
+    """Whether a dump filtered so leaves out `entry`. On its own socket: closing it ends
+    the dump as soon as the entry shows up."""
+    with _netlink_socket() as sock:
+        sock.send(dump_request(1, family, zone, protocol))
+        try:
+            while True:
+                found: list[Connection] = []
+                done = parse_dump(sock.recv(RECEIVE_SIZE), found)
+                if any((c.protocol, c.source, c.destination, c.source_port,
+                        c.destination_port) == entry for c in found):
+                    return False
+                if done:
+                    return True
+        except OSError as err:  # EOPNOTSUPP, EINVAL: the kernel refuses the filter
+            log.info("conntrack dump filter family=%d zone=%s protocol=%s not usable (%s)",
+                     family, zone, protocol, err.strerror)
             return False
-    return True
 
 
 class KernelSource:
     counted = True
 
-    def __init__(self, connection_filter: ConnectionFilter, protocol_filter: bool):
+    def __init__(self, connection_filter: ConnectionFilter, kernel: KernelFilters):
         self.filter = connection_filter
-        self.protocol_filter = protocol_filter
+        self.kernel = kernel
         self.dump_retries = 0
         self._sequence = itertools.count(1)
         self.replan()
 
     def replan(self) -> None:
         """Recompute the dumps from the filter (after a reload changed it)."""
-        self.dumps = plan_dumps(self.filter, self.protocol_filter)
+        self.dumps = plan_dumps(self.filter, self.kernel)
         log.debug("kernel conntrack: %d dump(s) per poll: %s", len(self.dumps), self.dumps)
 
     async def update(self, store: ConnectionStore, now: float) -> list[FlowRecord]:

@@ -46,30 +46,39 @@ def vswitchd_control_socket(run_dir: str) -> str:
 
 
 async def unixctl(path: str, method: str, *params: str) -> str:
-    """One unixctl command; its text output."""
+    """One unixctl command; its text output. The reply is read on the event loop, chunk by
+    chunk into a list (a dump is megabytes: `buffer += chunk` copied it again per chunk), and
+    decoded in a worker thread, so a large dump never stalls the loop."""
     reader, writer = await asyncio.open_unix_connection(path)
     try:
         writer.write(json.dumps({"id": 0, "method": method, "params": list(params)}).encode())
         await writer.drain()
-        buffer = b""
+        chunks: list[bytes] = []
         async with asyncio.timeout(UNIXCTL_TIMEOUT):
             while True:
                 chunk = await reader.read(1 << 20)
                 if not chunk:
                     raise UnixctlError(f"{path}: connection closed before the reply to "
                                        f"{method}")
-                buffer += chunk
-                if buffer.rstrip().endswith(b"}"):
-                    try:
-                        reply = json.loads(buffer)
-                        break
-                    except json.JSONDecodeError:
-                        continue  # a '}' inside the text, not the end
+                chunks.append(chunk)
+                if chunk.rstrip().endswith(b"}"):
+                    result = await asyncio.to_thread(_result, method, tuple(chunks))
+                    if result is not None:
+                        return result
+                    # else a '}' inside the text, not the end of the reply
     finally:
         writer.close()
-    if reply.get("error") is not None:
-        raise UnixctlError(f"{method}: {reply['error']}")
-    return reply.get("result") or ""
+
+
+def _result(method: str, chunks: tuple[bytes, ...]) -> str | None:
+    """The text of a complete JSON-RPC reply; None while it is incomplete."""
+    try:
+        decoded = json.loads(b"".join(chunks))
+    except json.JSONDecodeError:
+        return None
+    if decoded.get("error") is not None:
+        raise UnixctlError(f"{method}: {decoded['error']}")
+    return decoded.get("result") or ""
 
 
 def bridge_datapath_type(run_dir: str, bridge: str) -> str:
@@ -108,8 +117,8 @@ class OvsSource:
         self.parse_errors = 0
 
     async def update(self, store: ConnectionStore, now: float) -> list[FlowRecord]:
-        """One poll into the store."""
-        return store.update(await self.poll(), now)
+        """One poll into the store; like the parse, the update runs in a worker thread."""
+        return await asyncio.to_thread(store.update, await self.poll(), now)
 
     def dump_all(self) -> list[Connection]:
         """One poll, outside any event loop (`ovsflow conntrack`)."""
@@ -125,10 +134,14 @@ class OvsSource:
         connections: list[Connection] = []
         for arguments in queries:
             text = await unixctl(path, "dpctl/dump-conntrack", *arguments)
-            parsed, errors = await asyncio.to_thread(parse_dump, text)
-            connections += parsed
-            if errors:
-                self.parse_errors += len(errors)
-                log.warning("dpctl/dump-conntrack: %d line(s) not understood, first: %s",
-                            len(errors), errors[0])
-        return self.filter.apply(connections)
+            connections += await asyncio.to_thread(self._parse, text)
+        return connections
+
+    def _parse(self, text: str) -> list[Connection]:
+        """The entries of one dump the filter accepts (blocking: a worker thread's job)."""
+        parsed, errors = parse_dump(text)
+        if errors:
+            self.parse_errors += len(errors)
+            log.warning("dpctl/dump-conntrack: %d line(s) not understood, first: %s",
+                        len(errors), errors[0])
+        return self.filter.apply(parsed)
