@@ -67,6 +67,7 @@ ovs:
   denyTable: {DENY_TABLE}
 ipfix:
   nodeName: {name}
+  clusterPodCIDRs: ["10.60.0.0/25"]
 metrics:
   bindAddress: "{metrics}"
 """)

@@ -23,12 +23,14 @@ from collections import Counter
 
 from openflow.messages import OpenFlowError
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, IpfixConfig, load_config
 from .deny.source import DenySource
 from .deny.store import DenyStore
+from .enrich import Enricher, PodNetworks
 from .exporter import Exporter
 from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
+from .pods import PodMap
 from .protocols import ProtocolSet
 from .source import open_source
 from .store import ConnectionStore
@@ -50,6 +52,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _pod_networks(ipfix: IpfixConfig) -> PodNetworks:
+    return PodNetworks(str(network) for network in ipfix.cluster_pod_cidrs)
+
+
 class Agent:
     def __init__(self, config: Config, config_path: str | None = None):
         self.config = config
@@ -57,10 +63,16 @@ class Agent:
         self.source = None
         self.reloads = 0
         self._config_stamp: int | None = None
-        fe = config.flow_exporter
+        fe, ovs = config.flow_exporter, config.ovs
         self.filter = ConnectionFilter(config.conntrack.zones, fe.protocols)
+        # The Pods of this node, from the bridge's Port rows in OVSDB (Antrea's CNI names
+        # them there); without a bridge records carry addresses and rule ids only.
+        self.pods = PodMap(f"unix:{os.path.join(ovs.run_dir, 'db.sock')}") \
+            if ovs.bridge else None
+        self.enricher = Enricher(self.pods, config.ipfix.node_name,
+                                 _pod_networks(config.ipfix))
         self.store = ConnectionStore(fe.active_timeout, fe.idle_timeout,
-                                     config.conntrack.max_connections)
+                                     config.conntrack.max_connections, self.enricher)
         self.stopping = asyncio.Event()
         self.supervisor = Supervisor(self.stopping)
         self.exporter = Exporter(transport_for(fe.collector, config.ipfix),
@@ -68,8 +80,8 @@ class Agent:
                                  max_buffered=config.ipfix.max_buffered_records,
                                  template_refresh=config.ipfix.template_refresh,
                                  supervisor=self.supervisor)
-        ovs = config.ovs
-        self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections)
+        self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections,
+                                    self.enricher)
         self.deny = DenySource(ovs.run_dir, ovs.bridge, ovs.deny_table, ovs.deny_meter_id,
                                ovs.deny_packet_in_rate, self.filter,
                                self.deny_store) if ovs.bridge else None
@@ -110,6 +122,8 @@ class Agent:
         if self.config.metrics.host:  # bound here: a taken address stops the start
             self._metrics_server = await serve(self, self.config.metrics.host,
                                                self.config.metrics.port)
+        if self.pods is not None:
+            self.pods.start()  # loads in its own thread, reconnects by itself
         self.exporter.start()
         poll_task = self.supervisor.spawn("poll", self._poll_loop)
         background = []
@@ -138,6 +152,8 @@ class Agent:
             self.exporter.submit(final)
             log.info("stopping: %d final records; flushing the export queue", len(final))
             await self.exporter.close(SHUTDOWN_FLUSH_SECONDS)
+            if self.pods is not None:
+                await asyncio.to_thread(self.pods.stop)
             if self._metrics_server is not None:
                 self._metrics_server.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -226,6 +242,7 @@ class Agent:
             log.warning("reload: %s", warning)
         for store in (self.store, self.deny_store):
             store.active_timeout, store.idle_timeout = new_fe.active_timeout, new_fe.idle_timeout
+        self.enricher.pod_networks = _pod_networks(new.ipfix)
         self.exporter.max_buffered = new.ipfix.max_buffered_records
         self.exporter.template_refresh = new.ipfix.template_refresh
         if transport is not None:

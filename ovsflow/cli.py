@@ -12,6 +12,7 @@ import time
 
 from . import __version__
 from .config import Config, ConfigError, load_config
+from .connection import labels_value
 
 log = logging.getLogger("ovsflow")
 
@@ -210,7 +211,7 @@ def connection_json(c) -> dict:
             "replySourcePort": c.reply_source_port,
             "replyDestinationPort": c.reply_destination_port, "icmpType": c.icmp_type,
             "icmpCode": c.icmp_code, "icmpId": c.icmp_id, "zone": c.zone, "mark": c.mark,
-            "labels": c.labels.hex(), "status": c.status, "state": c.state,
+            "labels": hex(labels_value(c.labels)), "status": c.status, "state": c.state,
             "packets": c.packets if c.counted else None,
             "octets": c.octets if c.counted else None,
             "replyPackets": c.reply_packets if c.counted else None,

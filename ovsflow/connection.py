@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 ICMP_PROTOCOLS = (1, 58)
 # States after which a connection carries no more traffic worth waiting for, as both
 # sources name them: TIME_WAIT and CLOSE (kernel TCP), CLOSED (SCTP, OVS userspace TCP).
 ENDED_STATES = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
+
+# Conntrack labels (128 bits) travel in the kernel's own layout, CTA_LABELS as it comes: two
+# u64 words in host byte order, bits 0-63 first. The kernel decoder, the poll's hot path,
+# then copies them without work; the OVS source, which reads them as a number from text,
+# packs them so.
+_LABEL_WORDS = struct.Struct("=QQ")
+
+
+def labels_value(labels: bytes) -> int:
+    """The 128-bit label as a number (b"": none); what dpctl and `conntrack -L` print."""
+    if not labels:
+        return 0
+    low, high = _LABEL_WORDS.unpack(labels)
+    return high << 64 | low
+
+
+def labels_bytes(value: int) -> bytes:
+    return _LABEL_WORDS.pack(value & 0xFFFFFFFFFFFFFFFF, value >> 64) if value else b""
 
 
 @dataclass(slots=True)
@@ -29,7 +48,7 @@ class Connection:
     icmp_id: int = 0
     zone: int = 0
     mark: int = 0
-    labels: bytes = b""
+    labels: bytes = b""  # see labels_value
     status: int = 0
     state: str = ""  # TCP, SCTP or DCCP state name, as conntrack -L prints it
     packets: int = 0

@@ -5,42 +5,25 @@ Pods come from `ovsflow.pods`, the labels from the conntrack sources.
 Rule ids: Antrea's pipeline commits an allowed connection with the ingress rule's id in
 ct_label bits 0-31 and the egress rule's id in bits 32-63 (antrea-io/antrea,
 pkg/agent/openflow/fields.go: IngressRuleCTLabel, EgressRuleCTLabel). Labels are carried as
-16 bytes, the 128-bit label big-endian: what OVS's dpctl prints as `labels=0x...` and the form
-Antrea's exporter uses.
+in the kernel's layout (`ovsflow.connection.labels_value` reads them).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import struct
 from collections.abc import Iterable
 
-from .pods import PodRef
+from .connection import labels_value
+from .pods import PodMap, PodRef
 from .record import RULE_ALLOW, FlowRecord
 
 # Antrea's flowType values (pkg/apis/flow/v1alpha1/flow.proto, FlowType)
 FLOW_TYPE_UNKNOWN, INTRA_NODE, INTER_NODE, TO_EXTERNAL, FROM_EXTERNAL = 0, 1, 2, 3, 4
 
-# The kernel's label bitmap: unsigned long[2] (NF_CT_LABELS_MAX_SIZE, 128 bits) in host byte
-# order, bit n in word n // 64; ctnetlink sends it as it is (CTA_LABELS).
-_KERNEL_LABELS = struct.Struct("=QQ")
-
-
-def labels_from_kernel(raw: bytes) -> bytes:
-    """CTA_LABELS as the kernel sends it -> the 16-byte big-endian label (checked: labels 0, 1
-    and 33 set with iptables' connlabel came as 03 00 00 00 02 00 ... on x86-64)."""
-    if len(raw) != _KERNEL_LABELS.size:
-        raise ValueError(f"CTA_LABELS of {len(raw)} bytes; the kernel sends "
-                         f"{_KERNEL_LABELS.size}")
-    low, high = _KERNEL_LABELS.unpack(raw)
-    return (high << 64 | low).to_bytes(16, "big") if low or high else b""
-
 
 def rule_ids(labels: bytes) -> tuple[int, int]:
-    """(ingress rule id, egress rule id) from a 16-byte big-endian label; 0 = none."""
-    if not labels:
-        return 0, 0
-    value = int.from_bytes(labels, "big")
+    """(ingress rule id, egress rule id) from a connection's labels; 0 = none."""
+    value = labels_value(labels)
     return value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
 
 
@@ -109,3 +92,31 @@ def enrich(record: FlowRecord, source_pod: PodRef | None, destination_pod: PodRe
         record.ingress_rule_name, record.ingress_rule_action = str(ingress), RULE_ALLOW
     if egress:
         record.egress_rule_name, record.egress_rule_action = str(egress), RULE_ALLOW
+
+
+NO_PODS: tuple[PodRef | None, PodRef | None] = (None, None)
+
+
+class Enricher:
+    """What the stores need to fill records as Antrea's agent does: the live Pod map (None
+    without a bridge), this node's name and the cluster's Pod CIDRs."""
+
+    def __init__(self, pods: PodMap | None, node_name: str, pod_networks: PodNetworks):
+        self.node_name, self.pod_networks = node_name, pod_networks
+        self._lookup = pods.lookup if pods is not None else None
+
+    def pods(self, source: bytes, destination: bytes,
+             known: tuple[PodRef | None, PodRef | None] = NO_PODS
+             ) -> tuple[PodRef | None, PodRef | None]:
+        """The Pods of this node at the two ends now. An end the map no longer knows keeps
+        the Pod `known` for it: a connection keeps its names after its Pod is gone, and
+        one seen before the map learnt of its Pod gets them at its next record."""
+        lookup = self._lookup
+        if lookup is None:
+            return NO_PODS
+        source_pod, destination_pod = lookup(source), lookup(destination)
+        return (known[0] if source_pod is None else source_pod,
+                known[1] if destination_pod is None else destination_pod)
+
+    def __call__(self, record: FlowRecord, pods: tuple[PodRef | None, PodRef | None]) -> None:
+        enrich(record, pods[0], pods[1], self.node_name, self.pod_networks)

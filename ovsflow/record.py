@@ -58,7 +58,7 @@ class FlowRecord:
     destination_pod_name: str = ""
     destination_pod_namespace: str = ""
     destination_node_name: str = ""
-    labels: bytes = b""  # conntrack labels, 16 bytes big-endian as dpctl prints them; not exported
+    labels: bytes = b""  # conntrack labels (ovsflow.connection.labels_value); not exported
 
     @property
     def ipv6(self) -> bool:

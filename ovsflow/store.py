@@ -29,6 +29,7 @@ from array import array
 from collections.abc import Iterable
 
 from .connection import Connection
+from .enrich import NO_PODS, Enricher
 from .record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
     FlowRecord,
@@ -49,10 +50,11 @@ def _fixed(c: Connection) -> bytes:
 
 class ConnectionStore:
     def __init__(self, active_timeout: float, idle_timeout: float,
-                 max_connections: int = 500_000):
+                 max_connections: int = 500_000, enricher: Enricher | None = None):
         self.active_timeout = active_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.enricher = enricher  # Pods, flowType, rule ids; None: addresses only
         self.rejected = 0  # connections not tracked because the store was full
         self._slot_bits = max_connections.bit_length()
         self._clear()
@@ -65,6 +67,7 @@ class ConnectionStore:
         self._ids = array("I")  # conntrack id
         self._states: list[str] = []
         self._labels: list[bytes] = []
+        self._pods: list[tuple] = []  # the Pods at the two ends, as last known (Enricher)
         # counters as last polled, and as last exported
         self._packets, self._octets = array("Q"), array("Q")
         self._reply_packets, self._reply_octets = array("Q"), array("Q")
@@ -165,6 +168,7 @@ class ConnectionStore:
             self._fixed.append(None)
             self._states.append("")
             self._labels.append(b"")
+            self._pods.append(NO_PODS)
             for column in (self._ids, self._packets, self._octets, self._reply_packets,
                            self._reply_octets, self._exported_packets, self._exported_octets,
                            self._exported_reply_packets, self._exported_reply_octets,
@@ -184,6 +188,7 @@ class ConnectionStore:
         self._fixed[slot] = _fixed(c)
         self._ids[slot] = c.id
         self._states[slot], self._labels[slot] = c.state, c.labels
+        self._pods[slot] = NO_PODS
         self._packets[slot], self._octets[slot] = c.packets, c.octets
         self._reply_packets[slot], self._reply_octets[slot] = c.reply_packets, c.reply_octets
         self._exported_packets[slot] = self._exported_octets[slot] = 0
@@ -200,7 +205,7 @@ class ConnectionStore:
                 records.append(self._record(slot, END_OF_FLOW, self._previous_poll))
             del self._slots[self._keys[slot]]
             self._keys[slot] = self._fixed[slot] = None
-            self._labels[slot] = b""
+            self._labels[slot], self._pods[slot] = b"", NO_PODS
             self._occupied[slot] = 0
             self._free.append(slot)  # a heap item for it serves the next connection there
             slot = unseen.find(1, slot + 1)
@@ -265,11 +270,16 @@ class ConnectionStore:
         self._exported_reply_packets[slot] = reply_packets
         self._exported_reply_octets[slot] = reply_octets
         self._last_export[slot] = end
-        return FlowRecord(
-            CONNTRACK if counted else CONNTRACK_UNCOUNTED, fixed[_ADDRESSES:_ADDRESSES + length],
-            fixed[_ADDRESSES + length:], protocol, source_port, destination_port, icmp_type,
-            icmp_code, start_ms, end_ms, start_ms // 1000, end_ms // 1000, reason,
-            packets, octets, packets - last_packets, octets - last_octets,
-            reply_packets, reply_octets, reply_packets - last_reply_packets,
+        source, destination = fixed[_ADDRESSES:_ADDRESSES + length], fixed[_ADDRESSES + length:]
+        record = FlowRecord(
+            CONNTRACK if counted else CONNTRACK_UNCOUNTED, source, destination, protocol,
+            source_port, destination_port, icmp_type, icmp_code, start_ms, end_ms,
+            start_ms // 1000, end_ms // 1000, reason, packets, octets, packets - last_packets,
+            octets - last_octets, reply_packets, reply_octets, reply_packets - last_reply_packets,
             reply_octets - last_reply_octets, self._ids[slot], 0,
             self._states[slot] if protocol == 6 else "", labels=self._labels[slot])
+        enricher = self.enricher
+        if enricher is not None:
+            pods = self._pods[slot] = enricher.pods(source, destination, self._pods[slot])
+            enricher(record, pods)
+        return record

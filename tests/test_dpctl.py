@@ -7,6 +7,7 @@ import time
 import pytest
 from hypothesis import given, strategies as st
 
+from ovsflow.connection import labels_value
 from ovsflow.source.dpctl import DpctlParseError, parse_dump, parse_entry
 
 V4 = lambda text: ipaddress.ip_address(text).packed  # noqa: E731
@@ -50,7 +51,7 @@ def test_ipv6_status_mark_labels():
     assert c.source == V4("fd00::1") and len(c.reply_destination) == 16
     assert (c.zone, c.mark, c.id) == (7, 42, 7)
     assert c.status == (1 << 1) | (1 << 3)
-    assert c.labels == (0xabcd).to_bytes(16, "big")
+    assert labels_value(c.labels) == 0xabcd
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from ..enrich import NO_PODS, Enricher
 from ..record import ACTIVE_TIMEOUT, DENY, FORCED_END, IDLE_TIMEOUT, RULE_DROP, FlowRecord
 from .packet import DeniedPacket
 
@@ -18,17 +19,20 @@ log = logging.getLogger(__name__)
 
 class _Denied:
     __slots__ = ("packet", "rule_id", "first", "last", "last_export", "last_end", "packets",
-                 "octets", "exported_packets", "exported_octets")
+                 "octets", "exported_packets", "exported_octets", "pods")
 
     def __init__(self, packet: DeniedPacket, rule_id: int, now: float):
         self.packet, self.rule_id = packet, rule_id
         self.first = self.last = self.last_export = self.last_end = now
         self.packets = self.octets = self.exported_packets = self.exported_octets = 0
+        self.pods = NO_PODS  # as last known (Enricher)
 
 
 class DenyStore:
-    def __init__(self, active_timeout: float, idle_timeout: float, max_entries: int):
+    def __init__(self, active_timeout: float, idle_timeout: float, max_entries: int,
+                 enricher: Enricher | None = None):
         self.active_timeout, self.idle_timeout = active_timeout, idle_timeout
+        self.enricher = enricher  # Pods and flowType; None: addresses only
         self.max_entries = max_entries
         self.rejected = 0
         self._entries: dict[tuple, _Denied] = {}
@@ -87,4 +91,7 @@ class DenyStore:
             ingress_rule_name=rule, egress_rule_name=rule)
         entry.exported_packets, entry.exported_octets = entry.packets, entry.octets
         entry.last_export = now
+        if self.enricher is not None:
+            entry.pods = self.enricher.pods(p.source, p.destination, entry.pods)
+            self.enricher(record, entry.pods)
         return record

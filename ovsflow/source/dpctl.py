@@ -17,7 +17,7 @@ import struct
 from datetime import datetime
 
 from ..protocols import PROTOCOL_NUMBERS
-from ..connection import ENDED_STATES, Connection
+from ..connection import ENDED_STATES, Connection, labels_bytes
 
 # ct_dpif_format_ipproto's names ("icmpv6" and the rest are in the IANA table too)
 _PROTOCOLS = PROTOCOL_NUMBERS
@@ -145,7 +145,7 @@ def parse_entry(line: str) -> Connection:
         _address(reply["dst"], line), _int(reply, "sport", line, 16),
         _int(reply, "dport", line, 16), icmp_type, icmp_code, icmp_id, zone,
         _int(fields, "mark", line),
-        labels.to_bytes(16, "big") if labels else b"",
+        labels_bytes(labels),
         status, state, packets, octets, reply_packets, reply_octets,
         "packets" in orig or "bytes" in orig,
         _start_ns(fields["start"], line) if "start" in fields else 0,
