@@ -118,3 +118,40 @@ def agent_config(directory: Path, port: int, protocols, **sections) -> str:
     path = Path(directory) / "ovsflow.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+@contextmanager
+def filled_namespace(name: str, udp_entries: int):
+    """A network namespace whose kernel conntrack holds `udp_entries` UDP entries in zone
+    65520 (lab/ctfill.py); deleted afterwards."""
+    from lab.netns import PYTHON, Netns
+
+    ns = Netns(name)
+    try:
+        ns.run(PYTHON, "-m", "lab.ctfill", "udp", str(udp_entries))
+        yield ns
+    finally:
+        ns.delete()
+
+
+# Antrea's elements (PEN 56506) for the PyPI `ipfix` package, as go-ipfix's registry has them
+# (tests/data/go_ipfix_registry.csv): the package then decodes them by name.
+ANTREA_SPECS = [
+    "sourcePodNamespace(56506/100)<string>", "sourcePodName(56506/101)<string>",
+    "destinationPodNamespace(56506/102)<string>", "destinationPodName(56506/103)<string>",
+    "sourceNodeName(56506/104)<string>", "destinationNodeName(56506/105)<string>",
+    "tcpState(56506/136)<string>", "flowType(56506/137)<unsigned8>",
+    "ingressNetworkPolicyRuleAction(56506/139)<unsigned8>",
+    "egressNetworkPolicyRuleAction(56506/140)<unsigned8>",
+    "ingressNetworkPolicyRuleName(56506/141)<string>",
+    "egressNetworkPolicyRuleName(56506/142)<string>",
+]
+
+
+def use_antrea_information_model() -> None:
+    import ipfix.ie
+
+    ipfix.ie.use_iana_default()
+    ipfix.ie.use_5103_default()
+    for spec in ANTREA_SPECS:
+        ipfix.ie.for_spec(spec)

@@ -13,35 +13,21 @@ import subprocess
 import time
 from datetime import datetime, timezone
 
-import ipfix.ie
 import ipfix.message
 import pytest
 
-from helpers import OVSFLOW, agent_config
+from helpers import OVSFLOW, agent_config, use_antrea_information_model
 from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 from ovsflow.enrich import FROM_EXTERNAL, INTRA_NODE, TO_EXTERNAL
 from ovsflow.record import RULE_ALLOW, RULE_DROP
 
 DENY_TABLE, DENY_RULE = 250, 7
 NODE = "node-7"
-ANTREA_SPECS = [  # go-ipfix's registry (tests/data/go_ipfix_registry.csv)
-    "sourcePodNamespace(56506/100)<string>", "sourcePodName(56506/101)<string>",
-    "destinationPodNamespace(56506/102)<string>", "destinationPodName(56506/103)<string>",
-    "sourceNodeName(56506/104)<string>", "destinationNodeName(56506/105)<string>",
-    "tcpState(56506/136)<string>", "flowType(56506/137)<unsigned8>",
-    "ingressNetworkPolicyRuleAction(56506/139)<unsigned8>",
-    "egressNetworkPolicyRuleAction(56506/140)<unsigned8>",
-    "ingressNetworkPolicyRuleName(56506/141)<string>",
-    "egressNetworkPolicyRuleName(56506/142)<string>",
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def information_model():
-    ipfix.ie.use_iana_default()
-    ipfix.ie.use_5103_default()
-    for spec in ANTREA_SPECS:
-        ipfix.ie.for_spec(spec)
+    use_antrea_information_model()
 
 
 class Datagrams:

@@ -4,7 +4,6 @@ conntrack dump. Each test checks that nothing was lost, or that the loss was cou
 import errno
 import json
 import signal
-import socket
 import subprocess
 import time
 

@@ -10,7 +10,7 @@ from ovsflow.ipfix.codec import (
     HEADER, NTP_EPOCH_OFFSET, DecodeError, MessageDecoder, MessageEncoder, MessageStream, Template, TemplateField,
 )
 from ovsflow.ipfix.elements import (
-    ANTREA_PEN, DATA_TYPES, REVERSE_PEN, VARIABLE_LENGTH, InformationElement, element, lookup,
+    ANTREA_PEN, DATA_TYPES, REVERSE_PEN, VARIABLE_LENGTH, InformationElement, element,
 )
 from ovsflow.ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES
 from ovsflow.record import CONNTRACK, DENY, FlowRecord

@@ -14,7 +14,9 @@ import ipfix.message
 import ipfix.template
 import pytest
 
-from helpers import OVSFLOW, Collector, free_port, tshark_capture, tshark_fields
+from helpers import (
+    OVSFLOW, Collector, free_port, tshark_capture, tshark_fields, use_antrea_information_model,
+)
 from ovsflow.exporter import Exporter
 from ovsflow.ipfix.codec import MessageEncoder
 from ovsflow.ipfix.templates import ALL_TEMPLATES, template_for
@@ -26,22 +28,9 @@ from ovsflow.transport import StreamTransport, UdpTransport
 V4 = socket.inet_aton
 V6 = lambda text: socket.inet_pton(socket.AF_INET6, text)  # noqa: E731
 
-ANTREA_SPECS = [
-    "tcpState(56506/136)<string>", "flowType(56506/137)<unsigned8>",
-    "ingressNetworkPolicyRuleAction(56506/139)<unsigned8>",
-    "egressNetworkPolicyRuleAction(56506/140)<unsigned8>",
-    "ingressNetworkPolicyRuleName(56506/141)<string>",
-    "egressNetworkPolicyRuleName(56506/142)<string>",
-    "sourcePodName(56506/101)<string>",
-]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def ipfix_information_model():
-    ipfix.ie.use_iana_default()
-    ipfix.ie.use_5103_default()
-    for spec in ANTREA_SPECS:
-        ipfix.ie.for_spec(spec)
+    use_antrea_information_model()
 
 
 def tcp_record(index: int) -> FlowRecord:

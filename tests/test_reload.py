@@ -3,7 +3,6 @@ changes nothing, keeps the records flowing and says why in one line; a good one 
 still applies in full (a half-applied bad one used to swallow the collector change)."""
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,8 +10,7 @@ import pytest
 import yaml
 
 from collecting import Output
-from helpers import OVSFLOW, Collector, agent_config
-from lab.netns import PYTHON, Netns
+from helpers import OVSFLOW, Collector, agent_config, filled_namespace
 from test_exporter import tls_files  # noqa: F401 - the fixture
 
 RELOAD_WAIT = 2.0  # the agent looks at the file every poll (500 ms)
@@ -20,12 +18,8 @@ RELOAD_WAIT = 2.0  # the agent looks at the file every poll (500 ms)
 
 @pytest.fixture
 def node():
-    ns = Netns("reload")
-    try:
-        ns.run(PYTHON, "-m", "lab.ctfill", "udp", "20")
+    with filled_namespace("reload", 20) as ns:
         yield ns
-    finally:
-        ns.delete()
 
 
 def new_log_lines(path: Path, seen: list[str]) -> list[str]:

@@ -13,8 +13,7 @@ import time
 import pytest
 
 from collecting import Output
-from helpers import OVSFLOW, Collector, agent_config, free_port
-from lab.netns import PYTHON, Netns
+from helpers import OVSFLOW, Collector, agent_config, filled_namespace, free_port
 from ovsflow.supervisor import Supervisor
 from test_conntrack_kernel import http_get
 
@@ -65,12 +64,8 @@ def test_no_restart_once_stopping():
 
 @pytest.fixture
 def node():
-    ns = Netns("health")
-    try:
-        ns.run(PYTHON, "-m", "lab.ctfill", "udp", "20")
+    with filled_namespace("health", 20) as ns:
         yield ns
-    finally:
-        ns.delete()
 
 
 def start_agent(node, tmp_path, address):
