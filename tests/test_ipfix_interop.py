@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 import socket
 import subprocess
-from datetime import datetime
+from datetime import datetime, timezone
 
 import ipfix.ie
 import ipfix.message
@@ -66,6 +66,12 @@ FIELDS = ["cflow.od_id", "cflow.srcaddr", "cflow.srcaddrv6", "cflow.dstaddr", "c
           "cflow.abstimestart", "_ws.malformed", "_ws.expert.severity"]
 
 
+def _tshark_time(ms: int) -> str:
+    """How tshark shows an absolute time: 'Nov 14, 2023 22:13:20.123000000 UTC'."""
+    moment = datetime.fromtimestamp(ms / 1000, timezone.utc)
+    return moment.strftime("%b %d, %Y %H:%M:%S.") + f"{ms % 1000:03d}000000 UTC"
+
+
 def check_tshark_view(packets, records):
     tcp = [r for r in records if r.kind == CONNTRACK]
     seen = {f: [v for p in packets for v in p[f]] for f in FIELDS}
@@ -82,6 +88,18 @@ def check_tshark_view(packets, records):
     assert seen["cflow.permanent_octets"] == expected_totals
     assert seen["cflow.flow_end_reason"] == ["2"] * len(tcp) + ["3"]
     assert seen["cflow.flow_id"] == [str(r.flow_id) for r in tcp]
+    assert seen["cflow.dstaddr"] == [socket.inet_ntoa(r.destination_address) for r in tcp]
+    assert seen["cflow.dstport"] == [str(r.destination_port) for r in tcp] + ["53"]
+    assert seen["cflow.packets"] == [v for r in tcp for v in (
+        str(r.packet_delta), str(r.reverse_packet_delta))] + ["3"]
+    assert seen["cflow.permanent_packets"] == [v for r in tcp for v in (
+        str(r.packets), str(r.reverse_packets))] + ["3"]
+    # flowStartSeconds, then flowStartMilliseconds, of each record
+    assert seen["cflow.abstimestart"] == [v for r in records for v in (
+        _tshark_time(r.start_seconds * 1000), _tshark_time(r.start_ms))]
+    # no expert warning or error (PI_WARN 0x600000, PI_ERROR 0x800000) about any packet;
+    # chats and notes come from TCP's own analysis
+    assert [int(v) for v in seen["_ws.expert.severity"] if int(v) >= 0x600000] == []
 
 
 def export_under_tshark(kind: str, records, tmp_path):
