@@ -14,6 +14,7 @@ import pytest
 
 from collecting import Output
 from helpers import OVSFLOW, Collector, agent_config, filled_namespace, free_port
+from lab.netns import PYTHON
 from ovsflow.supervisor import Supervisor
 from test_conntrack_kernel import http_get
 
@@ -159,3 +160,55 @@ def test_healthz_names_a_deny_path_without_its_switch(node, tmp_path):
     assert health.startswith("503 deny: flows not in place for "), health
     assert "br0.mgmt" in health and "exporter" not in health and "poll" not in health
     assert metric(metrics, 'ovsflow_healthy{layer="deny"}') == 0
+
+
+SENDER = """
+import socket, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 40123))
+for _ in range(100):
+    sock.sendto(b"x" * 100, ("127.0.0.1", 9))
+    time.sleep(0.1)
+"""
+
+
+def test_counters_zeroed_under_a_running_agent(tmp_path):
+    """An operator's `conntrack -L -z` while the agent runs: records go on, the deltas after
+    the reset are the new totals (never negative, nothing rejected), /healthz stays 200,
+    and SIGTERM still ends with status 0."""
+    with filled_namespace("zeroed", 0) as node:
+        node.run("iptables", "-t", "raw", "-A", "OUTPUT", "-j", "CT", "--zone", "65520")
+        collector = Collector("udp://127.0.0.1:0", timeout=60, prefix=node.prefix())
+        agent = start_agent(node, tmp_path, f"127.0.0.1:{collector.port}:udp")
+        try:
+            time.sleep(1.5)  # accounting is on before the flow starts
+            sender = node.popen(PYTHON, "-c", SENDER)
+            time.sleep(4)
+            zeroed_at = time.time()
+            node.run("conntrack", "-L", "-z")
+            time.sleep(4)
+            health, metrics = http_get(node, "/healthz"), http_get(node, "/metrics")
+            stop_agent(agent)
+            sender.wait(timeout=30)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+        records = [r for r in collector.stop_and_read()
+                   if r.get("sourceTransportPort") == 40123]
+    assert health == "200 ok"
+    assert "ovsflow_records_rejected_total{" not in metrics
+    assert sum(r["flowEndMilliseconds"] < zeroed_at * 1000 for r in records) >= 2, records
+    # The first record whose total is below its predecessor's counts from the reset: its
+    # delta is its total. Every other record's delta is the growth of the total.
+    resets = [index for index in range(1, len(records))
+              if records[index]["octetTotalCount"] < records[index - 1]["octetTotalCount"]]
+    assert len(resets) == 1 and len(records) - resets[0] >= 2, records
+    reset = records[resets[0]]
+    assert reset["flowEndMilliseconds"] > zeroed_at * 1000
+    assert reset["octetDeltaCount"] == reset["octetTotalCount"] > 0
+    assert reset["packetDeltaCount"] == reset["packetTotalCount"] > 0
+    for previous, record in zip(records, records[1:]):
+        if record is not reset:
+            assert record["octetDeltaCount"] == (record["octetTotalCount"]
+                                                 - previous["octetTotalCount"])
