@@ -1,10 +1,11 @@
 """Conntrack poll benchmarks, against `conntrack -L` on the same table in the same run.
 
 1. Poll: a namespace whose conntrack holds 10k / 100k / 500k entries. Whole-process time of
-   `ovsflow conntrack --count` (the agent's dump, decode and filter path) against
+   `ovsflow conntrack --count` (the agent's dumps and filter; each entry checked against its
+   learned layout and counted by zone and protocol, not decoded into a Connection) against
    `conntrack -L -w 65520`, alternating, median of --runs. Target (issue 12): <= 1.0x at
-   100k. Also the in-process poll cycle (dump, decode, filter, store update), as the agent
-   runs it, with its CPU time.
+   100k. Also the in-process poll cycle (dump, full decode, filter, store update), as the
+   agent runs it, with its CPU time.
 2. Kernel-side filtering: 100k UDP + 10k TCP, `protocols: [tcp]` against the unfiltered
    poll. Target: <= 0.35x, exactly 10k connections.
 6. Filter cost against the number of configured protocols (1, 3, 255) over the same

@@ -190,13 +190,13 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
         source = open_source(config, ConnectionFilter(config.conntrack.zones,
                                                       config.flow_exporter.protocols),
                              accounting=False)
+        if args.count:  # counted without decoding every entry
+            print(source.count())
+            return EXIT_OK
         connections = source.dump_all()
     except (OSError, RuntimeError, ValueError) as err:
         print(f"error: conntrack poll failed: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.count:
-        print(len(connections))
-        return EXIT_OK
     write = sys.stdout.write
     for connection in connections:
         write(json.dumps(connection_json(connection)) + "\n")

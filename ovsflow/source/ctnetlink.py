@@ -1,5 +1,5 @@
 """ctnetlink (nf_conntrack over netfilter netlink) without I/O: dump requests to bytes,
-dump replies from bytes to `Connection` objects.
+dump replies from bytes to `Connection` objects (or only counted by zone and protocol).
 
 This is the poll's hot path, so it is a compact hand-written decoder: pyroute2's generic
 netlink parser managed ~2-3k entries/s here (25x slower than `conntrack -L`); walking the
@@ -14,6 +14,7 @@ import operator
 import os
 import socket
 import struct
+from typing import NoReturn
 
 from ..connection import ENDED_STATES, Connection
 
@@ -177,48 +178,95 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
     `connections`. Returns True when the dump is complete (NLMSG_DONE)."""
     pos, end = 0, len(data)
     layouts, append, from_bytes = _LAYOUTS, connections.append, int.from_bytes
+    new, ended_states = tuple.__new__, ENDED_STATES
     while pos < end:
         if end - pos < NLMSGHDR.size:
-            raise CtnetlinkError(f"{end - pos} bytes at offset {pos} are too short for a "
-                                 "netlink header")
+            _bad_header(pos, 0, end)
         length, message_type = _LENGTH_TYPE(data, pos)
         if length < NLMSGHDR.size or pos + length > end:
-            raise CtnetlinkError(f"netlink message at offset {pos} claims {length} bytes, "
-                                 f"{end - pos} are left")
+            _bad_header(pos, length, end)
         if message_type == _CT_NEW:
             start = pos + NLMSGHDR.size + NFGENMSG.size
             # the fast path (see _learn), inlined: this loop runs once per connection
-            for mask, expected, unpack, arguments, state_names, key in layouts.get(length, ()):
+            for mask, expected, unpack, arguments, names, state_at, status_at, key, _, _ in \
+                    layouts.get(length, ()):
                 if from_bytes(data[start:pos + length], "big") & mask == expected:
-                    connection = Connection(*arguments(unpack(data, start) + _CONSTANTS))
-                    connection.key = (data[start + key[0]:start + key[1]]
-                                      + data[start + key[2]:start + key[3]])
-                    if state_names is not None:
-                        number = connection.state
-                        connection.state = (state_names[number] if number < len(state_names)
-                                            else str(number))
-                    if connection.status & IPS_DYING or connection.state in ENDED_STATES:
-                        connection.ended = True
+                    values = unpack(data, start)
+                    state = names[values[state_at]] if names is not None else ""
+                    append(new(Connection, arguments(values + (
+                        state, state in ended_states or values[status_at] & IPS_DYING != 0,
+                        data[start + key[0]:start + key[1]]
+                        + data[start + key[2]:start + key[3]], 0, b"", True))))
                     break
             else:
-                try:
-                    connection = _connection(data, start, pos + length)
-                except (IndexError, struct.error):
-                    raise CtnetlinkError(f"conntrack message at offset {pos} is truncated") \
-                        from None
-                _learn(data, start, pos + length)
-            append(connection)
-        elif message_type == NLMSG_DONE:
+                append(_walk(data, pos, start, length))
+        elif _control(data, pos, length, message_type):
             return True
-        elif message_type == NLMSG_ERROR:
-            if length < NLMSGHDR.size + 4:
-                raise CtnetlinkError(f"NLMSG_ERROR at offset {pos} has {length} bytes: too "
-                                     "short for its errno")
-            error = -struct.unpack_from("=i", data, pos + NLMSGHDR.size)[0]
-            if error:
-                raise NetlinkError(error, f"conntrack dump refused by the kernel: "
-                                   f"{os.strerror(error)}")
         pos += (length + 3) & ~3
+    return False
+
+
+def count_dump(data: bytes, counts: dict[tuple[int, int], int]) -> bool:
+    """`parse_dump` for a count: add one receive buffer's entries to `counts` by (zone,
+    protocol), what the filter needs, without building a Connection each. Returns True
+    when the dump is complete."""
+    pos, end = 0, len(data)
+    layouts, from_bytes, get = _LAYOUTS, int.from_bytes, counts.get
+    while pos < end:
+        if end - pos < NLMSGHDR.size:
+            _bad_header(pos, 0, end)
+        length, message_type = _LENGTH_TYPE(data, pos)
+        if length < NLMSGHDR.size or pos + length > end:
+            _bad_header(pos, length, end)
+        if message_type == _CT_NEW:
+            start = pos + NLMSGHDR.size + NFGENMSG.size
+            for layout in layouts.get(length, ()):
+                if from_bytes(data[start:pos + length], "big") & layout[0] == layout[1]:
+                    zone_at = start + layout[8]
+                    found = (data[zone_at] << 8 | data[zone_at + 1] if zone_at > start else 0,
+                             data[start + layout[9]])
+                    break
+            else:
+                connection = _walk(data, pos, start, length)
+                found = connection.zone, connection.protocol
+            counts[found] = get(found, 0) + 1
+        elif _control(data, pos, length, message_type):
+            return True
+        pos += (length + 3) & ~3
+    return False
+
+
+def _bad_header(pos: int, length: int, end: int) -> NoReturn:
+    if end - pos < NLMSGHDR.size:
+        raise CtnetlinkError(f"{end - pos} bytes at offset {pos} are too short for a "
+                             "netlink header")
+    raise CtnetlinkError(f"netlink message at offset {pos} claims {length} bytes, "
+                         f"{end - pos} are left")
+
+
+def _walk(data: bytes, pos: int, start: int, length: int) -> Connection:
+    """The conntrack message at `pos` decoded by the attribute walk, and learned."""
+    try:
+        connection = _connection(data, start, pos + length)
+    except (IndexError, struct.error):
+        raise CtnetlinkError(f"conntrack message at offset {pos} is truncated") from None
+    _learn(data, start, pos + length)
+    return connection
+
+
+def _control(data: bytes, pos: int, length: int, message_type: int) -> bool:
+    """A message other than an entry: True for the end of the dump; an error reply
+    raises NetlinkError; anything else is skipped."""
+    if message_type == NLMSG_DONE:
+        return True
+    if message_type == NLMSG_ERROR:
+        if length < NLMSGHDR.size + 4:
+            raise CtnetlinkError(f"NLMSG_ERROR at offset {pos} has {length} bytes: too "
+                                 "short for its errno")
+        error = -struct.unpack_from("=i", data, pos + NLMSGHDR.size)[0]
+        if error:
+            raise NetlinkError(error, f"conntrack dump refused by the kernel: "
+                               f"{os.strerror(error)}")
     return False
 
 
@@ -385,17 +433,21 @@ def _state(data: bytes, pos: int, end: int) -> str:
 # Connection field sits. Later messages of that length whose headers all match are decoded
 # with one comparison and one unpack.
 
-_FIELDS = ("protocol", "source", "destination", "source_port", "destination_port",
-           "reply_source", "reply_destination", "reply_source_port", "reply_destination_port",
-           "icmp_type", "icmp_code", "icmp_id", "zone", "mark", "labels", "status", "state",
-           "packets", "octets", "reply_packets", "reply_octets", "counted", "start_ns", "id",
-           "timeout")
-_CONSTANTS = (0, b"", "", True)  # appended to the unpacked values: defaults by index
-_DEFAULTS = {"labels": 1, "state": 2, "counted": 3}
+# Appended to the unpacked values, by index: what the fast path computes per message, then
+# the defaults of fields a layout does not read (0, no labels b"", counted True).
+_COMPUTED = ("state", "ended", "key")
+_DEFAULT_AT = {"labels": 1, "counted": 2}  # else 0
 _MAX_LAYOUTS_PER_LENGTH = 4
 # message length -> layouts: (header mask, expected headers, unpack of the values, Connection
-# arguments getter, state names or None, offsets of the key's two slices)
+# arguments getter, state names by number or None, where in the values the state number and
+# the status are, offsets of the key's two slices, offsets of the zone (0: none) and of the
+# protocol in the message)
 _LAYOUTS: dict[int, list[tuple]] = {}
+
+
+def _numbered(names: tuple[str, ...]) -> tuple[str, ...]:
+    """State names for every value of the state's byte, as the walk names them."""
+    return names + tuple(str(number) for number in range(len(names), 256))
 
 
 def _learn(data: bytes, start: int, end: int) -> None:
@@ -498,11 +550,17 @@ def _learn(data: bytes, start: int, end: int) -> None:
         fields[name] = index
     if at > size:
         return
-    field_indexes = [fields[name] if name in fields else len(leaves) + _DEFAULTS.get(name, 0)
-                     for name in _FIELDS]
+    if "status" not in fields or "protocol" not in fields:
+        return  # not what a kernel sends: the walk handles it
+    computed = {name: len(leaves) + index for index, name in enumerate(_COMPUTED)}
+    defaults = len(leaves) + len(_COMPUTED)  # (0, b"", True), appended by parse_dump
+    field_indexes = [computed[name] if name in computed else fields[name] if name in fields
+                     else defaults + _DEFAULT_AT.get(name, 0) for name in Connection._fields]
+    offsets = {name: offset for offset, _, name in leaves}
     layout = (int.from_bytes(mask, "big"), int.from_bytes(expected, "big"),
               struct.Struct("".join(codes)).unpack_from, operator.itemgetter(*field_indexes),
-              state_names[0] if state_names else None, tuple(key))
+              _numbered(state_names[0]) if state_names else None, fields.get("state"),
+              fields["status"], tuple(key), offsets.get("zone", 0), offsets["protocol"])
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]

@@ -14,13 +14,16 @@ import logging
 import random
 import socket
 from dataclasses import dataclass
+from functools import partial
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
 from ..connection import Connection
-from .ctnetlink import NETLINK_NETFILTER, delete_request, dump_request, new_request, parse_dump
+from .ctnetlink import (
+    NETLINK_NETFILTER, count_dump, delete_request, dump_request, new_request, parse_dump,
+)
 
 if TYPE_CHECKING:
     from ..record import FlowRecord
@@ -192,44 +195,79 @@ class KernelSource:
 
     def connections(self) -> Iterator[Connection]:
         """The connections the filter accepts, dump by dump (blocking)."""
+        return itertools.chain.from_iterable(self._chunks())  # not a generator per entry
+
+    def _chunks(self) -> Iterator[list[Connection]]:
+        """The connections the filter accepts, a list per receive buffer."""
         # A dump allocates objects per entry and nothing cyclic; the cyclic collector would
         # run dozens of times over them for nothing (~30% of a 100k poll).
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-                sock.bind((0, 0))
+            with self._socket() as sock:
                 for dump in self.dumps:
                     for chunk in self._dump(sock, dump):
-                        yield from self.filter.apply(chunk)
+                        yield self.filter.apply(chunk)
         finally:
             if collecting:
                 gc.enable()
 
+    def count(self) -> int:
+        """How many connections the filter accepts (blocking), counted by zone and protocol
+        without a Connection per entry: `ovsflow conntrack --count`."""
+        total = 0
+        counts: dict[tuple[int, int], int] = {}
+        with self._socket() as sock:
+            for dump in self.dumps:
+                for restarted in self._receive(sock, dump, partial(count_dump, counts=counts)):
+                    if restarted:
+                        counts.clear()
+                total += sum(number for (zone, protocol), number in counts.items()
+                             if self.filter.accepts(zone, protocol))
+                counts.clear()
+        return total
+
+    @staticmethod
+    def _socket() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock.bind((0, 0))
+        return sock
+
     def _dump(self, sock: socket.socket, dump: Dump) -> Iterator[list[Connection]]:
-        """One dump's connections, a list per receive buffer, as they arrive."""
+        """One dump's connections, a list per receive buffer, as they arrive. A restarted
+        dump hands on its first entries again, which the store takes as unchanged."""
+        chunk: list[Connection] = []
+        for restarted in self._receive(sock, dump, partial(parse_dump, connections=chunk)):
+            if not restarted:
+                yield chunk.copy()  # a list of its own: a caller may keep them all
+                chunk.clear()
+
+    def _receive(self, sock: socket.socket, dump: Dump,
+                 decode: Callable[[bytes], bool]) -> Iterator[bool]:
+        """One dump, each receive buffer handed to `decode` (True: the dump is complete) as
+        it arrives. Yields after each buffer: False, or True when the dump has started over
+        (its socket overflowed) and its entries come again from the first."""
         attempt = 1
         while True:
             sock.send(dump_request(next(self._sequence), dump.family, dump.zone,
                                    dump.protocol))
             try:
                 while True:
-                    chunk: list[Connection] = []
-                    done = parse_dump(sock.recv(RECEIVE_SIZE), chunk)
-                    yield chunk
+                    done = decode(sock.recv(RECEIVE_SIZE))
+                    yield False
                     if done:
                         return
             except OSError as err:
-                # ENOBUFS: the socket overflowed and the dump is incomplete. Start it again;
-                # connections already handed on come again, which the store takes as
-                # unchanged (a partial table would make the rest look ended).
+                # ENOBUFS: the socket overflowed and the dump is incomplete. Start it again
+                # (a partial table would make the rest look ended).
                 if err.errno != errno.ENOBUFS or attempt == DUMP_RETRIES:
                     raise
             self.dump_retries += 1
             attempt += 1
             log.warning("conntrack dump %s overflowed (ENOBUFS); retrying", dump)
             self._drain(sock)
+            yield True
 
     @staticmethod
     def _drain(sock: socket.socket) -> None:

@@ -124,6 +124,10 @@ class OvsSource:
         """One poll, outside any event loop (`ovsflow conntrack`)."""
         return asyncio.run(self.poll())
 
+    def count(self) -> int:
+        """How many connections the filter accepts (`ovsflow conntrack --count`)."""
+        return len(self.dump_all())
+
     def replan(self) -> None:
         """Nothing to recompute: every poll reads the filter's zones."""
 
