@@ -19,13 +19,12 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
     With `accounting`, the kernel's counters and timestamps are switched on (sysctls): the
     agent wants them, a diagnostic (`ovsflow conntrack`) must change nothing.
     Blocking (OVSDB, sysctls, a netlink probe): the agent calls it in a worker thread."""
-    from .kernel import KernelSource, enable_accounting, probe_filters
-    from .ovs import OvsSource, UnixctlError, bridge_datapath_type
-
     kind = config.conntrack.source
     if kind == "auto" and not config.ovs.bridge:
         kind = "kernel"
     if kind == "auto":
+        from .ovs import UnixctlError, bridge_datapath_type  # OVSDB's client: imported only here
+
         try:
             datapath = bridge_datapath_type(config.ovs.run_dir, config.ovs.bridge)
         except UnixctlError as err:
@@ -35,7 +34,11 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
         log.info("conntrack.source auto: bridge %s has datapath_type %r: using %s conntrack",
                  config.ovs.bridge, datapath or "system", kind)
     if kind == "ovs":
+        from .ovs import OvsSource
+
         return OvsSource(connection_filter, config.ovs.run_dir)
+    from .kernel import KernelSource, enable_accounting, probe_filters
+
     if accounting:
         enable_accounting()
     return KernelSource(connection_filter, probe_filters())
