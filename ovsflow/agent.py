@@ -4,22 +4,25 @@ layers: conntrack polls and, when `ovs.bridge` is set, the deny path's packet-in
 Every long-lived task (poll loop, exporter, deny path, metrics server) runs under one
 `Supervisor`: an unexpected exception is logged, counted and the task restarts with backoff.
 The poll's blocking parts run in a worker thread, so the exporter keeps sending while a
-large table is dumped; the poll loop waits for the exporter when the queue is over its bound
-(backpressure), so a large poll loses nothing while the collector takes records. A reload is
-built completely before anything is swapped, and two never run at once. SIGTERM/SIGINT: the
-poll in progress completes, final records for every live connection, a flush of the queue
-bounded only by the time the collector takes nothing, exit 0.
+large table is dumped; the store's due records are encoded there too, batch by batch, and
+each batch is handed to the exporter at once. The poll loop waits for the exporter when the
+queue is over its bound (backpressure), so a large poll loses nothing while the collector
+takes records. A reload is built completely before anything is swapped, and two never run
+at once. SIGTERM/SIGINT: the poll in progress completes, final records for every live
+connection, a flush of the queue bounded only by the time the collector takes nothing,
+exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import ssl
 import time
-from collections import Counter
+from collections.abc import Iterable
 
 from openflow.messages import OpenFlowError
 
@@ -27,7 +30,7 @@ from .config import Config, ConfigError, IpfixConfig, load_config
 from .deny.source import DenySource
 from .deny.store import DenyStore
 from .enrich import Enricher, PodNetworks
-from .exporter import Exporter
+from .exporter import EncodedRecords, Exporter, RecordEncoder, encode_in_batches
 from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
 from .pods import PodMap
@@ -99,6 +102,7 @@ class Agent:
         self.records_by_protocol: dict[tuple[str, int], int] = {}  # (layer, protocol)
         self.poll_buckets = [0] * len(POLL_BUCKETS)  # polls at or under each bound
         self.poll_seconds_sum = 0.0
+        self._poll_records = 0  # conntrack records of the poll in progress
 
     def stop(self) -> None:
         self.stopping.set()
@@ -115,6 +119,14 @@ class Agent:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
+
+        def hand_over(batch: EncodedRecords) -> None:
+            """In the poll's worker thread, per batch of due records as it is encoded: the
+            exporter sends it while the poll goes on, so a poll whose whole table is due
+            never holds all its records at once."""
+            loop.call_soon_threadsafe(self._submit_conntrack, batch)
+
+        self.store.new_records = functools.partial(RecordEncoder, hand_over)
         fe = self.config.flow_exporter
         log.info("exporting protocols %s from zones %s to %s (observation domain %d)",
                  fe.protocols.describe(), sorted(self.config.conntrack.zones) or "all",
@@ -144,13 +156,16 @@ class Agent:
                 except asyncio.CancelledError:
                     pass
             now = time.time()
-            final = self.store.flush(now) + self.deny_store.flush(now)
+            self.store.new_records = RecordEncoder  # on this thread: nothing to hand over
+            final = self.store.flush(now).finish() + encode_in_batches(
+                self.deny_store.flush(now))
             if self.deny is not None:
                 log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
                          "unwanted protocols, %d malformed", self.deny.packet_ins,
                          self.deny.ignored, self.deny.unwanted, self.deny.malformed)
-            self.exporter.submit(final)
-            log.info("stopping: %d final records; flushing the export queue", len(final))
+            self.exporter.submit_encoded(final)
+            log.info("stopping: %d final records; flushing the export queue",
+                     sum(batch.protocols.total() for batch in final))
             await self.exporter.close(SHUTDOWN_FLUSH_SECONDS)
             if self.pods is not None:
                 await asyncio.to_thread(self.pods.stop)
@@ -194,10 +209,18 @@ class Agent:
         except OSError:
             return None
 
-    def _count_by_protocol(self, layer: str, records: list) -> None:
-        counts = self.records_by_protocol
-        for protocol, count in Counter(r.protocol for r in records).items():
-            counts[layer, protocol] = counts.get((layer, protocol), 0) + count
+    def _count_by_protocol(self, layer: str, batches: Iterable[EncodedRecords]) -> int:
+        """Counts the records made (rejected or not) per protocol; returns how many."""
+        counts, made = self.records_by_protocol, 0
+        for batch in batches:
+            for protocol, count in batch.protocols.items():
+                counts[layer, protocol] = counts.get((layer, protocol), 0) + count
+                made += count
+        return made
+
+    def _submit_conntrack(self, batch: EncodedRecords) -> None:
+        self._poll_records += self._count_by_protocol("conntrack", [batch])
+        self.exporter.enqueue(batch)
 
     async def reload(self) -> bool:
         """SIGHUP, or the file changed: read it again, build everything it needs, and only
@@ -279,6 +302,7 @@ class Agent:
     async def poll_once(self) -> None:
         started = time.perf_counter()
         now = time.time()
+        self._poll_records = 0
         try:
             async with self._config_lock:
                 if self.source is None:
@@ -290,12 +314,11 @@ class Agent:
             self._poll_failed(str(err) or type(err).__name__)
             return
         self.poll_failing_since, self.poll_error = None, ""
-        conntrack_records = len(records)
-        deny_records = self.deny_store.expired(now)
-        self._count_by_protocol("conntrack", records)
-        self._count_by_protocol("deny", deny_records)
-        records += deny_records
-        self.exporter.submit(records)
+        for batch in records.finish():  # the last batch; the others were handed over
+            self._submit_conntrack(batch)
+        deny_batches = encode_in_batches(self.deny_store.expired(now))
+        deny_records = self._count_by_protocol("deny", deny_batches)
+        self.exporter.submit_encoded(deny_batches)  # drops, if it must, for the whole poll
         if self.deny is not None:
             await self.deny.refresh_meter_stats()
         self.polls += 1
@@ -307,7 +330,7 @@ class Agent:
         self.last_poll_at = time.monotonic()
         log.debug("poll: %d connections tracked, %d conntrack and %d deny records, cycle "
                   "(dump, decode, filter, store update) %.3fs", len(self.store),
-                  conntrack_records, len(records) - conntrack_records, self.last_poll_seconds)
+                  self._poll_records, deny_records, self.last_poll_seconds)
         await self.exporter.wait_for_room()  # backpressure: the next poll waits for it
 
     def _poll_failed(self, error: str) -> None:

@@ -9,6 +9,12 @@ backoff and jitter, and sends templates first on every new connection, and over 
 `template_refresh` seconds. A clean end of a TCP/TLS session withdraws the templates
 (RFC 7011 §8.1). A record with a value its field cannot hold is rejected and counted on its
 own; it never stops the others.
+
+The queue holds records already encoded (`EncodedRecords`: per template, one run of bytes),
+not `FlowRecord`s: a record costs its ~130 bytes on the wire rather than ~600 bytes of
+Python objects, and a poll's records are encoded `BATCH` at a time as the store makes them,
+in the poll's worker thread (`RecordEncoder`), so that no poll holds all its records as
+objects at once. Only the messages (headers, sequence numbers) are made at send time.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import functools
 import logging
 import struct
 import time
+from array import array
 from collections import Counter, deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
+from operator import attrgetter
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
@@ -31,7 +40,7 @@ from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-BATCH = 5000  # records encoded between yields to the event loop
+BATCH = 5000  # records encoded at once, and sent at once (then the event loop runs)
 CONNECT_TIMEOUT = 10.0  # seconds; a collector behind a black hole is unreachable, not slow
 STALL_TIMEOUT = 10.0  # seconds without a record taken: the collector counts as unreachable
 WITHDRAW_TIMEOUT = 2.0
@@ -71,6 +80,114 @@ def _misfit(template: Template, values: tuple) -> tuple[str, object]:
     return "record", values
 
 
+@dataclass(slots=True)
+class EncodedRecords:
+    """Up to `BATCH` records as their templates' data records: per template, the records'
+    bytes joined and where each starts (one more offset than records). `rejected` lists the
+    (element, value) of each record left out because a value did not fit its field;
+    `protocols` counts the records made, rejected or not, per IP protocol."""
+    groups: list[tuple[Template, bytes, array]] = field(default_factory=list)
+    rejected: list[tuple[str, object]] = field(default_factory=list)
+    protocols: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return sum(len(starts) - 1 for _, _, starts in self.groups)
+
+    def drop_oldest(self, count: int) -> None:
+        """Leave out the first `count` records (fewer than there are)."""
+        groups = []
+        for template, data, starts in self.groups:
+            if not count:
+                groups.append((template, data, starts))
+                continue
+            kept = len(starts) - 1 - count
+            count = max(0, -kept)
+            if kept > 0:
+                first = starts[-kept - 1]
+                groups.append((template, data[first:],
+                               array("I", (start - first for start in starts[-kept - 1:]))))
+        self.groups = groups
+
+    def data_records(self) -> list[tuple[Template, list[bytes]]]:
+        """(template, its data records) for `MessageEncoder.data_messages`."""
+        return [(template, [data[start:end] for start, end in pairwise(starts)])
+                for template, data, starts in self.groups]
+
+
+_protocol = attrgetter("protocol")
+
+
+def encode_records(records: list[FlowRecord]) -> EncodedRecords:
+    """Sans-IO: the data records of `records`. The records of each template are packed in
+    one go; only when that fails are they packed one by one, to leave out (and list) the
+    records with a value their field cannot hold."""
+    encoded = EncodedRecords(protocols=Counter(map(_protocol, records)))
+    groups: dict[tuple[str, int], list[FlowRecord]] = {}
+    for record in records:
+        groups.setdefault((record.kind, len(record.source_address)), []).append(record)
+    for key, grouped in groups.items():
+        record_template = _TEMPLATES_BY_ADDRESS.get(key)
+        if record_template is None:
+            encoded.rejected += [("kind and address length", key)] * len(grouped)
+            continue
+        try:
+            data = record_template.encode_many(grouped)
+        except ENCODE_ERRORS:
+            data = _encode_each(record_template, grouped, encoded.rejected)
+        if data:
+            encoded.groups.append((record_template.template, b"".join(data),
+                                   array("I", accumulate(map(len, data), initial=0))))
+    return encoded
+
+
+def _encode_each(record_template: RecordTemplate, records: list[FlowRecord],
+                 rejected: list[tuple[str, object]]) -> list[bytes]:
+    template, values = record_template.template, record_template.values
+    encoded = []
+    for record in records:
+        try:
+            encoded.append(template.encode_record(values(record)))
+        except ENCODE_ERRORS:
+            rejected.append(_misfit(template, values(record)))
+    return encoded
+
+
+def encode_in_batches(records: Iterable[FlowRecord]) -> list[EncodedRecords]:
+    """Records made outside a poll (deny path, final records), encoded as a poll's are."""
+    encoder = RecordEncoder()
+    for record in records:
+        encoder.append(record)
+    return encoder.finish()
+
+
+class RecordEncoder:
+    """Where a store puts the records of one poll, as into a list: every `BATCH` records are
+    encoded at once, so that at most one batch of them exists as objects. Each full batch
+    goes to `hand_over` as soon as it is encoded (the agent's sends it to the exporter from
+    the poll's worker thread), or is kept; `finish()` returns those kept and the last one."""
+
+    def __init__(self, hand_over: Callable[[EncodedRecords], None] | None = None) -> None:
+        self._hand_over = hand_over
+        self._pending: list[FlowRecord] = []
+        self._encoded: list[EncodedRecords] = []
+
+    def append(self, record: FlowRecord) -> None:
+        pending = self._pending
+        pending.append(record)
+        if len(pending) >= BATCH:
+            self._pending = []
+            if self._hand_over is None:
+                self._encoded.append(encode_records(pending))
+            else:
+                self._hand_over(encode_records(pending))
+
+    def finish(self) -> list[EncodedRecords]:
+        if self._pending:
+            self._encoded.append(encode_records(self._pending))
+            self._pending = []
+        return self._encoded
+
+
 def _withdrawal(encoder: MessageEncoder, export_time: int) -> bytes:
     """RFC 7011 §8.1: a template set withdrawing every template of the domain (template id
     2, field count 0)."""
@@ -96,7 +213,8 @@ class Exporter:
         self.rejected: Counter[str] = Counter()  # IPFIX element -> records rejected for it
         self.reachable = True  # until a connection attempt or a send fails, or a stall
         self.last_error = ""
-        self._queue: deque[FlowRecord] = deque()
+        self._queue: deque[EncodedRecords] = deque()
+        self._queued = 0  # records in the queue
         self._pending = asyncio.Event()
         self._progress = asyncio.Event()  # records were taken, or the collector was lost
         self._last_progress = time.monotonic()
@@ -107,25 +225,40 @@ class Exporter:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     def submit(self, records: Iterable[FlowRecord]) -> None:
         """Queue records for export; never waits (see `wait_for_room`)."""
-        queue = self._queue
-        before = len(queue)
-        if not before:
-            self._waiting_since = time.monotonic()
-        queue.extend(records)
-        self.stats.records_submitted += len(queue) - before
+        self.submit_encoded(encode_in_batches(records))
+
+    def submit_encoded(self, batches: Iterable[EncodedRecords]) -> None:
+        """Queue encoded records (see `RecordEncoder`); never waits."""
+        for batch in batches:
+            self.enqueue(batch)
         if not self.reachable:
             self._drop_excess()
+
+    def enqueue(self, batch: EncodedRecords) -> None:
+        """Queue one batch of a poll as soon as it is encoded; never waits, never drops: the
+        poll's closing `submit_encoded` and `wait_for_room` drop what is over the bound while
+        the collector is away, once for the whole poll. The records rejected when they were
+        encoded are counted now."""
+        if not self._queued:
+            self._waiting_since = time.monotonic()
+        for element_name, value in batch.rejected:
+            self._reject(element_name, value)
+        count = len(batch)
+        self.stats.records_submitted += count + len(batch.rejected)
+        if count:
+            self._queue.append(batch)
+            self._queued += count
         self._pending.set()
 
     async def wait_for_room(self) -> None:
         """Backpressure: wait while the queue is over its bound and the collector takes
         records. When it does not (unreachable, or nothing taken for `stall_timeout`
         seconds), drop the oldest records beyond the bound instead."""
-        while len(self._queue) > self.max_buffered:
+        while self._queued > self.max_buffered:
             if not self.reachable:
                 self._drop_excess()
                 return
@@ -140,11 +273,17 @@ class Exporter:
 
     def _drop_excess(self) -> None:
         queue = self._queue
-        excess = len(queue) - self.max_buffered
+        excess = self._queued - self.max_buffered
         if excess <= 0:
             return
-        for _ in range(excess):
-            queue.popleft()
+        left = excess
+        while left:
+            if len(queue[0]) <= left:
+                left -= len(queue.popleft())
+            else:
+                queue[0].drop_oldest(left)
+                left = 0
+        self._queued -= excess
         self.stats.records_dropped += excess
         log.warning("collector %s:%s unreachable (%s) and the export queue full (%d records): "
                     "dropped the %d oldest records (%d dropped so far)", self.transport.host,
@@ -168,7 +307,7 @@ class Exporter:
         if self._queue:
             stuck = now - max(self._last_progress, self._waiting_since)
             if stuck > grace:
-                return (f"{len(self._queue)} records waiting, none sent for {stuck:.0f}s to "
+                return (f"{self._queued} records waiting, none sent for {stuck:.0f}s to "
                         f"{self.transport.host}:{self.transport.port}: "
                         f"{self.last_error or 'no progress'}")
         failing_since = self.transport.failing_since
@@ -270,13 +409,14 @@ class Exporter:
                     deadline.reschedule(loop.time() + timeout)
         except TimeoutError:
             pass
-        left = len(self._queue)
+        left = self._queued
         if left:
             self.stats.records_dropped += left
             log.error("shutting down with %d records unsent: the collector took nothing for "
                       "%.1fs (%s); they are dropped", left, timeout,
                       self.last_error or "no progress")
             self._queue.clear()
+            self._queued = 0
         await self._withdraw_templates()
         await self.transport.close()
         return left == 0
@@ -320,7 +460,7 @@ class Exporter:
         self._mark_unreachable()
         log.warning("collector %s:%s unreachable (%s); %d records queued; retrying in %.1fs",
                     self.transport.host, self.transport.port, self.last_error,
-                    len(self._queue), state.next_action.sleep)
+                    self._queued, state.next_action.sleep)
 
     async def _send_templates_if_due(self) -> None:
         """Once per connection; over UDP also every `template_refresh` seconds (RFC 7011
@@ -342,41 +482,28 @@ class Exporter:
 
     async def _send_batch(self) -> None:
         queue = self._queue
-        batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+        batch = queue.popleft()
+        count = len(batch)
+        self._queued -= count
         rejected, rejected_by_field = self.stats.records_rejected, self.rejected.copy()
         try:
-            messages = self.encode(batch)
+            messages = self._messages(batch)
             await self.transport.send(messages)
         except BaseException:
-            queue.extendleft(reversed(batch))  # keep them, in order, for the retry
+            queue.appendleft(batch)  # kept, in order, for the retry
+            self._queued += count
             # which counts any rejected among them again
             self.stats.records_rejected, self.rejected = rejected, rejected_by_field
             raise
-        self.stats.records_exported += len(batch) - (self.stats.records_rejected - rejected)
+        self.stats.records_exported += count - (self.stats.records_rejected - rejected)
         self.stats.messages_sent += len(messages)
         if not queue:
             self._waiting_since = time.monotonic()
         self._note_progress()
 
-    def encode(self, batch: list[FlowRecord]) -> list[bytes]:
-        """Data messages for `batch`. The records of each template are packed in one go;
-        only when that fails are they packed one by one, to leave out and count the
-        records with a value their field cannot hold."""
-        groups: dict[tuple[str, int], list[FlowRecord]] = {}
-        for record in batch:
-            groups.setdefault((record.kind, len(record.source_address)), []).append(record)
-        encoded = []
-        for key, records in groups.items():
-            record_template = _TEMPLATES_BY_ADDRESS.get(key)
-            if record_template is None:
-                for record in records:
-                    self._reject("kind and address length", key)
-                continue
-            template = record_template.template
-            try:
-                encoded.append((template, record_template.encode_many(records)))
-            except ENCODE_ERRORS:
-                encoded.append((template, self._encode_each(record_template, records)))
+    def _messages(self, batch: EncodedRecords) -> list[bytes]:
+        """Data messages for `batch`, numbered in this session's sequence."""
+        encoded = batch.data_records()
         export_time, sequence = int(time.time()), self._encoder.sequence
         try:
             return self._encoder.data_messages(encoded, export_time)
@@ -385,17 +512,6 @@ class Exporter:
             encoded = [(template, self._fitting(template, records))
                        for template, records in encoded]
             return self._encoder.data_messages(encoded, export_time)
-
-    def _encode_each(self, record_template: RecordTemplate, records: list[FlowRecord]
-                     ) -> list[bytes]:
-        template, values = record_template.template, record_template.values
-        encoded = []
-        for record in records:
-            try:
-                encoded.append(template.encode_record(values(record)))
-            except ENCODE_ERRORS:
-                self._reject(*_misfit(template, values(record)))
-        return encoded
 
     def _fitting(self, template: Template, records: list[bytes]) -> list[bytes]:
         """Records that fit in a message (long strings may not, over UDP)."""

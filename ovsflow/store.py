@@ -26,7 +26,7 @@ import heapq
 import logging
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .connection import Connection
 from .enrich import NO_PODS, Enricher
@@ -55,6 +55,10 @@ class ConnectionStore:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.enricher = enricher  # Pods, flowType, rule ids; None: addresses only
+        # What `update` and `flush` put records in: a list, or what the agent sets, the
+        # exporter's `RecordEncoder`, which encodes them batch by batch as they are made, so
+        # that a poll with the whole table due never holds all its records as objects.
+        self.new_records: Callable[[], list[FlowRecord]] = list
         self.rejected = 0  # connections not tracked because the store was full
         self._slot_bits = max_connections.bit_length()
         self._clear()
@@ -87,7 +91,7 @@ class ConnectionStore:
 
     def update(self, connections: Iterable[Connection], now: float) -> list[FlowRecord]:
         """Take one poll's connections (already filtered); return the records now due."""
-        records: list[FlowRecord] = []
+        records = self.new_records()
         unseen = bytearray(self._occupied)  # 1 for tracked slots this poll has not seen
         get, ids, scheduled = self._slots.get, self._ids, self._scheduled
         packets, octets = self._packets, self._octets
@@ -153,8 +157,10 @@ class ConnectionStore:
 
     def flush(self, now: float) -> list[FlowRecord]:
         """Final records for every live connection (the agent is stopping)."""
-        records = [self._record(slot, FORCED_END, now) for slot in self._slots.values()
-                   if not self._ended[slot]]
+        records = self.new_records()
+        for slot in self._slots.values():
+            if not self._ended[slot]:
+                records.append(self._record(slot, FORCED_END, now))
         self._clear()
         return records
 

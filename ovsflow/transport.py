@@ -127,9 +127,13 @@ class StreamTransport:
         await asyncio.sleep(0)  # let the watcher see a close that already arrived
         if not self.connected:
             raise ConnectionError(f"not connected to {self.host}:{self.port}")
-        assert self._writer is not None
-        self._writer.writelines(messages)
-        await self._writer.drain()
+        writer = self._writer
+        assert writer is not None
+        for message in messages:
+            # one message at a time: the write buffer holds what the socket has not taken
+            # (drain waits above its high-water mark), not a whole batch's messages besides
+            writer.write(message)
+            await writer.drain()
 
     async def close(self) -> None:
         if self._watcher is not None:

@@ -9,6 +9,7 @@ import socket
 import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from helpers import Collector, free_port
 from ovsflow.config import TlsSettings, client_tls_context
-from ovsflow.exporter import Exporter
+from ovsflow.exporter import BATCH, Exporter, RecordEncoder, encode_records
 from ovsflow.ipfix.codec import HEADER, MessageDecoder, MessageEncoder, MessageStream
 from ovsflow.ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES
 from ovsflow.record import CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
@@ -469,8 +470,8 @@ def flow_records(draw):
 
 @given(st.lists(flow_records(), max_size=40))
 def test_encode_takes_any_record_and_counts_what_does_not_fit(drawn):
-    exporter = Exporter(UdpTransport("127.0.0.1", 9), 7)
-    messages = exporter.encode([record for record, _ in drawn])
+    encoded = encode_records([record for record, _ in drawn])
+    messages = MessageEncoder(7).data_messages(encoded.data_records(), 0)
     decoder = MessageDecoder()
     for message in MessageEncoder(7).template_messages(ALL_TEMPLATES, 0):
         decoder.decode(message)
@@ -481,7 +482,8 @@ def test_encode_takes_any_record_and_counts_what_does_not_fit(drawn):
                for (kind, ipv6), t in RECORD_TEMPLATES.items()}
     good = [r for r, bad in drawn if bad not in carried[r.kind, r.ipv6]]
     assert len(decoded) == len(good)
-    assert exporter.stats.records_rejected == len(drawn) - len(good)
+    assert len(encoded.rejected) == len(drawn) - len(good)
+    assert len(encoded) == len(good)
     # records come out grouped by template: compare as sorted lists
     assert sorted((f["protocolIdentifier"], f["sourceTransportPort"], f["flowEndMilliseconds"],
                    f.get("flowId", -1), f.get("octetDeltaCount", -1)) for f in decoded) == sorted(
@@ -517,7 +519,7 @@ def test_udp_to_a_host_name_is_sized_by_the_family_it_resolves_to(tmp_path):
 import asyncio, json, socket, sys
 sys.path[:0] = {sys.path!r}
 from test_exporter import records
-from ovsflow.exporter import Exporter
+from ovsflow.exporter import BATCH, Exporter, RecordEncoder, encode_records
 from ovsflow.transport import UdpTransport
 sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 sink.bind(("::1", 0))
@@ -545,3 +547,65 @@ print(json.dumps({{"limit": size, "sizes": sizes}}))
     assert report["limit"] == 1500 - 40 - 8
     assert len(report["sizes"]) > 10 and max(report["sizes"]) <= 1452
     assert max(report["sizes"]) > 1452 - 200  # packed up to the limit, not far below
+
+
+def test_queued_records_dropped_oldest_first_across_templates():
+    """The queue holds encoded batches: dropping the oldest N cuts whole template groups,
+    then the front of the next, and keeps the rest byte for byte."""
+    v4 = records(0, 5)
+    uncounted = [FlowRecord(CONNTRACK_UNCOUNTED, r.source_address, r.destination_address, 17,
+                            flow_id=i) for i, r in enumerate(records(5, 4), start=5)]
+    batch = encode_records(v4 + uncounted)
+    assert len(batch) == 9 and batch.protocols == {17: 9}
+    batch.drop_oldest(6)  # the 5 conntrack records and the first uncounted one
+    [(template, data)] = batch.data_records()
+    assert template.template_id == RECORD_TEMPLATES[CONNTRACK_UNCOUNTED, False].template.template_id
+    assert data == [RECORD_TEMPLATES[CONNTRACK_UNCOUNTED, False].encode(r) for r in uncounted[1:]]
+
+
+def test_record_encoder_encodes_batch_by_batch_and_counts_protocols():
+    """What the store fills during a poll: never more than one batch of FlowRecords
+    pending, every record encoded once, rejections kept for the exporter to count."""
+    encoder = RecordEncoder()
+    made = records(0, 2 * BATCH + 3)
+    made[1].source_port = 70000  # does not fit
+    made[BATCH + 1].protocol = 6
+    for record in made:
+        encoder.append(record)
+        assert len(encoder._pending) < BATCH
+    batches = encoder.finish()
+    assert [len(b) for b in batches] == [BATCH - 1, BATCH, 3]
+    assert batches[0].rejected == [("sourceTransportPort", 70000)]
+    assert sum((b.protocols for b in batches), start=Counter()) == {17: 2 * BATCH + 2, 6: 1}
+    decoder = MessageDecoder()
+    for message in MessageEncoder(1).template_messages(ALL_TEMPLATES, 0):
+        decoder.decode(message)
+    sent = [r["flowId"] for b in batches
+            for m in MessageEncoder(1).data_messages(b.data_records(), 0)
+            for _, r in decoder.decode(m).records]
+    assert sent == [i for i in range(2 * BATCH + 3) if i != 1]
+
+
+def test_batches_of_a_poll_are_dropped_once_for_the_whole_poll(caplog):
+    """During an outage a poll's batches are queued as they are encoded; the excess is
+    dropped (and logged) once when the poll hands over its last ones, not per batch."""
+
+    async def scenario():
+        # never started: nothing takes the records, so the wait ends with the collector away
+        exporter = Exporter(StreamTransport("127.0.0.1", free_port()), 1, max_buffered=3,
+                            stall_timeout=0.2)
+        exporter.submit(records(0, 8))
+        await exporter.wait_for_room()
+        caplog.clear()
+        for first in (100, 110, 120):
+            exporter.enqueue(encode_records(records(first, 10)))
+        queued_before = exporter.queued
+        exporter.submit_encoded([encode_records(records(130, 2))])
+        return exporter, queued_before
+
+    with caplog.at_level(logging.WARNING):
+        exporter, queued_before = asyncio.run(scenario())
+    assert queued_before == 33 and exporter.queued == 3
+    assert exporter.stats.records_dropped == 5 + 32
+    assert caplog.text.count("oldest records") == 1
+    assert "dropped the 32 oldest records (37 dropped so far)" in caplog.text
