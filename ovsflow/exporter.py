@@ -33,7 +33,7 @@ from operator import attrgetter
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from .ipfix.codec import HEADER, SET_HEADER, TEMPLATE_SET_ID, VERSION, MessageEncoder, Template
+from .ipfix.codec import HEADER, SET_HEADER, MessageEncoder, Template
 from .ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES, RecordTemplate
 from .record import FlowRecord
 from .supervisor import Supervisor
@@ -186,15 +186,6 @@ class RecordEncoder:
             self._encoded.append(encode_records(self._pending))
             self._pending = []
         return self._encoded
-
-
-def _withdrawal(encoder: MessageEncoder, export_time: int) -> bytes:
-    """RFC 7011 §8.1: a template set withdrawing every template of the domain (template id
-    2, field count 0)."""
-    body = SET_HEADER.pack(TEMPLATE_SET_ID, SET_HEADER.size + 4) + struct.pack(
-        "!HH", TEMPLATE_SET_ID, 0)
-    return HEADER.pack(VERSION, HEADER.size + len(body), export_time & 0xFFFFFFFF,
-                       encoder.sequence, encoder.observation_domain_id) + body
 
 
 class Exporter:
@@ -428,7 +419,7 @@ class Exporter:
             return
         try:
             async with asyncio.timeout(WITHDRAW_TIMEOUT):
-                await self.transport.send([_withdrawal(self._encoder, int(time.time()))])
+                await self.transport.send([self._encoder.withdrawal_message(int(time.time()))])
             self.stats.messages_sent += 1
         except (OSError, ConnectionError) as err:  # TimeoutError included
             log.debug("template withdrawal not sent: %s", err)

@@ -338,6 +338,14 @@ class MessageEncoder:
         groups = [(TEMPLATE_SET_ID, plain, False), (OPTIONS_TEMPLATE_SET_ID, options, False)]
         return self._pack([g for g in groups if g[1]], export_time, counts_records=False)
 
+    def withdrawal_message(self, export_time: int) -> bytes:
+        """A message withdrawing every template of the domain (RFC 7011 §8.1: template id 2,
+        field count 0), sent before a TCP/TLS session is closed."""
+        body = SET_HEADER.pack(TEMPLATE_SET_ID, SET_HEADER.size + 4) + struct.pack(
+            "!HH", TEMPLATE_SET_ID, 0)
+        return HEADER.pack(VERSION, HEADER.size + len(body), export_time & 0xFFFFFFFF,
+                           self.sequence, self.observation_domain_id) + body
+
     def data_messages(self, batches: Iterable[tuple[Template, list[bytes]]],
                       export_time: int) -> list[bytes]:
         """Messages holding each batch's encoded records in a data set of its template."""
