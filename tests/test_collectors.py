@@ -87,9 +87,10 @@ async def _export_udp(port: int) -> None:
     assert await exporter.close(10)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """By its PID; nfacctd ignores SIGTERM and stops on SIGINT."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -172,7 +173,7 @@ def test_nfacctd_reads_every_field(tmp_path):
         while time.monotonic() < deadline and len(_lines(out)) < len(RECORDS):
             time.sleep(0.2)
     finally:
-        _stop(nfacctd)
+        _stop(nfacctd, signal.SIGINT)
     flows = {(f["ip_src"], f["ip_dst"]): f for f in map(json.loads, _lines(out))}
     assert len(flows) == len(RECORDS)
     for record in RECORDS:
