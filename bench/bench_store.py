@@ -47,7 +47,7 @@ def run(size: int, polls: int, active_timeout: float) -> dict[str, float]:
         connections = poll(round_ * churn, size, round_)  # 1/10 gone, 1/10 new
         gc.collect()
         start, start_cpu = time.perf_counter(), time.process_time()
-        records += len(store.update(connections, float(round_)))
+        records += sum(map(len, store.update(connections, float(round_))))
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
         assert len(store) == size

@@ -16,7 +16,6 @@ exit 0.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -30,11 +29,12 @@ from .config import Config, ConfigError, IpfixConfig, load_config
 from .deny.source import DenySource
 from .deny.store import DenyStore
 from .enrich import Enricher, PodNetworks
-from .exporter import EncodedRecords, Exporter, RecordEncoder, encode_in_batches
+from .exporter import Exporter, encode_in_batches
 from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
 from .pods import PodMap
 from .protocols import ProtocolSet
+from .record import EncodedRecords
 from .source import open_source
 from .store import ConnectionStore
 from .supervisor import Supervisor
@@ -126,7 +126,7 @@ class Agent:
             never holds all its records at once."""
             loop.call_soon_threadsafe(self._submit_conntrack, batch)
 
-        self.store.new_records = functools.partial(RecordEncoder, hand_over)
+        self.store.hand_over = hand_over
         fe = self.config.flow_exporter
         log.info("exporting protocols %s from zones %s to %s (observation domain %d)",
                  fe.protocols.describe(), sorted(self.config.conntrack.zones) or "all",
@@ -156,8 +156,8 @@ class Agent:
                 except asyncio.CancelledError:
                     pass
             now = time.time()
-            self.store.new_records = RecordEncoder  # on this thread: nothing to hand over
-            final = self.store.flush(now).finish() + encode_in_batches(
+            self.store.hand_over = None  # on this thread: nothing to hand over
+            final = self.store.flush(now) + encode_in_batches(
                 self.deny_store.flush(now))
             if self.deny is not None:
                 log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
@@ -314,7 +314,7 @@ class Agent:
             self._poll_failed(str(err) or type(err).__name__)
             return
         self.poll_failing_since, self.poll_error = None, ""
-        for batch in records.finish():  # the last batch; the others were handed over
+        for batch in records:  # none: they were handed over as they were made
             self._submit_conntrack(batch)
         deny_batches = encode_in_batches(self.deny_store.expired(now))
         deny_records = self._count_by_protocol("deny", deny_batches)

@@ -72,11 +72,12 @@ def flow_type(source_pod: PodRef | None, destination_pod: PodRef | None,
     return FLOW_TYPE_UNKNOWN
 
 
-def enrich(record: FlowRecord, source_pod: PodRef | None, destination_pod: PodRef | None,
-           node_name: str, pod_networks: PodNetworks) -> None:
-    """Fill a record's Pod, node, flowType and (from `record.labels`) allowing-rule fields.
-    The Pods are the ones remembered for the connection, so that it keeps its names after a
-    Pod is gone. Rules already set (deny records) are left alone when there are no labels."""
+def name(record: FlowRecord, source_pod: PodRef | None, destination_pod: PodRef | None,
+         node_name: str) -> None:
+    """Fill a record's Pod, node and (from `record.labels`) allowing-rule fields: its run of
+    strings. The Pods are the ones remembered for the connection, so that it keeps its names
+    after a Pod is gone. Rules already set (deny records) are left alone when there are no
+    labels."""
     if source_pod is not None:
         record.source_pod_namespace, record.source_pod_name = \
             source_pod.namespace, source_pod.name
@@ -85,13 +86,19 @@ def enrich(record: FlowRecord, source_pod: PodRef | None, destination_pod: PodRe
         record.destination_pod_namespace, record.destination_pod_name = \
             destination_pod.namespace, destination_pod.name
         record.destination_node_name = node_name
-    record.flow_type = flow_type(source_pod, destination_pod, record.source_address,
-                                 record.destination_address, pod_networks)
     ingress, egress = rule_ids(record.labels)
     if ingress:
         record.ingress_rule_name, record.ingress_rule_action = str(ingress), RULE_ALLOW
     if egress:
         record.egress_rule_name, record.egress_rule_action = str(egress), RULE_ALLOW
+
+
+def enrich(record: FlowRecord, source_pod: PodRef | None, destination_pod: PodRef | None,
+           node_name: str, pod_networks: PodNetworks) -> None:
+    """`name` the record, and set its flowType."""
+    name(record, source_pod, destination_pod, node_name)
+    record.flow_type = flow_type(source_pod, destination_pod, record.source_address,
+                                 record.destination_address, pod_networks)
 
 
 NO_PODS: tuple[PodRef | None, PodRef | None] = (None, None)
@@ -102,8 +109,26 @@ class Enricher:
     without a bridge), this node's name and the cluster's Pod CIDRs."""
 
     def __init__(self, pods: PodMap | None, node_name: str, pod_networks: PodNetworks):
-        self.node_name, self.pod_networks = node_name, pod_networks
+        self.node_name, self._pod_networks = node_name, pod_networks
+        self._map = pods
         self._lookup = pods.lookup if pods is not None else None
+        self._changes = 0
+
+    @property
+    def pod_networks(self) -> PodNetworks:
+        return self._pod_networks
+
+    @pod_networks.setter
+    def pod_networks(self, networks: PodNetworks) -> None:  # a reload
+        self._pod_networks = networks
+        self._changes += 1
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever what `pods` or a flowType could say changes: the store keeps
+        what it found per connection until then. 32 bits, as the store keeps it."""
+        return (self._changes + (self._map.changes if self._map is not None else 0)
+                ) & 0xFFFFFFFF
 
     def pods(self, source: bytes, destination: bytes,
              known: tuple[PodRef | None, PodRef | None] = NO_PODS
@@ -120,3 +145,6 @@ class Enricher:
 
     def __call__(self, record: FlowRecord, pods: tuple[PodRef | None, PodRef | None]) -> None:
         enrich(record, pods[0], pods[1], self.node_name, self.pod_networks)
+
+    def name(self, record: FlowRecord, pods: tuple[PodRef | None, PodRef | None]) -> None:
+        name(record, pods[0], pods[1], self.node_name)

@@ -27,20 +27,19 @@ import time
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from itertools import accumulate, pairwise
+from dataclasses import dataclass
+from itertools import accumulate
 from operator import attrgetter
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from .ipfix.codec import HEADER, SET_HEADER, MessageEncoder, Template
 from .ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES, RecordTemplate
-from .record import FlowRecord
+from .record import BATCH, EncodedRecords, FlowRecord
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-BATCH = 5000  # records encoded at once, and sent at once (then the event loop runs)
 CONNECT_TIMEOUT = 10.0  # seconds; a collector behind a black hole is unreachable, not slow
 STALL_TIMEOUT = 10.0  # seconds without a record taken: the collector counts as unreachable
 WITHDRAW_TIMEOUT = 2.0
@@ -78,40 +77,6 @@ def _misfit(template: Template, values: tuple) -> tuple[str, object]:
         except ENCODE_ERRORS:
             return template.fields[index].element.name, value
     return "record", values
-
-
-@dataclass(slots=True)
-class EncodedRecords:
-    """Up to `BATCH` records as their templates' data records: per template, the records'
-    bytes joined and where each starts (one more offset than records). `rejected` lists the
-    (element, value) of each record left out because a value did not fit its field;
-    `protocols` counts the records made, rejected or not, per IP protocol."""
-    groups: list[tuple[Template, bytes, array]] = field(default_factory=list)
-    rejected: list[tuple[str, object]] = field(default_factory=list)
-    protocols: Counter = field(default_factory=Counter)
-
-    def __len__(self) -> int:
-        return sum(len(starts) - 1 for _, _, starts in self.groups)
-
-    def drop_oldest(self, count: int) -> None:
-        """Leave out the first `count` records (fewer than there are)."""
-        groups = []
-        for template, data, starts in self.groups:
-            if not count:
-                groups.append((template, data, starts))
-                continue
-            kept = len(starts) - 1 - count
-            count = max(0, -kept)
-            if kept > 0:
-                first = starts[-kept - 1]
-                groups.append((template, data[first:],
-                               array("I", (start - first for start in starts[-kept - 1:]))))
-        self.groups = groups
-
-    def data_records(self) -> list[tuple[Template, list[bytes]]]:
-        """(template, its data records) for `MessageEncoder.data_messages`."""
-        return [(template, [data[start:end] for start, end in pairwise(starts)])
-                for template, data, starts in self.groups]
 
 
 _protocol = attrgetter("protocol")
@@ -494,14 +459,13 @@ class Exporter:
 
     def _messages(self, batch: EncodedRecords) -> list[bytes]:
         """Data messages for `batch`, numbered in this session's sequence."""
-        encoded = batch.data_records()
         export_time, sequence = int(time.time()), self._encoder.sequence
         try:
-            return self._encoder.data_messages(encoded, export_time)
+            return self._encoder.joined_data_messages(batch.groups, export_time)
         except ValueError:  # a record longer than a message can hold (long strings, UDP)
             self._encoder.sequence = sequence  # messages made before it are not sent
             encoded = [(template, self._fitting(template, records))
-                       for template, records in encoded]
+                       for template, records in batch.data_records()]
             return self._encoder.data_messages(encoded, export_time)
 
     def _fitting(self, template: Template, records: list[bytes]) -> list[bytes]:

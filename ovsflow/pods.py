@@ -102,6 +102,7 @@ class PodMap:
         self._row_addresses: dict[object, list[bytes]] = {}
         self.synced = threading.Event()  # set once the first complete dump is in
         self.resyncs = 0  # complete dumps loaded: 1 + reconnects
+        self.changes = 0  # counted after each change of the map: users may cache lookups
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._wake_read = self._wake_write = -1
@@ -166,6 +167,7 @@ class PodMap:
             for address in addresses:
                 pods[address], owners[address] = pod, row.uuid
         self._pods, self._owners, self._row_addresses = pods, owners, row_addresses
+        self.changes += 1
         self.resyncs += 1
         self.synced.set()
         log.info("OVSDB Pod map loaded: %d Pod addresses", len(pods))
@@ -180,9 +182,11 @@ class PodMap:
         if pod is not None:
             self._row_addresses[uuid] = addresses
         self._release(uuid, set(previous).difference(addresses))
+        self.changes += 1
 
     def _forget(self, uuid) -> None:
         self._release(uuid, self._row_addresses.pop(uuid, []))
+        self.changes += 1
 
     def _release(self, uuid, addresses) -> None:
         for address in addresses:

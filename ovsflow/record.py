@@ -1,13 +1,24 @@
-"""The flow record: what both stores hand to the exporter.
+"""Flow records: what the stores hand to the exporter.
 
-One class for conntrack and deny records; `kind` selects the IPFIX template (see
-`ovsflow.ipfix.templates`), and the address length (4 or 16 bytes) the IPv4 or IPv6 one.
-Addresses are kept packed so that encoding is a single struct call.
+`FlowRecord` is one record as an object (deny records; conntrack records in tests): `kind`
+selects the IPFIX template (see `ovsflow.ipfix.templates`), and the address length (4 or
+16 bytes) the IPv4 or IPv6 one. `EncodedRecords` is a batch of records already written as
+their templates' data records: what the connection store makes, and what the exporter
+queues.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .ipfix.codec import Template
+
+BATCH = 5000  # records encoded at once, and sent at once (then the event loop runs)
 
 # flowEndReason values (IANA IPFIX registry)
 IDLE_TIMEOUT, ACTIVE_TIMEOUT, END_OF_FLOW, FORCED_END, LACK_OF_RESOURCES = 1, 2, 3, 4, 5
@@ -68,3 +79,37 @@ class FlowRecord:
     def icmp_type_code(self) -> int:
         """icmpTypeCodeIPv4/IPv6: type * 256 + code (Debian 12's nfdump reads only these)."""
         return self.icmp_type << 8 | self.icmp_code
+
+
+@dataclass(slots=True)
+class EncodedRecords:
+    """Up to `BATCH` records as their templates' data records: per template, the records'
+    bytes joined and where each starts (one more offset than records). `rejected` lists the
+    (element, value) of each record left out because a value did not fit its field;
+    `protocols` counts the records made, rejected or not, per IP protocol."""
+    groups: list[tuple[Template, bytes, array]] = field(default_factory=list)
+    rejected: list[tuple[str, object]] = field(default_factory=list)
+    protocols: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return sum(len(starts) - 1 for _, _, starts in self.groups)
+
+    def drop_oldest(self, count: int) -> None:
+        """Leave out the first `count` records (fewer than there are)."""
+        groups = []
+        for template, data, starts in self.groups:
+            if not count:
+                groups.append((template, data, starts))
+                continue
+            kept = len(starts) - 1 - count
+            count = max(0, -kept)
+            if kept > 0:
+                first = starts[-kept - 1]
+                groups.append((template, data[first:],
+                               array("I", (start - first for start in starts[-kept - 1:]))))
+        self.groups = groups
+
+    def data_records(self) -> list[tuple[Template, list[bytes]]]:
+        """(template, its data records) for `MessageEncoder.data_messages`."""
+        return [(template, [data[start:end] for start, end in pairwise(starts)])
+                for template, data, starts in self.groups]

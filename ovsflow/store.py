@@ -3,49 +3,54 @@
 A poll brings 10k-500k connections of which a few percent are new, gone, changed or due, so
 the store is built for the unchanged majority, in time and in memory:
 
-- State lives in columns indexed by a slot number (`array`s of machine numbers, bytearrays
-  of flags), not in an object per connection: a tracked connection costs its identity, one
-  packed bytes of what a record needs and never changes, and ~90 bytes of columns. The
-  polled `Connection` objects are dropped as soon as they are read.
+- State lives in columns indexed by a slot number (numpy arrays, reached through
+  memoryviews where one value is read or written at a time: as fast as `array`), not in an
+  object per connection: a tracked connection costs its identity and ~160 bytes of columns.
+  The polled `Connection` objects are dropped as soon as they are read.
 - One dict maps each connection's identity (`Connection.key`: zone and original tuple, as
   the source's own bytes) to its slot. Per polled connection the loop does a dict lookup
   and three comparisons; Python code beyond that runs only for connections that are new,
-  reused, changed, ended, gone or due.
-- A heap ordered by each slot's next deadline (active or idle timeout, whichever is first)
-  says which are due: O(log n) per export, no scan of timers. Deadlines only ever move later
-  (activity pushes the idle one, an export the active one, a new entry in the slot starts
-  later still), so a popped slot whose deadline moved is pushed again: one heap item per
-  slot, whatever comes and goes. An item is one int, the deadline in milliseconds (rounded
-  up) above the slot number: a third of the memory of a (float, slot) tuple, and faster
-  to compare. The columns hold the exact times; the heap only says when to look.
+  reused, changed, ended or gone.
+- Which connections are due (active or idle timeout) is found with a few array operations
+  over all slots, and due records are written in bulk, straight from the columns, as rows
+  of their IPFIX templates (`RecordTemplate.encode_columns`): no object per record. What
+  a record needs beyond numbers, its run of strings (Pod, node and rule names, TCP state),
+  is encoded once per distinct value and kept by id per connection until the connection's
+  state or labels change or the Pod map does.
+
+Records leave `BATCH` at a time as `EncodedRecords`, through `hand_over` (the agent's
+passes them to the exporter as the poll goes on) or, without it, as `update`'s result.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-import struct
+from collections import Counter
 from array import array
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
 from .connection import Connection
-from .enrich import NO_PODS, Enricher
+from .enrich import NO_PODS, Enricher, flow_type
+from .ipfix.templates import RECORD_TEMPLATES
 from .record import (
-    ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
-    FlowRecord,
+    ACTIVE_TIMEOUT, BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END,
+    IDLE_TIMEOUT, EncodedRecords, FlowRecord,
 )
 
 log = logging.getLogger(__name__)
 
-# What a record needs of a connection that stays the same for its conntrack id, packed:
-# protocol, ports, ICMP type and code, start time, counted; then source and destination.
-_FIXED = struct.Struct("=BHHBBQ?")
-_ADDRESSES = _FIXED.size
-
-
-def _fixed(c: Connection) -> bytes:
-    return _FIXED.pack(c.protocol, c.source_port, c.destination_port, c.icmp_type,
-                       c.icmp_code, c.start_ns, c.counted) + c.source + c.destination
+# (counted, IPv6) -> the template of such a connection's records
+_TEMPLATES = {(counted, ipv6): RECORD_TEMPLATES[CONNTRACK if counted else CONNTRACK_UNCOUNTED,
+                                                 ipv6]
+              for counted in (False, True) for ipv6 in (False, True)}
+# The four share their run of strings: one encoded span serves them all.
+_SPAN = _TEMPLATES[True, False]
+assert all(t.span.fields == _SPAN.span.fields for t in _TEMPLATES.values())
+MAX_SPANS = 65536  # distinct encoded spans kept; past this they are made again as needed
+_ADDRESS_BYTES = 32  # per slot: source then destination, 16 bytes each (IPv4 in the first 4)
+_SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
 
 
 class ConnectionStore:
@@ -55,237 +60,347 @@ class ConnectionStore:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.enricher = enricher  # Pods, flowType, rule ids; None: addresses only
-        # What `update` and `flush` put records in: a list, or what the agent sets, the
-        # exporter's `RecordEncoder`, which encodes them batch by batch as they are made, so
-        # that a poll with the whole table due never holds all its records as objects.
-        self.new_records: Callable[[], list[FlowRecord]] = list
+        # Where each batch of records goes as soon as it is encoded; None: `update` and
+        # `flush` return them.
+        self.hand_over: Callable[[EncodedRecords], None] | None = None
         self.rejected = 0  # connections not tracked because the store was full
-        self._slot_bits = max_connections.bit_length()
+        self.malformed = 0  # connections not tracked: a value out of its field's range
         self._clear()
 
     def _clear(self) -> None:
+        capacity = self.max_connections
+
+        def column(numpy_type: str) -> memoryview:
+            # np.zeros maps zero pages: memory is taken as slots are first used
+            return memoryview(np.zeros(capacity, numpy_type))
         self._slots: dict[bytes, int] = {}  # identity -> slot
+        self._used = 0  # slots ever taken: the columns' live part is [:_used]
+        self._free: list[int] = []
         # The columns, indexed by slot. A free slot has key None.
         self._keys: list[bytes | None] = []
-        self._fixed: list[bytes | None] = []
-        self._ids = array("I")  # conntrack id
         self._states: list[str] = []
         self._labels: list[bytes] = []
         self._pods: list[tuple] = []  # the Pods at the two ends, as last known (Enricher)
+        self._ids = column("u4")  # conntrack id
         # counters as last polled, and as last exported
-        self._packets, self._octets = array("Q"), array("Q")
-        self._reply_packets, self._reply_octets = array("Q"), array("Q")
-        self._exported_packets, self._exported_octets = array("Q"), array("Q")
-        self._exported_reply_packets, self._exported_reply_octets = array("Q"), array("Q")
+        self._packets, self._octets = column("u8"), column("u8")
+        self._reply_packets, self._reply_octets = column("u8"), column("u8")
+        self._exported_packets, self._exported_octets = column("u8"), column("u8")
+        self._exported_reply_packets, self._exported_reply_octets = column("u8"), column("u8")
         self._first_seen, self._last_activity, self._last_export = (
-            array("d"), array("d"), array("d"))
-        self._occupied = bytearray()  # 1: a connection is there
-        self._ended = bytearray()  # 1: its end was exported
-        self._scheduled = bytearray()  # 1: a heap item waits for this slot
-        self._free: list[int] = []
-        self._heap: list[int] = []  # deadline in ms << _slot_bits | slot
+            column("f8"), column("f8"), column("f8"))
+        self._occupied = column("u1")  # 1: a connection is there
+        self._ended = column("u1")  # 1: its end was exported
+        self._quiet = column("u1")  # 1: its idle timeout was exported, no activity since
+        # what a record needs that stays the same for a conntrack id
+        self._protocol, self._counted, self._ipv6 = column("u1"), column("u1"), column("u1")
+        self._source_port, self._destination_port = column("u2"), column("u2")
+        self._icmp_type, self._icmp_code = column("u1"), column("u1")
+        self._start_ms = column("u8")  # 0: unknown, the first poll that saw it counts
+        self._addresses = memoryview(np.zeros(capacity * _ADDRESS_BYTES, "u1"))
+        # the connection's run of strings: an id in _spans (0: to be found), the Pod map's
+        # generation it was found at, and the flowType found with it
+        self._span, self._span_generation = column("u4"), column("u4")
+        self._flow_type = column("u1")
+        self._spans: list[bytes] = [b""]
+        self._span_ids: dict[tuple, int] = {}
         self._previous_poll: float | None = None  # when every tracked connection was seen
 
     def __len__(self) -> int:
         return len(self._slots)
 
-    def update(self, connections: Iterable[Connection], now: float) -> list[FlowRecord]:
-        """Take one poll's connections (already filtered); return the records now due."""
-        records = self.new_records()
-        unseen = bytearray(self._occupied)  # 1 for tracked slots this poll has not seen
-        get, ids, scheduled = self._slots.get, self._ids, self._scheduled
+    def update(self, connections: Iterable[Connection], now: float) -> list[EncodedRecords]:
+        """Take one poll's connections (already filtered); make the records now due."""
+        made: list[EncodedRecords] = []
+        # 1 for tracked slots this poll has not seen; slots first taken now are appended
+        unseen = bytearray(self._occupied[:self._used])
+        get, ids = self._slots.get, self._ids
         packets, octets = self._packets, self._octets
         reply_packets, reply_octets = self._reply_packets, self._reply_octets
-        states, labels, last_activity = self._states, self._labels, self._last_activity
+        states, labels, span = self._states, self._labels, self._span
+        last_activity, quiet = self._last_activity, self._quiet
         rejected = 0
-        reused: list[tuple[int, Connection]] = []
-        moved: list[int] = []  # active again, not scheduled
+        new: dict[int, Connection] = {}  # slot -> connection, filled in bulk
+        reused: dict[int, Connection] = {}
         ended: list[int] = []
         # The loop runs once per polled connection: only what the unchanged majority needs.
         # (A plain loop: CPython 3.11 runs it faster than `map` over item getters.)
         for c in connections:
             slot = get(c.key)
-            if slot is None:  # new, taken at once: a first poll holds no copy of the table
+            if slot is None:  # new: a first poll holds at most BATCH of them at once
                 if len(self._slots) < self.max_connections:
-                    self._add(c, now, unseen, ended)
+                    new[self._take(c.key, unseen)] = c
+                    if len(new) >= BATCH:
+                        self._fill(new, now, ended)
+                        new = {}
                 else:
                     rejected += 1
                 continue
             unseen[slot] = 0
             if c.id != ids[slot]:
-                reused.append((slot, c))
+                # The same tuple under a new conntrack id: the old entry ended between
+                # polls. Twice in one poll (a retried dump repeats entries): the last counts.
+                if slot in new:
+                    new[slot] = c
+                else:
+                    reused[slot] = c
                 continue
             if (c.packets != packets[slot] or c.reply_packets != reply_packets[slot]
                     or not c.counted):  # without counters, present counts as active
                 # Activity. State and labels change only with packets: read them too.
                 packets[slot], octets[slot] = c.packets, c.octets
                 reply_packets[slot], reply_octets[slot] = c.reply_packets, c.reply_octets
-                states[slot], labels[slot] = c.state, c.labels
+                if c.state != states[slot] or c.labels != labels[slot]:
+                    states[slot], labels[slot] = c.state, c.labels
+                    span[slot] = 0
                 last_activity[slot] = now
-                if not scheduled[slot]:
-                    moved.append(slot)
+                quiet[slot] = 0
             if c.ended:
                 ended.append(slot)
-        for slot in moved:
-            if not self._ended[slot]:
-                self._schedule(slot)
-        for slot, c in reused:
-            # The same tuple under a new conntrack id: the old entry ended between polls.
-            if ids[slot] == c.id:
-                continue  # the new entry twice in this poll (a retried dump): taken once
-            if not self._ended[slot]:
-                end = max(self._previous_poll or 0.0, self._first_seen[slot])
-                records.append(self._record(slot, END_OF_FLOW, end))
-            self._fill(slot, c, now)
-            if not scheduled[slot]:  # else the waiting heap item serves the new entry
-                self._schedule(slot)
-            if c.ended:
-                ended.append(slot)
+        if new:
+            self._fill(new, now, ended)
         if rejected:
             self.rejected += rejected
             log.warning("connection store full (%d connections): %d new connections not "
                         "tracked (%d so far); raise conntrack.maxConnections", len(self),
                         rejected, self.rejected)
-        for slot in ended:
-            if not self._ended[slot]:
-                self._ended[slot] = 1
-                records.append(self._record(slot, END_OF_FLOW, now))
-        self._remove_gone(unseen, records)
+        if reused:
+            slots = np.fromiter(reused, np.int64, len(reused))
+            slots = slots[np.asarray(self._ended)[slots] == 0]
+            ends = np.maximum(np.asarray(self._first_seen)[slots], self._previous_poll or 0.0)
+            self._emit(slots, END_OF_FLOW, ends, made)
+            self._fill(reused, now, ended)
+        if ended:
+            slots = np.unique(np.array(ended, np.int64))
+            slots = slots[np.asarray(self._ended)[slots] == 0]
+            np.asarray(self._ended)[slots] = 1
+            self._emit(slots, END_OF_FLOW, now, made)
+        self._remove_gone(unseen, made)
         self._previous_poll = now
-        self._expired(now, records)
-        return records
+        self._expired(now, made)
+        return made
 
-    def flush(self, now: float) -> list[FlowRecord]:
+    def flush(self, now: float) -> list[EncodedRecords]:
         """Final records for every live connection (the agent is stopping)."""
-        records = self.new_records()
-        for slot in self._slots.values():
-            if not self._ended[slot]:
-                records.append(self._record(slot, FORCED_END, now))
+        made: list[EncodedRecords] = []
+        used = self._used
+        live = np.asarray(self._occupied)[:used] & (np.asarray(self._ended)[:used] ^ 1)
+        self._emit(np.flatnonzero(live), FORCED_END, now, made)
         self._clear()
-        return records
+        return made
 
-    def _add(self, c: Connection, now: float, unseen: bytearray, ended: list[int]) -> None:
+    def _take(self, key: bytes, unseen: bytearray) -> int:
+        """A slot for a new connection, its columns to be filled."""
         if self._free:
             slot = self._free.pop()
-            self._keys[slot] = c.key
+            self._keys[slot] = key
         else:
-            slot = len(self._keys)
-            self._keys.append(c.key)
-            self._fixed.append(None)
+            slot = self._used
+            self._used += 1
+            unseen.append(0)
+            self._keys.append(key)
             self._states.append("")
             self._labels.append(b"")
             self._pods.append(NO_PODS)
-            for column in (self._ids, self._packets, self._octets, self._reply_packets,
-                           self._reply_octets, self._exported_packets, self._exported_octets,
-                           self._exported_reply_packets, self._exported_reply_octets,
-                           self._first_seen, self._last_activity, self._last_export,
-                           self._occupied, self._ended, self._scheduled, unseen):
-                column.append(0)
-        self._slots[c.key] = slot
+        self._slots[key] = slot
         self._occupied[slot] = 1
-        self._fill(slot, c, now)
-        if not self._scheduled[slot]:  # else a free slot's heap item serves it
-            self._schedule(slot)
-        if c.ended:
-            ended.append(slot)
+        return slot
 
-    def _fill(self, slot: int, c: Connection, now: float) -> None:
-        """A conntrack entry starts in `slot`."""
-        self._fixed[slot] = _fixed(c)
-        self._ids[slot] = c.id
-        self._states[slot], self._labels[slot] = c.state, c.labels
-        self._pods[slot] = NO_PODS
-        self._packets[slot], self._octets[slot] = c.packets, c.octets
-        self._reply_packets[slot], self._reply_octets[slot] = c.reply_packets, c.reply_octets
-        self._exported_packets[slot] = self._exported_octets[slot] = 0
-        self._exported_reply_packets[slot] = self._exported_reply_octets[slot] = 0
-        self._first_seen[slot] = self._last_activity[slot] = self._last_export[slot] = now
-        self._ended[slot] = 0
+    def _fill(self, entries: dict[int, Connection], now: float, ended: list[int]) -> None:
+        """Conntrack entries start in their slots, written column by column. An entry with
+        a value its column cannot hold (a port over 65535, say, from a source gone wrong)
+        is counted, logged and not tracked; the others are, and the poll goes on."""
+        try:
+            self._fill_columns(list(entries), list(entries.values()), now)
+        except (ValueError, TypeError, OverflowError) as err:
+            if len(entries) > 1:  # which one: each on its own
+                for slot, c in entries.items():
+                    self._fill({slot: c}, now, ended)
+                return
+            [(slot, c)] = entries.items()
+            self.malformed += 1
+            log.warning("connection not tracked, a value out of range (%s; %d so far): %r",
+                        err, self.malformed, c)
+            self._drop(slot)
+            return
+        ended += [slot for slot, c in entries.items() if c.ended]
 
-    def _remove_gone(self, unseen: bytearray, records: list[FlowRecord]) -> None:
+    def _fill_columns(self, slot_list: list[int], connections: list[Connection],
+                      now: float) -> None:
+        slots = np.array(slot_list, np.int64)
+        field = dict(zip(Connection._fields, zip(*connections)))
+        for column, values in ((self._ids, field["id"]), (self._packets, field["packets"]),
+                               (self._octets, field["octets"]),
+                               (self._reply_packets, field["reply_packets"]),
+                               (self._reply_octets, field["reply_octets"]),
+                               (self._protocol, field["protocol"]),
+                               (self._counted, field["counted"]),
+                               (self._source_port, field["source_port"]),
+                               (self._destination_port, field["destination_port"]),
+                               (self._icmp_type, field["icmp_type"]),
+                               (self._icmp_code, field["icmp_code"])):
+            np.asarray(column)[slots] = values
+        np.asarray(self._start_ms)[slots] = np.array(field["start_ns"], "u8") // 1_000_000
+        sources = field["source"]
+        np.asarray(self._ipv6)[slots] = [len(source) == 16 for source in sources]
+        np.asarray(self._addresses).reshape(-1, _ADDRESS_BYTES)[slots] = np.frombuffer(
+            b"".join([source.ljust(16, b"\0") + destination.ljust(16, b"\0")
+                      for source, destination in zip(sources, field["destination"])]),
+            "u1").reshape(-1, _ADDRESS_BYTES)
+        for column in (self._exported_packets, self._exported_octets,
+                       self._exported_reply_packets, self._exported_reply_octets,
+                       self._ended, self._quiet, self._span):
+            np.asarray(column)[slots] = 0
+        for column in (self._first_seen, self._last_activity, self._last_export):
+            np.asarray(column)[slots] = now
+        states, labels, pods = self._states, self._labels, self._pods
+        for slot, state, label in zip(slot_list, field["state"], field["labels"]):
+            states[slot], labels[slot], pods[slot] = state, label, NO_PODS
+
+    def _remove_gone(self, unseen: bytearray, made: list[EncodedRecords]) -> None:
         """Connections absent from this poll ended in between: one last record each, with
         the counters and the time of the previous poll, the last that saw them."""
-        slot = unseen.find(1)
-        while slot >= 0:
-            if not self._ended[slot]:
-                records.append(self._record(slot, END_OF_FLOW, self._previous_poll))
-            del self._slots[self._keys[slot]]
-            self._keys[slot] = self._fixed[slot] = None
-            self._labels[slot], self._pods[slot] = b"", NO_PODS
-            self._occupied[slot] = 0
-            self._free.append(slot)  # a heap item for it serves the next connection there
-            slot = unseen.find(1, slot + 1)
+        gone = np.flatnonzero(np.frombuffer(unseen, np.uint8))
+        if not len(gone):
+            return
+        self._emit(gone[np.asarray(self._ended)[gone] == 0], END_OF_FLOW, self._previous_poll,
+                   made)
+        for slot in gone.tolist():
+            self._drop(slot)
 
-    def _schedule(self, slot: int) -> None:
-        active = self._last_export[slot] + self.active_timeout
-        idle = self._last_activity[slot] + self.idle_timeout
-        deadline = active if active < idle else idle
-        heapq.heappush(self._heap, -int(-deadline * 1000 // 1) << self._slot_bits | slot)
-        self._scheduled[slot] = 1
+    def _drop(self, slot: int) -> None:
+        del self._slots[self._keys[slot]]
+        self._keys[slot] = None
+        self._labels[slot], self._pods[slot] = b"", NO_PODS
+        self._occupied[slot] = 0
+        self._free.append(slot)  # for the next new connection
 
-    def _expired(self, now: float, records: list[FlowRecord]) -> None:
-        heap, keys, ended, scheduled = self._heap, self._keys, self._ended, self._scheduled
-        last_activity, last_export = self._last_activity, self._last_export
-        active_timeout, idle_timeout = self.active_timeout, self.idle_timeout
-        pop, push, record = heapq.heappop, heapq.heappush, self._record
-        bits = self._slot_bits
-        slot_mask = (1 << bits) - 1
-        # Items due by the ms: deadlines were rounded up, so none pops before its time and
-        # none pushed again below comes back in this loop.
-        due = (int(now * 1000 // 1) + 1) << bits
-        while heap and heap[0] < due:
-            slot = pop(heap) & slot_mask
-            if keys[slot] is None or ended[slot]:
-                scheduled[slot] = 0
+    def _expired(self, now: float, made: list[EncodedRecords]) -> None:
+        """Idle first: a connection both idle and at its active timeout ends as idle, and
+        stays quiet until it moves again."""
+        used = self._used
+        live = (np.asarray(self._occupied)[:used]
+                & ((np.asarray(self._ended)[:used] | np.asarray(self._quiet)[:used]) ^ 1)
+                ).astype(bool)
+        idle = live & (np.asarray(self._last_activity)[:used] + self.idle_timeout <= now)
+        active = live & ~idle & (np.asarray(self._last_export)[:used] + self.active_timeout
+                                 <= now)
+        idle_slots = np.flatnonzero(idle)
+        np.asarray(self._quiet)[idle_slots] = 1
+        self._emit(idle_slots, IDLE_TIMEOUT, now, made)
+        self._emit(np.flatnonzero(active), ACTIVE_TIMEOUT, now, made)
+
+    def _emit(self, slots: np.ndarray, reason: int, end: float | np.ndarray,
+              made: list[EncodedRecords]) -> None:
+        """The records of the connections in `slots`, ending at `end` (one time, or one per
+        slot), `BATCH` at a time."""
+        for first in range(0, len(slots), BATCH):
+            batch = self._records(slots[first:first + BATCH], reason,
+                                  end if np.ndim(end) == 0 else end[first:first + BATCH])
+            if self.hand_over is None:
+                made.append(batch)
+            else:
+                self.hand_over(batch)
+
+    def _records(self, slots: np.ndarray, reason: int, end: float | np.ndarray
+                 ) -> EncodedRecords:
+        """Deltas are counted since each connection's previous record. A counter lower than
+        last exported means the counters were reset in between (an operator's `conntrack -L
+        -z` zeroes them all at once): then the deltas are the new totals, what the
+        connection moved since the reset, never negative (as Antrea)."""
+        self._find_spans(slots)
+        column: dict[str, np.ndarray | int] = {}
+        counters = [(total, delta, np.asarray(polled)[slots], np.asarray(exported))
+                    for total, delta, polled, exported in (
+                        ("packets", "packet_delta", self._packets, self._exported_packets),
+                        ("octets", "octet_delta", self._octets, self._exported_octets),
+                        ("reverse_packets", "reverse_packet_delta", self._reply_packets,
+                         self._exported_reply_packets),
+                        ("reverse_octets", "reverse_octet_delta", self._reply_octets,
+                         self._exported_reply_octets))]
+        previous = [exported[slots] for _, _, _, exported in counters]
+        reset = np.zeros(len(slots), bool)
+        for (_, _, polled, _), last in zip(counters, previous):
+            reset |= polled < last
+        for (total, delta, polled, exported), last in zip(counters, previous):
+            last[reset] = 0
+            column[total], column[delta] = polled, polled - last
+            exported[slots] = polled
+        np.asarray(self._last_export)[slots] = end
+        start_ms = np.asarray(self._start_ms)[slots]
+        unknown = start_ms == 0
+        start_ms[unknown] = (np.asarray(self._first_seen)[slots][unknown] * 1000).astype("u8")
+        end_ms = int(end * 1000) if np.ndim(end) == 0 else (end * 1000).astype("u8")
+        icmp_type = np.asarray(self._icmp_type)[slots]
+        icmp_code = np.asarray(self._icmp_code)[slots]
+        protocol = np.asarray(self._protocol)[slots]
+        column.update(
+            start_ms=start_ms, end_ms=end_ms, start_seconds=start_ms // 1000,
+            end_seconds=end_ms // 1000, end_reason=reason, protocol=protocol,
+            source_port=np.asarray(self._source_port)[slots],
+            destination_port=np.asarray(self._destination_port)[slots],
+            icmp_type=icmp_type, icmp_code=icmp_code,
+            icmp_type_code=icmp_type.astype("u2") << 8 | icmp_code,
+            flow_id=np.asarray(self._ids)[slots], flow_type=np.asarray(self._flow_type)[slots])
+        batch = EncodedRecords(protocols=Counter(dict(zip(
+            *(values.tolist() for values in np.unique(protocol, return_counts=True))))))
+        fits = column["start_seconds"] <= _SECONDS_LIMIT  # a start time from a bad clock
+        if not fits.all():
+            batch.rejected += [("flowStartSeconds", seconds)
+                               for seconds in column["start_seconds"][~fits].tolist()]
+        addresses = np.asarray(self._addresses).reshape(-1, _ADDRESS_BYTES)[slots]
+        span_ids = np.asarray(self._span)[slots]
+        group = np.asarray(self._counted)[slots] * 2 + np.asarray(self._ipv6)[slots]
+        for (counted, ipv6), record_template in _TEMPLATES.items():
+            chosen = np.flatnonzero((group == counted * 2 + ipv6) & fits)
+            if not len(chosen):
                 continue
-            active = last_export[slot] + active_timeout
-            idle = last_activity[slot] + idle_timeout
-            deadline = active if active < idle else idle
-            if deadline <= now:
-                if idle <= now:  # exported and left unscheduled until it moves again
-                    records.append(record(slot, IDLE_TIMEOUT, now))
-                    scheduled[slot] = 0
-                    continue
-                records.append(record(slot, ACTIVE_TIMEOUT, now))
-                deadline = now + active_timeout
-                if idle < deadline:
-                    deadline = idle
-            # moved by activity or by this export
-            push(heap, -int(-deadline * 1000 // 1) << bits | slot)
+            length = 16 if ipv6 else 4
+            columns = {name: values[chosen] if isinstance(values, np.ndarray) else values
+                       for name, values in column.items()}
+            columns["source_address"] = np.ascontiguousarray(
+                addresses[chosen, :length]).view(f"V{length}").ravel()
+            columns["destination_address"] = np.ascontiguousarray(
+                addresses[chosen, 16:16 + length]).view(f"V{length}").ravel()
+            spans = self._spans
+            data, starts = record_template.encode_columns(
+                columns, [spans[i] for i in span_ids[chosen].tolist()])
+            batch.groups.append((record_template.template, data,
+                                 array("I", starts.astype("u4").tobytes())))
+        return batch
 
-    def _record(self, slot: int, reason: int, end: float) -> FlowRecord:
-        """The record of the connection in `slot` now. Deltas are counted since its previous
-        record. A counter lower than last exported means the counters were reset in between
-        (an operator's `conntrack -L -z` zeroes them all at once): then the deltas are the
-        new totals, what the connection moved since the reset, never negative (as Antrea)."""
-        fixed = self._fixed[slot]
-        protocol, source_port, destination_port, icmp_type, icmp_code, start_ns, counted = \
-            _FIXED.unpack_from(fixed)
-        length = (len(fixed) - _ADDRESSES) >> 1
-        start_ms = start_ns // 1_000_000 if start_ns else int(self._first_seen[slot] * 1000)
-        end_ms = int(end * 1000)
-        packets, octets = self._packets[slot], self._octets[slot]
-        reply_packets, reply_octets = self._reply_packets[slot], self._reply_octets[slot]
-        last_packets, last_octets = self._exported_packets[slot], self._exported_octets[slot]
-        last_reply_packets = self._exported_reply_packets[slot]
-        last_reply_octets = self._exported_reply_octets[slot]
-        if (packets < last_packets or octets < last_octets
-                or reply_packets < last_reply_packets or reply_octets < last_reply_octets):
-            last_packets = last_octets = last_reply_packets = last_reply_octets = 0
-        self._exported_packets[slot], self._exported_octets[slot] = packets, octets
-        self._exported_reply_packets[slot] = reply_packets
-        self._exported_reply_octets[slot] = reply_octets
-        self._last_export[slot] = end
-        source, destination = fixed[_ADDRESSES:_ADDRESSES + length], fixed[_ADDRESSES + length:]
-        record = FlowRecord(
-            CONNTRACK if counted else CONNTRACK_UNCOUNTED, source, destination, protocol,
-            source_port, destination_port, icmp_type, icmp_code, start_ms, end_ms,
-            start_ms // 1000, end_ms // 1000, reason, packets, octets, packets - last_packets,
-            octets - last_octets, reply_packets, reply_octets, reply_packets - last_reply_packets,
-            reply_octets - last_reply_octets, self._ids[slot], 0,
-            self._states[slot] if protocol == 6 else "", labels=self._labels[slot])
+    def _find_spans(self, slots: np.ndarray) -> None:
+        """The run of strings (and flowType) of the connections in `slots` whose state or
+        labels changed, or whose Pods may have, since it was last found."""
         enricher = self.enricher
-        if enricher is not None:
-            pods = self._pods[slot] = enricher.pods(source, destination, self._pods[slot])
-            enricher(record, pods)
-        return record
+        generation = enricher.generation if enricher is not None else 0
+        if len(self._spans) > MAX_SPANS:
+            self._spans, self._span_ids = [b""], {}
+            np.asarray(self._span)[:self._used] = 0
+        stale = slots[(np.asarray(self._span)[slots] == 0)
+                      | (np.asarray(self._span_generation)[slots] != generation)]
+        states, labels, known = self._states, self._labels, self._pods
+        for slot in stale.tolist():
+            state = states[slot] if self._protocol[slot] == 6 else ""
+            pods = NO_PODS
+            if enricher is not None:
+                at, length = slot * _ADDRESS_BYTES, 16 if self._ipv6[slot] else 4
+                source = bytes(self._addresses[at:at + length])
+                destination = bytes(self._addresses[at + 16:at + 16 + length])
+                pods = known[slot] = enricher.pods(source, destination, known[slot])
+                self._flow_type[slot] = flow_type(*pods, source, destination,
+                                                  enricher.pod_networks)
+            key = (pods, labels[slot], state)
+            span_id = self._span_ids.get(key)
+            if span_id is None:
+                span_id = self._span_ids[key] = len(self._spans)
+                self._spans.append(self._encode_span(pods, labels[slot], state))
+            self._span[slot], self._span_generation[slot] = span_id, generation
+
+    def _encode_span(self, pods: tuple, labels: bytes, state: str) -> bytes:
+        """Filled as a deny record is, by the enricher (a record object once per distinct
+        run of strings, not per record)."""
+        record = FlowRecord(CONNTRACK, b"", b"", 0, tcp_state=state, labels=labels)
+        if self.enricher is not None:
+            self.enricher.name(record, pods)
+        return _SPAN.span.encode_record(_SPAN.span_values(record))

@@ -155,3 +155,30 @@ def use_antrea_information_model() -> None:
     ipfix.ie.use_5103_default()
     for spec in ANTREA_SPECS:
         ipfix.ie.for_spec(spec)
+
+
+def flow_records(batches) -> list:
+    """The records of `EncodedRecords` batches as `FlowRecord`s, read back with ovsflow's
+    IPFIX decoder (the interop tests check it against tshark, nfdump and others): how tests
+    of the connection store, which writes records straight as IPFIX rows, see its records.
+    Within a batch, records come grouped by template and span length."""
+    from ovsflow.ipfix.templates import RECORD_TEMPLATES, template_fields
+    from ovsflow.record import FlowRecord
+    records = []
+    for batch in batches:
+        for template, data, _ in batch.groups:
+            [(kind, ipv6)] = [key for key, t in RECORD_TEMPLATES.items()
+                              if t.template is template]
+            attributes = dict(template_fields(kind, ipv6))
+            family = socket.AF_INET6 if ipv6 else socket.AF_INET
+            for values in template.decode_records(data):
+                record = FlowRecord(kind, b"", b"", 0)
+                for element_name, value in values.items():
+                    attribute = attributes[element_name]
+                    if attribute.endswith("_address"):
+                        value = socket.inet_pton(family, value)
+                    if attribute != "icmp_type_code":  # a property: type and code
+                        setattr(record, attribute, value)
+                records.append(record)
+    return records
+

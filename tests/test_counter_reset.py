@@ -15,6 +15,7 @@ from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import parse_protocol_list
 from ovsflow.source.kernel import KernelSource, probe_filters
 from ovsflow.store import ConnectionStore
+from helpers import flow_records
 
 source = KernelSource(ConnectionFilter(frozenset({65520}), parse_protocol_list(["udp"]).protocols),
                       probe_filters())
@@ -31,7 +32,7 @@ def exchange(count, size):
         client.recv(65536)
 
 def poll(now):
-    records = asyncio.run(source.update(store, now))
+    records = flow_records(asyncio.run(source.update(store, now)))
     return [{"packets": r.packets, "octets": r.octets, "packet_delta": r.packet_delta,
              "octet_delta": r.octet_delta, "reverse_packet_delta": r.reverse_packet_delta,
              "reverse_octet_delta": r.reverse_octet_delta, "reverse_octets": r.reverse_octets,

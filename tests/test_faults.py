@@ -101,7 +101,7 @@ store = ConnectionStore(60.0, 60.0)
 records = store.update((c for chunk in chunks for c in chunk), 0.0)
 print(json.dumps({{"retries": source.dump_retries, "failed": wrapped.failed,
                   "decoded": sum(map(len, chunks)), "tracked": len(store),
-                  "records": len(records)}}))
+                  "records": sum(map(len, records))}}))
 """
         report = json.loads(ns.run(PYTHON, "-c", code).stdout)
     finally:

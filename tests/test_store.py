@@ -1,4 +1,5 @@
-"""The connection store's export decisions, poll by poll (pure logic: no I/O to fake)."""
+"""The connection store's export decisions, poll by poll (pure logic: no I/O to fake). The
+store writes records as IPFIX rows; the tests read them back with ovsflow's decoder."""
 
 import socket
 
@@ -7,8 +8,13 @@ from hypothesis import given, settings, strategies as st
 from ovsflow.record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
 )
-from ovsflow.connection import Connection
-from ovsflow.store import ConnectionStore
+from ovsflow.connection import Connection, labels_bytes
+from ovsflow.enrich import Enricher, PodNetworks
+from ovsflow.pods import POD_PORT, PodMap
+from ovsflow.record import BATCH
+from ovsflow.store import MAX_SPANS, ConnectionStore
+
+from helpers import flow_records
 
 A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
 
@@ -22,8 +28,18 @@ def conn(sport=1000, packets=0, octets=0, *, conn_id=1, state="ESTABLISHED", end
                       key=f"{zone} {protocol} {sport}".encode())
 
 
+class Store(ConnectionStore):
+    """The store, its records decoded."""
+
+    def update(self, connections, now):
+        return flow_records(super().update(connections, now))
+
+    def flush(self, now):
+        return flow_records(super().flush(now))
+
+
 def store(active=5.0, idle=15.0, **kwargs):
-    return ConnectionStore(active, idle, **kwargs)
+    return Store(active, idle, **kwargs)
 
 
 def test_a_new_connection_is_exported_at_its_active_timeout_with_deltas():
@@ -150,9 +166,9 @@ def test_a_reset_of_one_counter_resets_the_deltas_of_all():
     assert (reset.packet_delta, reset.octet_delta) == (4, 400)
 
 
-def test_tuple_reuse_soak_keeps_one_heap_item_per_connection():
+def test_tuple_reuse_soak_keeps_one_slot_per_tuple():
     """A fake clock, 50 tuples whose conntrack entries end and come back under a new id
-    every few polls (a busy client reusing ports), 400 polls: the heap stays bounded."""
+    every few polls (a busy client reusing ports), 400 polls: the columns do not grow."""
     s = store(active=5, idle=15)
     conn_ids = {port: 1 for port in range(50)}
     for t in range(400):
@@ -161,10 +177,10 @@ def test_tuple_reuse_soak_keeps_one_heap_item_per_connection():
                 conn_ids[port] += 1
         s.update([conn(sport=port, packets=t, conn_id=i) for port, i in conn_ids.items()],
                  float(t))
-        assert len(s._heap) <= len(s) == 50
+        assert s._used == len(s) == 50
 
 
-def test_churn_soak_keeps_the_heap_bounded_by_the_slots():
+def test_churn_soak_reuses_the_slots_of_gone_connections():
     """Connections that end and others that take their place (freed slots reused), with
     tuple reuse among them, over 500 polls of a fake clock with uneven steps."""
     s = store(active=3, idle=7)
@@ -173,15 +189,59 @@ def test_churn_soak_keeps_the_heap_bounded_by_the_slots():
         now = poll * 0.7 + (poll % 3) * 0.2
         s.update([conn(sport=port, packets=poll * (port % 2),
                        conn_id=1 + poll // 4 * (port % 3 == 0)) for port in window], now)
-        assert len(s) == 40 and len(s._heap) <= 50  # 40 live, 5 just gone, 5 to spare
+        assert len(s) == 40 and s._used <= 45  # 40 live, and the 5 new before 5 gone left
 
 
-def test_one_heap_item_per_connection():
-    s = store(active=1, idle=2)
-    connections = [conn(sport=p, packets=1) for p in range(100)]
-    for t in range(20):
-        s.update([conn(sport=c.source_port, packets=t) for c in connections], float(t))
-        assert len(s._heap) <= len(s)
+def test_a_record_says_the_tcp_state_and_rules_of_its_time():
+    """What a record says beyond numbers is kept encoded per connection: it must follow a
+    change of state or labels."""
+    s = store(active=1, idle=100, enricher=Enricher(None, "node-a", PodNetworks()))
+    s.update([conn(packets=1)], 0.0)
+    [first] = s.update([conn(packets=2)], 1.0)
+    [second] = s.update([conn(packets=3, state="FIN_WAIT")], 2.0)
+    labelled = conn(packets=4, state="FIN_WAIT")._replace(labels=labels_bytes(7 << 32 | 5))
+    [third] = s.update([labelled], 3.0)
+    assert [r.tcp_state for r in (first, second, third)] == [
+        "ESTABLISHED", "FIN_WAIT", "FIN_WAIT"]
+    assert (first.ingress_rule_name, first.egress_rule_name) == ("", "")
+    assert (third.ingress_rule_name, third.egress_rule_name) == ("5", "7")
+
+
+def test_a_pod_learnt_after_its_connection_names_the_next_record():
+    """The Pod map changes (here fed as its OVSDB thread feeds it): the next records of a
+    connection already tracked carry the Pod's names."""
+    pods = PodMap("unix:/nonexistent")
+    s = store(active=1, idle=100,
+              enricher=Enricher(pods, "node-a", PodNetworks(["10.0.0.0/16"])))
+    s.update([conn(packets=1)], 0.0)
+    [before] = s.update([conn(packets=2)], 1.0)
+    pods._learn("uuid-1", "web-1a2b3c", {"antrea-type": POD_PORT,
+                                        "ip-address": "10.0.0.2", "pod-name": "web",
+                                        "pod-namespace": "shop"})
+    [after] = s.update([conn(packets=3)], 2.0)
+    assert (before.destination_pod_name, before.flow_type) == ("", 0)
+    assert (after.destination_pod_name, after.destination_pod_namespace,
+            after.destination_node_name, after.flow_type) == ("web", "shop", "node-a", 2)
+
+
+def test_a_connection_with_a_value_out_of_range_is_left_out_and_counted(caplog):
+    s = store(active=1)
+    s.update([conn(sport=1, packets=1), conn(sport=70000, packets=1), conn(sport=2)], 0.0)
+    assert len(s) == 2 and s.malformed == 1 and "sport" not in caplog.text
+    assert "value out of range" in caplog.text and "source_port=70000" in caplog.text
+    records = s.update([conn(sport=1, packets=2), conn(sport=2, packets=1)], 1.0)
+    assert sorted(r.source_port for r in records) == [1, 2]
+
+
+def test_the_table_of_encoded_spans_is_bounded():
+    s = store(active=1, idle=100)
+    states = [f"S{n}" for n in range(MAX_SPANS + 10)]
+    s.update([conn(sport=p % 60000, zone=p // 60000, packets=1, state=states[p])
+              for p in range(len(states))], 0.0)
+    records = s.update([conn(sport=p % 60000, zone=p // 60000, packets=2, state=states[p])
+                        for p in range(len(states))], 1.0)
+    assert len(s._spans) <= MAX_SPANS + BATCH  # checked before each batch
+    assert sorted(r.tcp_state for r in records) == sorted(states)
 
 
 @settings(max_examples=200)

@@ -68,6 +68,17 @@ def _struct_format(f: TemplateField) -> str | None:
     return None
 
 
+def numpy_type(f: TemplateField) -> str | None:
+    """The numpy type of a fixed-length field as it is on the wire (big-endian integers,
+    addresses as raw bytes), or None for a field that has none."""
+    code = _struct_format(f)
+    if code is None or code in "fd":
+        return None
+    if code.endswith("s"):
+        return f"V{f.length}"
+    return (">u" if code.isupper() else ">i") + str(f.length)  # B H I Q, or b h i q
+
+
 def _encode_variable(data: bytes) -> bytes:
     """RFC 7011 §7: one length byte, or 255 and a two-byte length."""
     if len(data) < 255:
@@ -317,6 +328,10 @@ class Template:
         return records
 
 
+def _joined(records: list[bytes]) -> tuple[bytes, list[int]]:
+    return b"".join(records), list(accumulate(map(len, records), initial=0))
+
+
 class MessageEncoder:
     """Packs records into messages for one observation domain.
 
@@ -335,7 +350,8 @@ class MessageEncoder:
         """Template and options template sets for all `templates`, in as few messages as fit."""
         plain = [t.definition() for t in templates if not t.scope_count]
         options = [t.definition() for t in templates if t.scope_count]
-        groups = [(TEMPLATE_SET_ID, plain, False), (OPTIONS_TEMPLATE_SET_ID, options, False)]
+        groups = [(TEMPLATE_SET_ID, *_joined(plain), False),
+                  (OPTIONS_TEMPLATE_SET_ID, *_joined(options), False)]
         return self._pack([g for g in groups if g[1]], export_time, counts_records=False)
 
     def withdrawal_message(self, export_time: int) -> bytes:
@@ -349,24 +365,30 @@ class MessageEncoder:
     def data_messages(self, batches: Iterable[tuple[Template, list[bytes]]],
                       export_time: int) -> list[bytes]:
         """Messages holding each batch's encoded records in a data set of its template."""
-        groups = [(t.template_id, records, t.min_record_length > 3)
-                  for t, records in batches if records]
+        return self.joined_data_messages(
+            [(t, *_joined(records)) for t, records in batches], export_time)
+
+    def joined_data_messages(self, batches: Iterable[tuple[Template, bytes, Sequence[int]]],
+                             export_time: int) -> list[bytes]:
+        """The same for each batch's records given joined, with where each starts (one more
+        offset than records): records are cut out in runs, never one by one."""
+        groups = [(t.template_id, data, starts, t.min_record_length > 3)
+                  for t, data, starts in batches if len(starts) > 1]
         return self._pack(groups, export_time, counts_records=True)
 
-    def _pack(self, groups: list[tuple[int, list[bytes], bool]], export_time: int,
+    def _pack(self, groups: list[tuple[int, bytes, Sequence[int], bool]], export_time: int,
               counts_records: bool) -> list[bytes]:
         """Fills each message with as many whole records as fit, in order. The cut points come
-        from bisecting the records' running start offsets, so that the Python-level work is
-        per message and per set, not per record. A padded set reserves 3 bytes for padding."""
+        from bisecting the records' start offsets, so that the Python-level work is per
+        message and per set, not per record. A padded set reserves 3 bytes for padding."""
         limit = self.max_message_size
         messages: list[bytes] = []
         sets: list[bytes] = []  # of the message being filled
         size, records_in_message = HEADER.size, 0
-        for set_id, records, pad in groups:
+        for set_id, data, starts, pad in groups:
             # starts[i]: where record i begins in the set's run of records; starts[-1]: its end
-            starts = list(accumulate(map(len, records), initial=0))
             room_for_records = limit - SET_HEADER.size - (3 if pad else 0)
-            first, count = 0, len(records)
+            first, count = 0, len(starts) - 1
             while first < count:
                 # records[first:last] are those that fit in what is left of the message
                 last = bisect_right(starts, starts[first] + room_for_records - size, first) - 1
@@ -374,15 +396,15 @@ class MessageEncoder:
                     length = SET_HEADER.size + starts[last] - starts[first]
                     padding = (-length) % 4 if pad else 0
                     sets.append(SET_HEADER.pack(set_id, length + padding)
-                                + b"".join(records[first:last]) + bytes(padding))
+                                + data[starts[first]:starts[last]] + bytes(padding))
                     size += length + padding
                     records_in_message += last - first
                     first = last
                     if first == count:
                         break  # the message stays open for the next group's records
                 elif not sets:
-                    raise ValueError(f"a record of {len(records[first])} bytes does not "
-                                     f"fit in a message of at most {limit} bytes")
+                    raise ValueError(f"a record of {starts[first + 1] - starts[first]} bytes "
+                                     f"does not fit in a message of at most {limit} bytes")
                 messages.append(self._message(sets, size, export_time))
                 if counts_records:
                     self.sequence = (self.sequence + records_in_message) & 0xFFFFFFFF

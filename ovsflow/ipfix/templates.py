@@ -1,18 +1,24 @@
-"""The templates ovsflow exports, and how a `FlowRecord` fills each of them.
+"""The templates ovsflow exports, and how records fill each of them.
 
-Each template is a list of (information element, FlowRecord attribute); one
-`operator.attrgetter` per template pulls a record's values in wire order in a single C call,
-and `RecordTemplate.encode_many` encodes a batch of records without a Python loop over them.
+Each template is a list of (information element, FlowRecord attribute). Records come in two
+forms. `FlowRecord` objects (the deny path, a few per second): one `operator.attrgetter` per
+template pulls a record's values in wire order in a single C call, and
+`RecordTemplate.encode_many` encodes a batch without a Python loop over them. Columns (the
+connection store, up to 500k records a poll): `RecordTemplate.encode_columns` writes the
+records as rows of a numpy structured array, big-endian fields in wire order, so that no
+Python code runs per record but fetching its run of strings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from operator import attrgetter
 
+import numpy as np
+
 from ..record import CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
-from .codec import Template, TemplateField
+from .codec import Template, TemplateField, numpy_type
 from .elements import element
 
 # The elements ovsflow shares with Antrea's agent come first and in the order of Antrea's
@@ -67,7 +73,7 @@ _V6_ICMP = [("icmpTypeCodeIPv6", "icmp_type_code"),
 _FLOW_ID = [("flowId", "flow_id")]
 
 
-def _fields(kind: str, ipv6: bool) -> list[tuple[str, str]]:
+def template_fields(kind: str, ipv6: bool) -> list[tuple[str, str]]:
     """One template's (element name, FlowRecord attribute) list, in the order above."""
     counted, conntrack = kind != CONNTRACK_UNCOUNTED, kind != DENY
     return (_HEAD + (_COUNTERS if counted else []) + (_V6_ADDRESSES if ipv6 else _V4_ADDRESSES)
@@ -82,21 +88,75 @@ class RecordTemplate:
     values: attrgetter  # FlowRecord -> tuple in the template's field order
     # FlowRecords of this template -> their data records, in order (Template.bulk_encoder)
     encode_many: Callable[[Sequence[FlowRecord]], list[bytes]]
+    # The fields as columns: (attribute, numpy type) of the fixed fields before and after the
+    # span, the run from the first to the last variable-length field (Pod, node and rule
+    # names, tcpState), which `span` encodes from a record's `span_values`.
+    head: tuple[tuple[str, str], ...]
+    span: Template
+    span_values: attrgetter
+    tail: tuple[tuple[str, str], ...]
+    _row_types: dict[int, np.dtype] = field(default_factory=dict, compare=False)
 
     def encode(self, record: FlowRecord) -> bytes:
         return self.template.encode_record(self.values(record))
+
+    def _rows(self, span_length: int) -> np.dtype:
+        """Data records whose span is `span_length` bytes: one fixed-size row each."""
+        dtype = self._row_types.get(span_length)
+        if dtype is None:
+            dtype = self._row_types[span_length] = np.dtype(
+                [*self.head, (_SPAN, f"V{span_length}"), *self.tail])
+        return dtype
+
+    def encode_columns(self, columns: Mapping[str, np.ndarray | int],
+                       spans: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
+        """Data records from columns: each fixed field's attribute names an array (one value
+        per record) or a number (the same for all), and `spans[i]` is record i's encoded span.
+        Returns the records' bytes and where each starts (one more offset than records).
+        Records with spans of one length are written together as rows of one structured
+        array, so they come out grouped by that length, not in the order given. Values must
+        fit their fields (numpy would wrap them): the caller checks what can overflow."""
+        lengths = np.fromiter(map(len, spans), np.int64, len(spans))
+        order = np.argsort(lengths, kind="stable")
+        sorted_lengths = lengths[order]
+        firsts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))
+        parts, row_lengths, counts = [], [], []
+        for first, end in zip(firsts.tolist(), [*firsts[1:].tolist(), len(order)]):
+            chosen = order[first:end]
+            dtype = self._rows(int(sorted_lengths[first]))
+            rows = np.empty(len(chosen), dtype)
+            for name, _ in self.head + self.tail:
+                column = columns[name]
+                rows[name] = column[chosen] if isinstance(column, np.ndarray) else column
+            rows[_SPAN] = np.frombuffer(b"".join([spans[i] for i in chosen.tolist()]),
+                                        dtype.fields[_SPAN][0])
+            parts.append(rows.tobytes())
+            row_lengths.append(dtype.itemsize)
+            counts.append(len(chosen))
+        starts = np.zeros(len(spans) + 1, np.int64)
+        np.cumsum(np.repeat(row_lengths, counts), out=starts[1:])
+        return b"".join(parts), starts
+
+
+_SPAN = "span"  # the row field that holds the span: no attribute is named so
 
 
 def _record_template(template_id: int, fields: list[tuple[str, str]]) -> RecordTemplate:
     template = Template(template_id, [
         TemplateField(element(name), element(name).default_length) for name, _ in fields])
     attributes = [attribute for _, attribute in fields]
-    return RecordTemplate(template, attrgetter(*attributes), template.bulk_encoder(attributes))
+    variable = [index for index, f in enumerate(template.fields) if f.variable]
+    first, last = variable[0], variable[-1] + 1
+    columns = [(attribute, numpy_type(f)) for attribute, f in zip(attributes, template.fields)]
+    return RecordTemplate(
+        template, attrgetter(*attributes), template.bulk_encoder(attributes),
+        tuple(columns[:first]), Template(template_id, template.fields[first:last]),
+        attrgetter(*attributes[first:last]), tuple(columns[last:]))
 
 
 # (kind, is IPv6) -> template. Ids are fixed so that collectors see stable templates.
 RECORD_TEMPLATES: dict[tuple[str, bool], RecordTemplate] = {
-    (kind, ipv6): _record_template(template_id, _fields(kind, ipv6))
+    (kind, ipv6): _record_template(template_id, template_fields(kind, ipv6))
     for template_id, (kind, ipv6) in enumerate(
         [(CONNTRACK, False), (CONNTRACK, True), (CONNTRACK_UNCOUNTED, False),
          (CONNTRACK_UNCOUNTED, True), (DENY, False), (DENY, True)], start=256)

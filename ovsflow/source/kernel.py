@@ -26,7 +26,7 @@ from .ctnetlink import (
 )
 
 if TYPE_CHECKING:
-    from ..record import FlowRecord
+    from ..record import EncodedRecords
     from ..store import ConnectionStore
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class KernelSource:
         self.dumps = plan_dumps(self.filter, self.kernel)
         log.debug("kernel conntrack: %d dump(s) per poll: %s", len(self.dumps), self.dumps)
 
-    async def update(self, store: ConnectionStore, now: float) -> list[FlowRecord]:
+    async def update(self, store: ConnectionStore, now: float) -> list[EncodedRecords]:
         """One poll into the store, in a worker thread. The store takes the connections as
         they are decoded, receive buffer by receive buffer, so a poll never holds a second
         copy of the table (at 100k connections that copy was ~65 MB)."""

@@ -21,7 +21,7 @@ from ..connection import Connection
 from .dpctl import parse_dump
 
 if TYPE_CHECKING:
-    from ..record import FlowRecord
+    from ..record import EncodedRecords
     from ..store import ConnectionStore
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class OvsSource:
         self.run_dir = run_dir
         self.parse_errors = 0
 
-    async def update(self, store: ConnectionStore, now: float) -> list[FlowRecord]:
+    async def update(self, store: ConnectionStore, now: float) -> list[EncodedRecords]:
         """One poll into the store; like the parse, the update runs in a worker thread."""
         return await asyncio.to_thread(store.update, await self.poll(), now)
 
