@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from ovsflow.connection import Connection, labels_bytes
+from ovsflow.connection import Connection, identity, labels_bytes
 from ovsflow.enrich import Enricher, PodNetworks
 from ovsflow.ipfix.codec import MessageEncoder
 from ovsflow.ipfix.templates import template_for
@@ -81,7 +81,8 @@ def make_store(records: list[FlowRecord]) -> ConnectionStore:
                              reply_octets=r.reverse_octets, id=r.flow_id,
                              start_ns=r.start_ms * 1_000_000,
                              labels=labels_bytes(20) if r.ingress_rule_name else b"",
-                             key=r.source_address + r.source_port.to_bytes(2, "big"))
+                             key=identity(6, r.source_address, r.destination_address,
+                                          r.source_port, r.destination_port, 0, 0, 0, 0))
                   for r in records], 0.0)
     return store
 

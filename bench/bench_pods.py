@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab.ovs_lab import OvsLab, pod_external_ids  # noqa: E402
-from ovsflow.connection import Connection  # noqa: E402
+from ovsflow.connection import Connection, identity  # noqa: E402
 from ovsflow.enrich import Enricher, PodNetworks  # noqa: E402
 from ovsflow.pods import PodMap  # noqa: E402
 from ovsflow.store import ConnectionStore  # noqa: E402
@@ -57,7 +57,8 @@ def poll_with_records_due(enricher: Enricher, sources: list[bytes]) -> float:
     destination = sources[0]
     connections = [Connection(6, source, destination, 1024 + index % 60000, 80,
                               state="ESTABLISHED", packets=2, reply_packets=1, id=index,
-                              key=index.to_bytes(4, "big"))
+                              key=identity(6, source, destination, 1024 + index % 60000, 80,
+                                           0, 0, 0, 0))
                    for index, source in enumerate(sources[:RECORDS_DUE])]
     store = ConnectionStore(1.0, 60.0, enricher=enricher)
     store.update(connections, 0.0)

@@ -20,12 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ovsflow.connection import Connection  # noqa: E402
+from ovsflow.connection import Connection, identity  # noqa: E402
 from ovsflow.store import ConnectionStore  # noqa: E402
 
 DST = socket.inet_aton("10.255.0.1")
-# Connection.key as the ctnetlink decoder makes it: CTA_TUPLE_ORIG's 52 bytes and the zone
-KEY_PREFIX, KEY_SUFFIX = b"\x34\x00\x01\x80" + bytes(16), DST + bytes(26) + b"\xff\xf0"
 
 
 def poll(first: int, count: int, round_: int) -> list[Connection]:
@@ -33,7 +31,8 @@ def poll(first: int, count: int, round_: int) -> list[Connection]:
                        DST, (0x0A000000 + i).to_bytes(4, "big"), 80, 1024 + i % 60000,
                        zone=65520, state="ESTABLISHED", packets=round_ + 1,
                        octets=100 * (round_ + 1), reply_packets=round_, id=i,
-                       key=KEY_PREFIX + (0x0A000000 + i).to_bytes(4, "big") + KEY_SUFFIX)
+                       key=identity(6, (0x0A000000 + i).to_bytes(4, "big"), DST,
+                                    1024 + i % 60000, 80, 0, 0, 0, 65520))
             for i in range(first, first + count)]
 
 

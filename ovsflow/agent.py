@@ -34,7 +34,7 @@ from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
 from .pods import PodMap
 from .protocols import ProtocolSet
-from .record import EncodedRecords
+from .record import BATCH, EncodedRecords
 from .source import open_source
 from .store import ConnectionStore
 from .supervisor import Supervisor
@@ -43,6 +43,7 @@ from .transport import transport_for
 log = logging.getLogger(__name__)
 
 SHUTDOWN_FLUSH_SECONDS = 10.0  # without progress: the collector is away
+IN_FLIGHT = 2 * BATCH  # records a poll lets wait for the collector before it waits itself
 HEALTH_POLLS = 3  # a layer failing for this many poll intervals makes /healthz answer 503
 HEALTH_MIN_SECONDS = 5.0  # ... and at least this long
 # What building a reloaded configuration can raise besides ConfigError: unreadable TLS files
@@ -121,10 +122,16 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
 
         def hand_over(batch: EncodedRecords) -> None:
-            """In the poll's worker thread, per batch of due records as it is encoded: the
-            exporter sends it while the poll goes on, so a poll whose whole table is due
-            never holds all its records at once."""
+            """In the poll's worker thread, per batch of due records as it is made: the
+            exporter sends it while the poll goes on. While the collector takes records, the
+            poll waits here for it to have taken all but `IN_FLIGHT` of them, so that a wave
+            of due records (the whole table, at a common timeout) is made at the pace it is
+            sent rather than queued whole; while the collector is away the queue fills to
+            its bound (`wait_for_room` then drops the oldest)."""
             loop.call_soon_threadsafe(self._submit_conntrack, batch)
+            if self.exporter.queued + len(batch) > IN_FLIGHT:
+                asyncio.run_coroutine_threadsafe(self.exporter.wait_for_room(IN_FLIGHT),
+                                                 loop).result()
 
         self.store.hand_over = hand_over
         fe = self.config.flow_exporter

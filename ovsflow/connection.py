@@ -16,6 +16,22 @@ ENDED_STATES = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
 # packs them so.
 _LABEL_WORDS = struct.Struct("=QQ")
 
+# Connection.key, the store's identity of a connection: its zone and original tuple, packed
+# so (19 bytes for IPv4, 43 for IPv6) by every source, in this order and big-endian. The
+# store reads a record's protocol, ports, ICMP fields and addresses back from it rather than
+# keeping them twice.
+IDENTITY_FIELDS = (("protocol", "B"), ("source_port", "H"), ("destination_port", "H"),
+                   ("icmp_id", "H"), ("icmp_type", "B"), ("icmp_code", "B"), ("zone", "H"))
+_IDENTITY = struct.Struct(">" + "".join(code for _, code in IDENTITY_FIELDS))
+IDENTITY_SIZE = _IDENTITY.size  # then the source and destination addresses
+
+
+def identity(protocol: int, source: bytes, destination: bytes, source_port: int,
+             destination_port: int, icmp_id: int, icmp_type: int, icmp_code: int,
+             zone: int) -> bytes:
+    return _IDENTITY.pack(protocol, source_port, destination_port, icmp_id, icmp_type,
+                          icmp_code, zone) + source + destination
+
 
 def labels_value(labels: bytes) -> int:
     """The 128-bit label as a number (b"": none); what dpctl and `conntrack -L` print."""
@@ -66,7 +82,6 @@ class Connection(NamedTuple):
     # (kernel: IPS_DYING or a closed TCP/SCTP state; OVS: the same read from its text), so
     # the store exports it now and needs no source's constants.
     ended: bool = False
-    # The connection's identity for the store: zone and original tuple, as the source's own
-    # encoding of them (ctnetlink: the bytes of CTA_TUPLE_ORIG and CTA_ZONE). Every source
-    # sets it; bytes hash once and compare fast, where a tuple of fields hashes per lookup.
+    # The connection's identity for the store (see `identity`). Every source sets it; bytes
+    # hash once and compare fast, where a tuple of fields hashes per lookup.
     key: bytes = b""

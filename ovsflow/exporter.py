@@ -210,11 +210,12 @@ class Exporter:
             self._queued += count
         self._pending.set()
 
-    async def wait_for_room(self) -> None:
-        """Backpressure: wait while the queue is over its bound and the collector takes
-        records. When it does not (unreachable, or nothing taken for `stall_timeout`
-        seconds), drop the oldest records beyond the bound instead."""
-        while self._queued > self.max_buffered:
+    async def wait_for_room(self, limit: int | None = None) -> None:
+        """Backpressure: wait while the queue is over `limit` (default: its bound) and the
+        collector takes records. When it does not (unreachable, or nothing taken for
+        `stall_timeout` seconds), drop the oldest records beyond the bound instead."""
+        limit = self.max_buffered if limit is None else min(limit, self.max_buffered)
+        while self._queued > limit:
             if not self.reachable:
                 self._drop_excess()
                 return

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .connection import Connection
+from .connection import IDENTITY_FIELDS, IDENTITY_SIZE, Connection
 from .enrich import NO_PODS, Enricher, flow_type
 from .ipfix.templates import RECORD_TEMPLATES
 from .record import (
@@ -49,7 +49,12 @@ _TEMPLATES = {(counted, ipv6): RECORD_TEMPLATES[CONNTRACK if counted else CONNTR
 _SPAN = _TEMPLATES[True, False]
 assert all(t.span.fields == _SPAN.span.fields for t in _TEMPLATES.values())
 MAX_SPANS = 65536  # distinct encoded spans kept; past this they are made again as needed
-_ADDRESS_BYTES = 32  # per slot: source then destination, 16 bytes each (IPv4 in the first 4)
+# Connection.key (see `identity`) as numpy reads it, IPv4 or IPv6
+_KEYS = {ipv6: np.dtype([(name, ">" + code.replace("B", "u1").replace("H", "u2"))
+                         for name, code in IDENTITY_FIELDS]
+                        + [("source_address", f"V{16 if ipv6 else 4}"),
+                           ("destination_address", f"V{16 if ipv6 else 4}")])
+         for ipv6 in (False, True)}
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
 
 
@@ -87,23 +92,23 @@ class ConnectionStore:
         self._reply_packets, self._reply_octets = column("u8"), column("u8")
         self._exported_packets, self._exported_octets = column("u8"), column("u8")
         self._exported_reply_packets, self._exported_reply_octets = column("u8"), column("u8")
-        self._first_seen, self._last_activity, self._last_export = (
-            column("f8"), column("f8"), column("f8"))
+        self._last_activity, self._last_export = column("f8"), column("f8")
         self._occupied = column("u1")  # 1: a connection is there
         self._ended = column("u1")  # 1: its end was exported
         self._quiet = column("u1")  # 1: its idle timeout was exported, no activity since
-        # what a record needs that stays the same for a conntrack id
-        self._protocol, self._counted, self._ipv6 = column("u1"), column("u1"), column("u1")
-        self._source_port, self._destination_port = column("u2"), column("u2")
-        self._icmp_type, self._icmp_code = column("u1"), column("u1")
-        self._start_ms = column("u8")  # 0: unknown, the first poll that saw it counts
-        self._addresses = memoryview(np.zeros(capacity * _ADDRESS_BYTES, "u1"))
+        # What a record needs that stays the same for a conntrack id, besides what its key
+        # says (protocol, ports, ICMP fields, addresses: read from the key when needed).
+        self._counted = column("u1")
+        self._start_ms = column("u8")  # the source's, or else the first poll that saw it
         # the connection's run of strings: an id in _spans (0: to be found), the Pod map's
         # generation it was found at, and the flowType found with it
         self._span, self._span_generation = column("u4"), column("u4")
         self._flow_type = column("u1")
         self._spans: list[bytes] = [b""]
         self._span_ids: dict[tuple, int] = {}
+        # One object per distinct state, labels and pair of Pods, however many connections
+        # hold it (a source makes a new one per connection and poll). Cleared with the spans.
+        self._values: dict = {}
         self._previous_poll: float | None = None  # when every tracked connection was seen
 
     def __len__(self) -> int:
@@ -151,7 +156,7 @@ class ConnectionStore:
                 packets[slot], octets[slot] = c.packets, c.octets
                 reply_packets[slot], reply_octets[slot] = c.reply_packets, c.reply_octets
                 if c.state != states[slot] or c.labels != labels[slot]:
-                    states[slot], labels[slot] = c.state, c.labels
+                    states[slot], labels[slot] = c.state, self._shared(c.labels)
                     span[slot] = 0
                 last_activity[slot] = now
                 quiet[slot] = 0
@@ -166,9 +171,9 @@ class ConnectionStore:
                         rejected, self.rejected)
         if reused:
             slots = np.fromiter(reused, np.int64, len(reused))
-            slots = slots[np.asarray(self._ended)[slots] == 0]
-            ends = np.maximum(np.asarray(self._first_seen)[slots], self._previous_poll or 0.0)
-            self._emit(slots, END_OF_FLOW, ends, made)
+            # ended at the latest in the previous poll, the last that saw it
+            self._emit(slots[np.asarray(self._ended)[slots] == 0], END_OF_FLOW,
+                       self._previous_poll, made)
             self._fill(reused, now, ended)
         if ended:
             slots = np.unique(np.array(ended, np.int64))
@@ -233,29 +238,23 @@ class ConnectionStore:
                                (self._octets, field["octets"]),
                                (self._reply_packets, field["reply_packets"]),
                                (self._reply_octets, field["reply_octets"]),
-                               (self._protocol, field["protocol"]),
-                               (self._counted, field["counted"]),
-                               (self._source_port, field["source_port"]),
-                               (self._destination_port, field["destination_port"]),
-                               (self._icmp_type, field["icmp_type"]),
-                               (self._icmp_code, field["icmp_code"])):
+                               (self._counted, field["counted"])):
             np.asarray(column)[slots] = values
-        np.asarray(self._start_ms)[slots] = np.array(field["start_ns"], "u8") // 1_000_000
-        sources = field["source"]
-        np.asarray(self._ipv6)[slots] = [len(source) == 16 for source in sources]
-        np.asarray(self._addresses).reshape(-1, _ADDRESS_BYTES)[slots] = np.frombuffer(
-            b"".join([source.ljust(16, b"\0") + destination.ljust(16, b"\0")
-                      for source, destination in zip(sources, field["destination"])]),
-            "u1").reshape(-1, _ADDRESS_BYTES)
+        start_ms = np.array(field["start_ns"], "u8") // 1_000_000
+        start_ms[start_ms == 0] = int(now * 1000)
+        np.asarray(self._start_ms)[slots] = start_ms
         for column in (self._exported_packets, self._exported_octets,
                        self._exported_reply_packets, self._exported_reply_octets,
                        self._ended, self._quiet, self._span):
             np.asarray(column)[slots] = 0
-        for column in (self._first_seen, self._last_activity, self._last_export):
+        for column in (self._last_activity, self._last_export):
             np.asarray(column)[slots] = now
-        states, labels, pods = self._states, self._labels, self._pods
+        states, labels, pods, shared = self._states, self._labels, self._pods, self._shared
         for slot, state, label in zip(slot_list, field["state"], field["labels"]):
-            states[slot], labels[slot], pods[slot] = state, label, NO_PODS
+            states[slot], labels[slot], pods[slot] = shared(state), shared(label), NO_PODS
+
+    def _shared(self, value):
+        return self._values.setdefault(value, value)
 
     def _remove_gone(self, unseen: bytearray, made: list[EncodedRecords]) -> None:
         """Connections absent from this poll ended in between: one last record each, with
@@ -328,45 +327,45 @@ class ConnectionStore:
             exported[slots] = polled
         np.asarray(self._last_export)[slots] = end
         start_ms = np.asarray(self._start_ms)[slots]
-        unknown = start_ms == 0
-        start_ms[unknown] = (np.asarray(self._first_seen)[slots][unknown] * 1000).astype("u8")
         end_ms = int(end * 1000) if np.ndim(end) == 0 else (end * 1000).astype("u8")
-        icmp_type = np.asarray(self._icmp_type)[slots]
-        icmp_code = np.asarray(self._icmp_code)[slots]
-        protocol = np.asarray(self._protocol)[slots]
         column.update(
             start_ms=start_ms, end_ms=end_ms, start_seconds=start_ms // 1000,
-            end_seconds=end_ms // 1000, end_reason=reason, protocol=protocol,
-            source_port=np.asarray(self._source_port)[slots],
-            destination_port=np.asarray(self._destination_port)[slots],
-            icmp_type=icmp_type, icmp_code=icmp_code,
-            icmp_type_code=icmp_type.astype("u2") << 8 | icmp_code,
+            end_seconds=end_ms // 1000, end_reason=reason,
             flow_id=np.asarray(self._ids)[slots], flow_type=np.asarray(self._flow_type)[slots])
-        batch = EncodedRecords(protocols=Counter(dict(zip(
-            *(values.tolist() for values in np.unique(protocol, return_counts=True))))))
+        keys = [self._keys[slot] for slot in slots.tolist()]
+        ipv6 = np.fromiter(map(len, keys), np.int64, len(keys)) == _KEYS[True].itemsize
+        batch = EncodedRecords()
         fits = column["start_seconds"] <= _SECONDS_LIMIT  # a start time from a bad clock
         if not fits.all():
             batch.rejected += [("flowStartSeconds", seconds)
                                for seconds in column["start_seconds"][~fits].tolist()]
-        addresses = np.asarray(self._addresses).reshape(-1, _ADDRESS_BYTES)[slots]
+        counted = np.asarray(self._counted)[slots].astype(bool)
         span_ids = np.asarray(self._span)[slots]
-        group = np.asarray(self._counted)[slots] * 2 + np.asarray(self._ipv6)[slots]
-        for (counted, ipv6), record_template in _TEMPLATES.items():
-            chosen = np.flatnonzero((group == counted * 2 + ipv6) & fits)
-            if not len(chosen):
+        spans = self._spans
+        for family in (False, True):
+            members = np.flatnonzero(ipv6 == family)
+            if not len(members):
                 continue
-            length = 16 if ipv6 else 4
-            columns = {name: values[chosen] if isinstance(values, np.ndarray) else values
-                       for name, values in column.items()}
-            columns["source_address"] = np.ascontiguousarray(
-                addresses[chosen, :length]).view(f"V{length}").ravel()
-            columns["destination_address"] = np.ascontiguousarray(
-                addresses[chosen, 16:16 + length]).view(f"V{length}").ravel()
-            spans = self._spans
-            data, starts = record_template.encode_columns(
-                columns, [spans[i] for i in span_ids[chosen].tolist()])
-            batch.groups.append((record_template.template, data,
-                                 array("I", starts.astype("u4").tobytes())))
+            identity = np.frombuffer(b"".join([keys[i] for i in members.tolist()]),
+                                     _KEYS[family])
+            batch.protocols.update(Counter(dict(zip(*(values.tolist() for values in np.unique(
+                identity["protocol"], return_counts=True))))))
+            for with_counters in (False, True):
+                chosen = np.flatnonzero((counted[members] == with_counters) & fits[members])
+                if not len(chosen):
+                    continue
+                at = members[chosen]
+                columns = {name: values[at] if isinstance(values, np.ndarray) else values
+                           for name, values in column.items()}
+                for name in identity.dtype.names:
+                    columns[name] = identity[name][chosen]
+                columns["icmp_type_code"] = (columns["icmp_type"].astype("u2") << 8
+                                             | columns["icmp_code"])
+                record_template = _TEMPLATES[with_counters, family]
+                data, starts = record_template.encode_columns(
+                    columns, [spans[i] for i in span_ids[at].tolist()])
+                batch.groups.append((record_template.template, data,
+                                     array("I", starts.astype("u4").tobytes())))
         return batch
 
     def _find_spans(self, slots: np.ndarray) -> None:
@@ -374,20 +373,23 @@ class ConnectionStore:
         labels changed, or whose Pods may have, since it was last found."""
         enricher = self.enricher
         generation = enricher.generation if enricher is not None else 0
-        if len(self._spans) > MAX_SPANS:
-            self._spans, self._span_ids = [b""], {}
+        if len(self._spans) > MAX_SPANS or len(self._values) > MAX_SPANS:
+            self._spans, self._span_ids, self._values = [b""], {}, {}
             np.asarray(self._span)[:self._used] = 0
         stale = slots[(np.asarray(self._span)[slots] == 0)
                       | (np.asarray(self._span_generation)[slots] != generation)]
         states, labels, known = self._states, self._labels, self._pods
+        keys = self._keys
         for slot in stale.tolist():
-            state = states[slot] if self._protocol[slot] == 6 else ""
+            key = keys[slot]
+            state = states[slot] if key[0] == 6 else ""  # the protocol: TCP
             pods = NO_PODS
             if enricher is not None:
-                at, length = slot * _ADDRESS_BYTES, 16 if self._ipv6[slot] else 4
-                source = bytes(self._addresses[at:at + length])
-                destination = bytes(self._addresses[at + 16:at + 16 + length])
-                pods = known[slot] = enricher.pods(source, destination, known[slot])
+                length = (len(key) - IDENTITY_SIZE) >> 1
+                source = key[IDENTITY_SIZE:IDENTITY_SIZE + length]
+                destination = key[IDENTITY_SIZE + length:]
+                pods = known[slot] = self._shared(
+                    enricher.pods(source, destination, known[slot]))
                 self._flow_type[slot] = flow_type(*pods, source, destination,
                                                   enricher.pod_networks)
             key = (pods, labels[slot], state)

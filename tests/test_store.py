@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from ovsflow.record import (
     ACTIVE_TIMEOUT, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT,
 )
-from ovsflow.connection import Connection, labels_bytes
+from ovsflow.connection import Connection, identity, labels_bytes
 from ovsflow.enrich import Enricher, PodNetworks
 from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.record import BATCH
@@ -25,7 +25,7 @@ def conn(sport=1000, packets=0, octets=0, *, conn_id=1, state="ESTABLISHED", end
                       packets=packets, octets=octets, reply_packets=packets,
                       reply_octets=octets * 2, counted=counted, id=conn_id,
                       start_ns=1_000_000_000_000 if counted else 0, ended=ended,
-                      key=f"{zone} {protocol} {sport}".encode())
+                      key=identity(protocol, A, B, sport, 80, 0, 0, 0, zone))
 
 
 class Store(ConnectionStore):
@@ -226,9 +226,9 @@ def test_a_pod_learnt_after_its_connection_names_the_next_record():
 
 def test_a_connection_with_a_value_out_of_range_is_left_out_and_counted(caplog):
     s = store(active=1)
-    s.update([conn(sport=1, packets=1), conn(sport=70000, packets=1), conn(sport=2)], 0.0)
-    assert len(s) == 2 and s.malformed == 1 and "sport" not in caplog.text
-    assert "value out of range" in caplog.text and "source_port=70000" in caplog.text
+    s.update([conn(sport=1, packets=1), conn(sport=3, conn_id=2**32), conn(sport=2)], 0.0)
+    assert len(s) == 2 and s.malformed == 1
+    assert "value out of range" in caplog.text and "id=4294967296" in caplog.text
     records = s.update([conn(sport=1, packets=2), conn(sport=2, packets=1)], 1.0)
     assert sorted(r.source_port for r in records) == [1, 2]
 

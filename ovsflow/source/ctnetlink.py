@@ -16,7 +16,7 @@ import socket
 import struct
 from typing import NoReturn
 
-from ..connection import ENDED_STATES, Connection
+from ..connection import ENDED_STATES, IDENTITY_FIELDS, Connection, identity
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -188,15 +188,14 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         if message_type == _CT_NEW:
             start = pos + NLMSGHDR.size + NFGENMSG.size
             # the fast path (see _learn), inlined: this loop runs once per connection
-            for mask, expected, unpack, arguments, names, state_at, status_at, key, _, _ in \
-                    layouts.get(length, ()):
+            for (mask, expected, unpack, arguments, names, state_at, status_at, pack_key,
+                 key_values, _, _) in layouts.get(length, ()):
                 if from_bytes(data[start:pos + length], "big") & mask == expected:
                     values = unpack(data, start)
                     state = names[values[state_at]] if names is not None else ""
                     append(new(Connection, arguments(values + (
                         state, state in ended_states or values[status_at] & IPS_DYING != 0,
-                        data[start + key[0]:start + key[1]]
-                        + data[start + key[2]:start + key[3]], 0, b"", True))))
+                        pack_key(*key_values(values)), 0, b"", True))))
                     break
             else:
                 append(_walk(data, pos, start, length))
@@ -223,9 +222,9 @@ def count_dump(data: bytes, counts: dict[tuple[int, int], int]) -> bool:
             start = pos + NLMSGHDR.size + NFGENMSG.size
             for layout in layouts.get(length, ()):
                 if from_bytes(data[start:pos + length], "big") & layout[0] == layout[1]:
-                    zone_at = start + layout[8]
+                    zone_at = start + layout[9]
                     found = (data[zone_at] << 8 | data[zone_at + 1] if zone_at > start else 0,
-                             data[start + layout[9]])
+                             data[start + layout[10]])
                     break
             else:
                 connection = _walk(data, pos, start, length)
@@ -280,7 +279,7 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
     orig = reply = None
     status = mark = zone = timeout = conn_id = 0
     packets = octets = reply_packets = reply_octets = start_ns = 0
-    labels = key_tuple = key_zone = b""
+    labels = b""
     state = ""
     while pos < end:
         length, attr_type = _unpack_attr(data, pos)
@@ -291,7 +290,6 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
             _bad(pos, length, end)
         if attr_type == CTA_TUPLE_ORIG:
             orig = _tuple(data, pos + 4, pos + length)
-            key_tuple = data[pos:pos + length]
         elif attr_type == CTA_TUPLE_REPLY:
             reply = _tuple(data, pos + 4, pos + length)
         elif attr_type == CTA_STATUS:
@@ -310,7 +308,6 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
             mark = _BE32(data, pos + 4)[0]
         elif attr_type == CTA_ZONE:
             zone = (data[pos + 4] << 8) | data[pos + 5]
-            key_zone = data[pos + 4:pos + 6]
         elif attr_type == CTA_TIMESTAMP:
             start_ns = _timestamp(data, pos + 4, pos + length)
         elif attr_type == CTA_LABELS:
@@ -328,7 +325,8 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
                       reply[4], icmp_type, icmp_code, icmp_id, zone, mark, labels, status,
                       state, packets, octets, reply_packets, reply_octets, True, start_ns,
                       conn_id, timeout, bool(status & IPS_DYING) or state in ENDED_STATES,
-                      key_tuple + key_zone)
+                      identity(protocol, src, dst, sport, dport, icmp_id, icmp_type, icmp_code,
+                               zone))
 
 
 def _tuple(data: bytes, pos: int, end: int) -> tuple:
@@ -441,8 +439,8 @@ _DEFAULT_AT = {"labels": 1, "counted": 2}  # else 0
 _MAX_LAYOUTS_PER_LENGTH = 4
 # message length -> layouts: (header mask, expected headers, unpack of the values, Connection
 # arguments getter, state names by number or None, where in the values the state number and
-# the status are, offsets of the key's two slices, offsets of the zone (0: none) and of the
-# protocol in the message)
+# the status are, the key's packer and the getter of its values, offsets of the zone (0: none)
+# and of the protocol in the message)
 _LAYOUTS: dict[int, list[tuple]] = {}
 
 
@@ -457,7 +455,6 @@ def _learn(data: bytes, start: int, end: int) -> None:
     headers: list[tuple[int, int]] = []  # (offset, the header as a big-endian u32)
     leaves: list[tuple[int, str, str]] = []  # (offset, struct code, Connection field)
     state_names: list[tuple[str, ...]] = []
-    key = [0, 0, 0, 0]  # Connection.key: where CTA_TUPLE_ORIG and CTA_ZONE's value are
 
     def header(pos: int) -> tuple[int, int, int]:
         length, attr_type = _unpack_attr(data, pos)
@@ -502,10 +499,6 @@ def _learn(data: bytes, start: int, end: int) -> None:
     scalars = {CTA_STATUS: ("I", "status"), CTA_ID: ("I", "id"), CTA_TIMEOUT: ("I", "timeout"),
                CTA_MARK: ("I", "mark"), CTA_ZONE: ("H", "zone")}
     for pos, length, kind, attr_end in children(start, end):
-        if kind == CTA_TUPLE_ORIG:
-            key[:2] = pos - start, pos - start + length
-        elif kind == CTA_ZONE:
-            key[2:] = pos + 4 - start, pos + 6 - start
         if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
             tuple_(pos + 4, attr_end, kind == CTA_TUPLE_REPLY)
         elif kind in scalars:
@@ -558,10 +551,23 @@ def _learn(data: bytes, start: int, end: int) -> None:
     field_indexes = [computed[name] if name in computed else fields[name] if name in fields
                      else defaults + _DEFAULT_AT.get(name, 0) for name in Connection._fields]
     offsets = {name: offset for offset, _, name in leaves}
+    # Connection.key (`identity`) packed from the values: a field the message lacks (no
+    # zone, no ICMP id) is zero, as `identity` packs it from the walk's Connection.
+    codes_by_name = {name: code for _, code, name in leaves}
+    if "source" not in fields or codes_by_name["source"] != codes_by_name.get("destination"):
+        return
+    key_codes, key_fields = [">"], []
+    for name, code in [*IDENTITY_FIELDS, ("source", ""), ("destination", "")]:
+        if name in fields:
+            key_codes.append(codes_by_name[name])
+            key_fields.append(fields[name])
+        else:
+            key_codes.append(f"{struct.calcsize('>' + code)}x")
     layout = (int.from_bytes(mask, "big"), int.from_bytes(expected, "big"),
               struct.Struct("".join(codes)).unpack_from, operator.itemgetter(*field_indexes),
               _numbered(state_names[0]) if state_names else None, fields.get("state"),
-              fields["status"], tuple(key), offsets.get("zone", 0), offsets["protocol"])
+              fields["status"], struct.Struct("".join(key_codes)).pack,
+              operator.itemgetter(*key_fields), offsets.get("zone", 0), offsets["protocol"])
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]

@@ -13,11 +13,10 @@ datapath adds `packets=`/`bytes=`/`start=`, they are read.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from datetime import datetime
 
 from ..protocols import PROTOCOL_NUMBERS
-from ..connection import ENDED_STATES, Connection, labels_bytes
+from ..connection import ENDED_STATES, Connection, identity, labels_bytes
 
 # ct_dpif_format_ipproto's names ("icmpv6" and the rest are in the IANA table too)
 _PROTOCOLS = PROTOCOL_NUMBERS
@@ -27,9 +26,6 @@ _STATUS_BITS = {name: 1 << bit for bit, name in enumerate((
     "EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED", "SRC_NAT", "DST_NAT", "SEQ_ADJUST",
     "SRC_NAT_DONE", "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT", "TEMPLATE", "UNTRACKED"))}
 
-
-# Connection.key: the original tuple and the zone
-_IDENTITY = struct.Struct(">BHHHBBH")
 
 
 class DpctlParseError(ValueError):
@@ -151,8 +147,8 @@ def parse_entry(line: str) -> Connection:
         _start_ns(fields["start"], line) if "start" in fields else 0,
         _int(fields, "id", line), _int(fields, "timeout", line),
         bool(status & _STATUS_BITS["DYING"]) or state in ENDED_STATES,
-        _IDENTITY.pack(protocol, sport, dport, icmp_id, icmp_type, icmp_code, zone)
-        + source + destination)
+        identity(protocol, source, destination, sport, dport, icmp_id, icmp_type, icmp_code,
+                 zone))
 
 
 def parse_dump(text: str) -> tuple[list[Connection], list[DpctlParseError]]:
