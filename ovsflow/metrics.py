@@ -82,6 +82,9 @@ class AgentMetrics(Collector):
                                 value=len(agent.store))
         yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
                                   " because the store was full", value=agent.store.rejected)
+        yield CounterMetricFamily("ovsflow_connections_malformed", "Connections not tracked "
+                                  "because a value was out of its range (a source gone wrong)",
+                                  value=agent.store.malformed)
         filtered = CounterMetricFamily("ovsflow_conntrack_filtered_out", "Connections the "
                                        "kernel handed over that the userspace filter dropped "
                                        "(zone or protocol), by protocol", labels=["protocol"])

@@ -198,6 +198,7 @@ def test_counters_zeroed_under_a_running_agent(tmp_path):
                    if r.get("sourceTransportPort") == 40123]
     assert health == "200 ok"
     assert "ovsflow_records_rejected_total{" not in metrics
+    assert metric(metrics, "ovsflow_connections_malformed_total") == 0
     assert sum(r["flowEndMilliseconds"] < zeroed_at * 1000 for r in records) >= 2, records
     # The first record whose total is below its predecessor's counts from the reset: its
     # delta is its total. Every other record's delta is the growth of the total.
