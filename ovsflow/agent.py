@@ -21,6 +21,7 @@ import os
 import signal
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
 
 from openflow.messages import OpenFlowError
@@ -110,6 +111,11 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # The polls' worker threads (`asyncio.to_thread`) are one thread: polls never overlap,
+        # and one thread's allocations stay in one malloc arena, where each of the default
+        # executor's threads would keep an arena as large as a poll's temporaries.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1,
+                                                     thread_name_prefix="ovsflow-poll"))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         reloads: set[asyncio.Task] = set()

@@ -112,7 +112,7 @@ class Enricher:
         self.node_name, self._pod_networks = node_name, pod_networks
         self._map = pods
         self._lookup = pods.lookup if pods is not None else None
-        self._changes = 0
+        self.settings = 0  # counts reloads of the Pod CIDRs: every flowType may change
 
     @property
     def pod_networks(self) -> PodNetworks:
@@ -121,14 +121,13 @@ class Enricher:
     @pod_networks.setter
     def pod_networks(self, networks: PodNetworks) -> None:  # a reload
         self._pod_networks = networks
-        self._changes += 1
+        self.settings += 1
 
     @property
     def generation(self) -> int:
-        """Changes whenever what `pods` or a flowType could say changes: the store keeps
-        what it found per connection until then. 32 bits, as the store keeps it."""
-        return (self._changes + (self._map.changes if self._map is not None else 0)
-                ) & 0xFFFFFFFF
+        """Changes whenever a Pod lookup may answer otherwise: the store keeps what it found
+        per connection until then. 32 bits, as the store keeps it."""
+        return self._map.changes & 0xFFFFFFFF if self._map is not None else 0
 
     def pods(self, source: bytes, destination: bytes,
              known: tuple[PodRef | None, PodRef | None] = NO_PODS

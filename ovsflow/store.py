@@ -109,6 +109,7 @@ class ConnectionStore:
         # One object per distinct state, labels and pair of Pods, however many connections
         # hold it (a source makes a new one per connection and poll). Cleared with the spans.
         self._values: dict = {}
+        self._settings = 0  # the enricher's, when the spans were found
         self._previous_poll: float | None = None  # when every tracked connection was seen
 
     def __len__(self) -> int:
@@ -372,32 +373,37 @@ class ConnectionStore:
         """The run of strings (and flowType) of the connections in `slots` whose state or
         labels changed, or whose Pods may have, since it was last found."""
         enricher = self.enricher
-        generation = enricher.generation if enricher is not None else 0
-        if len(self._spans) > MAX_SPANS or len(self._values) > MAX_SPANS:
+        generation, settings = (enricher.generation, enricher.settings) if enricher else (0, 0)
+        if (len(self._spans) > MAX_SPANS or len(self._values) > MAX_SPANS
+                or settings != self._settings):
             self._spans, self._span_ids, self._values = [b""], {}, {}
+            self._settings = settings
             np.asarray(self._span)[:self._used] = 0
         stale = slots[(np.asarray(self._span)[slots] == 0)
                       | (np.asarray(self._span_generation)[slots] != generation)]
-        states, labels, known = self._states, self._labels, self._pods
-        keys = self._keys
+        keys, states, labels, known = self._keys, self._states, self._labels, self._pods
+        span, span_generation = self._span, self._span_generation
         for slot in stale.tolist():
             key = keys[slot]
-            state = states[slot] if key[0] == 6 else ""  # the protocol: TCP
             pods = NO_PODS
             if enricher is not None:
                 length = (len(key) - IDENTITY_SIZE) >> 1
                 source = key[IDENTITY_SIZE:IDENTITY_SIZE + length]
                 destination = key[IDENTITY_SIZE + length:]
-                pods = known[slot] = self._shared(
-                    enricher.pods(source, destination, known[slot]))
+                pods = enricher.pods(source, destination, known[slot])
+                if span[slot] and pods == known[slot]:  # the Pod map changed, not for it
+                    span_generation[slot] = generation
+                    continue
+                pods = known[slot] = self._shared(pods)
                 self._flow_type[slot] = flow_type(*pods, source, destination,
                                                   enricher.pod_networks)
-            key = (pods, labels[slot], state)
-            span_id = self._span_ids.get(key)
+            state = states[slot] if key[0] == 6 else ""  # the protocol: TCP
+            values = (pods, labels[slot], state)
+            span_id = self._span_ids.get(values)
             if span_id is None:
-                span_id = self._span_ids[key] = len(self._spans)
-                self._spans.append(self._encode_span(pods, labels[slot], state))
-            self._span[slot], self._span_generation[slot] = span_id, generation
+                span_id = self._span_ids[values] = len(self._spans)
+                self._spans.append(self._encode_span(*values))
+            span[slot], span_generation[slot] = span_id, generation
 
     def _encode_span(self, pods: tuple, labels: bytes, state: str) -> bytes:
         """Filled as a deny record is, by the enricher (a record object once per distinct

@@ -211,8 +211,8 @@ def test_a_pod_learnt_after_its_connection_names_the_next_record():
     """The Pod map changes (here fed as its OVSDB thread feeds it): the next records of a
     connection already tracked carry the Pod's names."""
     pods = PodMap("unix:/nonexistent")
-    s = store(active=1, idle=100,
-              enricher=Enricher(pods, "node-a", PodNetworks(["10.0.0.0/16"])))
+    enricher = Enricher(pods, "node-a", PodNetworks(["10.0.0.0/16"]))
+    s = store(active=1, idle=100, enricher=enricher)
     s.update([conn(packets=1)], 0.0)
     [before] = s.update([conn(packets=2)], 1.0)
     pods._learn("uuid-1", "web-1a2b3c", {"antrea-type": POD_PORT,
@@ -222,6 +222,16 @@ def test_a_pod_learnt_after_its_connection_names_the_next_record():
     assert (before.destination_pod_name, before.flow_type) == ("", 0)
     assert (after.destination_pod_name, after.destination_pod_namespace,
             after.destination_node_name, after.flow_type) == ("web", "shop", "node-a", 2)
+    # another Pod comes: nothing changes for this connection
+    pods._learn("uuid-2", "db-4d5e6f", {"antrea-type": POD_PORT, "ip-address": "10.0.0.9",
+                                       "pod-name": "db", "pod-namespace": "shop"})
+    [later] = s.update([conn(packets=4)], 3.0)
+    assert (later.source_pod_name, later.destination_pod_name, later.flow_type) == (
+        "", "web", 2)
+    # a reload without Pod CIDRs: an inter-node peer can no longer be told from an external
+    enricher.pod_networks = PodNetworks()
+    [reloaded] = s.update([conn(packets=5)], 4.0)
+    assert (reloaded.destination_pod_name, reloaded.flow_type) == ("web", 0)
 
 
 def test_a_connection_with_a_value_out_of_range_is_left_out_and_counted(caplog):
