@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from .connection import IDENTITY_FIELDS, IDENTITY_SIZE, Connection
 from .enrich import NO_PODS, Enricher, flow_type
-from .ipfix.templates import RECORD_TEMPLATES
+from .ipfix.templates import RECORD_TEMPLATES, pick
 from .record import (
     ACTIVE_TIMEOUT, BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END,
     IDLE_TIMEOUT, EncodedRecords, FlowRecord,
@@ -56,6 +56,22 @@ _KEYS = {ipv6: np.dtype([(name, ">" + code.replace("B", "u1").replace("H", "u2")
                            ("destination_address", f"V{16 if ipv6 else 4}")])
          for ipv6 in (False, True)}
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
+
+
+def _identities(keys: Sequence[bytes]) -> list[tuple[bool, np.ndarray, np.ndarray]]:
+    """The keys (`connection.identity`) read as numpy records, per family: (IPv6, the
+    positions in `keys`, the records)."""
+    joined, count = b"".join(keys), len(keys)
+    for ipv6, dtype in _KEYS.items():
+        if len(joined) == count * dtype.itemsize:  # one family only, as usual
+            return [(ipv6, np.arange(count), np.frombuffer(joined, dtype))]
+    ipv6 = np.fromiter(map(len, keys), np.int64, count) == _KEYS[True].itemsize
+    families = []
+    for family in (False, True):
+        members = np.flatnonzero(ipv6 == family)
+        families.append((family, members, np.frombuffer(
+            b"".join(pick(keys, members.tolist())), _KEYS[family])))
+    return families
 
 
 class ConnectionStore:
@@ -105,6 +121,7 @@ class ConnectionStore:
         self._span, self._span_generation = column("u4"), column("u4")
         self._flow_type = column("u1")
         self._spans: list[bytes] = [b""]
+        self._span_lengths = np.zeros(1024, "u4")  # of _spans, by id: a gather per batch
         self._span_ids: dict[tuple, int] = {}
         # One object per distinct state, labels and pair of Pods, however many connections
         # hold it (a source makes a new one per connection and poll). Cleared with the spans.
@@ -333,8 +350,6 @@ class ConnectionStore:
             start_ms=start_ms, end_ms=end_ms, start_seconds=start_ms // 1000,
             end_seconds=end_ms // 1000, end_reason=reason,
             flow_id=np.asarray(self._ids)[slots], flow_type=np.asarray(self._flow_type)[slots])
-        keys = [self._keys[slot] for slot in slots.tolist()]
-        ipv6 = np.fromiter(map(len, keys), np.int64, len(keys)) == _KEYS[True].itemsize
         batch = EncodedRecords()
         fits = column["start_seconds"] <= _SECONDS_LIMIT  # a start time from a bad clock
         if not fits.all():
@@ -342,13 +357,8 @@ class ConnectionStore:
                                for seconds in column["start_seconds"][~fits].tolist()]
         counted = np.asarray(self._counted)[slots].astype(bool)
         span_ids = np.asarray(self._span)[slots]
-        spans = self._spans
-        for family in (False, True):
-            members = np.flatnonzero(ipv6 == family)
-            if not len(members):
-                continue
-            identity = np.frombuffer(b"".join([keys[i] for i in members.tolist()]),
-                                     _KEYS[family])
+        span_lengths = self._span_lengths[:len(self._spans)]
+        for family, members, identity in _identities(pick(self._keys, slots.tolist())):
             batch.protocols.update(Counter(dict(zip(*(values.tolist() for values in np.unique(
                 identity["protocol"], return_counts=True))))))
             for with_counters in (False, True):
@@ -364,7 +374,7 @@ class ConnectionStore:
                                              | columns["icmp_code"])
                 record_template = _TEMPLATES[with_counters, family]
                 data, starts = record_template.encode_columns(
-                    columns, [spans[i] for i in span_ids[at].tolist()])
+                    columns, span_ids[at], self._spans, span_lengths)
                 batch.groups.append((record_template.template, data,
                                      array("I", starts.astype("u4").tobytes())))
         return batch
@@ -377,6 +387,7 @@ class ConnectionStore:
         if (len(self._spans) > MAX_SPANS or len(self._values) > MAX_SPANS
                 or settings != self._settings):
             self._spans, self._span_ids, self._values = [b""], {}, {}
+            self._span_lengths = np.zeros(1024, "u4")
             self._settings = settings
             np.asarray(self._span)[:self._used] = 0
         stale = slots[(np.asarray(self._span)[slots] == 0)
@@ -402,7 +413,11 @@ class ConnectionStore:
             span_id = self._span_ids.get(values)
             if span_id is None:
                 span_id = self._span_ids[values] = len(self._spans)
-                self._spans.append(self._encode_span(*values))
+                encoded = self._encode_span(*values)
+                self._spans.append(encoded)
+                if span_id == len(self._span_lengths):
+                    self._span_lengths = np.resize(self._span_lengths, 2 * span_id)
+                self._span_lengths[span_id] = len(encoded)
             span[slot], span_generation[slot] = span_id, generation
 
     def _encode_span(self, pods: tuple, labels: bytes, state: str) -> bytes:

@@ -304,3 +304,23 @@ def test_counters_in_any_order_give_deltas_between_zero_and_the_total(polls):
                                  (r.reverse_packet_delta, r.reverse_packets),
                                  (r.reverse_octet_delta, r.reverse_octets)):
                 assert 0 <= delta <= total
+
+
+def test_ipv4_and_ipv6_connections_due_together_keep_their_own_tuples():
+    """Records are written per family from the connections' keys: a batch holding both
+    reads each key with its own layout."""
+    a6, b6 = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6,
+                                                                             "fd00::2")
+    v6 = Connection(17, a6, b6, 5353, 53, b6, a6, 53, 5353, zone=65510, packets=1,
+                    octets=90, id=7, start_ns=2_000_000_000_000,
+                    key=identity(17, a6, b6, 5353, 53, 0, 0, 0, 65510))
+    icmp = Connection(1, A, B, icmp_type=8, icmp_id=99, zone=65520, packets=1, octets=84,
+                      id=8, start_ns=2_000_000_000_000,
+                      key=identity(1, A, B, 0, 0, 99, 8, 0, 65520))
+    s = store(active=1)
+    s.update([conn(sport=4242, packets=1), v6, icmp], 0.0)
+    records = sorted(s.update([conn(sport=4242, packets=2), v6, icmp], 1.0),
+                     key=lambda r: r.protocol)
+    assert [(r.protocol, r.source_address, r.destination_address, r.source_port,
+             r.destination_port, r.icmp_type, r.flow_id) for r in records] == [
+        (1, A, B, 0, 0, 8, 8), (6, A, B, 4242, 80, 0, 1), (17, a6, b6, 5353, 53, 0, 7)]

@@ -383,10 +383,13 @@ class MessageEncoder:
         message and per set, not per record. A padded set reserves 3 bytes for padding."""
         limit = self.max_message_size
         messages: list[bytes] = []
-        sets: list[bytes] = []  # of the message being filled
+        # the message being filled: its header's place, then per set its header, its records
+        # (a view of the group's bytes: copied once, by the join) and its padding
+        parts: list = [b""]
         size, records_in_message = HEADER.size, 0
         for set_id, data, starts, pad in groups:
             # starts[i]: where record i begins in the set's run of records; starts[-1]: its end
+            starts, view = list(starts), memoryview(data)
             room_for_records = limit - SET_HEADER.size - (3 if pad else 0)
             first, count = 0, len(starts) - 1
             while first < count:
@@ -395,29 +398,33 @@ class MessageEncoder:
                 if last > first:
                     length = SET_HEADER.size + starts[last] - starts[first]
                     padding = (-length) % 4 if pad else 0
-                    sets.append(SET_HEADER.pack(set_id, length + padding)
-                                + data[starts[first]:starts[last]] + bytes(padding))
+                    parts += (SET_HEADER.pack(set_id, length + padding),
+                              view[starts[first]:starts[last]], _PADDING[padding])
                     size += length + padding
                     records_in_message += last - first
                     first = last
                     if first == count:
                         break  # the message stays open for the next group's records
-                elif not sets:
+                elif len(parts) == 1:
                     raise ValueError(f"a record of {starts[first + 1] - starts[first]} bytes "
                                      f"does not fit in a message of at most {limit} bytes")
-                messages.append(self._message(sets, size, export_time))
+                messages.append(self._message(parts, size, export_time))
                 if counts_records:
                     self.sequence = (self.sequence + records_in_message) & 0xFFFFFFFF
-                sets, size, records_in_message = [], HEADER.size, 0
-        if sets:
-            messages.append(self._message(sets, size, export_time))
+                parts, size, records_in_message = [b""], HEADER.size, 0
+        if len(parts) > 1:
+            messages.append(self._message(parts, size, export_time))
             if counts_records:
                 self.sequence = (self.sequence + records_in_message) & 0xFFFFFFFF
         return messages
 
-    def _message(self, sets: list[bytes], size: int, export_time: int) -> bytes:
-        return HEADER.pack(VERSION, size, export_time & 0xFFFFFFFF, self.sequence,
-                           self.observation_domain_id) + b"".join(sets)
+    def _message(self, parts: list, size: int, export_time: int) -> bytes:
+        parts[0] = HEADER.pack(VERSION, size, export_time & 0xFFFFFFFF, self.sequence,
+                               self.observation_domain_id)
+        return b"".join(parts)
+
+
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 @dataclass
