@@ -21,8 +21,8 @@ import os
 import signal
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from openflow.messages import OpenFlowError
 

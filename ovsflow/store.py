@@ -5,10 +5,11 @@ the store is built for the unchanged majority, in time and in memory:
 
 - State lives in columns indexed by a slot number (numpy arrays, reached through
   memoryviews where one value is read or written at a time: as fast as `array`), not in an
-  object per connection: a tracked connection costs its identity and ~160 bytes of columns.
+  object per connection: a tracked connection costs its identity and ~105 bytes of columns.
   The polled `Connection` objects are dropped as soon as they are read.
-- One dict maps each connection's identity (`Connection.key`: zone and original tuple, as
-  the source's own bytes) to its slot. Per polled connection the loop does a dict lookup
+- One dict maps each connection's identity (`Connection.key`: zone and original tuple,
+  packed alike by every source, see `connection.identity`) to its slot; protocol, ports and
+  addresses are read back from it when records are made. Per polled connection the loop does a dict lookup
   and three comparisons; Python code beyond that runs only for connections that are new,
   reused, changed, ended or gone.
 - Which connections are due (active or idle timeout) is found with a few array operations
@@ -25,8 +26,8 @@ passes them to the exporter as the poll goes on) or, without it, as `update`'s r
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -62,9 +63,9 @@ def _identities(keys: Sequence[bytes]) -> list[tuple[bool, np.ndarray, np.ndarra
     """The keys (`connection.identity`) read as numpy records, per family: (IPv6, the
     positions in `keys`, the records)."""
     joined, count = b"".join(keys), len(keys)
-    for ipv6, dtype in _KEYS.items():
+    for family, dtype in _KEYS.items():
         if len(joined) == count * dtype.itemsize:  # one family only, as usual
-            return [(ipv6, np.arange(count), np.frombuffer(joined, dtype))]
+            return [(family, np.arange(count), np.frombuffer(joined, dtype))]
     ipv6 = np.fromiter(map(len, keys), np.int64, count) == _KEYS[True].itemsize
     families = []
     for family in (False, True):

@@ -557,9 +557,10 @@ def _learn(data: bytes, start: int, end: int) -> None:
     if "source" not in fields or codes_by_name["source"] != codes_by_name.get("destination"):
         return
     key_codes, key_fields = [">"], []
-    for name, code in [*IDENTITY_FIELDS, ("source", ""), ("destination", "")]:
+    for name, code in [*IDENTITY_FIELDS, ("source", codes_by_name["source"]),
+                       ("destination", codes_by_name["source"])]:
         if name in fields:
-            key_codes.append(codes_by_name[name])
+            key_codes.append(code)
             key_fields.append(fields[name])
         else:
             key_codes.append(f"{struct.calcsize('>' + code)}x")
