@@ -28,6 +28,7 @@ from .protocols import (
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TRANSPORTS = ("udp", "tcp", "tls")
 CONNTRACK_SOURCES = ("auto", "kernel", "ovs")
+DENY_SOURCES = ("table", "antrea")
 DEFAULT_IPFIX_PORT = 4739
 
 
@@ -75,6 +76,19 @@ class OvsConfig:
     deny_meter_id: int = 250
     deny_packet_in_rate: int = 5000  # packets/s, as Antrea's packet-in meters
     max_deny_connections: int = 100_000
+    # table: the pipeline resubmits denied packets to deny_table, where ovsflow's flows are;
+    # antrea: ovsflow installs nothing and listens to Antrea's own deny packet-ins
+    deny_source: str = "table"
+
+
+# /run is a tmpfs, cleared at boot like the export state's meaning: conntrack's entries do not
+# survive a reboot. A DaemonSet mounts it from the host; systemd keeps it across restarts.
+DEFAULT_STATE_DIRECTORY = "/var/run/ovsflow"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    directory: str = DEFAULT_STATE_DIRECTORY  # "": no export state kept
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,7 @@ class Config:
     ovs: OvsConfig = OvsConfig()
     ipfix: IpfixConfig = field(default_factory=IpfixConfig)
     metrics: MetricsConfig = MetricsConfig()
+    state: StateConfig = StateConfig()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +159,8 @@ class Config:
             "ovs": {"runDir": ovs.run_dir, "bridge": ovs.bridge, "denyTable": ovs.deny_table,
                     "denyMeterId": ovs.deny_meter_id,
                     "denyPacketInRate": ovs.deny_packet_in_rate,
-                    "maxDenyConnections": ovs.max_deny_connections},
+                    "maxDenyConnections": ovs.max_deny_connections,
+                    "denySource": ovs.deny_source},
             "ipfix": {
                 "nodeName": ipfix.node_name,
                 "observationDomainId": ipfix.observation_domain_id,
@@ -157,6 +173,7 @@ class Config:
                         "insecureSkipVerify": ipfix.tls.insecure_skip_verify},
             },
             "metrics": {"bindAddress": _bind_text(self.metrics)},
+            "state": {"directory": self.state.directory},
         }
 
 
@@ -389,7 +406,7 @@ def parse_config(data: object) -> Config:
     problems: list[str] = []
     warnings: list[str] = []
     top = _Section(data, "", problems)
-    top.known = ["flowExporter", "conntrack", "ovs", "ipfix", "metrics"]
+    top.known = ["flowExporter", "conntrack", "ovs", "ipfix", "metrics", "state"]
 
     fe = _Section(top.data.get("flowExporter"), "flowExporter", problems)
     d = FlowExporterConfig()
@@ -423,6 +440,7 @@ def parse_config(data: object) -> Config:
                                     d_ovs.deny_packet_in_rate),
         max_deny_connections=ov.take("maxDenyConnections", integer_in(1, 100_000_000),
                                      d_ovs.max_deny_connections),
+        deny_source=ov.take("denySource", one_of(*DENY_SOURCES), d_ovs.deny_source),
     )
 
     ix = _Section(top.data.get("ipfix"), "ipfix", problems)
@@ -442,11 +460,23 @@ def parse_config(data: object) -> Config:
     mx = _Section(top.data.get("metrics"), "metrics", problems)
     metrics = mx.take("bindAddress", parse_bind_address, MetricsConfig())
 
-    for section in (top, fe, ct, ov, ix, tl, mx):
+    st = _Section(top.data.get("state"), "state", problems)
+    state = StateConfig(st.take("directory", _state_directory, DEFAULT_STATE_DIRECTORY))
+
+    for section in (top, fe, ct, ov, ix, tl, mx, st):
         section.reject_unknown()
     if problems:
         raise ConfigError(problems)
-    return Config(flow_exporter, conntrack, ovs, ipfix, metrics, tuple(warnings))
+    return Config(flow_exporter, conntrack, ovs, ipfix, metrics, state, tuple(warnings))
+
+
+def _state_directory(value: object) -> str:
+    """An absolute path, or "" (or null) for no export state."""
+    path = optional_string(value) or ""
+    if path and not os.path.isabs(path):
+        raise ValueError(f"expected an absolute directory path or \"\" (no export state), "
+                         f"got {quote_value(value)}")
+    return path
 
 
 def _parse_tls(tl: _Section, collector: CollectorAddress, warnings: list[str]) -> TlsSettings:

@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class _Denied:
-    __slots__ = ("packet", "rule_id", "first", "last", "last_export", "last_end", "packets",
-                 "octets", "exported_packets", "exported_octets", "pods")
+    __slots__ = ("packet", "rule_id", "ingress", "action", "first", "last", "last_export",
+                 "last_end", "packets", "octets", "exported_packets", "exported_octets", "pods")
 
-    def __init__(self, packet: DeniedPacket, rule_id: int, now: float):
-        self.packet, self.rule_id = packet, rule_id
+    def __init__(self, packet: DeniedPacket, rule_id: int, ingress: bool | None, action: int,
+                 now: float):
+        self.packet, self.rule_id, self.ingress, self.action = packet, rule_id, ingress, action
         self.first = self.last = self.last_export = self.last_end = now
         self.packets = self.octets = self.exported_packets = self.exported_octets = 0
         self.pods = NO_PODS  # as last known (Enricher)
@@ -40,9 +41,14 @@ class DenyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, packet: DeniedPacket, rule_id: int, now: float) -> None:
+    def add(self, packet: DeniedPacket, rule_id: int, now: float, ingress: bool | None = None,
+            action: int = RULE_DROP) -> None:
+        """One denied packet. `ingress`: the direction of the rule that denied it, when the
+        pipeline tells it (None: unknown, both the ingress and egress elements carry the
+        rule); `action`: RULE_DROP or RULE_REJECT."""
         key = (packet.source, packet.destination, packet.protocol, packet.source_port,
-               packet.destination_port, packet.icmp_type, packet.icmp_code, rule_id)
+               packet.destination_port, packet.icmp_type, packet.icmp_code, rule_id, ingress,
+               action)
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= self.max_entries:
@@ -51,7 +57,7 @@ class DenyStore:
                     log.warning("deny store full (%d): %d denied packets not aggregated so far;"
                                 " raise ovs.maxDenyConnections", self.max_entries, self.rejected)
                 return
-            entry = self._entries[key] = _Denied(packet, rule_id, now)
+            entry = self._entries[key] = _Denied(packet, rule_id, ingress, action, now)
         entry.packets += 1
         entry.octets += packet.ip_length
         entry.last = now
@@ -81,14 +87,18 @@ class DenyStore:
         entry.last_end = end = max(entry.last, entry.last_end)
         start_ms, end_ms = int(entry.first * 1000), int(end * 1000)
         rule = str(entry.rule_id) if entry.rule_id else ""
+        # The table path's pipeline tells the rule (reg3), not its direction: then both
+        # elements say it.
+        ingress = entry.ingress is None or entry.ingress
+        egress = entry.ingress is None or not entry.ingress
         record = FlowRecord(
             DENY, p.source, p.destination, p.protocol, p.source_port, p.destination_port,
             p.icmp_type, p.icmp_code, start_ms, end_ms, start_ms // 1000, end_ms // 1000,
             reason, entry.packets, entry.octets, entry.packets - entry.exported_packets,
             entry.octets - entry.exported_octets,
-            # The pipeline tells the rule (reg3), not its direction: both actions say drop.
-            ingress_rule_action=RULE_DROP, egress_rule_action=RULE_DROP,
-            ingress_rule_name=rule, egress_rule_name=rule)
+            ingress_rule_action=entry.action if ingress else 0,
+            egress_rule_action=entry.action if egress else 0,
+            ingress_rule_name=rule if ingress else "", egress_rule_name=rule if egress else "")
         entry.exported_packets, entry.exported_octets = entry.packets, entry.octets
         entry.last_export = now
         if self.enricher is not None:
