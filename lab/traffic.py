@@ -8,6 +8,18 @@
     sctp-init SRC DST SPORT DPORT        one SCTP INIT chunk through a raw socket (this
                                          machine has no SCTP sockets)
     gre SRC DST                          one GRE packet through a raw socket
+    steady-server PORT REPLY             accept connections; answer each chunk read with
+                                         REPLY bytes, until the peer closes
+    steady-clients HOST PORT COUNT CHUNK PAUSE CONTROL
+                                         COUNT connections, each sending CHUNK bytes every
+                                         PAUSE seconds until the file CONTROL/stop exists,
+                                         then idle and open until CONTROL/close exists;
+                                         prints its ports first
+    reopen-server PORT                   per connection: read a 4-byte length and that many
+                                         bytes, answer "ok" and close first
+    reopen-client HOST PORT SPORT COUNT GAP
+                                         COUNT connections in a row from source port SPORT,
+                                         the i-th sending i * 1000 bytes, GAP seconds apart
 Prints one line of JSON about what it did.
 """
 
@@ -93,7 +105,75 @@ def gre(src: str, dst: str) -> dict:
     return {"sent": len(packet)}
 
 
-KINDS = {"tcp-server": tcp_server, "tcp-client": tcp_client, "tcp-syn": tcp_syn, "udp": udp,
+def steady_server(port: str, reply: str) -> dict:
+    import threading
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            while connection.recv(65536):
+                connection.sendall(b"s" * int(reply))
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", int(port)))
+    server.listen(128)
+    print(json.dumps({"listening": server.getsockname()[1]}), flush=True)
+    while True:
+        connection, _ = server.accept()
+        threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+
+def steady_clients(host: str, port: str, count: str, chunk: str, pause: str,
+                   control: str) -> dict:
+    from pathlib import Path
+
+    clients = [socket.create_connection((host, int(port)), timeout=30)
+               for _ in range(int(count))]
+    print(json.dumps({"ports": [c.getsockname()[1] for c in clients]}), flush=True)
+    sent = 0
+    while not Path(control, "stop").exists():
+        for client in clients:
+            client.sendall(b"c" * int(chunk))
+            client.recv(65536)
+            sent += int(chunk)
+        time.sleep(float(pause))
+    while not Path(control, "close").exists():
+        time.sleep(0.1)
+    for client in clients:
+        client.close()
+    return {"sent": sent}
+
+
+def reopen_server(port: str) -> dict:
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("0.0.0.0", int(port)))
+        server.listen()
+        print(json.dumps({"listening": int(port)}), flush=True)
+        while True:
+            connection, _ = server.accept()
+            with connection:
+                wanted = struct.unpack("!I", connection.recv(4, socket.MSG_WAITALL))[0]
+                connection.recv(wanted, socket.MSG_WAITALL)
+                connection.sendall(b"ok")
+            # closed first: this side keeps the tuple in TIME_WAIT
+
+
+def reopen_client(host: str, port: str, sport: str, count: str, gap: str) -> dict:
+    for index in range(1, int(count) + 1):
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            client.bind(("0.0.0.0", int(sport)))
+            client.connect((host, int(port)))
+            client.sendall(struct.pack("!I", index * 1000) + b"r" * (index * 1000))
+            while client.recv(65536):
+                pass
+        time.sleep(float(gap))
+    return {"connections": int(count)}
+
+
+KINDS = {"steady-server": steady_server, "steady-clients": steady_clients,
+         "reopen-server": reopen_server, "reopen-client": reopen_client,"tcp-server": tcp_server, "tcp-client": tcp_client, "tcp-syn": tcp_syn, "udp": udp,
          "sctp-init": sctp_init, "gre": gre}
 
 if __name__ == "__main__":

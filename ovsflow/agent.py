@@ -37,6 +37,7 @@ from .pods import PodMap
 from .protocols import ProtocolSet
 from .record import BATCH, EncodedRecords
 from .source import open_source
+from .state import ExportState, Origin, Section, conntrack_source_name
 from .store import ConnectionStore
 from .supervisor import Supervisor
 from .transport import transport_for
@@ -55,6 +56,10 @@ RELOAD_ERRORS = (OSError, ssl.SSLError, TypeError, ValueError, OpenFlowError)
 def _one_line(text: str) -> str:
     """YAML errors span lines (with a caret under the column); a log line does not."""
     return " ".join(text.split())
+
+
+def _deny_source_name(config: Config) -> str:
+    return f"deny {config.ovs.bridge}"
 
 
 def _pod_networks(ipfix: IpfixConfig) -> PodNetworks:
@@ -90,6 +95,11 @@ class Agent:
         self.deny = DenySource(ovs.run_dir, ovs.bridge, ovs.deny_table, ovs.deny_meter_id,
                                ovs.deny_packet_in_rate, self.filter,
                                self.deny_store) if ovs.bridge else None
+        # What the collector was told, kept across restarts (ovsflow/state.py)
+        self.export_state = ExportState(config.state.directory, Origin.here(
+            config.ipfix.node_name, config.ipfix.observation_domain_id)) \
+            if config.state.directory else None
+        self._restoring = self.export_state is not None  # until the first poll's source
         # Held by a reload and by a poll's dump: a reload never changes the filter under a
         # dump in progress, and two reloads never overlap.
         self._config_lock = asyncio.Lock()
@@ -149,6 +159,9 @@ class Agent:
                                                self.config.metrics.port)
         if self.pods is not None:
             self.pods.start()  # loads in its own thread, reconnects by itself
+        if self.export_state is not None:
+            await asyncio.to_thread(self.export_state.load)
+            self._restore_deny()
         self.exporter.start()
         poll_task = self.supervisor.spawn("poll", self._poll_loop)
         background = []
@@ -168,10 +181,16 @@ class Agent:
                     await task
                 except asyncio.CancelledError:
                     pass
+            # A last poll: the final records carry what moved since the one before.
+            await self.poll_once(saving=False)
             now = time.time()
             self.store.hand_over = None  # on this thread: nothing to hand over
-            final = self.store.flush(now) + encode_in_batches(
-                self.deny_store.flush(now))
+            continued = self.export_state is not None
+            final = self.store.flush(now, continued) + encode_in_batches(
+                self.deny_store.flush(now, continued))
+            if continued:
+                # after the final records are made: what they say counts as told
+                await self._save_state(now)
             if self.deny is not None:
                 log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
                          "unwanted protocols, %d malformed", self.deny.packet_ins,
@@ -239,8 +258,14 @@ class Agent:
         """SIGHUP, or the file changed: read it again, build everything it needs, and only
         then swap. Protocols and zones change at both layers at once (the poller's filter and
         dump plan, the deny-table flows); timeouts, the poll interval, the collector and its
-        TLS settings change too. Any failure changes nothing and is said in one line."""
+        TLS settings change too. Any failure changes nothing and is said in one line. While
+        stopping, a reload is refused: the final records go where the running configuration
+        sends them."""
         if self.config_path is None:
+            return False
+        if self.stopping.is_set():
+            log.warning("reload: refused, the agent is stopping; the final records go to %s",
+                        self.config.flow_exporter.collector)
             return False
         async with self._config_lock:
             # this content is read now: a SIGHUP for a changed file is not followed by a
@@ -309,18 +334,33 @@ class Agent:
             if self.source is not None:
                 self.source.replan()
             raise
+        # Connections the filter now leaves out go on: they are not reported as ended, only
+        # no longer followed (the poll lock is held: no poll is using the store).
+        forgotten = self.store.forget(
+            lambda keys: self.filter.accepts_columns(keys["zone"], keys["protocol"]))
+        if forgotten:
+            log.info("reload: %d tracked connections no longer followed (filtered out)",
+                     forgotten)
         log.info("reload: exporting protocols %s from zones %s", protocols.describe(),
                  sorted(zones) or "all")
 
-    async def poll_once(self) -> None:
+    async def poll_once(self, saving: bool = True) -> None:
         started = time.perf_counter()
         now = time.time()
         self._poll_records = 0
+        # The deny path's records are due whatever the conntrack poll does.
+        deny_batches = encode_in_batches(self.deny_store.expired(now))
+        deny_records = self._count_by_protocol("deny", deny_batches)
+        self.exporter.submit_encoded(deny_batches)  # drops, if it must, for the whole poll
         try:
             async with self._config_lock:
                 if self.source is None:
                     self.source = await asyncio.to_thread(open_source, self.config, self.filter)
+                if self._restoring:
+                    await asyncio.to_thread(self._restore_connections, self.source)
                 records = await self.source.update(self.store, now)
+                if saving and self.export_state is not None and self.export_state.due():
+                    await self._save_state(now)
         except (OSError, RuntimeError, ValueError) as err:
             # The table is unknown this time: nothing is taken for gone (that would end every
             # connection). Try again at the next interval.
@@ -329,9 +369,6 @@ class Agent:
         self.poll_failing_since, self.poll_error = None, ""
         for batch in records:  # none: they were handed over as they were made
             self._submit_conntrack(batch)
-        deny_batches = encode_in_batches(self.deny_store.expired(now))
-        deny_records = self._count_by_protocol("deny", deny_batches)
-        self.exporter.submit_encoded(deny_batches)  # drops, if it must, for the whole poll
         if self.deny is not None:
             await self.deny.refresh_meter_stats()
         self.polls += 1
@@ -345,6 +382,37 @@ class Agent:
                   "(dump, decode, filter, store update) %.3fs", len(self.store),
                   self._poll_records, deny_records, self.last_poll_seconds)
         await self.exporter.wait_for_room()  # backpressure: the next poll waits for it
+
+    def _restore_deny(self) -> None:
+        assert self.export_state is not None
+        taken = self.export_state.take("deny", _deny_source_name(self.config))
+        if taken is not None:
+            self.deny_store.restore(taken[0].keys, taken[0].rows)
+
+    def _restore_connections(self, source) -> None:
+        """In the poll's worker thread, once the source is open: its kind says whose
+        connections the state may continue."""
+        assert self.export_state is not None
+        taken = self.export_state.take("conntrack", conntrack_source_name(source))
+        if taken is not None:
+            section, written_at = taken
+            self.store.restore(section.keys, section.rows, written_at)
+        self._restoring = False
+
+    async def _save_state(self, now: float) -> None:
+        """The deny entries are read here, on the loop that adds to them; the connections
+        and the write in the poll's worker thread, which alone changes the store."""
+        assert self.export_state is not None
+        deny = Section(_deny_source_name(self.config), *self.deny_store.snapshot())
+        source = self.source
+
+        def save() -> None:
+            sections = {"deny": deny}
+            if source is not None and not self._restoring:
+                sections["conntrack"] = Section(conntrack_source_name(source),
+                                                *self.store.snapshot())
+            self.export_state.save(sections, now)
+        await asyncio.to_thread(save)
 
     def _poll_failed(self, error: str) -> None:
         self.poll_errors += 1

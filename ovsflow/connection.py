@@ -16,21 +16,25 @@ ENDED_STATES = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
 # packs them so.
 _LABEL_WORDS = struct.Struct("=QQ")
 
-# Connection.key, the store's identity of a connection: its zone and original tuple, packed
-# so (19 bytes for IPv4, 43 for IPv6) by every source, in this order and big-endian. The
-# store reads a record's protocol, ports, ICMP fields and addresses back from it rather than
-# keeping them twice.
+# Connection.key, the store's identity of a connection: its zone, original tuple and start
+# time, packed so (27 bytes for IPv4, 51 for IPv6) by every source, in this order and
+# big-endian. The start (ns, 0 where the source keeps none) is what tells a new connection
+# on a reused tuple from the old one when the kernel hands the new entry the old one's
+# conntrack id (`nf_ct_get_id` hashes the entry's address, which the slab reuses). The
+# store reads a record's protocol, ports, ICMP fields and addresses back from the key rather
+# than keeping them twice.
 IDENTITY_FIELDS = (("protocol", "B"), ("source_port", "H"), ("destination_port", "H"),
-                   ("icmp_id", "H"), ("icmp_type", "B"), ("icmp_code", "B"), ("zone", "H"))
+                   ("icmp_id", "H"), ("icmp_type", "B"), ("icmp_code", "B"), ("zone", "H"),
+                   ("start_ns", "Q"))
 _IDENTITY = struct.Struct(">" + "".join(code for _, code in IDENTITY_FIELDS))
 IDENTITY_SIZE = _IDENTITY.size  # then the source and destination addresses
 
 
 def identity(protocol: int, source: bytes, destination: bytes, source_port: int,
              destination_port: int, icmp_id: int, icmp_type: int, icmp_code: int,
-             zone: int) -> bytes:
+             zone: int, start_ns: int = 0) -> bytes:
     return _IDENTITY.pack(protocol, source_port, destination_port, icmp_id, icmp_type,
-                          icmp_code, zone) + source + destination
+                          icmp_code, zone, start_ns) + source + destination
 
 
 def labels_value(labels: bytes) -> int:

@@ -124,6 +124,11 @@ class Enricher:
         self.settings += 1
 
     @property
+    def knows_pods(self) -> bool:
+        """Whether a lookup can find a Pod now."""
+        return self._map is not None and len(self._map) > 0
+
+    @property
     def generation(self) -> int:
         """Changes whenever a Pod lookup may answer otherwise: the store keeps what it found
         per connection until then. 32 bits, as the store keeps it."""
@@ -132,15 +137,15 @@ class Enricher:
     def pods(self, source: bytes, destination: bytes,
              known: tuple[PodRef | None, PodRef | None] = NO_PODS
              ) -> tuple[PodRef | None, PodRef | None]:
-        """The Pods of this node at the two ends now. An end the map no longer knows keeps
-        the Pod `known` for it: a connection keeps its names after its Pod is gone, and
-        one seen before the map learnt of its Pod gets them at its next record."""
+        """The Pods of this node at the two ends of a connection that was at `known` when
+        last asked. A Pod once known for an end stays: a connection keeps its names after
+        its Pod is gone, and a new Pod that reuses the address is not credited with it. An
+        end with no Pod yet is looked up now: a connection seen before the map learnt of
+        its Pod gets the names at its next record."""
         lookup = self._lookup
         if lookup is None:
-            return NO_PODS
-        source_pod, destination_pod = lookup(source), lookup(destination)
-        return (known[0] if source_pod is None else source_pod,
-                known[1] if destination_pod is None else destination_pod)
+            return known
+        return (known[0] or lookup(source), known[1] or lookup(destination))
 
     def __call__(self, record: FlowRecord, pods: tuple[PodRef | None, PodRef | None]) -> None:
         enrich(record, pods[0], pods[1], self.node_name, self.pod_networks)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .protocols import ProtocolSet
 
 if TYPE_CHECKING:
@@ -29,6 +31,15 @@ class ConnectionFilter:
 
     def accepts(self, zone: int, protocol: int) -> bool:
         return (not self.zones or zone in self.zones) and protocol in self.protocols
+
+    def accepts_columns(self, zones: np.ndarray, protocols: np.ndarray) -> np.ndarray:
+        """`accepts` over columns of zones and protocols (the store's keys)."""
+        accepted = np.ones(len(zones), bool)
+        if self.zones:
+            accepted &= np.isin(zones, list(self.zones))
+        if self.protocols.numbers is not None:
+            accepted &= np.isin(protocols, list(self.protocols.numbers))
+        return accepted
 
     def apply(self, connections: list[Connection]) -> list[Connection]:
         """The connections the filter accepts; the others are counted by protocol. One pass

@@ -51,12 +51,24 @@ _SPAN = _TEMPLATES[True, False]
 assert all(t.span.fields == _SPAN.span.fields for t in _TEMPLATES.values())
 MAX_SPANS = 65536  # distinct encoded spans kept; past this they are made again as needed
 # Connection.key (see `identity`) as numpy reads it, IPv4 or IPv6
-_KEYS = {ipv6: np.dtype([(name, ">" + code.replace("B", "u1").replace("H", "u2"))
+_NUMPY_CODES = {"B": "u1", "H": "u2", "Q": "u8"}
+_KEYS = {ipv6: np.dtype([(name, ">" + _NUMPY_CODES[code])
                          for name, code in IDENTITY_FIELDS]
                         + [("source_address", f"V{16 if ipv6 else 4}"),
                            ("destination_address", f"V{16 if ipv6 else 4}")])
          for ipv6 in (False, True)}
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
+# A tracked connection in the export state (`snapshot`): the counters are those last
+# exported; flags: 1 its end was exported, 2 quiet (idle record sent), 4 counted.
+STATE_ROW = np.dtype([("id", "<u4"), ("timeout", "<u4"), ("start_ms", "<u8"),
+                      ("packets", "<u8"), ("octets", "<u8"), ("reply_packets", "<u8"),
+                      ("reply_octets", "<u8"), ("last_activity", "<f8"),
+                      ("last_export", "<f8"), ("flags", "u1")])
+# Without counters (OVS userspace conntrack) a packet shows as the remaining timeout going up
+# again: it is refreshed to the state's full timeout by each packet and otherwise runs down
+# with the clock. Allowance for the whole seconds OVS prints and for when in a poll the
+# entry was read.
+TIMEOUT_SLACK = 2.0
 
 
 def _identities(keys: Sequence[bytes]) -> list[tuple[bool, np.ndarray, np.ndarray]]:
@@ -85,8 +97,13 @@ class ConnectionStore:
         # Where each batch of records goes as soon as it is encoded; None: `update` and
         # `flush` return them.
         self.hand_over: Callable[[EncodedRecords], None] | None = None
-        self.rejected = 0  # connections not tracked because the store was full
-        self.malformed = 0  # connections not tracked: a value out of its field's range
+        # Connections not tracked because the store was full, or because a value was out of
+        # its column's range: each counted once, however many polls bring it again.
+        self.rejected = 0
+        self.malformed = 0
+        self._rejected_keys: set[bytes] = set()  # of the previous poll
+        self._malformed_keys: set[bytes] = set()
+        self._malformed_now: set[bytes] = set()  # of the poll in progress
         self._clear()
 
     def _clear(self) -> None:
@@ -110,6 +127,7 @@ class ConnectionStore:
         self._exported_packets, self._exported_octets = column("u8"), column("u8")
         self._exported_reply_packets, self._exported_reply_octets = column("u8"), column("u8")
         self._last_activity, self._last_export = column("f8"), column("f8")
+        self._timeouts = column("u4")  # the source's remaining timeout, as last polled
         self._occupied = column("u1")  # 1: a connection is there
         self._ended = column("u1")  # 1: its end was exported
         self._quiet = column("u1")  # 1: its idle timeout was exported, no activity since
@@ -142,8 +160,11 @@ class ConnectionStore:
         packets, octets = self._packets, self._octets
         reply_packets, reply_octets = self._reply_packets, self._reply_octets
         states, labels, span = self._states, self._labels, self._span
-        last_activity, quiet = self._last_activity, self._quiet
-        rejected = 0
+        last_activity, quiet, ended_flags = self._last_activity, self._quiet, self._ended
+        timeouts = self._timeouts
+        # what the remaining timeouts ran down by since the previous poll, at least
+        ran_down = now - (self._previous_poll or 0.0) - TIMEOUT_SLACK
+        rejected: set[bytes] = set()
         new: dict[int, Connection] = {}  # slot -> connection, filled in bulk
         reused: dict[int, Connection] = {}
         ended: list[int] = []
@@ -158,7 +179,7 @@ class ConnectionStore:
                         self._fill(new, now, ended)
                         new = {}
                 else:
-                    rejected += 1
+                    rejected.add(c.key)
                 continue
             unseen[slot] = 0
             if c.id != ids[slot]:
@@ -169,49 +190,136 @@ class ConnectionStore:
                 else:
                     reused[slot] = c
                 continue
-            if (c.packets != packets[slot] or c.reply_packets != reply_packets[slot]
-                    or not c.counted):  # without counters, present counts as active
-                # Activity. State and labels change only with packets: read them too.
-                packets[slot], octets[slot] = c.packets, c.octets
-                reply_packets[slot], reply_octets[slot] = c.reply_packets, c.reply_octets
-                if c.state != states[slot] or c.labels != labels[slot]:
-                    states[slot], labels[slot] = c.state, self._shared(c.labels)
-                    span[slot] = 0
-                last_activity[slot] = now
-                quiet[slot] = 0
+            if c.counted:
+                if c.packets == packets[slot] and c.reply_packets == reply_packets[slot]:
+                    if c.ended:
+                        ended.append(slot)
+                    continue
+                # Its end was exported and it moves again, or its counters went back: a new
+                # connection that got the old one's id (where the key has no start time to
+                # tell). Counters going back without an end are a reset (`conntrack -z`).
+                if ended_flags[slot] and (not c.ended or c.packets < packets[slot]):
+                    reused[slot] = c
+                    continue
+            else:
+                previous, timeouts[slot] = timeouts[slot], c.timeout
+                if c.timeout < previous - ran_down and c.state == states[slot]:
+                    if c.ended:  # quiet: its timeout only ran down
+                        ended.append(slot)
+                    continue
+                if ended_flags[slot] and not c.ended:
+                    reused[slot] = c
+                    continue
+            # Activity. State and labels change only with packets: read them too.
+            packets[slot], octets[slot] = c.packets, c.octets
+            reply_packets[slot], reply_octets[slot] = c.reply_packets, c.reply_octets
+            if c.state != states[slot] or c.labels != labels[slot]:
+                states[slot], labels[slot] = c.state, self._shared(c.labels)
+                span[slot] = 0
+            last_activity[slot] = now
+            quiet[slot] = 0
             if c.ended:
                 ended.append(slot)
         if new:
             self._fill(new, now, ended)
         if rejected:
-            self.rejected += rejected
-            log.warning("connection store full (%d connections): %d new connections not "
-                        "tracked (%d so far); raise conntrack.maxConnections", len(self),
-                        rejected, self.rejected)
+            first_time = len(rejected - self._rejected_keys)
+            self.rejected += first_time
+            if first_time:
+                log.warning("connection store full (%d connections): %d new connections not "
+                            "tracked (%d so far); raise conntrack.maxConnections", len(self),
+                            first_time, self.rejected)
+        self._rejected_keys = rejected
+        self._malformed_keys, self._malformed_now = self._malformed_now, set()
         if reused:
             slots = np.fromiter(reused, np.int64, len(reused))
             # ended at the latest in the previous poll, the last that saw it
             self._emit(slots[np.asarray(self._ended)[slots] == 0], END_OF_FLOW,
-                       self._previous_poll, made)
+                       self._previous_poll or now, made)
             self._fill(reused, now, ended)
         if ended:
             slots = np.unique(np.array(ended, np.int64))
             slots = slots[np.asarray(self._ended)[slots] == 0]
             np.asarray(self._ended)[slots] = 1
             self._emit(slots, END_OF_FLOW, now, made)
-        self._remove_gone(unseen, made)
+        self._remove_gone(unseen, made, now)
         self._previous_poll = now
         self._expired(now, made)
         return made
 
-    def flush(self, now: float) -> list[EncodedRecords]:
-        """Final records for every live connection (the agent is stopping)."""
+    def flush(self, now: float, continued: bool = False) -> list[EncodedRecords]:
+        """Final records (the agent is stopping), after a last `update`. `continued`: the
+        next agent takes over from the export state, so a live connection is not ended: it
+        gets an active-timeout record if it moved since its last one. Otherwise every live
+        connection ends here (forced end)."""
         made: list[EncodedRecords] = []
         used = self._used
         live = np.asarray(self._occupied)[:used] & (np.asarray(self._ended)[:used] ^ 1)
-        self._emit(np.flatnonzero(live), FORCED_END, now, made)
-        self._clear()
+        if not continued:
+            self._emit(np.flatnonzero(live), FORCED_END, now, made)
+            return made
+        moved = (np.asarray(self._last_activity)[:used] > np.asarray(self._last_export)[:used])
+        for polled, exported in ((self._packets, self._exported_packets),
+                                 (self._reply_packets, self._exported_reply_packets)):
+            moved |= np.asarray(polled)[:used] != np.asarray(exported)[:used]
+        moved &= (live & (np.asarray(self._quiet)[:used] ^ 1)).astype(bool)
+        self._emit(np.flatnonzero(moved), ACTIVE_TIMEOUT, now, made)
         return made
+
+    def forget(self, keep: Callable[[np.ndarray], np.ndarray]) -> int:
+        """Stop tracking, without a record, the connections for which `keep` (over their
+        keys read as numpy records, see `_KEYS`) says False: a reload narrowed the filter,
+        and they go on, they are only no longer wanted. Returns how many."""
+        slots = np.flatnonzero(np.asarray(self._occupied)[:self._used])
+        dropped = 0
+        for _, members, identity in _identities(pick(self._keys, slots.tolist())):
+            for slot in slots[members[~keep(identity)]].tolist():
+                self._drop(slot)
+                dropped += 1
+        return dropped
+
+    def snapshot(self) -> tuple[list[bytes], np.ndarray]:
+        """What the collector has been told of each tracked connection: its key, and a row
+        of `STATE_ROW` (see `restore`)."""
+        slots = np.flatnonzero(np.asarray(self._occupied)[:self._used])
+        rows = np.empty(len(slots), STATE_ROW)
+        for name, column in self._state_columns():
+            rows[name] = np.asarray(column)[slots]
+        rows["flags"] = (np.asarray(self._ended)[slots] | np.asarray(self._quiet)[slots] << 1
+                         | np.asarray(self._counted)[slots] << 2)
+        return list(pick(self._keys, slots.tolist())), rows
+
+    def restore(self, keys: Sequence[bytes], rows: np.ndarray, seen: float) -> int:
+        """Track the connections of a previous agent's `snapshot`, last seen at `seen`,
+        as that agent left them: the next poll counts deltas from what was exported, ends
+        those gone since (with what was last exported: what they moved after that is
+        unknown) and leaves alone those whose end was exported. Returns how many."""
+        room = self.max_connections - len(self._slots)
+        keys, rows = list(keys[:room]), rows[:room]
+        unseen = bytearray()
+        slots = np.array([self._take(key, unseen) for key in keys], np.int64)
+        for name, column in self._state_columns():
+            np.asarray(column)[slots] = rows[name]
+        for polled, name in ((self._packets, "packets"), (self._octets, "octets"),
+                             (self._reply_packets, "reply_packets"),
+                             (self._reply_octets, "reply_octets")):
+            np.asarray(polled)[slots] = rows[name]
+        flags = rows["flags"]
+        np.asarray(self._ended)[slots] = flags & 1
+        np.asarray(self._quiet)[slots] = flags >> 1 & 1
+        np.asarray(self._counted)[slots] = flags >> 2 & 1
+        np.asarray(self._span)[slots] = 0
+        for slot in slots.tolist():
+            self._states[slot], self._labels[slot], self._pods[slot] = "", b"", NO_PODS
+        self._previous_poll = seen
+        return len(keys)
+
+    def _state_columns(self) -> list[tuple[str, memoryview]]:
+        return [("id", self._ids), ("timeout", self._timeouts), ("start_ms", self._start_ms),
+                ("packets", self._exported_packets), ("octets", self._exported_octets),
+                ("reply_packets", self._exported_reply_packets),
+                ("reply_octets", self._exported_reply_octets),
+                ("last_activity", self._last_activity), ("last_export", self._last_export)]
 
     def _take(self, key: bytes, unseen: bytearray) -> int:
         """A slot for a new connection, its columns to be filled."""
@@ -242,9 +350,11 @@ class ConnectionStore:
                     self._fill({slot: c}, now, ended)
                 return
             [(slot, c)] = entries.items()
-            self.malformed += 1
-            log.warning("connection not tracked, a value out of range (%s; %d so far): %r",
-                        err, self.malformed, c)
+            self._malformed_now.add(c.key)
+            if c.key not in self._malformed_keys:
+                self.malformed += 1
+                log.warning("connection not tracked, a value out of range (%s; %d so far): "
+                            "%r", err, self.malformed, c)
             self._drop(slot)
             return
         ended += [slot for slot, c in entries.items() if c.ended]
@@ -253,7 +363,8 @@ class ConnectionStore:
                       now: float) -> None:
         slots = np.array(slot_list, np.int64)
         field = dict(zip(Connection._fields, zip(*connections)))
-        for column, values in ((self._ids, field["id"]), (self._packets, field["packets"]),
+        for column, values in ((self._ids, field["id"]), (self._timeouts, field["timeout"]),
+                               (self._packets, field["packets"]),
                                (self._octets, field["octets"]),
                                (self._reply_packets, field["reply_packets"]),
                                (self._reply_octets, field["reply_octets"]),
@@ -270,19 +381,29 @@ class ConnectionStore:
             np.asarray(column)[slots] = now
         states, labels, pods, shared = self._states, self._labels, self._pods, self._shared
         for slot, state, label in zip(slot_list, field["state"], field["labels"]):
-            states[slot], labels[slot], pods[slot] = shared(state), shared(label), NO_PODS
+            states[slot], labels[slot] = shared(state), shared(label)
+        # The Pods at the two ends as the connection is first seen: a Pod that takes over
+        # an address later is not credited with it.
+        enricher = self.enricher
+        if enricher is None or not enricher.knows_pods:
+            for slot in slot_list:
+                pods[slot] = NO_PODS
+        else:
+            for slot, source, destination in zip(slot_list, field["source"],
+                                                 field["destination"]):
+                pods[slot] = shared(enricher.pods(source, destination))
 
     def _shared(self, value):
         return self._values.setdefault(value, value)
 
-    def _remove_gone(self, unseen: bytearray, made: list[EncodedRecords]) -> None:
+    def _remove_gone(self, unseen: bytearray, made: list[EncodedRecords], now: float) -> None:
         """Connections absent from this poll ended in between: one last record each, with
         the counters and the time of the previous poll, the last that saw them."""
         gone = np.flatnonzero(np.frombuffer(unseen, np.uint8))
         if not len(gone):
             return
-        self._emit(gone[np.asarray(self._ended)[gone] == 0], END_OF_FLOW, self._previous_poll,
-                   made)
+        self._emit(gone[np.asarray(self._ended)[gone] == 0], END_OF_FLOW,
+                   self._previous_poll or now, made)
         for slot in gone.tolist():
             self._drop(slot)
 
@@ -413,8 +534,8 @@ class ConnectionStore:
             values = (pods, labels[slot], state)
             span_id = self._span_ids.get(values)
             if span_id is None:
+                encoded = self._encode_span(*values)  # registered only once encoded
                 span_id = self._span_ids[values] = len(self._spans)
-                encoded = self._encode_span(*values)
                 self._spans.append(encoded)
                 if span_id == len(self._span_lengths):
                     self._span_lengths = np.resize(self._span_lengths, 2 * span_id)

@@ -103,7 +103,8 @@ def tshark_fields(pcap: str, decode_as: str, fields: list[str]) -> list[dict[str
 def agent_config(directory: Path, port: int, protocols, **sections) -> str:
     """An agent configuration for the tests, written to directory/ovsflow.yaml: UDP export
     to 127.0.0.1:port, 500 ms polls, a 1 s active timeout, kernel conntrack in zone 65520, no
-    bridge, no metrics server. `sections` override keys, e.g. ovs={"bridge": "br0"}."""
+    bridge, no metrics server, no export state (the tests of restarts set one: each agent
+    of another test starts anew). `sections` override keys, e.g. ovs={"bridge": "br0"}."""
     config = {
         "flowExporter": {"flowCollectorAddr": f"127.0.0.1:{port}:udp",
                          "flowPollInterval": "500ms", "activeFlowExportTimeout": "1s",
@@ -112,6 +113,7 @@ def agent_config(directory: Path, port: int, protocols, **sections) -> str:
         "ovs": {"bridge": ""},
         "ipfix": {},
         "metrics": {"bindAddress": ""},
+        "state": {"directory": ""},
     }
     for section, values in sections.items():
         config[section].update(values)

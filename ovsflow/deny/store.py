@@ -9,12 +9,23 @@ wall clock does."""
 from __future__ import annotations
 
 import logging
+import struct
+from collections.abc import Sequence
+
+import numpy as np
 
 from ..enrich import NO_PODS, Enricher
 from ..record import ACTIVE_TIMEOUT, DENY, FORCED_END, IDLE_TIMEOUT, RULE_DROP, FlowRecord
 from .packet import DeniedPacket
 
 log = logging.getLogger(__name__)
+
+# An entry in the export state: its key (`_STATE_KEY` then the two addresses) and a row.
+_STATE_KEY = struct.Struct(">BHHBBIbB")  # protocol, ports, ICMP, rule id, ingress, action
+STATE_ROW = np.dtype([("first", "<f8"), ("last", "<f8"), ("last_export", "<f8"),
+                      ("last_end", "<f8"), ("packets", "<u8"), ("octets", "<u8"),
+                      ("exported_packets", "<u8"), ("exported_octets", "<u8")])
+_INGRESS = {None: -1, False: 0, True: 1}
 
 
 class _Denied:
@@ -58,6 +69,8 @@ class DenyStore:
                                 " raise ovs.maxDenyConnections", self.max_entries, self.rejected)
                 return
             entry = self._entries[key] = _Denied(packet, rule_id, ingress, action, now)
+            if self.enricher is not None:  # the Pods as first seen (see Enricher.pods)
+                entry.pods = self.enricher.pods(packet.source, packet.destination)
         entry.packets += 1
         entry.octets += packet.ip_length
         entry.last = now
@@ -77,10 +90,52 @@ class DenyStore:
             del self._entries[key]
         return records
 
-    def flush(self, now: float) -> list[FlowRecord]:
-        records = [self._record(entry, FORCED_END, now) for entry in self._entries.values()]
-        self._entries.clear()
-        return records
+    def flush(self, now: float, continued: bool = False) -> list[FlowRecord]:
+        """Final records (the agent is stopping). `continued`: the next agent takes the
+        entries over from the export state, so only those with packets not yet exported get
+        a record, an active-timeout one; otherwise every entry ends here (forced end)."""
+        if continued:
+            return [self._record(entry, ACTIVE_TIMEOUT, now) for entry in
+                    self._entries.values() if entry.packets > entry.exported_packets]
+        return [self._record(entry, FORCED_END, now) for entry in self._entries.values()]
+
+    def snapshot(self) -> tuple[list[bytes], np.ndarray]:
+        """Each entry's key and `STATE_ROW`, for the export state."""
+        entries = list(self._entries.values())
+        rows = np.array([(e.first, e.last, e.last_export, e.last_end, e.packets, e.octets,
+                          e.exported_packets, e.exported_octets) for e in entries], STATE_ROW)
+        keys = [_STATE_KEY.pack(e.packet.protocol, e.packet.source_port,
+                                e.packet.destination_port, e.packet.icmp_type,
+                                e.packet.icmp_code, e.rule_id, _INGRESS[e.ingress], e.action)
+                + e.packet.source + e.packet.destination for e in entries]
+        return keys, rows
+
+    def restore(self, keys: Sequence[bytes], rows: np.ndarray) -> int:
+        """Continue a previous agent's entries (`snapshot`): same start, the packets it
+        had not exported yet still to be exported. Returns how many."""
+        ingress_of = {value: ingress for ingress, value in _INGRESS.items()}
+        restored = 0
+        for key, row in zip(keys, rows.tolist()):
+            if len(self._entries) >= self.max_entries:
+                break
+            (protocol, source_port, destination_port, icmp_type, icmp_code, rule_id, ingress,
+             action) = _STATE_KEY.unpack_from(key)
+            length = (len(key) - _STATE_KEY.size) // 2
+            if length not in (4, 16):
+                continue
+            source = key[_STATE_KEY.size:_STATE_KEY.size + length]
+            destination = key[_STATE_KEY.size + length:]
+            packet = DeniedPacket(source, destination, protocol, source_port, destination_port,
+                                  icmp_type, icmp_code, 0)
+            entry = _Denied(packet, rule_id, ingress_of.get(ingress), action, row[0])
+            (entry.first, entry.last, entry.last_export, entry.last_end, entry.packets,
+             entry.octets, entry.exported_packets, entry.exported_octets) = row
+            if self.enricher is not None:
+                entry.pods = self.enricher.pods(source, destination)
+            self._entries[(source, destination, protocol, source_port, destination_port,
+                           icmp_type, icmp_code, rule_id, entry.ingress, action)] = entry
+            restored += 1
+        return restored
 
     def _record(self, entry: _Denied, reason: int, now: float) -> FlowRecord:
         p = entry.packet

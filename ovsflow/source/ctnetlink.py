@@ -326,7 +326,7 @@ def _connection(data: bytes, pos: int, end: int) -> Connection:
                       state, packets, octets, reply_packets, reply_octets, True, start_ns,
                       conn_id, timeout, bool(status & IPS_DYING) or state in ENDED_STATES,
                       identity(protocol, src, dst, sport, dport, icmp_id, icmp_type, icmp_code,
-                               zone))
+                               zone, start_ns))
 
 
 def _tuple(data: bytes, pos: int, end: int) -> tuple:

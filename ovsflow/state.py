@@ -1,0 +1,283 @@
+"""Export state: what the collector has been told of each connection, kept across restarts.
+
+Collectors sum deltas. An agent that starts with nothing would send each live connection's
+whole total again as its first delta, so every rolling update would count the node's traffic
+twice. The agent writes, per tracked connection and deny entry, the counters last exported
+and whether its end was exported; the next agent reads them back and continues:
+
+- at shutdown, after the final records are made (then nothing is counted twice: the final
+  records bring the collector up to date, the next agent's deltas start from there);
+- every `SAVE_INTERVAL` while running, so that after a SIGKILL the next agent counts again
+  at most what was exported in that interval (docs/ipfix.md);
+- read once at start. Conntrack entries do not outlive a boot or their network namespace,
+  and what was exported is the exporter's (node, observation domain) own: state that does
+  not match in each of those, in its source, or in format, or that is cut short or corrupt,
+  is set aside with one log line and a count (`restores`), and the agent starts as before.
+
+The codec (`encode`, `decode`) is sans-IO; `ExportState` does the file's I/O: written whole
+to a temporary file, fsynced, renamed over the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import accumulate
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"ovsflow export state\n"
+VERSION = 1
+SAVE_INTERVAL = 10.0  # seconds between two writes while running
+_CHUNK = 65536  # rows encoded at once: the write's memory stays small at 500k
+_LENGTH = struct.Struct("<I")
+SO_NETNS_COOKIE = 71  # Linux 5.14: a number per network namespace, never reused in a boot
+
+
+class StateError(ValueError):
+    """A state file that cannot be used; the message says why, in a few words, and
+    `reason` in one (for the metric): corrupt or version."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Whose export state a file holds: it is used only by an agent of the same origin."""
+
+    boot_id: str
+    netns: int
+    node: str
+    observation_domain: int
+
+    @classmethod
+    def here(cls, node: str, observation_domain: int) -> Origin:
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            boot = boot_id.read().strip()
+        return cls(boot, network_namespace(), node, observation_domain)
+
+
+def network_namespace() -> int:
+    """This network namespace's cookie (the inode of /proc/self/ns/net, which can be
+    reused once a namespace is gone, only where the kernel has no cookies)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            return struct.unpack("=Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE,
+                                                        8))[0]
+        except OSError:
+            return os.stat("/proc/self/ns/net").st_ino
+
+
+@dataclass
+class Section:
+    """One store's state: `source` names what its keys mean (a conntrack source, the deny
+    path), `keys` are the entries' identities and `rows` a numpy array of one row each."""
+
+    source: str
+    keys: Sequence[bytes]
+    rows: np.ndarray
+
+
+def encode(origin: Origin, written_at: float, sections: dict[str, Section]
+           ) -> Iterator[bytes]:
+    """The file's bytes, in pieces: magic, a JSON header (origin, time, each section's
+    source, count and row type), per section the key lengths, keys and rows, then a CRC-32
+    of everything before it."""
+    header = json.dumps({
+        "version": VERSION, "origin": asdict(origin), "written_at": written_at,
+        "sections": {name: {"source": section.source, "count": len(section.keys),
+                            "row": section.rows.dtype.descr}
+                     for name, section in sections.items()},
+    }).encode()
+    crc = 0
+    for piece in _pieces(header, sections):
+        crc = zlib.crc32(piece, crc)
+        yield piece
+    yield _LENGTH.pack(crc)
+
+
+def _pieces(header: bytes, sections: dict[str, Section]) -> Iterator[bytes]:
+    yield MAGIC + _LENGTH.pack(len(header)) + header
+    for section in sections.values():
+        yield np.fromiter(map(len, section.keys), np.uint8, len(section.keys)).tobytes()
+        for first in range(0, len(section.keys), _CHUNK):
+            yield b"".join(section.keys[first:first + _CHUNK])
+            yield section.rows[first:first + _CHUNK].tobytes()
+
+
+@dataclass
+class Decoded:
+    origin: Origin
+    written_at: float
+    sections: dict[str, Section]
+
+
+def decode(data: bytes) -> Decoded:
+    """The state in `data`; StateError says what is wrong with it."""
+    if not data.startswith(MAGIC):
+        raise StateError("not an ovsflow export state file")
+    if len(data) < len(MAGIC) + 2 * _LENGTH.size:
+        raise StateError("cut short")
+    (crc,) = _LENGTH.unpack_from(data, len(data) - _LENGTH.size)
+    body = memoryview(data)[:len(data) - _LENGTH.size]
+    if zlib.crc32(body) != crc:
+        raise StateError("cut short or corrupt (checksum)")
+    (header_length,) = _LENGTH.unpack_from(data, len(MAGIC))
+    pos = len(MAGIC) + _LENGTH.size
+    try:
+        header = json.loads(bytes(body[pos:pos + header_length]))
+        if header["version"] != VERSION:
+            raise StateError(f"format version {header['version']}, this agent reads {VERSION}",
+                             "version")
+        origin = Origin(**header["origin"])
+        written_at = float(header["written_at"])
+        pos += header_length
+        sections = {}
+        for name, description in header["sections"].items():
+            count = int(description["count"])
+            dtype = np.dtype([tuple(field) for field in description["row"]])
+            lengths = np.frombuffer(body, np.uint8, count, pos).tolist()
+            pos += count
+            keys: list[bytes] = []
+            rows = []
+            for first in range(0, count, _CHUNK):
+                chunk = lengths[first:first + _CHUNK]
+                ends = list(accumulate(chunk, initial=pos))
+                keys += [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
+                pos = ends[-1]
+                rows.append(np.frombuffer(body, dtype, len(chunk), pos))
+                pos += len(chunk) * dtype.itemsize
+            sections[name] = Section(description["source"], keys, np.concatenate(
+                rows) if rows else np.empty(0, dtype))
+    except StateError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:  # json, numpy, a missing field
+        raise StateError(f"unreadable ({type(err).__name__}: {err})") from None
+    if pos != len(body):
+        raise StateError("unreadable (sizes do not add up)")
+    return Decoded(origin, written_at, sections)
+
+
+def conntrack_source_name(source) -> str:
+    """What a conntrack source's entries belong to: the kernel's conntrack (of this network
+    namespace), or one ovs-vswitchd process, whose userspace conntrack dies with it."""
+    run_dir = getattr(source, "run_dir", None)
+    if run_dir is None:
+        return "kernel"
+    from .source.ovs import vswitchd_control_socket
+
+    return f"ovs {vswitchd_control_socket(run_dir)}"
+
+
+class ExportState:
+    """The agent's export state file, `<directory>/export-state-<netns>-<domain>`: one
+    per network namespace and observation domain, so that two agents sharing a directory
+    never read each other's."""
+
+    def __init__(self, directory: str, origin: Origin):
+        self.origin = origin
+        self.path = os.path.join(
+            directory, f"export-state-{origin.netns}-{origin.observation_domain}")
+        self.saves = 0
+        self.save_errors = 0
+        self.last_save_seconds = 0.0
+        self.last_saved = time.monotonic()
+        # outcome (restored | none | discarded) and reason -> times, for the metrics
+        self.restores: Counter[tuple[str, str]] = Counter()
+        self._loaded: Decoded | None = None
+
+    def load(self) -> None:
+        """Read the file, once, at start; each store takes its section with `take`."""
+        try:
+            with open(self.path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            self.restores["none", ""] += 1
+            log.info("export state: none in %s; every connection starts anew", self.path)
+            return
+        except OSError as err:
+            self._discard("unreadable", err.strerror or str(err))
+            return
+        try:
+            decoded = decode(data)
+        except StateError as err:
+            self._discard(err.reason, str(err))
+            return
+        mismatch = [(reason, f"{reason} {theirs!r} is not this agent's {ours!r}")
+                    for reason, ours, theirs in zip(
+                        ("boot", "netns", "node", "domain"),
+                        asdict(self.origin).values(), asdict(decoded.origin).values())
+                    if ours != theirs]
+        if mismatch:
+            self._discard(mismatch[0][0], "; ".join(message for _, message in mismatch))
+            return
+        self._loaded = decoded
+
+    def take(self, name: str, source: str) -> tuple[Section, float] | None:
+        """The section `name` written for `source`, and when it was written; None when
+        there is none to continue from (said once in the log and counted)."""
+        if self._loaded is None:
+            return None
+        section = self._loaded.sections.get(name)
+        if section is None:
+            return None
+        if section.source != source:
+            self._discard("source", f"{name}: written for {section.source!r}, this agent's "
+                          f"source is {source!r}")
+            return None
+        self.restores["restored", name] += 1
+        log.info("export state: continuing %d %s entries from %s (written %.1fs ago)",
+                 len(section.keys), name, self.path, time.time() - self._loaded.written_at)
+        return section, self._loaded.written_at
+
+    def _discard(self, reason: str, message: str) -> None:
+        """reason: one word for the metric (corrupt, version, unreadable, boot, netns,
+        node, domain, source)."""
+        self.restores["discarded", reason] += 1
+        log.warning("export state %s not used, starting anew: %s", self.path, message)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_saved >= SAVE_INTERVAL
+
+    def save(self, sections: dict[str, Section], now: float) -> bool:
+        """Write the state atomically (blocking: the agent calls it in the poll's worker
+        thread). A failure is logged and counted; the previous file stays."""
+        started = time.perf_counter()
+        self.last_saved = time.monotonic()
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(temporary, "wb") as file:
+                for piece in encode(self.origin, now, sections):
+                    file.write(piece)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+            directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as err:
+            self.save_errors += 1
+            log.error("export state: cannot write %s: %s", self.path, err)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            return False
+        self.saves += 1
+        self.last_save_seconds = time.perf_counter() - started
+        return True

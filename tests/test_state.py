@@ -1,0 +1,279 @@
+"""Export state and connection identity, at the store's level (pure logic and a real file in a
+temporary directory): what a next agent continues, what it sets aside, and when a reused
+tuple is a new connection. End to end, with real conntrack and agents: test_restart.py."""
+
+import os
+import socket
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from ovsflow.connection import Connection, identity
+from ovsflow.deny.packet import DeniedPacket
+from ovsflow.deny.store import DenyStore
+from ovsflow.filter import ConnectionFilter
+from ovsflow.protocols import ProtocolSet
+from ovsflow.record import ACTIVE_TIMEOUT, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT
+from ovsflow.state import MAGIC, ExportState, Origin, Section, StateError, decode, encode
+from ovsflow.store import ConnectionStore
+
+from helpers import flow_records
+
+A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
+ORIGIN = Origin("boot-1", 4026531840, "node-a", 7)
+
+
+def conn(sport=1000, packets=0, *, conn_id=1, start_ns=0, state="ESTABLISHED", ended=False,
+         counted=True, timeout=0, protocol=6, zone=65520):
+    return Connection(protocol, A, B, sport, 80, B, A, 80, sport, zone=zone, state=state,
+                      packets=packets, octets=100 * packets, reply_packets=packets,
+                      reply_octets=200 * packets, counted=counted, id=conn_id,
+                      start_ns=start_ns, ended=ended, timeout=timeout,
+                      key=identity(protocol, A, B, sport, 80, 0, 0, 0, zone, start_ns))
+
+
+def records(store, connections, now):
+    return flow_records(store.update(connections, now))
+
+
+def summary(found):
+    return sorted((r.source_port, r.end_reason, r.packet_delta, r.octet_delta,
+                   r.reverse_octet_delta) for r in found)
+
+
+def saved_and_restored(store, now, seen=None):
+    """The store's state through the file format, into a new store."""
+    keys, rows = store.snapshot()
+    data = b"".join(encode(ORIGIN, now, {"conntrack": Section("kernel", keys, rows)}))
+    section = decode(data).sections["conntrack"]
+    new = ConnectionStore(store.active_timeout, store.idle_timeout)
+    assert new.restore(section.keys, section.rows, seen if seen is not None else now) == len(
+        keys)
+    return new
+
+
+def test_a_restart_continues_each_connection_from_what_was_exported():
+    first = ConnectionStore(5.0, 15.0)
+    records(first, [conn(1, 10), conn(2, 20), conn(3, 30, ended=True)], 0.0)
+    assert summary(records(first, [conn(1, 15), conn(2, 20), conn(3, 30, ended=True)],
+                           5.0)) == [(1, ACTIVE_TIMEOUT, 15, 1500, 3000),
+                                     (2, ACTIVE_TIMEOUT, 20, 2000, 4000)]
+    records(first, [conn(1, 18), conn(2, 20), conn(3, 30, ended=True)], 6.0)
+    # stopping: a last poll was taken; the moved connection is brought up to date, not ended
+    assert summary(flow_records(first.flush(6.5, continued=True))) == [
+        (1, ACTIVE_TIMEOUT, 3, 300, 600)]
+    second = saved_and_restored(first, 6.5)
+    # the next agent: 1 moved on, 2 ended while no agent ran, 3's end was exported already
+    found = records(second, [conn(1, 25), conn(3, 30, ended=True)], 8.0)
+    assert summary(found) == [(2, END_OF_FLOW, 0, 0, 0)]
+    [gone] = found
+    assert gone.end_ms == 6500  # last seen alive: when the state was written
+    assert summary(records(second, [conn(1, 25), conn(3, 30, ended=True)], 11.6)) == [
+        (1, ACTIVE_TIMEOUT, 7, 700, 1400)]
+
+
+def test_without_export_state_the_final_records_end_every_live_connection():
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(1, 10), conn(2, 20, ended=True)], 0.0)
+    assert [(r.source_port, r.end_reason) for r in flow_records(s.flush(1.0))] == [
+        (1, FORCED_END)]
+
+
+def test_a_quiet_connection_stays_quiet_across_a_restart():
+    first = ConnectionStore(5.0, 15.0)
+    records(first, [conn(1, 10)], 0.0)
+    records(first, [conn(1, 10)], 5.0)
+    assert summary(records(first, [conn(1, 10)], 15.0)) == [(1, IDLE_TIMEOUT, 0, 0, 0)]
+    assert flow_records(first.flush(16.0, continued=True)) == []
+    second = saved_and_restored(first, 16.0)
+    assert records(second, [conn(1, 10)], 17.0) == []
+    assert records(second, [conn(1, 10)], 40.0) == []
+    # it moves: its last record is long past the active timeout
+    assert summary(records(second, [conn(1, 12)], 41.0)) == [(1, ACTIVE_TIMEOUT, 2, 200, 400)]
+
+
+def test_a_reused_tuple_with_the_same_id_is_a_new_connection_by_its_start_time():
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(7, 5, start_ns=10**18, state="TIME_WAIT", ended=True)], 0.0)
+    # the kernel gave the next connection on the tuple the same id; same counters too
+    found = records(s, [conn(7, 5, start_ns=10**18 + 10**9, state="TIME_WAIT", ended=True)],
+                    1.0)
+    assert summary(found) == [(7, END_OF_FLOW, 5, 500, 1000)]
+    assert found[0].start_ms == 10**18 // 10**6 + 1000
+
+
+def test_a_reused_tuple_without_start_times_is_told_by_its_end_and_counters():
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(7, 6, state="TIME_WAIT", ended=True)], 0.0)
+    # same id, no start time: the ended connection moves again in a live state
+    assert records(s, [conn(7, 3, state="ESTABLISHED")], 1.0) == []
+    found = records(s, [conn(7, 4, state="TIME_WAIT", ended=True)], 2.0)
+    assert summary(found) == [(7, END_OF_FLOW, 4, 400, 800)]  # its own, not 4 - 6
+
+
+def test_a_counter_reset_is_not_a_new_connection():
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(7, 6)], 0.0)
+    assert summary(records(s, [conn(7, 6)], 5.0)) == [(7, ACTIVE_TIMEOUT, 6, 600, 1200)]
+    found = records(s, [conn(7, 2)], 10.0)  # conntrack -L -z, then 2 packets
+    assert summary(found) == [(7, ACTIVE_TIMEOUT, 2, 200, 400)]
+    assert found[0].flow_id == 1
+
+
+def test_without_counters_only_a_refreshed_timeout_is_activity():
+    """OVS userspace conntrack: each packet sets the remaining timeout back to the full
+    one; a quiet connection's runs down with the clock."""
+    s = ConnectionStore(5.0, 15.0)
+    polls = [(0.0, 30, 30), (5.0, 25, 30), (10.0, 20, 30), (15.0, 15, 30), (20.0, 10, 30),
+             (25.0, 5, 30)]
+    reasons = {1: [], 2: []}
+    for now, quiet_timeout, busy_timeout in polls:
+        for r in records(s, [conn(1, counted=False, timeout=quiet_timeout, conn_id=1),
+                             conn(2, counted=False, timeout=busy_timeout, conn_id=2)], now):
+            reasons[r.source_port].append((now, r.end_reason))
+    # quiet from the start: active records until its idle timeout, then nothing more
+    assert reasons[1] == [(5.0, ACTIVE_TIMEOUT), (10.0, ACTIVE_TIMEOUT), (15.0, IDLE_TIMEOUT)]
+    assert reasons[2] == [(5.0, ACTIVE_TIMEOUT), (10.0, ACTIVE_TIMEOUT),
+                          (15.0, ACTIVE_TIMEOUT), (20.0, ACTIVE_TIMEOUT),
+                          (25.0, ACTIVE_TIMEOUT)]
+
+
+def test_narrowing_the_filter_forgets_connections_without_ending_them():
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(1, 1, protocol=6), conn(2, 1, protocol=17), conn(3, 1, zone=7)], 0.0)
+    narrowed = ConnectionFilter(frozenset({65520}), ProtocolSet(frozenset({6})))
+    assert s.forget(lambda keys: narrowed.accepts_columns(keys["zone"], keys["protocol"])) == 2
+    assert len(s) == 1
+    # the next poll no longer brings them: no end record for the two still alive
+    assert summary(records(s, [conn(1, 1, protocol=6)], 1.0)) == []
+
+
+def test_a_connection_rejected_poll_after_poll_is_counted_once():
+    s = ConnectionStore(5.0, 15.0, max_connections=1)
+    for now in (0.0, 1.0, 2.0):
+        records(s, [conn(1, 1), conn(2, 1), conn(3, 1)], now)
+    assert s.rejected == 2
+    records(s, [conn(1, 1), conn(2, 1), conn(4, 1)], 3.0)
+    assert s.rejected == 3
+
+
+def test_deny_entries_continue_with_their_start_and_unexported_packets():
+    packet = DeniedPacket(A, B, 17, 5000, 53, 0, 0, 60)
+    first = DenyStore(5.0, 15.0, 100)
+    for now in (100.0, 101.0, 102.0):
+        first.add(packet, 42, now)
+    assert [(r.packet_delta, r.end_reason) for r in first.expired(105.0)] == [
+        (3, ACTIVE_TIMEOUT)]
+    first.add(packet, 42, 106.0)  # not exported yet when the agent dies
+    keys, rows = first.snapshot()
+    second = DenyStore(5.0, 15.0, 100)
+    assert second.restore(keys, rows) == 1
+    second.add(packet, 42, 107.0)
+    [record] = second.expired(111.0)
+    assert (record.packet_delta, record.octet_delta, record.packets) == (2, 120, 5)
+    assert record.start_ms == 100_000 and record.ingress_rule_name == "42"
+
+
+def write(directory, origin=ORIGIN, source="kernel", data=None):
+    state = ExportState(str(directory), origin)
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(1, 10)], 0.0)
+    assert state.save({"conntrack": Section(source, *s.snapshot())}, 1.0)
+    if data is not None:
+        with open(state.path, "rb") as file:
+            changed = data(file.read())
+        with open(state.path, "wb") as file:
+            file.write(changed)
+    return state.path
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda data: data[:len(data) // 2], "corrupt"),
+    (lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:], "corrupt"),
+    (lambda data: b"garbage" * 10, "corrupt"),
+    (lambda data: b"", "corrupt"),
+])
+def test_a_truncated_or_corrupt_file_is_set_aside(tmp_path, change, reason, caplog):
+    write(tmp_path, data=change)
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    assert state.take("conntrack", "kernel") is None
+    assert state.restores == {("discarded", reason): 1}
+    assert "not used, starting anew" in caplog.text
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("boot_id", "boot-2", "boot"), ("node", "node-b", "node"),
+    ("observation_domain", 8, "domain"), ("netns", 1, "netns"),
+])
+def test_state_of_another_boot_node_domain_or_namespace_is_set_aside(tmp_path, field, value,
+                                                                     reason):
+    theirs = Origin(**{**ORIGIN.__dict__, field: value})
+    path = write(tmp_path, origin=theirs)
+    ours = ExportState(str(tmp_path), ORIGIN)
+    os.replace(path, ours.path)  # their file where ours would be
+    ours.load()
+    assert ours.take("conntrack", "kernel") is None
+    assert ours.restores == {("discarded", reason): 1}
+
+
+def test_state_of_another_source_or_format_is_set_aside(tmp_path):
+    write(tmp_path, source="ovs /run/ovs/ovs-vswitchd.77.ctl")
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    assert state.take("conntrack", "kernel") is None
+    assert state.restores == {("discarded", "source"): 1}
+    data = b"".join(encode(ORIGIN, 1.0, {}))
+    body = data[:-4].replace(b'"version": 1', b'"version": 99')
+    body = body[:len(MAGIC)] + struct.pack("<I", len(body) - len(MAGIC) - 4) + body[
+        len(MAGIC) + 4:]
+    with pytest.raises(StateError, match="version 99"):
+        decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def test_a_good_file_is_restored_and_no_file_is_a_fresh_start(tmp_path):
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    assert state.restores == {("none", ""): 1}
+    write(tmp_path)
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    section, written_at = state.take("conntrack", "kernel")
+    assert written_at == 1.0 and len(section.keys) == 1
+    assert section.rows["packets"].tolist() == [0]  # nothing exported yet at 0.0
+    assert state.restores == {("restored", "conntrack"): 1}
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    path = write(tmp_path)
+    before = open(path, "rb").read()
+    state = ExportState(str(tmp_path), ORIGIN)
+    os.chmod(tmp_path, 0o500)
+    try:
+        if os.geteuid() == 0:  # root writes anyway: make the directory a file's path instead
+            state.path = os.path.join(path, "below-a-file")
+        assert not state.save({}, 2.0)
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert state.save_errors == 1 and open(path, "rb").read() == before
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+
+
+def test_the_state_of_many_connections_round_trips(tmp_path):
+    s = ConnectionStore(5.0, 15.0)
+    connections = [conn(port, port % 7 + 1, conn_id=port, start_ns=port * 10**9)
+                   for port in range(1, 20001)]
+    records(s, connections, 0.0)
+    records(s, connections, 5.0)
+    keys, rows = s.snapshot()
+    state = ExportState(str(tmp_path), ORIGIN)
+    assert state.save({"conntrack": Section("kernel", keys, rows)}, 5.0)
+    loaded = ExportState(str(tmp_path), ORIGIN)
+    loaded.load()
+    section, _ = loaded.take("conntrack", "kernel")
+    assert list(section.keys) == keys
+    assert np.array_equal(section.rows, rows)
+    assert sorted(section.rows["packets"].tolist()) == sorted(
+        port % 7 + 1 for port in range(1, 20001))
