@@ -4,7 +4,7 @@
     tcp-client HOST PORT CHUNK COUNT PAUSE   send COUNT chunks with PAUSE seconds between,
                                          then half-close and read the reply to EOF
     tcp-syn HOST PORT                    one connection attempt (refused is fine)
-    udp HOST PORT COUNT SIZE             datagrams
+    udp HOST PORT COUNT SIZE [SPORT]     datagrams (from source port SPORT)
     sctp-init SRC DST SPORT DPORT        one SCTP INIT chunk through a raw socket (this
                                          machine has no SCTP sockets)
     gre SRC DST                          one GRE packet through a raw socket
@@ -79,8 +79,9 @@ def tcp_syn(host: str, port: str) -> dict:
         return {"connected": False, "error": err.strerror}
 
 
-def udp(host: str, port: str, count: str, size: str) -> dict:
+def udp(host: str, port: str, count: str, size: str, sport: str = "0") -> dict:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.bind(("0.0.0.0", int(sport)))
         for _ in range(int(count)):
             sender.sendto(b"u" * int(size), (host, int(port)))
         return {"sport": sender.getsockname()[1]}

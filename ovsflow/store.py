@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -278,16 +278,22 @@ class ConnectionStore:
                 dropped += 1
         return dropped
 
-    def snapshot(self) -> tuple[list[bytes], np.ndarray]:
+    def snapshot(self) -> tuple[list[bytes], Iterator[np.ndarray]]:
         """What the collector has been told of each tracked connection: its key, and a row
-        of `STATE_ROW` (see `restore`)."""
+        of `STATE_ROW` (see `restore`), made `chunk` rows at a time as they are read (the
+        whole table at once would add tens of MB at 500k)."""
         slots = np.flatnonzero(np.asarray(self._occupied)[:self._used])
-        rows = np.empty(len(slots), STATE_ROW)
-        for name, column in self._state_columns():
-            rows[name] = np.asarray(column)[slots]
-        rows["flags"] = (np.asarray(self._ended)[slots] | np.asarray(self._quiet)[slots] << 1
-                         | np.asarray(self._counted)[slots] << 2)
-        return list(pick(self._keys, slots.tolist())), rows
+        return list(filter(None, self._keys[:self._used])), self._state_rows(slots)
+
+    def _state_rows(self, slots: np.ndarray, chunk: int = 65536) -> Iterator[np.ndarray]:
+        for first in range(0, max(len(slots), 1), chunk):  # one part at least: its type
+            part = slots[first:first + chunk]
+            rows = np.empty(len(part), STATE_ROW)
+            for name, column in self._state_columns():
+                rows[name] = np.asarray(column)[part]
+            rows["flags"] = (np.asarray(self._ended)[part] | np.asarray(self._quiet)[part] << 1
+                             | np.asarray(self._counted)[part] << 2)
+            yield rows
 
     def restore(self, keys: Sequence[bytes], rows: np.ndarray, seen: float) -> int:
         """Track the connections of a previous agent's `snapshot`, last seen at `seen`,
