@@ -13,7 +13,9 @@ import pytest
 from ovsflow.connection import Connection, identity
 from ovsflow.deny.packet import DeniedPacket
 from ovsflow.deny.store import DenyStore
+from ovsflow.enrich import Enricher, PodNetworks
 from ovsflow.filter import ConnectionFilter
+from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.protocols import ProtocolSet
 from ovsflow.record import ACTIVE_TIMEOUT, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT
 from ovsflow.state import MAGIC, ExportState, Origin, Section, StateError, decode, encode
@@ -278,3 +280,34 @@ def test_the_state_of_many_connections_round_trips(tmp_path):
     assert np.array_equal(section.rows, rows)
     assert sorted(section.rows["packets"].tolist()) == sorted(
         port % 7 + 1 for port in range(1, 20001))
+
+
+def pod_row(pods, uuid, name, address):
+    pods._learn(uuid, f"{name}-port", {"antrea-type": POD_PORT, "ip-address": address,
+                                       "pod-name": name, "pod-namespace": "shop"})
+
+
+def test_a_pod_that_reuses_an_address_is_not_credited_with_older_connections():
+    """Pods as the connection was first seen (here the map is fed as its OVSDB thread
+    feeds it): web goes, api gets its address; web's connection keeps web's name."""
+    pods = PodMap("unix:/nonexistent")
+    enricher = Enricher(pods, "node-a", PodNetworks(["10.0.0.0/16"]))
+    pod_row(pods, "uuid-web", "web", "10.0.0.1")
+    s = ConnectionStore(1.0, 100.0, enricher=enricher)
+    records(s, [conn(1, 1)], 0.0)
+    pods._forget("uuid-web")
+    pod_row(pods, "uuid-api", "api", "10.0.0.1")
+    [old] = records(s, [conn(1, 2)], 1.0)
+    records(s, [conn(1, 2), conn(2, 1)], 1.5)  # a new connection from the new Pod
+    found = {r.source_port: r.source_pod_name for r in records(s, [conn(1, 3), conn(2, 2)],
+                                                                3.0)}
+    assert old.source_pod_name == "web" and found == {1: "web", 2: "api"}
+
+    deny = DenyStore(1.0, 100.0, 10, enricher)
+    pods._forget("uuid-api")
+    pod_row(pods, "uuid-web2", "web", "10.0.0.1")
+    deny.add(DeniedPacket(A, B, 17, 5000, 53, 0, 0, 60), 3, 10.0)
+    pods._forget("uuid-web2")
+    pod_row(pods, "uuid-other", "other", "10.0.0.1")
+    [denied] = deny.expired(11.0)
+    assert denied.source_pod_name == "web"
