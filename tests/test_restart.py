@@ -179,17 +179,18 @@ def test_sigkill_overcounts_at_most_what_was_exported_since_the_last_save(node, 
 def test_a_corrupt_state_file_costs_one_line_and_the_agent_starts_anew(node, tmp_path):
     control, ports = steady_traffic(node, tmp_path, count=2)
     agent = start_agent(node, tmp_path)
-    time.sleep(2)
+    time.sleep(3)
     stop(agent)
-    [state_file] = (tmp_path / "state").iterdir()
+    [state_file] = (tmp_path / "state").glob("export-state-*")
     state_file.write_bytes(state_file.read_bytes()[:-100])
     agent = start_agent(node, tmp_path)
-    time.sleep(2)
+    time.sleep(3)
     log = stop(agent)
     (control / "close").touch()
     assert len(re.findall(r"export state .* not used, starting anew: cut short", log)) == 1, log
     records = per_connection(node.sink.records(), ports)
-    assert all(len(records[port]) >= 3 for port in ports)
+    assert all(len(records[port]) >= 3 for port in ports), (
+        {port: len(found) for port, found in records.items()}, log)
 
 
 def test_connections_reopened_on_one_tuple_through_time_wait_are_each_exported(node,
