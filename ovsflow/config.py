@@ -107,6 +107,15 @@ def default_node_name() -> str:
 
 
 @dataclass(frozen=True)
+class CollectorConfig:
+    """One collector: every record goes to each, with its own transport, TLS and queue."""
+
+    address: CollectorAddress
+    tls: TlsSettings = TlsSettings()
+    max_buffered_records: int = 100_000
+
+
+@dataclass(frozen=True)
 class IpfixConfig:
     node_name: str = field(default_factory=default_node_name)
     domain_id: int | None = None  # None: derived from node_name
@@ -116,6 +125,7 @@ class IpfixConfig:
     tls: TlsSettings = TlsSettings()
     # Every node's Pod CIDRs: what tells an inter-node peer from an external one (flowType)
     cluster_pod_cidrs: tuple[IPNetwork, ...] = ()
+    collectors: tuple[CollectorConfig, ...] = ()  # (): flowExporter.flowCollectorAddr's one
 
     @property
     def observation_domain_id(self) -> int:
@@ -141,11 +151,18 @@ class Config:
     state: StateConfig = StateConfig()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def collectors(self) -> tuple[CollectorConfig, ...]:
+        """Where records go: `ipfix.collectors`, or Antrea's one `flowCollectorAddr`."""
+        ipfix = self.ipfix
+        return ipfix.collectors or (CollectorConfig(
+            self.flow_exporter.collector, ipfix.tls, ipfix.max_buffered_records),)
+
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration in the file's own key names and formats."""
         fe, ct, ovs, ipfix = self.flow_exporter, self.conntrack, self.ovs, self.ipfix
         protocols = fe.protocols.numbers
-        return {
+        effective = {
             "flowExporter": {
                 "enable": fe.enable,
                 "flowCollectorAddr": str(fe.collector),
@@ -168,13 +185,22 @@ class Config:
                 "pathMTU": ipfix.path_mtu,
                 "maxBufferedRecords": ipfix.max_buffered_records,
                 "clusterPodCIDRs": [str(network) for network in ipfix.cluster_pod_cidrs],
-                "tls": {"caFile": ipfix.tls.ca_file, "certFile": ipfix.tls.cert_file,
-                        "keyFile": ipfix.tls.key_file, "serverName": ipfix.tls.server_name,
-                        "insecureSkipVerify": ipfix.tls.insecure_skip_verify},
+                "tls": _tls_dict(ipfix.tls),
             },
             "metrics": {"bindAddress": _bind_text(self.metrics)},
             "state": {"directory": self.state.directory},
         }
+        if ipfix.collectors:  # in place of flowCollectorAddr
+            del effective["flowExporter"]["flowCollectorAddr"]
+            effective["ipfix"]["collectors"] = [
+                {"address": str(c.address), "tls": _tls_dict(c.tls),
+                 "maxBufferedRecords": c.max_buffered_records} for c in ipfix.collectors]
+        return effective
+
+
+def _tls_dict(tls: TlsSettings) -> dict[str, Any]:
+    return {"caFile": tls.ca_file, "certFile": tls.cert_file, "keyFile": tls.key_file,
+            "serverName": tls.server_name, "insecureSkipVerify": tls.insecure_skip_verify}
 
 
 # --- value parsers: each takes the YAML value and returns the typed value or raises
@@ -446,15 +472,29 @@ def parse_config(data: object) -> Config:
     ix = _Section(top.data.get("ipfix"), "ipfix", problems)
     tl = _Section(ix.data.get("tls"), "ipfix.tls", problems)
     ix.known.append("tls")
-    tls = _parse_tls(tl, flow_exporter.collector, warnings)
+    ix.known.append("collectors")
+    sections = [top, fe, ct, ov, ix, tl]
+    max_buffered = ix.take("maxBufferedRecords", integer_in(1, 100_000_000), 100_000)
+    collectors: tuple[CollectorConfig, ...] = ()
+    if ix.data.get("collectors") is not None:
+        if "flowCollectorAddr" in fe.data:
+            problems.append("ipfix.collectors: set, and so is flowExporter.flowCollectorAddr: "
+                            "list every collector in one of them")
+        tls = TlsSettings()
+        collectors = _parse_collectors(ix.data["collectors"], tl, max_buffered, problems,
+                                       warnings, sections)
+    else:
+        tls = _parse_tls(tl, flow_exporter.collector, "flowExporter.flowCollectorAddr",
+                         warnings)
     ipfix = IpfixConfig(
         node_name=ix.take("nodeName", non_empty_string, default_node_name()),
         domain_id=ix.take("observationDomainId", integer_in(0, 0xFFFFFFFF), None),
         template_refresh=ix.take("templateRefreshTimeout", parse_duration, 600.0),
         path_mtu=ix.take("pathMTU", integer_in(576, 65535), 1500),
-        max_buffered_records=ix.take("maxBufferedRecords", integer_in(1, 100_000_000), 100_000),
+        max_buffered_records=max_buffered,
         tls=tls,
         cluster_pod_cidrs=ix.take("clusterPodCIDRs", parse_cidrs, ()),
+        collectors=collectors,
     )
 
     mx = _Section(top.data.get("metrics"), "metrics", problems)
@@ -463,7 +503,7 @@ def parse_config(data: object) -> Config:
     st = _Section(top.data.get("state"), "state", problems)
     state = StateConfig(st.take("directory", _state_directory, DEFAULT_STATE_DIRECTORY))
 
-    for section in (top, fe, ct, ov, ix, tl, mx, st):
+    for section in (*sections, mx, st):
         section.reject_unknown()
     if problems:
         raise ConfigError(problems)
@@ -479,10 +519,68 @@ def _state_directory(value: object) -> str:
     return path
 
 
-def _parse_tls(tl: _Section, collector: CollectorAddress, warnings: list[str]) -> TlsSettings:
-    """`ipfix.tls`. With a tls collector the files are opened and a TLS context is built, so
-    that a file which loads is one the agent can connect with; with udp or tcp the section
-    is ignored, with a warning when it sets something."""
+def _parse_collectors(value: object, default_tls: _Section, default_bound: int,
+                      problems: list[str], warnings: list[str],
+                      sections: list[_Section]) -> tuple[CollectorConfig, ...]:
+    """`ipfix.collectors`: each entry "HOST:PORT:PROTO", or a mapping with `address`, and
+    optionally `tls` (else `ipfix.tls`) and `maxBufferedRecords` (else `ipfix`'s)."""
+    if not isinstance(value, list) or not value:
+        problems.append(f"ipfix.collectors: expected a non-empty list of collectors "
+                        f"(\"HOST:PORT:PROTO\" or {{address: ..., tls: ...}}), got "
+                        f"{quote_value(value)}")
+        value = []
+    entries = []  # (where, address, bound, its own tls section or None)
+    seen = set()
+    for index, entry in enumerate(value):
+        where = f"ipfix.collectors[{index}]"
+        own_tls = None
+        if isinstance(entry, dict):
+            section = _Section(entry, where, problems)
+            sections.append(section)
+            address = section.take("address", parse_collector_address, None)
+            bound = section.take("maxBufferedRecords", integer_in(1, 100_000_000),
+                                 default_bound)
+            section.known.append("tls")
+            if entry.get("tls") is not None:
+                own_tls = _Section(entry["tls"], f"{where}.tls", problems)
+                sections.append(own_tls)
+            if address is None and "address" not in entry:
+                problems.append(f"{where}.address: missing (HOST:PORT:PROTO)")
+        else:
+            bound = default_bound
+            try:
+                address = parse_collector_address(entry)
+            except ValueError as err:
+                problems.append(f"{where}: {err}")
+                address = None
+        if address is None:
+            continue
+        if str(address) in seen:
+            problems.append(f"{where}: {address} is listed twice")
+            continue
+        seen.add(str(address))
+        entries.append((where, address, bound, own_tls))
+    # ipfix.tls, read once, checked for the first collector that uses it (a tls one, if any)
+    users = sorted(((where, address) for where, address, _, own in entries if own is None),
+                   key=lambda user: user[1].transport != "tls")
+    if users:
+        shared = _parse_tls(default_tls, users[0][1], users[0][0], warnings)
+    else:
+        shared = _parse_tls(default_tls, CollectorAddress("", 0, "tls"), "", [])
+        if any(default_tls.data.get(key) not in (None, "", False) for key in default_tls.known):
+            warnings.append("ipfix.tls: ignored: every collector of ipfix.collectors has a tls "
+                            "section of its own")
+    return tuple(CollectorConfig(address, shared if own is None else
+                                 _parse_tls(own, address, where, warnings), bound)
+                 for where, address, bound, own in entries)
+
+
+def _parse_tls(tl: _Section, collector: CollectorAddress, where: str,
+               warnings: list[str]) -> TlsSettings:
+    """A `tls` section for the collector at `where`. With a tls collector the files are
+    opened and a TLS context is built, so that a file which loads is one the agent can
+    connect with; with udp or tcp the section is ignored, with a warning when it sets
+    something."""
     d = TlsSettings()
     problems_before = len(tl.problems)
     tls = TlsSettings(
@@ -495,23 +593,24 @@ def _parse_tls(tl: _Section, collector: CollectorAddress, warnings: list[str]) -
     if collector.transport != "tls":
         ignored = [key for key in tl.known if tl.data.get(key) not in (None, "", False)]
         if ignored:
-            warnings.append(f"ipfix.tls: {', '.join(ignored)} ignored: flowExporter."
-                            f"flowCollectorAddr {collector} is {collector.transport}, not tls")
+            warnings.append(f"{tl.path}: {', '.join(ignored)} ignored: {where} {collector} is "
+                            f"{collector.transport}, not tls")
         return tls
     if tls.key_file and not tls.cert_file:
-        tl.problems.append("ipfix.tls.keyFile: set, but certFile is not: a client key needs "
-                           "its certificate")
+        tl.problems.append(f"{tl.path}.keyFile: set, but certFile is not: a client key "
+                           "needs its certificate")
     if tls.server_name and not _is_ip_or_host(tls.server_name):
-        tl.problems.append(f"ipfix.tls.serverName: {quote_value(tls.server_name)} is not a "
+        tl.problems.append(f"{tl.path}.serverName: {quote_value(tls.server_name)} is not a "
                            "host name or IP address")
     if tls.insecure_skip_verify:
-        warnings.append("ipfix.tls.insecureSkipVerify: true: the collector's certificate is "
-                        "NOT verified")
+        warnings.append(f"{tl.path}.insecureSkipVerify: true: the collector's certificate "
+                        "is NOT verified")
     if len(tl.problems) == problems_before:
         try:
             client_tls_context(tls)
         except ConfigError as err:
-            tl.problems.extend(err.problems)
+            tl.problems.extend(problem.replace("ipfix.tls.", f"{tl.path}.", 1)
+                               for problem in err.problems)
     return tls
 
 

@@ -472,3 +472,57 @@ def test_cluster_pod_cidrs_are_read_and_normalised():
 def test_bad_cluster_pod_cidrs_name_the_key_and_value(value, fragment):
     [problem] = problems_of({"ipfix": {"clusterPodCIDRs": value}})
     assert problem.startswith("ipfix.clusterPodCIDRs: ") and fragment in problem, problem
+
+
+def test_several_collectors_each_with_its_own_settings(pki):
+    ca = str(pki[2] / "ca.pem")
+    config = parse_config({"ipfix": {
+        "maxBufferedRecords": 7000, "tls": {"caFile": ca},
+        "collectors": ["10.0.0.1:4739:udp",
+                       {"address": "flows.example:4740:tls", "maxBufferedRecords": 50},
+                       {"address": "[fd00::9]:4741:tls",
+                        "tls": {"caFile": ca, "serverName": "collector.example"}}]}})
+    first, second, third = config.collectors
+    assert (str(first.address), first.max_buffered_records) == ("10.0.0.1:4739:udp", 7000)
+    assert (second.tls.ca_file, second.max_buffered_records) == (ca, 50)
+    assert (third.tls.server_name, third.max_buffered_records) == ("collector.example", 7000)
+    effective = config.to_dict()
+    assert "flowCollectorAddr" not in effective["flowExporter"]
+    assert [c["address"] for c in effective["ipfix"]["collectors"]] == [
+        "10.0.0.1:4739:udp", "flows.example:4740:tls", "[fd00::9]:4741:tls"]
+    del effective["flowExporter"]["protocols"]  # "all": the parser takes a list or nothing
+    again = parse_config(effective).to_dict()
+    assert again["flowExporter"].pop("protocols") == "all" and again == effective
+
+
+def test_without_a_list_antreas_one_collector_is_the_list():
+    config = parse_config({"flowExporter": {"flowCollectorAddr": "10.0.0.5:4739:tcp"},
+                           "ipfix": {"maxBufferedRecords": 9}})
+    [only] = config.collectors
+    assert (str(only.address), only.max_buffered_records) == ("10.0.0.5:4739:tcp", 9)
+
+
+@pytest.mark.parametrize("collectors, expected", [
+    ([], "ipfix.collectors: expected a non-empty list"),
+    ("10.0.0.1:4739:udp", "ipfix.collectors: expected a non-empty list"),
+    (["10.0.0.1:4739:udp", "10.0.0.1:4739:udp"], "ipfix.collectors[1]: 10.0.0.1:4739:udp is "
+                                                 "listed twice"),
+    (["10.0.0.1:99999:udp"], "ipfix.collectors[0]: "),
+    ([{"adress": "10.0.0.1:4739:udp"}], "ipfix.collectors[0].adress: unknown key (did you "
+                                        "mean 'address'?)"),
+    ([{"tls": {}}], "ipfix.collectors[0].address: missing"),
+    ([{"address": "h:1:tls", "tls": {"caFile": "/nonexistent"}}],
+     "ipfix.collectors[0].tls.caFile: cannot read '/nonexistent'"),
+    ([{"address": "h:1:udp", "maxBufferedRecords": 0}],
+     "ipfix.collectors[0].maxBufferedRecords: "),
+])
+def test_bad_collector_lists_name_the_entry(collectors, expected):
+    problems = problems_of({"ipfix": {"collectors": collectors}})
+    assert any(problem.startswith(expected) for problem in problems), problems
+
+
+def test_a_collector_list_and_flow_collector_addr_together_are_an_error():
+    problems = problems_of({"flowExporter": {"flowCollectorAddr": "10.0.0.1:4739:udp"},
+                            "ipfix": {"collectors": ["10.0.0.2:4739:udp"]}})
+    assert problems == ["ipfix.collectors: set, and so is flowExporter.flowCollectorAddr: "
+                        "list every collector in one of them"]
