@@ -60,15 +60,17 @@ _KEYS = {ipv6: np.dtype([(name, ">" + _NUMPY_CODES[code])
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
 # A tracked connection in the export state (`snapshot`): the counters are those last
 # exported; flags: 1 its end was exported, 2 quiet (idle record sent), 4 counted.
-STATE_ROW = np.dtype([("id", "<u4"), ("timeout", "<u4"), ("start_ms", "<u8"),
+STATE_ROW = np.dtype([("id", "<u4"), ("expiry", "<f8"), ("start_ms", "<u8"),
                       ("packets", "<u8"), ("octets", "<u8"), ("reply_packets", "<u8"),
                       ("reply_octets", "<u8"), ("last_activity", "<f8"),
                       ("last_export", "<f8"), ("flags", "u1")])
-# Without counters (OVS userspace conntrack) a packet shows as the remaining timeout going up
-# again: it is refreshed to the state's full timeout by each packet and otherwise runs down
-# with the clock. Allowance for the whole seconds OVS prints and for when in a poll the
-# entry was read.
-TIMEOUT_SLACK = 2.0
+# Without counters (OVS userspace conntrack) a packet shows in the remaining timeout: each
+# packet sets it back to the state's full timeout, and otherwise it runs down with the
+# clock, so the time it points to (poll time + remaining timeout) stays put while the
+# connection is quiet and moves on when a packet came. It counts as moved once it is this
+# far past where it stood at the connection's last activity: the whole seconds OVS prints,
+# and when in a poll the entry was read.
+EXPIRY_SLACK = 1.5
 
 
 def _identities(keys: Sequence[bytes]) -> list[tuple[bool, np.ndarray, np.ndarray]]:
@@ -127,7 +129,9 @@ class ConnectionStore:
         self._exported_packets, self._exported_octets = column("u8"), column("u8")
         self._exported_reply_packets, self._exported_reply_octets = column("u8"), column("u8")
         self._last_activity, self._last_export = column("f8"), column("f8")
-        self._timeouts = column("u4")  # the source's remaining timeout, as last polled
+        # where the source's remaining timeout pointed (poll time + timeout) at the last
+        # activity seen, for sources without counters
+        self._expiries = column("f8")
         self._occupied = column("u1")  # 1: a connection is there
         self._ended = column("u1")  # 1: its end was exported
         self._quiet = column("u1")  # 1: its idle timeout was exported, no activity since
@@ -161,9 +165,7 @@ class ConnectionStore:
         reply_packets, reply_octets = self._reply_packets, self._reply_octets
         states, labels, span = self._states, self._labels, self._span
         last_activity, quiet, ended_flags = self._last_activity, self._quiet, self._ended
-        timeouts = self._timeouts
-        # what the remaining timeouts ran down by since the previous poll, at least
-        ran_down = now - (self._previous_poll or 0.0) - TIMEOUT_SLACK
+        expiries = self._expiries
         rejected: set[bytes] = set()
         new: dict[int, Connection] = {}  # slot -> connection, filled in bulk
         reused: dict[int, Connection] = {}
@@ -202,11 +204,14 @@ class ConnectionStore:
                     reused[slot] = c
                     continue
             else:
-                previous, timeouts[slot] = timeouts[slot], c.timeout
-                if c.timeout < previous - ran_down and c.state == states[slot]:
+                expiry = now + c.timeout
+                if expiry <= expiries[slot] + EXPIRY_SLACK and c.state == states[slot]:
+                    if expiry < expiries[slot] - EXPIRY_SLACK:  # a shorter timeout policy
+                        expiries[slot] = expiry
                     if c.ended:  # quiet: its timeout only ran down
                         ended.append(slot)
                     continue
+                expiries[slot] = expiry
                 if ended_flags[slot] and not c.ended:
                     reused[slot] = c
                     continue
@@ -321,7 +326,7 @@ class ConnectionStore:
         return len(keys)
 
     def _state_columns(self) -> list[tuple[str, memoryview]]:
-        return [("id", self._ids), ("timeout", self._timeouts), ("start_ms", self._start_ms),
+        return [("id", self._ids), ("expiry", self._expiries), ("start_ms", self._start_ms),
                 ("packets", self._exported_packets), ("octets", self._exported_octets),
                 ("reply_packets", self._exported_reply_packets),
                 ("reply_octets", self._exported_reply_octets),
@@ -369,13 +374,13 @@ class ConnectionStore:
                       now: float) -> None:
         slots = np.array(slot_list, np.int64)
         field = dict(zip(Connection._fields, zip(*connections)))
-        for column, values in ((self._ids, field["id"]), (self._timeouts, field["timeout"]),
-                               (self._packets, field["packets"]),
+        for column, values in ((self._ids, field["id"]), (self._packets, field["packets"]),
                                (self._octets, field["octets"]),
                                (self._reply_packets, field["reply_packets"]),
                                (self._reply_octets, field["reply_octets"]),
                                (self._counted, field["counted"])):
             np.asarray(column)[slots] = values
+        np.asarray(self._expiries)[slots] = np.array(field["timeout"], "f8") + now
         start_ms = np.array(field["start_ns"], "u8") // 1_000_000
         start_ms[start_ms == 0] = int(now * 1000)
         np.asarray(self._start_ms)[slots] = start_ms
