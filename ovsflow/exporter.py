@@ -15,6 +15,17 @@ not `FlowRecord`s: a record costs its ~130 bytes on the wire rather than ~600 by
 Python objects, and a poll's records are encoded `BATCH` at a time as the store makes them,
 in the poll's worker thread (`RecordEncoder`), so that no poll holds all its records as
 objects at once. Only the messages (headers, sequence numbers) are made at send time.
+
+Over TCP/TLS no record goes twice on one session, and `records_exported` counts exactly the
+records whose messages reached the kernel whole: a batch is taken off the queue as a
+`_Flight` whose messages carry the session's sequence numbers, sent one message at a time
+(the transport says when each is in the kernel). A flight cut short (close() cancels the
+task, a send fails) resumes where it stopped on the same session; when the session ends
+first, what it did not take is encoded again for the next one, and what close() gives up
+on is counted as dropped, never as exported. A collector that stops reading for good
+leaves records in the kernel's send queue: they are counted as exported (a collector that
+reads again, even after the agent has exited, gets them), and the abort logs how many bytes
+it had not acknowledged. IPFIX has no acknowledgements: no TCP sender can know more.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from operator import attrgetter
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -55,12 +66,34 @@ _TEMPLATES_BY_ADDRESS = {(kind, 16 if ipv6 else 4): template
 @dataclass
 class ExporterStats:
     records_submitted: int = 0
-    records_exported: int = 0  # handed to the socket (UDP: sent; TCP: written)
+    records_exported: int = 0  # UDP: sent; TCP/TLS: in the kernel's socket buffer, whole
     records_dropped: int = 0  # queue over its bound while the collector was away, or unsent
     # at shutdown
     records_rejected: int = 0  # a value did not fit its IPFIX field (see Exporter.rejected)
     messages_sent: int = 0
     connections: int = 0
+
+
+@dataclass
+class _Flight:
+    """A batch on its way out on one transport session. Its messages are numbered in that
+    session's sequence: each goes out on it once, or not at all."""
+    batch: EncodedRecords
+    messages: list[bytes]
+    counts: list[int]  # data records in each message
+    rejected: Counter  # element -> its records rejected as longer than a message
+    written: int = 0  # messages handed to the transport
+    delivered: int = 0  # of them, those in the kernel (counted as exported); at most one less
+
+    @property
+    def undelivered(self) -> int:
+        return sum(self.counts[self.delivered:])
+
+
+def _records_per_message(messages: list[bytes], next_sequence: int) -> list[int]:
+    """From the messages' sequence numbers, which count data records (RFC 7011 §3.1)."""
+    sequences = [HEADER.unpack_from(message)[3] for message in messages] + [next_sequence]
+    return [(after - before) & 0xFFFFFFFF for before, after in pairwise(sequences)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,6 +211,10 @@ class Exporter:
         self._encoder = MessageEncoder(observation_domain_id, transport.max_message_size)
         self._templates_sent_at = float("-inf")
         self._task: asyncio.Task | None = None
+        self._flight: _Flight | None = None
+        self._renew = False  # the TLS files changed: start a new session between batches
+        self._flush_deadline: asyncio.Timeout | None = None  # close(): moved on by progress
+        self._flush_timeout = 0.0
 
     @property
     def queued(self) -> int:
@@ -230,7 +267,8 @@ class Exporter:
 
     def _drop_excess(self) -> None:
         queue = self._queue
-        excess = self._queued - self.max_buffered
+        in_flight = self._flight.undelivered if self._flight is not None else 0
+        excess = min(self._queued - self.max_buffered, self._queued - in_flight)
         if excess <= 0:
             return
         left = excess
@@ -256,12 +294,15 @@ class Exporter:
         self.reachable, self.last_error = True, ""
         self._last_progress = time.monotonic()
         self._progress.set()
+        if self._flush_deadline is not None:
+            self._flush_deadline.reschedule(asyncio.get_running_loop().time()
+                                            + self._flush_timeout)
 
     def problem(self, grace: float) -> str | None:
         """Why the exporter has been unable to do its job for more than `grace` seconds, or
         None: records waiting with none taken, or a transport whose sends keep failing."""
         now = time.monotonic()
-        if self._queue:
+        if self._queued:
             stuck = now - max(self._last_progress, self._waiting_since)
             if stuck > grace:
                 return (f"{self._queued} records waiting, none sent for {stuck:.0f}s to "
@@ -290,8 +331,8 @@ class Exporter:
         settings); what is queued goes there."""
         running = self._task is not None
         await self._stop_task()
-        await self._withdraw_templates()
-        await self.transport.close()
+        await self._end_session(withdraw=True)
+        self._renew = False
         self.transport = transport
         self._encoder = MessageEncoder(self.observation_domain_id, transport.max_message_size)
         self._templates_sent_at = float("-inf")
@@ -308,6 +349,19 @@ class Exporter:
             except asyncio.CancelledError:
                 pass
             self._task = None
+
+    def renew_tls(self) -> bool:
+        """Re-read the TLS files (at each poll, and on SIGHUP). When they changed, the
+        session in progress ends cleanly after the batch it is sending and a new one starts
+        with the new files: rotated credentials are in use within a poll interval, and a
+        collector that refuses them shows as unreachable at once. True when they changed."""
+        if not self.transport.renew_tls():
+            return False
+        log.info("the TLS files for the collector %s:%s changed: reconnecting with them",
+                 self.transport.host, self.transport.port)
+        self._renew = True
+        self._pending.set()
+        return True
 
     async def close(self, timeout: float) -> bool:
         """Stop sending in the background, then send what is queued (see `_flush`) and end
@@ -330,6 +384,9 @@ class Exporter:
             except TimeoutError:
                 pass
             self._pending.clear()
+            if self._renew:
+                self._renew = False
+                await self._end_session(withdraw=True)
             await self._connect()
             try:
                 await self._send_queued()
@@ -344,28 +401,66 @@ class Exporter:
 
     async def _lost(self, err: BaseException) -> None:
         self.last_error = str(err) or type(err).__name__
+        await self._end_session()
         self._mark_unreachable()
-        await self.transport.close()
+
+    async def _end_session(self, withdraw: bool = False) -> None:
+        """Close the transport session, after withdrawing the templates for a clean end, and
+        settle the batch it was sending. The withdrawal waits for the message cut short:
+        behind it, it could not tell whether that message reached the kernel."""
+        flight = self._flight
+        if withdraw and self.transport.connected:
+            if flight is not None and flight.written > flight.delivered:
+                try:
+                    async with asyncio.timeout(WITHDRAW_TIMEOUT):
+                        await self.transport.drain()
+                    self._delivered(flight)
+                except (OSError, ConnectionError):  # TimeoutError included
+                    pass
+            if flight is None or flight.written == flight.delivered:
+                await self._withdraw_templates()
+        self._settle_flight(await self.transport.close())
+
+    def _settle_flight(self, flushed: bool) -> None:
+        """The session of the batch in flight is over: a message the kernel had not taken
+        whole when it was cut short counts as exported only if the close `flushed` it; what
+        is left of the batch goes back to the front of the queue, to be numbered in the
+        next session's sequence."""
+        flight, self._flight = self._flight, None
+        if flight is None:
+            return
+        if flight.written > flight.delivered and flushed:
+            self._delivered(flight)
+        if flight.delivered == len(flight.messages):
+            return
+        # Its records rejected as longer than a message are rejected again when it is
+        # encoded again: counted then. (Never over TCP/TLS, whose messages hold any record.)
+        self._queued += flight.rejected.total()
+        self.stats.records_rejected -= flight.rejected.total()
+        self.rejected -= flight.rejected
+        flight.batch.drop_oldest(sum(flight.counts[:flight.delivered]))
+        self._queue.appendleft(flight.batch)
 
     async def _flush(self, timeout: float) -> bool:
         """Send everything queued, reconnecting if needed. `timeout` bounds only the time
         without progress: with the collector taking records, every record goes out however
         long that takes; what is left when it stops taking them is counted as dropped."""
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                while self._queue:
+            async with asyncio.timeout(timeout) as self._flush_deadline:
+                self._flush_timeout = timeout
+                while self._flight is not None or self._queue:
                     await self._connect()
                     try:
                         await self._send_templates_if_due()
-                        await self._send_batch()
+                        await self._send_next()
                     except (OSError, ConnectionError) as err:
                         await self._lost(err)
                         await asyncio.sleep(0.1)
-                        continue
-                    deadline.reschedule(loop.time() + timeout)
         except TimeoutError:
             pass
+        finally:
+            self._flush_deadline = None
+        await self._end_session(withdraw=True)
         left = self._queued
         if left:
             self.stats.records_dropped += left
@@ -374,8 +469,10 @@ class Exporter:
                       self.last_error or "no progress")
             self._queue.clear()
             self._queued = 0
-        await self._withdraw_templates()
-        await self.transport.close()
+        stats = self.stats
+        log.info("export closed: %d records submitted, %d exported, %d dropped, %d rejected",
+                 stats.records_submitted, stats.records_exported, stats.records_dropped,
+                 stats.records_rejected)
         return left == 0
 
     async def _withdraw_templates(self) -> None:
@@ -393,6 +490,7 @@ class Exporter:
     async def _connect(self) -> None:
         if self.transport.connected:
             return
+        self._settle_flight(False)  # its session ended without `_end_session` (cancelled)
         async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(OSError),
                 wait=wait_exponential(multiplier=0.2, max=self.max_backoff) + wait_random(0, 0.2),
@@ -427,35 +525,58 @@ class Exporter:
                 self.transport.reliable or now - self._templates_sent_at < self.template_refresh):
             return
         messages = self._encoder.template_messages(ALL_TEMPLATES, int(time.time()))
-        await self.transport.send(messages)
-        self.stats.messages_sent += len(messages)
+        # sent once written: cut short while they drain, they still go out on this session
         self._templates_sent_at = now
+        self.stats.messages_sent += len(messages)
+        await self.transport.send(messages)
 
     async def _send_queued(self) -> None:
         await self._send_templates_if_due()
-        while self._queue:
-            await self._send_batch()
+        while (self._flight is not None or self._queue) and not self._renew:
+            await self._send_next()
             await self._send_templates_if_due()
+        if self._renew:
+            self._pending.set()
 
-    async def _send_batch(self) -> None:
-        queue = self._queue
-        batch = queue.popleft()
-        count = len(batch)
-        self._queued -= count
-        rejected, rejected_by_field = self.stats.records_rejected, self.rejected.copy()
+    async def _send_next(self) -> None:
+        """Send the batch in flight, from where it stopped, or else the next one."""
+        flight = self._flight
+        if flight is None:
+            flight = self._flight = self._take_off()
+        await asyncio.sleep(0)  # let the transport see a close that already arrived
+        if flight.written > flight.delivered:  # cut short while the kernel took it
+            await self.transport.drain()
+            self._delivered(flight)
+        while flight.written < len(flight.messages):
+            self.transport.write(flight.messages[flight.written])
+            flight.written += 1
+            self.stats.messages_sent += 1
+            await self.transport.drain()
+            self._delivered(flight)
+        self._flight = None
+        if not self._queue:
+            self._waiting_since = time.monotonic()
+
+    def _take_off(self) -> _Flight:
+        batch = self._queue.popleft()
+        before = self.rejected.copy()
         try:
             messages = self._messages(batch)
-            await self.transport.send(messages)
         except BaseException:
-            queue.appendleft(batch)  # kept, in order, for the retry
-            self._queued += count
-            # which counts any rejected among them again
-            self.stats.records_rejected, self.rejected = rejected, rejected_by_field
+            self._queue.appendleft(batch)
+            self.stats.records_rejected -= (self.rejected - before).total()
+            self.rejected = before
             raise
-        self.stats.records_exported += count - (self.stats.records_rejected - rejected)
-        self.stats.messages_sent += len(messages)
-        if not queue:
-            self._waiting_since = time.monotonic()
+        rejected = self.rejected - before
+        self._queued -= rejected.total()
+        return _Flight(batch, messages, _records_per_message(messages, self._encoder.sequence),
+                       rejected)
+
+    def _delivered(self, flight: _Flight) -> None:
+        count = flight.counts[flight.delivered]
+        flight.delivered += 1
+        self._queued -= count
+        self.stats.records_exported += count
         self._note_progress()
 
     def _messages(self, batch: EncodedRecords) -> list[bytes]:

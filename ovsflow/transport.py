@@ -3,17 +3,28 @@
 UDP sends datagrams that fit the path MTU, sized by the address family the collector's name
 resolves to at connect time; TCP and TLS keep one stream, and watch its read side so that a
 collector that went away is noticed at once rather than at the next write.
+
+A stream says exactly which messages reached the kernel: `write` hands over one message,
+`drain` returns once every byte written is in the kernel's socket buffer (the stream's
+write buffer has a high-water mark of zero), so what an abort can throw away is the last
+message written, and `close` says whether it did. TLS is done here over memory BIOs on that same
+plain stream (not by asyncio's TLS layer, whose buffers would hide where a message ends).
+TLS files rotated in place are read again when they change (`TlsFiles`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
 import socket
 import ssl
+import struct
+import termios
 import time
 
-from .config import CollectorAddress, IpfixConfig, client_tls_context
+from .config import CollectorAddress, ConfigError, IpfixConfig, TlsSettings, client_tls_context
 from .ipfix.codec import MAX_MESSAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -21,6 +32,7 @@ log = logging.getLogger(__name__)
 UDP_HEADER, IPV4_HEADER, IPV6_HEADER = 8, 20, 40
 TLS_REFUSAL_WAIT = 0.2  # seconds
 CLOSE_TIMEOUT = 2.0
+READ_SIZE = 65536
 
 
 class UdpTransport:
@@ -65,23 +77,82 @@ class UdpTransport:
         self._transport, _ = await loop.create_datagram_endpoint(
             Protocol, remote_addr=address[:2], family=family)  # asyncio takes (host, port)
 
-    async def send(self, messages: list[bytes]) -> None:
+    def write(self, message: bytes) -> None:
         assert self._transport is not None
-        for message in messages:
-            errors = self.send_errors
-            self._transport.sendto(message)  # an immediate failure calls error_received
-            if self.send_errors == errors:
-                self.datagrams_sent += 1
-                self.failing_since, self.last_error = None, ""
+        errors = self.send_errors
+        self._transport.sendto(message)  # an immediate failure calls error_received
+        if self.send_errors == errors:
+            self.datagrams_sent += 1
+            self.failing_since, self.last_error = None, ""
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """A datagram is in the kernel once written."""
+
+    async def send(self, messages: list[bytes]) -> None:
+        for message in messages:
+            self.write(message)
+
+    def renew_tls(self) -> bool:
+        return False
+
+    async def close(self) -> bool:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        return True
+
+
+class TlsFiles:
+    """The client TLS context, built from the files of `ipfix.tls`, and built again when
+    their content changes: cert-manager and kubelet-mounted Secrets rotate them in place
+    (Kubernetes by swapping a `..data` symlink), under the same paths. Content, not
+    mtime/inode, is compared: it follows any symlink swap, and a rewrite with the same
+    content changes nothing."""
+
+    def __init__(self, settings: TlsSettings):
+        self.settings = settings
+        self._digest = self._read_digest()
+        self.context = client_tls_context(settings)  # ConfigError names the key and file
+        self._refused_digest: bytes | None = None
+
+    def _read_digest(self) -> bytes | None:
+        digest = hashlib.sha256()
+        for path in (self.settings.ca_file, self.settings.cert_file, self.settings.key_file):
+            if path is None:
+                digest.update(b"\0")
+                continue
+            try:
+                with open(path, "rb") as file:
+                    digest.update(file.read())
+            except OSError:
+                return None  # mid-swap, or gone: look again later
+            digest.update(b"\0")
+        return digest.digest()
+
+    def renew(self) -> bool:
+        """Build the context again when the files changed since it was built; True when a
+        new one is in place. Files that do not load (a rotation half done: a new certificate
+        with the old key) keep the current context; they are tried again at the next call
+        and logged once per content."""
+        digest = self._read_digest()
+        if digest is None or digest == self._digest:
+            return False
+        try:
+            context = client_tls_context(self.settings)
+        except ConfigError as err:
+            if digest != self._refused_digest:
+                self._refused_digest = digest
+                log.error("TLS files changed but do not load, keeping the current ones: %s",
+                          "; ".join(err.problems))
+            return False
+        # a half-written file can load and still differ from what ends up there: the digest
+        # read before loading is the one kept, so a change after it is seen next time
+        self.context, self._digest, self._refused_digest = context, digest, None
+        return True
 
 
 class StreamTransport:
-    """TCP, or TLS when given an SSL context."""
+    """TCP, or TLS when given an SSL context (or `TlsFiles`, which may renew it)."""
 
     reliable = True
     max_message_size = MAX_MESSAGE_SIZE
@@ -89,22 +160,42 @@ class StreamTransport:
     failing_since: float | None = None
     last_error = ""
 
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | TlsFiles | None = None,
                  server_name: str | None = None):
-        self.host, self.port, self.tls = host, port, tls
+        self.host, self.port = host, port
+        self.tls_files = tls if isinstance(tls, TlsFiles) else None
+        self.tls = tls.context if isinstance(tls, TlsFiles) else tls
         self.server_name = server_name or (host if tls else None)
         self._writer: asyncio.StreamWriter | None = None
         self._watcher: asyncio.Task | None = None
+        self._session: ssl.SSLObject | None = None  # TLS: what encrypts `write`'s messages
+        self._outgoing: ssl.MemoryBIO | None = None
 
     @property
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    def renew_tls(self) -> bool:
+        """Re-read the TLS files; True when they changed and the next connection will use
+        them (the current session goes on with the old ones)."""
+        if self.tls_files is None or not self.tls_files.renew():
+            return False
+        self.tls = self.tls_files.context
+        return True
+
     async def connect(self) -> None:
-        reader, writer = await asyncio.open_connection(
-            self.host, self.port, ssl=self.tls, server_hostname=self.server_name)
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.transport.set_write_buffer_limits(0)  # see the module's docstring
+        incoming = None
+        try:
+            if self.tls is not None:
+                incoming = await self._handshake(reader, writer)
+        except BaseException:
+            writer.transport.abort()
+            raise
         self._writer = writer
-        self._watcher = asyncio.create_task(self._watch(reader, writer))
+        self._watcher = asyncio.create_task(self._watch(reader, writer, incoming,
+                                                        self._session))
         if self.tls is not None:
             # With TLS 1.3 a collector that refuses our certificate says so only after the
             # handshake has completed on our side: give it a moment before records go out.
@@ -113,47 +204,120 @@ class StreamTransport:
                 raise ConnectionError(f"collector {self.host}:{self.port} closed the TLS "
                                       "connection right away (client certificate refused?)")
 
-    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Collectors send nothing; end of stream or an error means the peer is gone."""
+    async def _handshake(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> ssl.MemoryBIO:
+        assert self.tls is not None
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        session = self.tls.wrap_bio(incoming, outgoing, server_hostname=self.server_name)
+        while True:
+            try:
+                session.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            writer.write(outgoing.read())
+            await writer.drain()
+            if done:
+                break
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise ConnectionError(f"collector {self.host}:{self.port} closed the "
+                                      "connection during the TLS handshake")
+            incoming.write(data)
+        self._session, self._outgoing = session, outgoing
+        return incoming
+
+    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     incoming: ssl.MemoryBIO | None, session: ssl.SSLObject | None) -> None:
+        """Collectors send nothing (over TLS: session tickets, alerts, close_notify); end of
+        stream or an error means the peer is gone."""
+        why = "closed the connection"
         try:
-            while await reader.read(4096):
-                pass
-        except (OSError, ssl.SSLError):
+            while data := await reader.read(READ_SIZE):
+                if session is not None:
+                    incoming.write(data)
+                    try:
+                        while session.read(READ_SIZE):
+                            pass
+                    except ssl.SSLWantReadError:
+                        pass
+        except ssl.SSLZeroReturnError:
             pass
-        log.warning("collector %s:%s closed the connection", self.host, self.port)
+        except (OSError, ssl.SSLError) as err:
+            why = f"closed the connection ({err})"
+        log.warning("collector %s:%s %s", self.host, self.port, why)
         writer.close()
+
+    def write(self, message: bytes) -> None:
+        """Hand one message to the stream, whole: it goes out unless the session ends
+        before `drain` returns (see `close`)."""
+        if not self.connected:
+            raise ConnectionError(f"not connected to {self.host}:{self.port}")
+        if self._session is not None:
+            self._session.write(message)
+            message = self._outgoing.read()
+        self._writer.write(message)
+
+    async def drain(self) -> None:
+        """Wait until every byte written is in the kernel."""
+        if self._writer is None:
+            raise ConnectionError(f"not connected to {self.host}:{self.port}")
+        await self._writer.drain()
 
     async def send(self, messages: list[bytes]) -> None:
         await asyncio.sleep(0)  # let the watcher see a close that already arrived
-        if not self.connected:
-            raise ConnectionError(f"not connected to {self.host}:{self.port}")
-        writer = self._writer
-        assert writer is not None
         for message in messages:
-            # one message at a time: the write buffer holds what the socket has not taken
-            # (drain waits above its high-water mark), not a whole batch's messages besides
-            writer.write(message)
-            await writer.drain()
+            # one message at a time: the write buffer holds what the socket has not taken,
+            # not a whole batch's messages besides
+            self.write(message)
+            await self.drain()
 
-    async def close(self) -> None:
+    async def close(self) -> bool:
+        """End the session. True when every byte written reached the kernel; False when
+        the last message written (the only one `drain` may not have seen out) was thrown
+        away: a peer that reads nothing would keep it, and us, for ever."""
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
-        if self._writer is not None:
-            self._writer.close()
+        writer, session, outgoing = self._writer, self._session, self._outgoing
+        self._writer = self._session = self._outgoing = None
+        if writer is None:
+            return True
+        unsent = writer.transport.get_write_buffer_size()
+        if session is not None and not writer.is_closing():
             try:
-                # a peer that reads nothing would keep the unsent bytes, and us, for ever
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await self._writer.wait_closed()
-            except TimeoutError:
-                self._writer.transport.abort()
-            except (OSError, ssl.SSLError):
+                session.unwrap()  # close_notify; the peer's answer is not awaited
+            except ssl.SSLError:
                 pass
-            self._writer = None
+            writer.write(outgoing.read())
+        writer.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await writer.wait_closed()
+            return True
+        except TimeoutError:
+            log.warning("collector %s:%s reads nothing: session aborted with %d bytes it had "
+                        "not acknowledged (they arrive only if it reads again) and %d not "
+                        "handed to the kernel", self.host, self.port,
+                        _unacknowledged(writer), writer.transport.get_write_buffer_size())
+            writer.transport.abort()
+        except (OSError, ssl.SSLError):
+            pass
+        return unsent == 0
+
+
+def _unacknowledged(writer: asyncio.StreamWriter) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (SIOCOUTQ)."""
+    try:
+        out = fcntl.ioctl(writer.get_extra_info("socket").fileno(), termios.TIOCOUTQ,
+                          b"\0" * 4)
+    except OSError:
+        return 0
+    return struct.unpack("i", out)[0]
 
 
 def transport_for(collector: CollectorAddress, ipfix: IpfixConfig):
     if collector.transport == "udp":
         return UdpTransport(collector.host, collector.port, ipfix.path_mtu)
-    tls = client_tls_context(ipfix.tls) if collector.transport == "tls" else None
+    tls = TlsFiles(ipfix.tls) if collector.transport == "tls" else None
     return StreamTransport(collector.host, collector.port, tls, ipfix.tls.server_name)
