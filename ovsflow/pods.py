@@ -10,6 +10,14 @@ changes as they happen, so nothing is re-read per poll. The IDL runs in a thread
 python-ovs drives its session (reconnect with backoff, resync after an OVSDB restart) with its
 own poll loop, and parsing a large initial dump in pure Python would otherwise stall the
 agent's event loop. The loop's side only reads a dict.
+
+OVSDB stores values of any length (ovsdb-server takes a 70,000-byte external_ids value), and
+whatever the map takes ends up in every record of the Pod's connections. So each value it
+reads has a bound, `MAX_VALUE_BYTES`; a longer one is not what Antrea's CNI writes and is left
+out (the records carry "" for that name; a Port without its addresses names no connection),
+counted in `PodMap.values_cut` and logged, once per Port and key (not at every re-read of the
+row). A prefix would be worse than nothing: cut, a name can be another Pod's and an address
+list another address.
 """
 
 from __future__ import annotations
@@ -26,6 +34,12 @@ import ovs.poller
 log = logging.getLogger(__name__)
 
 POD_PORT = "container"  # external_ids:antrea-type of a Pod's Port
+# Bytes (UTF-8) of the values the map reads. Kubernetes names a Pod with a DNS subdomain (at
+# most 253) in a namespace named with a DNS label (at most 63), and gives it at most one
+# address per family: "IPv4,IPv6" is at most 61 bytes, 255 leaves room. With names at these
+# bounds (and a node name, a DNS subdomain too, of 253), the longest record, IPv6 conntrack,
+# is 1319 bytes: it fits a UDP message on a 1500-byte path MTU (1429 bytes for records).
+MAX_VALUE_BYTES = {"pod-name": 253, "pod-namespace": 63, "ip-address": 255}
 
 # Just the part of the Open_vSwitch schema the replica reads: the Port table's name and
 # external_ids, unchanged since OVS 1.x. Embedded, so that the map can start (and wait for
@@ -50,22 +64,34 @@ class PodRef:
     name: str
 
 
+def _size(value: str) -> int:
+    """Its bytes in UTF-8, without raising for a lone surrogate (JSON can escape one)."""
+    return len(value.encode(errors="replace"))
+
+
 def pod_addresses(port_name: str, external_ids: dict[str, str]
-                  ) -> tuple[PodRef | None, list[bytes]]:
-    """A Port's Pod and its packed addresses, or (None, []) for a Port that is not a Pod's.
+                  ) -> tuple[PodRef | None, list[bytes], frozenset[str]]:
+    """A Port's Pod, its packed addresses and the keys of the values left out for being over
+    their bound (`MAX_VALUE_BYTES`); (None, [], frozenset()) for a Port that is not a Pod's.
     An address that does not parse is logged with the Port's name and left out."""
     if external_ids.get("antrea-type") != POD_PORT:
-        return None, []
-    pod = PodRef(external_ids.get("pod-namespace", ""), external_ids.get("pod-name", ""))
+        return None, [], frozenset()
+    values, cut = {}, []
+    for key, bound in MAX_VALUE_BYTES.items():
+        value = external_ids.get(key, "")
+        if _size(value) > bound:
+            cut.append(key)
+            value = ""
+        values[key] = value
+    pod = PodRef(values["pod-namespace"], values["pod-name"])
     addresses = []
-    for text in filter(None, (part.strip() for part in
-                              external_ids.get("ip-address", "").split(","))):
+    for text in filter(None, (part.strip() for part in values["ip-address"].split(","))):
         try:
             addresses.append(ipaddress.ip_address(text).packed)
         except ValueError:
-            log.warning("OVSDB Port %s: external_ids:ip-address has %r, not an IP address; "
+            log.warning("OVSDB Port %.64s: external_ids:ip-address has %r, not an IP address; "
                         "ignored", port_name, text)
-    return pod, addresses
+    return pod, addresses, frozenset(cut)
 
 
 class _PortReplica(ovs.db.idl.Idl):
@@ -103,6 +129,8 @@ class PodMap:
         self.synced = threading.Event()  # set once the first complete dump is in
         self.resyncs = 0  # complete dumps loaded: 1 + reconnects
         self.changes = 0  # counted after each change of the map: users may cache lookups
+        self.values_cut = 0  # values left out for being over their bound (MAX_VALUE_BYTES)
+        self._cut: dict[object, frozenset[str]] = {}  # Port uuid -> its keys left out now
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._wake_read = self._wake_write = -1
@@ -159,8 +187,10 @@ class PodMap:
         pods: dict[bytes, PodRef] = {}
         owners: dict[bytes, object] = {}
         row_addresses: dict[object, list[bytes]] = {}
-        for row in replica.tables["Port"].rows.values():
-            pod, addresses = pod_addresses(row.name, row.external_ids)
+        rows = replica.tables["Port"].rows
+        self._cut = {uuid: keys for uuid, keys in self._cut.items() if uuid in rows}
+        for row in rows.values():
+            pod, addresses = self._read(row.uuid, row.name, row.external_ids)
             if pod is None:
                 continue
             row_addresses[row.uuid] = addresses
@@ -175,7 +205,7 @@ class PodMap:
     def _learn(self, uuid, port_name: str, external_ids: dict[str, str]) -> None:
         """A Port created or changed: its addresses point to its Pod first, then the ones it
         no longer has are released, so that a lookup never misses in between."""
-        pod, addresses = pod_addresses(port_name, external_ids)
+        pod, addresses = self._read(uuid, port_name, external_ids)
         for address in addresses:
             self._pods[address], self._owners[address] = pod, uuid
         previous = self._row_addresses.pop(uuid, [])
@@ -186,7 +216,27 @@ class PodMap:
 
     def _forget(self, uuid) -> None:
         self._release(uuid, self._row_addresses.pop(uuid, []))
+        self._cut.pop(uuid, None)
         self.changes += 1
+
+    def _read(self, uuid, port_name: str, external_ids: dict[str, str]
+              ) -> tuple[PodRef | None, list[bytes]]:
+        """`pod_addresses`, with the values it left out counted and logged once per Port and
+        key: a Port is read again at each of its changes and after each reconnect."""
+        pod, addresses, cut = pod_addresses(port_name, external_ids)
+        new = cut - self._cut.get(uuid, frozenset())
+        if cut:
+            self._cut[uuid] = cut
+        else:
+            self._cut.pop(uuid, None)
+        if new:
+            self.values_cut += len(new)
+            log.warning("OVSDB Port %.64s: %s: not what Antrea writes; left out (%d so far)",
+                        port_name, "; ".join(
+                            f"external_ids:{key} has {_size(external_ids[key])} bytes, "
+                            f"over {MAX_VALUE_BYTES[key]}" for key in sorted(new)),
+                        self.values_cut)
+        return pod, addresses
 
     def _release(self, uuid, addresses) -> None:
         for address in addresses:

@@ -2,6 +2,7 @@
 (an independent decoder), kernel-side filters, and fuzzed dumps."""
 
 import errno
+import json
 import socket
 import struct
 import sys
@@ -247,6 +248,53 @@ print(checked, differ, sum(len(v) for v in ct._LAYOUTS.values()))
     checked, differ, layouts = map(int, report)
     assert (checked, differ) == (10_000, 0)
     assert 1 <= layouts <= 20  # a handful of shapes cover the table
+
+
+def test_rule_ids_of_labelled_entries_on_the_fast_path():
+    """Antrea's rule ids ride in ct_label (ingress rule in bits 0-31, egress in 32-63). Six
+    UDP entries, each with rule ids of its own (iptables' connlabel sets one bit per rule),
+    share a message length and a layout: the first is walked, the other five take the
+    learned fast path, which must read each one's labels, not the walk's default."""
+    ns = Netns("ctlabels")
+    expected = {9000 + index: (index + 1, 0x10 + index) for index in range(6)}
+    try:
+        ns.run("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1",
+               "net.netfilter.nf_conntrack_timestamp=1")
+        ns.run("iptables", "-t", "raw", "-A", "OUTPUT", "-j", "CT", "--zone", "65520")
+        for port, (ingress, egress) in expected.items():
+            for bit in [b for b in range(64) if (egress << 32 | ingress) >> b & 1]:
+                ns.run("iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport",
+                       str(port), "-m", "connlabel", "--label", str(bit), "--set")
+        report = json.loads(in_netns(ns, f"""
+import json, socket
+from ovsflow.enrich import rule_ids
+from ovsflow.source import ctnetlink as ct
+sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port in {sorted(expected)}:
+    sender.sendto(b"x", ("127.0.0.1", port))
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ct.NETLINK_NETFILTER)
+s.bind((0, 0))
+s.send(ct.dump_request(1, socket.AF_INET, protocol=17))
+buffers, found = [], []
+while True:
+    buffers.append(s.recv(1 << 16))
+    if ct.parse_dump(buffers[-1], found):
+        break
+lengths, data = [], b"".join(buffers)
+pos = 0
+while pos < len(data):
+    length, kind = ct.NLMSGHDR.unpack_from(data, pos)[:2]
+    if kind != ct.NLMSG_DONE:
+        lengths.append(length)
+    pos += (length + 3) & ~3
+print(json.dumps({{"rules": {{c.destination_port: rule_ids(c.labels) for c in found}},
+                  "lengths": lengths, "learned": sorted(ct._LAYOUTS)}}))
+"""))
+    finally:
+        ns.delete()
+    [length] = set(report["lengths"])  # one shape for all six (labels included) ...
+    assert len(report["lengths"]) == 6 and report["learned"] == [length]  # ... one layout
+    assert {int(port): tuple(ids) for port, ids in report["rules"].items()} == expected
 
 
 # --- crafted messages: what this machine's kernel does not send (x86_64 aligns 64-bit

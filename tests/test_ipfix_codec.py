@@ -6,6 +6,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ovsflow.ipfix import codec
 from ovsflow.ipfix.codec import (
     HEADER, NTP_EPOCH_OFFSET, DecodeError, MessageDecoder, MessageEncoder, MessageStream, Template, TemplateField,
 )
@@ -151,8 +152,36 @@ def test_variable_length_forms():
     assert template.encode_record(["x" * 254])[:1] == b"\xfe"
     assert template.encode_record(["x" * 255])[:3] == b"\xff\x00\xff"
     assert template.encode_record(["é" * 300])[:3] == b"\xff\x02\x58"
-    with pytest.raises(ValueError, match="exceeds 65535"):
-        template.encode_record(["x" * 70000])
+    octets = Template(301, [TemplateField(element("octetDeltaCount"), 8),
+                            TemplateField(InformationElement("blob", 999, "octetArray"),
+                                          VARIABLE_LENGTH)])
+    with pytest.raises(ValueError, match="exceeds 65535"):  # bytes are not cut
+        octets.encode_record([1, b"x" * 70000])
+
+
+def test_a_string_over_65535_bytes_is_cut_at_a_character_boundary_and_counted():
+    """A string never makes the encoder raise: an OVSDB value of 70,000 bytes once stopped a
+    node's export. It is cut to what the field holds, never inside a character."""
+    template = Template(300, [TemplateField(element("sourcePodName"), VARIABLE_LENGTH),
+                              TemplateField(element("flowType"), 1)])
+    before = codec.strings_cut
+    ascii_record = template.encode_record(["a" * 69_999 + "!", 2])
+    assert ascii_record[:3] == b"\xff\xff\xff" and len(ascii_record) == 3 + 65535 + 1
+    # 2-byte characters: 65535 would split the 32768th, so 65534 bytes are kept
+    wide = template.encode_record(["é" * 40_000, 3])
+    assert wide[:3] == b"\xff\xff\xfe" and len(wide) == 3 + 65534 + 1
+    # 4 ASCII bytes, then 4-byte characters: the 65531 bytes left hold 16382 and 3 bytes
+    emoji = template.encode_record(["abcd" + "\N{GRINNING FACE}" * 20_000, 4])
+    assert int.from_bytes(emoji[1:3], "big") == 4 + 4 * 16382
+    assert codec.strings_cut == before + 3
+    decoded = [values for values in template.decode_records(ascii_record + wide + emoji)]
+    assert [d["sourcePodName"] for d in decoded] == [
+        "a" * 65535, "é" * 32767, "abcd" + "\N{GRINNING FACE}" * 16382]
+    assert [d["flowType"] for d in decoded] == [2, 3, 4]
+    # at the limit, nothing is cut; a lone surrogate (JSON can escape one) becomes "?"
+    assert len(template.encode_record(["b" * 65535, 1])) == 3 + 65535 + 1
+    assert template.encode_record(["x\ud800y", 1]) == b"\x03x?y\x01"
+    assert codec.strings_cut == before + 3
 
 
 def test_enterprise_bit_and_reverse_elements_in_the_definition():

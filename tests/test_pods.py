@@ -11,7 +11,9 @@ import time
 import pytest
 
 from lab.ovs_lab import OvsLab, pod_external_ids
-from ovsflow.pods import PodMap, PodRef, pod_addresses
+from ovsflow.ipfix.templates import RECORD_TEMPLATES
+from ovsflow.pods import MAX_VALUE_BYTES, PodMap, PodRef, pod_addresses
+from ovsflow.record import CONNTRACK, FlowRecord
 
 
 def packed(text: str) -> bytes:
@@ -30,12 +32,13 @@ def test_pod_addresses_reads_antreas_external_ids(caplog):
     ids = pod_external_ids("web-1", "shop", ["10.10.1.5", "fd00:10::5"], "02:00:00:00:00:01",
                            "/var/run/netns/x")
     assert pod_addresses("web-1-abc", ids) == (
-        PodRef("shop", "web-1"), [packed("10.10.1.5"), packed("fd00:10::5")])
+        PodRef("shop", "web-1"), [packed("10.10.1.5"), packed("fd00:10::5")], frozenset())
     # the gateway, tunnel and uplink ports carry other antrea-types; plain ports none
-    assert pod_addresses("antrea-gw0", {**ids, "antrea-type": "gateway"}) == (None, [])
-    assert pod_addresses("eth1", {}) == (None, [])
+    assert pod_addresses("antrea-gw0", {**ids, "antrea-type": "gateway"}) == (
+        None, [], frozenset())
+    assert pod_addresses("eth1", {}) == (None, [], frozenset())
     with caplog.at_level(logging.WARNING, logger="ovsflow.pods"):
-        pod, addresses = pod_addresses("web-2-def", {**ids, "ip-address": "10.10.1.6,bogus"})
+        pod, addresses, _ = pod_addresses("web-2-def", {**ids, "ip-address": "10.10.1.6,bogus"})
     assert addresses == [packed("10.10.1.6")]
     assert "web-2-def" in caplog.text and "'bogus'" in caplog.text
 
@@ -156,3 +159,125 @@ def test_a_large_table_loads_whole(tmp_path):
     finally:
         pods.stop()
         lab.stop()
+
+
+# --- values over their bound (pods.MAX_VALUE_BYTES): OVSDB takes any length
+
+def test_values_over_their_bound_are_left_out_alone():
+    ids = pod_external_ids("web-1", "shop", ["10.10.1.5"], "02:00:00:00:00:01", "/x")
+    addresses = ",".join(["10.10.1.5"] * 24 + ["fd00:10:200::55"])
+    assert len(addresses) == 255
+    at_bound = {**ids, "pod-name": "p" * 253, "pod-namespace": "n" * 63,
+                "ip-address": addresses}
+    assert pod_addresses("p1", at_bound) == (
+        PodRef("n" * 63, "p" * 253), [packed("10.10.1.5")] * 24 + [packed("fd00:10:200::55")],
+        frozenset())
+    # one byte over: the value goes, the rest of the Pod stays
+    assert pod_addresses("p1", {**ids, "pod-name": "p" * 254}) == (
+        PodRef("shop", ""), [packed("10.10.1.5")], frozenset({"pod-name"}))
+    # bytes, not characters: 32 two-byte characters are 64 bytes
+    assert pod_addresses("p1", {**ids, "pod-namespace": "é" * 32}) == (
+        PodRef("", "web-1"), [packed("10.10.1.5")], frozenset({"pod-namespace"}))
+    # an address list is left out whole: a prefix could parse as another address
+    assert pod_addresses("p1", {**ids, "ip-address": addresses + "5"}) == (
+        PodRef("shop", "web-1"), [], frozenset({"ip-address"}))
+    huge = "x" * 70_000
+    assert pod_addresses("p1", {**ids, "pod-name": huge, "pod-namespace": huge,
+                                "ip-address": huge, "container-id": huge}) == (
+        PodRef("", ""), [], frozenset({"pod-name", "pod-namespace", "ip-address"}))
+    # values the map does not read, and Ports that are not a Pod's, are not its concern
+    assert pod_addresses("p1", {**ids, "container-id": huge, "net-ns": huge})[2] == frozenset()
+    assert pod_addresses(huge, {"antrea-type": "gateway", "pod-name": huge}) == (
+        None, [], frozenset())
+
+
+def test_a_cut_is_counted_and_logged_once_per_port_and_key(caplog):
+    """Without OVSDB (the map's own entry points, as the replica calls them): a Port is read
+    again at every change of its row and after every reconnect; that is not a new cut."""
+    pods = PodMap("unix:/nonexistent")  # never started
+    ids = pod_external_ids("web", "shop", ["10.10.2.1"], "02:00:00:00:00:01", "/x")
+    bad = {**ids, "pod-name": "w" * 70_000}
+    with caplog.at_level(logging.WARNING, logger="ovsflow.pods"):
+        for mac in ("02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"):
+            pods._learn("uuid-1", "web-port", {**bad, "attached-mac": mac})
+        assert pods.lookup(packed("10.10.2.1")) == PodRef("shop", "")
+        assert pods.values_cut == 1
+        pods._learn("uuid-1", "web-port", {**bad, "pod-namespace": "s" * 64})  # a second key
+        assert pods.values_cut == 2
+        pods._learn("uuid-2", "db-port", {**ids, "ip-address": "10.10.2.2",
+                                          "pod-name": "d" * 300})  # another Port
+        assert pods.values_cut == 3
+        pods._learn("uuid-1", "web-port", ids)  # mended ...
+        pods._learn("uuid-1", "web-port", bad)  # ... and broken again: a new cut
+        assert pods.values_cut == 4
+        pods._forget("uuid-2")
+        assert pods._cut.keys() == {"uuid-1"}  # nothing kept for a Port that is gone
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 4, warnings
+    assert warnings[0] == ("OVSDB Port web-port: external_ids:pod-name has 70000 bytes, over "
+                           "253: not what Antrea writes; left out (1 so far)")
+    assert "external_ids:pod-namespace has 64 bytes, over 63" in warnings[1]
+    assert "pod-name " not in warnings[1]
+    assert warnings[2].startswith("OVSDB Port db-port: external_ids:pod-name has 300 bytes")
+
+
+def test_a_70000_byte_value_in_ovsdb_costs_that_field_alone(lab, caplog):
+    """The real thing: ovsdb-server stores a 70,000-byte value; the map loads it (first dump
+    and as a change), keeps the Pods, and counts the cut once per Port and key across an
+    OVSDB restart (a reconnect reads every row again)."""
+    huge = "x" * 70_000
+    before = lab.add_pod("10.75.0.1/24", name="before", namespace="ns")
+    lab.vsctl("set", "Port", before.port, f'external_ids:pod-name="{huge}"')
+    assert lab.vsctl("get", "Port", before.port, "external_ids:pod-name").strip() == huge
+    pods = PodMap(f"unix:{lab.run_dir}/db.sock")
+    with caplog.at_level(logging.WARNING, logger="ovsflow.pods"):
+        pods.start()
+        try:
+            assert pods.synced.wait(10)
+            assert pods.lookup(packed("10.75.0.1")) == PodRef("ns", "")
+            after = lab.add_pod("10.75.0.2/24", name="after", namespace="ns")
+            lab.vsctl("set", "Port", after.port, f'external_ids:ip-address="{huge}"',
+                      f'external_ids:container-id="{huge}"')
+            # counted as the row is read, its addresses released just after
+            wait_for(lambda: pods.values_cut == 2
+                     and pods.lookup(packed("10.75.0.2")) is None, timeout=5)
+            ok = lab.add_pod("10.75.0.3/24", name="ok", namespace="ns")
+            wait_for(lambda: pods.lookup(packed("10.75.0.3")) == PodRef("ns", "ok"))
+
+            lab.stop_daemon("ovsdb-server")
+            lab.start_ovsdb()
+            wait_for(lambda: pods.resyncs == 2, timeout=20)
+            assert pods.lookup(packed("10.75.0.1")) == PodRef("ns", "")
+            assert pods.values_cut == 2
+            lab.remove_pod(after)
+            lab.remove_pod(ok)  # the later change: once it is in, so is the one before
+            wait_for(lambda: pods.lookup(packed("10.75.0.3")) is None)
+            assert set(pods._cut.values()) == {frozenset({"pod-name"})}
+        finally:
+            pods.stop()
+    cut_lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(cut_lines) == 2, cut_lines
+    assert cut_lines[0].startswith(f"OVSDB Port {before.port}: external_ids:pod-name has "
+                                   "70000 bytes, over 253")
+    assert cut_lines[1].startswith(f"OVSDB Port {after.port}: external_ids:ip-address has "
+                                   "70000 bytes, over 255")
+
+
+def test_at_the_bounds_every_record_fits_a_udp_message_on_a_1500_byte_path():
+    """What the bounds buy: Pod names and namespaces at their bounds at both ends, a node
+    name of 253 bytes (a DNS subdomain as well), rule ids of ten digits, the longest TCP
+    state: every template's record stays within a 1500-byte path MTU's UDP message (IPv6:
+    40 + 8 bytes of headers, 16 of IPFIX message header, 4 of set header, 3 of padding)."""
+    name, namespace = "p" * MAX_VALUE_BYTES["pod-name"], "n" * MAX_VALUE_BYTES["pod-namespace"]
+    lengths = {}
+    for (kind, ipv6), record_template in RECORD_TEMPLATES.items():
+        address = bytes(16 if ipv6 else 4)
+        record = FlowRecord(
+            kind, address, address, 6, tcp_state="ESTABLISHED", source_pod_name=name,
+            destination_pod_name=name, source_pod_namespace=namespace,
+            destination_pod_namespace=namespace, source_node_name="x" * 253,
+            destination_node_name="x" * 253, ingress_rule_name=str(2**32 - 1),
+            egress_rule_name=str(2**32 - 1))
+        lengths[kind, ipv6] = len(record_template.encode(record))
+    assert max(lengths.values()) == lengths[CONNTRACK, True] == 1319  # as pods.py says
+    assert max(lengths.values()) <= 1500 - 40 - 8 - 16 - 4 - 3

@@ -323,3 +323,19 @@ def test_ipv4_and_ipv6_connections_due_together_keep_their_own_tuples():
     assert [(r.protocol, r.source_address, r.destination_address, r.source_port,
              r.destination_port, r.icmp_type, r.flow_id) for r in records] == [
         (1, A, B, 0, 0, 8, 8), (6, A, B, 4242, 80, 0, 1), (17, a6, b6, 5353, 53, 0, 7)]
+
+
+def test_a_conntrack_id_over_32_bits_is_malformed_not_stored_wrapped():
+    """The id column is 32 bits. NumPy 2 refuses an out-of-range Python int (OverflowError):
+    the entry is counted (ovsflow_connections_malformed_total) and left out. NumPy 1.26 only
+    warned and stored it wrapped: 2**32 as 0, 2**33 + 5 as 5, another connection's id. So
+    pyproject.toml asks for numpy>=2.0."""
+    s = store(active=1)
+    good = conn(sport=1, conn_id=5, packets=1)
+    wrapped_to_0, wrapped_to_5 = (conn(sport=2, conn_id=2**32, packets=1),
+                                  conn(sport=3, conn_id=2**33 + 5, packets=1))
+    assert s.update([good, wrapped_to_0, wrapped_to_5], 0.0) == []
+    assert (len(s), s.malformed) == (1, 2)
+    polled = [c._replace(packets=2) for c in (good, wrapped_to_0, wrapped_to_5)]
+    assert [(r.source_port, r.flow_id) for r in s.update(polled, 1.0)] == [(1, 5)]
+    assert [(r.source_port, r.flow_id) for r in s.flush(2.0)] == [(1, 5)]

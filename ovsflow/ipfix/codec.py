@@ -28,6 +28,7 @@ HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, doma
 SET_HEADER = struct.Struct("!HH")  # set id, length
 TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID, MIN_DATA_SET_ID = 2, 3, 256
 MAX_MESSAGE_SIZE = 65535
+MAX_VARIABLE_LENGTH = 0xFFFF  # RFC 7011 §7: a variable-length value's length has two bytes
 # Distinct variable spans (tuples of Pod, rule and TCP state values) kept encoded per template;
 # a few hundred bytes each. Past this the cache starts again empty.
 MAX_CACHED_SPANS = 8192
@@ -83,15 +84,32 @@ def _encode_variable(data: bytes) -> bytes:
     """RFC 7011 §7: one length byte, or 255 and a two-byte length."""
     if len(data) < 255:
         return bytes((len(data),)) + data
-    if len(data) > 0xFFFF:
-        raise ValueError(f"a variable-length value of {len(data)} bytes exceeds 65535")
+    if len(data) > MAX_VARIABLE_LENGTH:
+        raise ValueError(f"a variable-length value of {len(data)} bytes exceeds "
+                         f"{MAX_VARIABLE_LENGTH}")
     return b"\xff" + len(data).to_bytes(2, "big") + data
+
+
+# Strings cut to fit their field, counted as they are encoded: each distinct string once
+# while `_encode_string` keeps it cached (and the connection store keeps the records' strings
+# encoded), not once per record.
+strings_cut = 0
 
 
 @functools.lru_cache(maxsize=4096)
 def _encode_string(value: str) -> bytes:
-    """Cached: exported strings (TCP states, rule and pod names) come from a small set."""
-    return _encode_variable(value.encode())
+    """Cached: exported strings (TCP states, rule and pod names) come from a small set.
+
+    Never raises: a string over the field's 65535 bytes is cut at a character boundary (and
+    counted in `strings_cut`), a lone surrogate becomes "?". One bad value from outside (an
+    OVSDB external_id, say) must not stop the records of a whole poll; a record that no
+    longer fits a message is then the exporter's to reject, alone."""
+    global strings_cut
+    data = value.encode(errors="replace")
+    if len(data) > MAX_VARIABLE_LENGTH:
+        strings_cut += 1
+        data = data[:MAX_VARIABLE_LENGTH].decode(errors="ignore").encode()
+    return _encode_variable(data)
 
 
 def _field_encoder(f: TemplateField) -> Callable[[object], bytes]:
