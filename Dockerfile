@@ -1,4 +1,6 @@
 # ovsflow with what its lab needs (Open vSwitch, iproute2, iptables, conntrack tools).
+# Build it from a clone, with the tag deploy/kubernetes/ovsflow.yaml names:
+#   docker build -t ovsflow:0.1.0 .
 FROM debian:bookworm-slim
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         openvswitch-switch iproute2 iptables conntrack ethtool iputils-ping python3 python3-venv \

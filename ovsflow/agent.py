@@ -30,7 +30,8 @@ from .config import Config, ConfigError, IpfixConfig, load_config
 from .deny.source import DenySource
 from .deny.store import DenyStore
 from .enrich import Enricher, PodNetworks
-from .exporter import Exporter, encode_in_batches
+from .exporter import encode_in_batches
+from .exporters import Exporters
 from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
 from .pods import PodMap
@@ -40,7 +41,6 @@ from .source import open_source
 from .state import ExportState, Origin, Section, conntrack_source_name
 from .store import ConnectionStore
 from .supervisor import Supervisor
-from .transport import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ class Agent:
                                      config.conntrack.max_connections, self.enricher)
         self.stopping = asyncio.Event()
         self.supervisor = Supervisor(self.stopping)
-        self.exporter = Exporter(transport_for(fe.collector, config.ipfix),
-                                 config.ipfix.observation_domain_id,
-                                 max_buffered=config.ipfix.max_buffered_records,
-                                 template_refresh=config.ipfix.template_refresh,
-                                 supervisor=self.supervisor)
+        self.exporters = Exporters(config, self.supervisor)
         self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections,
                                     self.enricher)
         self.deny = DenySource(ovs.run_dir, ovs.bridge, ovs.deny_table, ovs.deny_meter_id,
@@ -109,6 +105,7 @@ class Agent:
         self.last_poll_seconds = 0.0
         self.started_at = time.monotonic()
         self.last_poll_at = 0.0  # time.monotonic() of the last completed poll
+        self.last_poll_ended_at = 0.0  # ... of the last poll that ended, failed or not
         self.poll_failing_since: float | None = None
         self.poll_error = ""
         self.records_by_protocol: dict[tuple[str, int], int] = {}  # (layer, protocol)
@@ -131,6 +128,7 @@ class Agent:
         reloads: set[asyncio.Task] = set()
 
         def reload_on_signal() -> None:
+            self.exporters.renew_tls()
             task = asyncio.create_task(self.reload())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
@@ -145,15 +143,16 @@ class Agent:
             sent rather than queued whole; while the collector is away the queue fills to
             its bound (`wait_for_room` then drops the oldest)."""
             loop.call_soon_threadsafe(self._submit_conntrack, batch)
-            if self.exporter.queued + len(batch) > IN_FLIGHT:
-                asyncio.run_coroutine_threadsafe(self.exporter.wait_for_room(IN_FLIGHT),
+            if self.exporters.queued + len(batch) > IN_FLIGHT:
+                asyncio.run_coroutine_threadsafe(self.exporters.wait_for_room(IN_FLIGHT),
                                                  loop).result()
 
         self.store.hand_over = hand_over
         fe = self.config.flow_exporter
         log.info("exporting protocols %s from zones %s to %s (observation domain %d)",
                  fe.protocols.describe(), sorted(self.config.conntrack.zones) or "all",
-                 fe.collector, self.config.ipfix.observation_domain_id)
+                 ", ".join(self.exporters.by_collector),
+                 self.config.ipfix.observation_domain_id)
         if self.config.metrics.host:  # bound here: a taken address stops the start
             self._metrics_server = await serve(self, self.config.metrics.host,
                                                self.config.metrics.port)
@@ -162,7 +161,7 @@ class Agent:
         if self.export_state is not None:
             await asyncio.to_thread(self.export_state.load)
             self._restore_deny()
-        self.exporter.start()
+        self.exporters.start()
         poll_task = self.supervisor.spawn("poll", self._poll_loop)
         background = []
         if self.deny is not None:
@@ -195,10 +194,10 @@ class Agent:
                 log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
                          "unwanted protocols, %d malformed", self.deny.packet_ins,
                          self.deny.ignored, self.deny.unwanted, self.deny.malformed)
-            self.exporter.submit_encoded(final)
+            self.exporters.submit_encoded(final)
             log.info("stopping: %d final records; flushing the export queue",
                      sum(batch.protocols.total() for batch in final))
-            await self.exporter.close(SHUTDOWN_FLUSH_SECONDS)
+            await self.exporters.close(SHUTDOWN_FLUSH_SECONDS)
             if self.pods is not None:
                 await asyncio.to_thread(self.pods.stop)
             if self._metrics_server is not None:
@@ -217,6 +216,7 @@ class Agent:
             started = time.monotonic()
             if self._config_file_changed():
                 await self.reload()
+            self.exporters.renew_tls()  # TLS files rotated in place (cert-manager, Secrets)
             await self.poll_once()
             wait = self.config.flow_exporter.poll_interval - (time.monotonic() - started)
             try:
@@ -252,7 +252,7 @@ class Agent:
 
     def _submit_conntrack(self, batch: EncodedRecords) -> None:
         self._poll_records += self._count_by_protocol("conntrack", [batch])
-        self.exporter.enqueue(batch)
+        self.exporters.enqueue(batch)
 
     async def reload(self) -> bool:
         """SIGHUP, or the file changed: read it again, build everything it needs, and only
@@ -265,7 +265,7 @@ class Agent:
             return False
         if self.stopping.is_set():
             log.warning("reload: refused, the agent is stopping; the final records go to %s",
-                        self.config.flow_exporter.collector)
+                        ", ".join(self.exporters.by_collector))
             return False
         async with self._config_lock:
             # this content is read now: a SIGHUP for a changed file is not followed by a
@@ -290,10 +290,7 @@ class Agent:
             # is where `enable` is honoured, so it needs a restart.
             raise ValueError(f"flowExporter.enable: {str(new_fe.enable).lower()} is applied "
                              "at the next restart only")
-        transport = None
-        if (new_fe.collector, new.ipfix.tls, new.ipfix.path_mtu) != (
-                fe.collector, old.ipfix.tls, old.ipfix.path_mtu):
-            transport = transport_for(new_fe.collector, new.ipfix)  # reads the TLS files
+        transports = self.exporters.prepare(new)  # reads the TLS files
         if (new_fe.protocols, new.conntrack.zones) != (fe.protocols, old.conntrack.zones):
             await self._refilter(new_fe.protocols, new.conntrack.zones)
         # Built and applied: from here on nothing fails.
@@ -304,17 +301,14 @@ class Agent:
         for store in (self.store, self.deny_store):
             store.active_timeout, store.idle_timeout = new_fe.active_timeout, new_fe.idle_timeout
         self.enricher.pod_networks = _pod_networks(new.ipfix)
-        self.exporter.max_buffered = new.ipfix.max_buffered_records
-        self.exporter.template_refresh = new.ipfix.template_refresh
-        if transport is not None:
-            log.info("reload: collector %s -> %s", fe.collector, new_fe.collector)
-            await self.exporter.retarget(transport)
+        await self.exporters.apply(new, transports, SHUTDOWN_FLUSH_SECONDS)
         restart_only = [key for key, before, after in [
             ("ovs", old.ovs, new.ovs), ("metrics", old.metrics, new.metrics),
             ("conntrack.source", old.conntrack.source, new.conntrack.source),
             ("conntrack.maxConnections", old.conntrack.max_connections,
              new.conntrack.max_connections),
-            ("ipfix.nodeName/observationDomainId", old.ipfix.observation_domain_id,
+            ("ipfix.nodeName", old.ipfix.node_name, new.ipfix.node_name),
+            ("ipfix.observationDomainId", old.ipfix.observation_domain_id,
              new.ipfix.observation_domain_id)] if before != after]
         if restart_only:
             log.warning("reload: changes to %s take effect at the next restart",
@@ -345,13 +339,19 @@ class Agent:
                  sorted(zones) or "all")
 
     async def poll_once(self, saving: bool = True) -> None:
+        try:
+            await self._poll(saving)
+        finally:
+            self.last_poll_ended_at = time.monotonic()  # /livez: the poll loop turns
+
+    async def _poll(self, saving: bool) -> None:
         started = time.perf_counter()
         now = time.time()
         self._poll_records = 0
         # The deny path's records are due whatever the conntrack poll does.
         deny_batches = encode_in_batches(self.deny_store.expired(now))
         deny_records = self._count_by_protocol("deny", deny_batches)
-        self.exporter.submit_encoded(deny_batches)  # drops, if it must, for the whole poll
+        self.exporters.submit_encoded(deny_batches)  # drops, if it must, for the whole poll
         try:
             async with self._config_lock:
                 if self.source is None:
@@ -381,7 +381,7 @@ class Agent:
         log.debug("poll: %d connections tracked, %d conntrack and %d deny records, cycle "
                   "(dump, decode, filter, store update) %.3fs", len(self.store),
                   self._poll_records, deny_records, self.last_poll_seconds)
-        await self.exporter.wait_for_room()  # backpressure: the next poll waits for it
+        await self.exporters.wait_for_room()  # backpressure: the next poll waits for it
 
     def _restore_deny(self) -> None:
         assert self.export_state is not None
@@ -437,12 +437,11 @@ class Agent:
         elif now - (self.last_poll_at or self.started_at) > grace:
             problems["poll"] = (f"no conntrack poll completed for "
                                 f"{now - (self.last_poll_at or self.started_at):.0f}s")
-            if self.exporter.queued > self.exporter.max_buffered:
-                problems["poll"] += (f" (held back: {self.exporter.queued} records wait for "
-                                     "the exporter)")
-        exporter = self.exporter.problem(grace)
-        if exporter is not None:
-            problems["exporter"] = exporter
+            if self.exporters.queued > IN_FLIGHT:
+                problems["poll"] += (f" (held back: {self.exporters.queued} records wait for "
+                                     "a collector)")
+        for collector, problem in self.exporters.problems(grace).items():
+            problems[f"exporter {collector}"] = problem
         deny = self.deny.problem() if self.deny is not None else None
         if deny is not None and now - deny[0] > grace:
             problems["deny"] = f"flows not in place for {now - deny[0]:.0f}s: {deny[1]}"

@@ -190,11 +190,11 @@ class Config:
             "metrics": {"bindAddress": _bind_text(self.metrics)},
             "state": {"directory": self.state.directory},
         }
+        effective["ipfix"]["collectors"] = [
+            {"address": str(c.address), "tls": _tls_dict(c.tls),
+             "maxBufferedRecords": c.max_buffered_records} for c in ipfix.collectors]
         if ipfix.collectors:  # in place of flowCollectorAddr
             del effective["flowExporter"]["flowCollectorAddr"]
-            effective["ipfix"]["collectors"] = [
-                {"address": str(c.address), "tls": _tls_dict(c.tls),
-                 "maxBufferedRecords": c.max_buffered_records} for c in ipfix.collectors]
         return effective
 
 
@@ -476,7 +476,7 @@ def parse_config(data: object) -> Config:
     sections = [top, fe, ct, ov, ix, tl]
     max_buffered = ix.take("maxBufferedRecords", integer_in(1, 100_000_000), 100_000)
     collectors: tuple[CollectorConfig, ...] = ()
-    if ix.data.get("collectors") is not None:
+    if ix.data.get("collectors") not in (None, []):  # []: flowCollectorAddr's one
         if "flowCollectorAddr" in fe.data:
             problems.append("ipfix.collectors: set, and so is flowExporter.flowCollectorAddr: "
                             "list every collector in one of them")
@@ -487,7 +487,7 @@ def parse_config(data: object) -> Config:
         tls = _parse_tls(tl, flow_exporter.collector, "flowExporter.flowCollectorAddr",
                          warnings)
     ipfix = IpfixConfig(
-        node_name=ix.take("nodeName", non_empty_string, default_node_name()),
+        node_name=ix.take("nodeName", _node_name, default_node_name()),
         domain_id=ix.take("observationDomainId", integer_in(0, 0xFFFFFFFF), None),
         template_refresh=ix.take("templateRefreshTimeout", parse_duration, 600.0),
         path_mtu=ix.take("pathMTU", integer_in(576, 65535), 1500),
@@ -510,6 +510,15 @@ def parse_config(data: object) -> Config:
     return Config(flow_exporter, conntrack, ovs, ipfix, metrics, state, tuple(warnings))
 
 
+def _node_name(value: object) -> str:
+    """A Kubernetes node name is at most 253 bytes; the records' size is planned so."""
+    name = non_empty_string(value)
+    if len(name.encode()) > 253:
+        raise ValueError(f"{quote_value(name[:40])}... is {len(name.encode())} bytes; a node "
+                         "name has at most 253")
+    return name
+
+
 def _state_directory(value: object) -> str:
     """An absolute path, or "" (or null) for no export state."""
     path = optional_string(value) or ""
@@ -524,8 +533,8 @@ def _parse_collectors(value: object, default_tls: _Section, default_bound: int,
                       sections: list[_Section]) -> tuple[CollectorConfig, ...]:
     """`ipfix.collectors`: each entry "HOST:PORT:PROTO", or a mapping with `address`, and
     optionally `tls` (else `ipfix.tls`) and `maxBufferedRecords` (else `ipfix`'s)."""
-    if not isinstance(value, list) or not value:
-        problems.append(f"ipfix.collectors: expected a non-empty list of collectors "
+    if not isinstance(value, list):
+        problems.append(f"ipfix.collectors: expected a list of collectors "
                         f"(\"HOST:PORT:PROTO\" or {{address: ..., tls: ...}}), got "
                         f"{quote_value(value)}")
         value = []

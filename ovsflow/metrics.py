@@ -2,16 +2,20 @@
 
 The components count in plain integers (cheap on the hot path, easy to assert on in tests);
 this module only presents them, over a small HTTP server on the agent's event loop:
-`/metrics`, `/healthz` (503 while a layer — poll, exporter, deny path, a supervised task —
-has been unable to do its job for a few poll intervals; the body says which and why) and
-`/readyz` (a poll has completed and something reached the collector: over UDP, a datagram
-went out).
+`/metrics`; `/livez` (503 only when the process is stuck: the liveness probe, which a
+collector outage must not fail, or the kubelet would restart every agent and drop their
+queues); `/readyz` (a poll has completed and something reached the collector: over UDP, a
+datagram went out); `/healthz` (503 while a layer — poll, exporter, deny path, a supervised
+task — has been unable to do its job for a few poll intervals; the body says which and why:
+for people and alerts, not for restarts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,47 +25,80 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .exporter import Exporter
+from .ipfix import codec
 from .protocols import protocol_name
+from .state import ExportState
 
 if TYPE_CHECKING:
     from .agent import Agent
 
 log = logging.getLogger(__name__)
 
+# /livez: the poll loop counts as stuck when no poll has ended for this many intervals, and
+# at least this long (a 500k-entry table takes seconds; backpressure up to the stall timeout)
+LIVENESS_POLLS = 10
+LIVENESS_MIN_SECONDS = 120.0
 POLL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, cumulative
 
 
 class ExporterMetrics(Collector):
-    def __init__(self, exporter: Exporter):
-        self.exporter = exporter
+    """Each collector's exporter, labelled `collector` (HOST:PORT:PROTO)."""
+
+    def __init__(self, exporters: Mapping[str, Exporter]):
+        self.exporters = exporters
 
     def collect(self):
-        stats = self.exporter.stats
+        exporters = list(self.exporters.items())
         counters = [
             ("ovsflow_records_submitted", "Flow records handed to the exporter",
-             stats.records_submitted),
-            ("ovsflow_records_exported", "Flow records written to the collector's socket",
-             stats.records_exported),
-            ("ovsflow_records_dropped", "Flow records dropped: export queue over "
-             "ipfix.maxBufferedRecords while the collector was unreachable, or unsent at "
-             "shutdown", stats.records_dropped),
-            ("ovsflow_ipfix_messages_sent", "IPFIX messages sent", stats.messages_sent),
+             "records_submitted"),
+            ("ovsflow_records_exported", "Flow records handed whole to the kernel for the "
+             "collector (TCP/TLS), or sent (UDP)", "records_exported"),
+            ("ovsflow_records_dropped", "Flow records dropped: export queue over its bound "
+             "(maxBufferedRecords) while the collector was unreachable, or unsent at "
+             "shutdown", "records_dropped"),
+            ("ovsflow_ipfix_messages_sent", "IPFIX messages sent", "messages_sent"),
             ("ovsflow_collector_connections", "Connections (UDP: sockets) made to the "
-             "collector", stats.connections),
+             "collector", "connections"),
         ]
-        for name, help_text, value in counters:
-            yield CounterMetricFamily(name, help_text, value=value)
+        for name, help_text, stat in counters:
+            family = CounterMetricFamily(name, help_text, labels=["collector"])
+            for collector, exporter in exporters:
+                family.add_metric([collector], getattr(exporter.stats, stat))
+            yield family
         rejected = CounterMetricFamily("ovsflow_records_rejected", "Flow records not exported "
                                        "because a value did not fit its IPFIX field, by field",
-                                       labels=["field"])
-        for field, count in sorted(self.exporter.rejected.items()):
-            rejected.add_metric([field], count)
+                                       labels=["collector", "field"])
+        for collector, exporter in exporters:
+            for field, count in sorted(exporter.rejected.items()):
+                rejected.add_metric([collector, field], count)
         yield rejected
-        yield GaugeMetricFamily("ovsflow_collector_reachable", "1 while the collector takes "
-                                "records (or has not failed yet), 0 while it is unreachable",
-                                value=int(self.exporter.reachable))
-        yield GaugeMetricFamily("ovsflow_export_queue_records",
-                                "Flow records waiting to be exported", value=self.exporter.queued)
+        for name, help_text, value in [
+                ("ovsflow_collector_reachable", "1 while the collector takes records (or has "
+                 "not failed yet), 0 while it is unreachable", lambda e: int(e.reachable)),
+                ("ovsflow_export_queue_records", "Flow records waiting to be exported",
+                 lambda e: e.queued)]:
+            gauge = GaugeMetricFamily(name, help_text, labels=["collector"])
+            for collector, exporter in exporters:
+                gauge.add_metric([collector], value(exporter))
+            yield gauge
+
+
+def export_state_metrics(state: ExportState):
+    restores = CounterMetricFamily("ovsflow_export_state_restores", "Export state read at "
+                                   "start, by outcome: restored (per store section), none (no "
+                                   "file), discarded (by reason: corrupt, version, unreadable, "
+                                   "boot, netns, node, domain, source)",
+                                   labels=["outcome", "reason"])
+    for (outcome, reason), count in sorted(state.restores.items()):
+        restores.add_metric([outcome, reason], count)
+    yield restores
+    yield CounterMetricFamily("ovsflow_export_state_saves", "Export state files written",
+                              value=state.saves)
+    yield CounterMetricFamily("ovsflow_export_state_save_errors", "Export state files that "
+                              "could not be written", value=state.save_errors)
+    yield GaugeMetricFamily("ovsflow_export_state_save_seconds", "Duration of the last "
+                            "export state write", value=state.last_save_seconds)
 
 
 class AgentMetrics(Collector):
@@ -70,7 +107,7 @@ class AgentMetrics(Collector):
 
     def collect(self):
         agent = self.agent
-        yield from ExporterMetrics(agent.exporter).collect()
+        yield from ExporterMetrics(agent.exporters.by_collector).collect()
         yield CounterMetricFamily("ovsflow_polls", "Conntrack polls completed",
                                   value=agent.polls)
         yield CounterMetricFamily("ovsflow_poll_errors", "Conntrack polls that failed",
@@ -78,6 +115,10 @@ class AgentMetrics(Collector):
         yield GaugeMetricFamily("ovsflow_poll_seconds", "Duration of the last poll cycle "
                                 "(dump, decode, filter, store update)",
                                 value=agent.last_poll_seconds)
+        yield GaugeMetricFamily("ovsflow_poll_interval_seconds", "The configured poll "
+                                "interval (flowExporter.flowPollInterval), for comparing "
+                                "poll durations with it",
+                                value=agent.config.flow_exporter.poll_interval)
         yield GaugeMetricFamily("ovsflow_connections_tracked", "Connections in the store",
                                 value=len(agent.store))
         yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
@@ -100,6 +141,16 @@ class AgentMetrics(Collector):
         yield histogram
         yield CounterMetricFamily("ovsflow_reloads", "Configurations reloaded (SIGHUP or a "
                                   "changed file)", value=agent.reloads)
+        if agent.export_state is not None:
+            yield from export_state_metrics(agent.export_state)
+        if agent.pods is not None:
+            yield CounterMetricFamily("ovsflow_ovsdb_values_cut", "OVSDB Port external_ids "
+                                      "values left out for being over their bound (pod-name "
+                                      "253, pod-namespace 63, ip-address 255 bytes), once per "
+                                      "Port and key", value=agent.pods.values_cut)
+        yield CounterMetricFamily("ovsflow_ipfix_strings_cut", "Strings cut to their IPFIX "
+                                  "field's 65535 bytes, each distinct string once",
+                                  value=codec.strings_cut)
         restarts = CounterMetricFamily("ovsflow_task_restarts", "Restarts of a long-lived "
                                        "task after an unexpected exception", labels=["task"])
         for task, count in sorted(agent.supervisor.restarts.items()):
@@ -110,8 +161,9 @@ class AgentMetrics(Collector):
                                     "it has been unable to for a few poll intervals (/healthz "
                                     "says why)", labels=["layer"])
         layers = ["poll", "exporter"] + (["deny"] if agent.deny is not None else [])
+        unhealthy = {problem.split(" ", 1)[0] for problem in problems}
         for layer in layers:
-            healthy.add_metric([layer], int(layer not in problems))
+            healthy.add_metric([layer], int(layer not in unhealthy))
         yield healthy
         by_protocol = CounterMetricFamily("ovsflow_records_by_protocol", "Flow records made, "
                                           "by layer and protocol", labels=["layer", "protocol"])
@@ -157,12 +209,30 @@ def health(agent: Agent) -> tuple[int, str]:
     return 200, "ok\n"
 
 
+def liveness(agent: Agent) -> tuple[int, str]:
+    """Whether restarting the process could help: only when it is stuck. That this answer is
+    served at all shows the event loop turns; the poll loop must have ended a poll (a failed
+    one too: a failing source is a /healthz problem, not a stuck process) within a bound
+    generous enough for the largest table and for backpressure, which ends within the
+    exporter's stall timeout while the collector takes nothing. A collector outage never
+    fails it."""
+    bound = max(LIVENESS_POLLS * agent.config.flow_exporter.poll_interval,
+                LIVENESS_MIN_SECONDS)
+    idle = time.monotonic() - (agent.last_poll_ended_at or agent.started_at)
+    if idle > bound:
+        return 503, f"poll loop stuck: no poll ended for {idle:.0f}s (bound {bound:.0f}s)\n"
+    return 200, "alive\n"
+
+
 def readiness(agent: Agent) -> tuple[int, str]:
     if not agent.polls:
         return 503, "no conntrack poll has completed yet\n"
-    if not agent.exporter.delivered:
+    if not agent.exporters.delivered:
         return 503, "nothing has reached the collector yet\n"
     return 200, "ready\n"
+
+
+PROBES = {"/livez": liveness, "/readyz": readiness, "/healthz": health}
 
 
 async def serve(agent: Agent, host: str, port: int) -> asyncio.Server:
@@ -172,8 +242,9 @@ async def serve(agent: Agent, host: str, port: int) -> asyncio.Server:
     def _answer(path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":
             return 200, generate_latest(registry), "text/plain; version=0.0.4"
-        if path in ("/healthz", "/readyz"):
-            status, text = (health if path == "/healthz" else readiness)(agent)
+        probe = PROBES.get(path)
+        if probe is not None:
+            status, text = probe(agent)
             return status, text.encode(), "text/plain"
         return 404, b"not found\n", "text/plain"
 
@@ -199,5 +270,6 @@ async def serve(agent: Agent, host: str, port: int) -> asyncio.Server:
             writer.close()
 
     server = await asyncio.start_server(handle, host, port)
-    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", host, port)
+    log.info("metrics and probes on http://%s:%d/metrics, /livez, /readyz, /healthz", host,
+             port)
     return server

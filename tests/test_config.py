@@ -503,8 +503,7 @@ def test_without_a_list_antreas_one_collector_is_the_list():
 
 
 @pytest.mark.parametrize("collectors, expected", [
-    ([], "ipfix.collectors: expected a non-empty list"),
-    ("10.0.0.1:4739:udp", "ipfix.collectors: expected a non-empty list"),
+    ("10.0.0.1:4739:udp", "ipfix.collectors: expected a list"),
     (["10.0.0.1:4739:udp", "10.0.0.1:4739:udp"], "ipfix.collectors[1]: 10.0.0.1:4739:udp is "
                                                  "listed twice"),
     (["10.0.0.1:99999:udp"], "ipfix.collectors[0]: "),

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ovsflow.config import parse_config
+from ovsflow import __version__
+from ovsflow.config import StateConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ANTREA_ZONES = {65520, 65510}  # IPv4, IPv6
@@ -32,11 +33,19 @@ def test_kubernetes_manifest(manifest):
     assert config.conntrack.zones == ANTREA_ZONES
     spec = daemon_set["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # a collector outage fails /healthz, and must not restart the agent (tests/test_probes.py)
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert mounts["ovs-run"] == config.ovs.run_dir == volumes["ovs-run"]["hostPath"]["path"]
+    # the export state outlives the Pod, not the node's boot (/run is a tmpfs)
+    assert mounts["state"] == config.state.directory == volumes["state"]["hostPath"]["path"]
+    assert config.state.directory.startswith("/var/run/")
+    # flowType needs the cluster's Pod CIDRs; the comment beside them says to edit them
+    assert config.ipfix.cluster_pod_cidrs
+    assert "EDIT" in config_map["data"]["ovsflow.yaml"].split("clusterPodCIDRs")[0] \
+        .rsplit("ipfix:", 1)[1]
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
     assert mounts["config"] + "/ovsflow.yaml" == container["command"][3]
     assert daemon_set["spec"]["selector"]["matchLabels"] == \
@@ -55,7 +64,9 @@ def test_kubernetes_security_context(manifest):
     assert daemon_set["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] == \
         {"type": "RuntimeDefault"}
     writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
-    assert writable == {"/proc/sys/net"}
+    assert writable == {"/proc/sys/net", "/var/run/ovsflow"}
+    # ovsflow never calls the Kubernetes API
+    assert daemon_set["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
 def test_kubernetes_metrics_scrapeable_where_annotated(manifest):
@@ -102,6 +113,54 @@ def test_kubernetes_memory_limit_above_measured_peak(manifest):
     assert quantity_bytes(container["resources"]["requests"]["memory"]) <= limit
 
 
+def test_kubernetes_memory_comment_gives_the_measured_figures(manifest):
+    """The sizing comment quotes docs/performance.md as it is, not an earlier release."""
+    header = (ROOT / "deploy/kubernetes/ovsflow.yaml").read_text().split("apiVersion", 1)[0]
+    comment = " ".join(header.replace("#", " ").split())
+    _, peak = measured_peak()
+    assert f"peak RSS of {peak / 1e6:.0f} MB there" in comment
+    performance = (ROOT / "docs/performance.md").read_text()
+    at_500k = re.search(r"^\| 4\. same at 500k \| \*\*(\d+) MB\*\*", performance, re.M)
+    assert at_500k and f"{at_500k[1]} MB at 500k" in comment
+
+
+def test_image_build_line_makes_the_image_the_daemonset_names(manifest):
+    _, _, _, container = manifest
+    assert container["image"] == f"ovsflow:{__version__}"
+    build = f"docker build -t {container['image']} ."
+    for path in ("README.md", "Dockerfile", "deploy/kubernetes/ovsflow.yaml"):
+        assert build in (ROOT / path).read_text(), path
+
+
+def test_kubernetes_checkov_findings_left_are_justified_beside_them():
+    """docs/operations.md records checkov's result; each failed check it lists stays only
+    with a comment in the manifest that names it."""
+    operations = " ".join((ROOT / "docs/operations.md").read_text().split())
+    record = operations.split("## Deployment checks", 1)[1].split("## ", 1)[0]
+    passed, failed = map(int, re.search(r"(\d+) passed, (\d+) failed", record).groups())
+    listed = set(re.findall(r"CKV2?_K8S_\d+", record))
+    assert len(listed) == failed == 6 and passed + failed == 90
+    manifest_comments = "\n".join(line for line in (ROOT / "deploy/kubernetes/ovsflow.yaml")
+                                  .read_text().splitlines() if line.strip().startswith("#"))
+    assert {check for check in listed if check in manifest_comments} == listed
+
+
+def test_kubernetes_cpu_request_and_limit(manifest):
+    """checkov's CKV_K8S_11: a CPU limit; one core, over the request."""
+    _, _, _, container = manifest
+    resources = container["resources"]
+    assert resources["limits"]["cpu"] == "1"
+    assert resources["requests"]["cpu"] == "100m"
+
+
+def test_kubernetes_manifest_passes_kubernetes_validate():
+    """The manifest against the Kubernetes API's own schemas (kubernetes-validate, offline)."""
+    import kubernetes_validate
+
+    for document in yaml.safe_load_all((ROOT / "deploy/kubernetes/ovsflow.yaml").read_text()):
+        kubernetes_validate.validate(document, "1.30", strict=True)
+
+
 def test_measured_peak_parsing():
     """The parser reads the figures that are there (140 and 200 MB at 100k today)."""
     connections, peak = measured_peak()
@@ -111,9 +170,24 @@ def test_measured_peak_parsing():
 
 def test_systemd_unit():
     unit = (ROOT / "deploy/systemd/ovsflow.service").read_text()
-    assert "ExecStart=/usr/local/bin/ovsflow run --config /etc/ovsflow/ovsflow.yaml" in unit
+    assert "ExecStart=/opt/ovsflow/bin/ovsflow run --config /etc/ovsflow/ovsflow.yaml" in unit
+    # the install step the comment gives puts the command where ExecStart looks
+    assert "#   python3 -m venv /opt/ovsflow && /opt/ovsflow/bin/pip install .\n" in unit
     assert "CapabilityBoundingSet=CAP_NET_ADMIN" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    # /run/ovsflow (= /var/run/ovsflow, the default state.directory), kept across restarts
+    assert "RuntimeDirectory=ovsflow\n" in unit and "RuntimeDirectoryPreserve=restart\n" in unit
+    assert StateConfig().directory == "/var/run/ovsflow"
+
+
+def test_systemd_unit_verifies():
+    """systemd's own check: its only complaint is the command not installed on this machine."""
+    result = subprocess.run(["systemd-analyze", "verify",
+                             str(ROOT / "deploy/systemd/ovsflow.service")],
+                            capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if line]
+    assert complaints == ["ovsflow.service: Command /opt/ovsflow/bin/ovsflow is not "
+                          "executable: No such file or directory"], complaints
 
 
 def compose_config(*files: str) -> dict:
@@ -157,7 +231,12 @@ def test_docker_compose_nfacctd_profile_needs_no_edit():
               for volume in services["agent-nfacctd"]["volumes"]}
     config = parse_config(yaml.safe_load(Path(mounts["/etc/ovsflow/ovsflow.yaml"]).read_text()))
     assert config.flow_exporter.collector.host == "nfacctd"
-    assert config.ovs.bridge == ""  # the deny table belongs to the first agent
+    # the bridge for the Pod names, with a deny table and meter beside the first agent's
+    first = parse_config(yaml.safe_load((ROOT / "deploy/compose/ovsflow.yaml").read_text()))
+    assert config.ovs.bridge == first.ovs.bridge
+    assert config.ovs.deny_table != first.ovs.deny_table
+    assert config.ovs.deny_meter_id != first.ovs.deny_meter_id
+    assert config.metrics.port != first.metrics.port  # one network namespace
     assert config.ovs.run_dir == "/run/ovsflow-lab"
 
 
