@@ -59,7 +59,8 @@ _KEYS = {ipv6: np.dtype([(name, ">" + _NUMPY_CODES[code])
          for ipv6 in (False, True)}
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
 # A tracked connection in the export state (`snapshot`): the counters are those last
-# exported; flags: 1 its end was exported, 2 quiet (idle record sent), 4 counted.
+# exported; flags: 1 its end was exported, 2 quiet (idle record sent), 4 counted, 8 reported
+# (a record of it was sent).
 STATE_ROW = np.dtype([("id", "<u4"), ("expiry", "<f8"), ("start_ms", "<u8"),
                       ("packets", "<u8"), ("octets", "<u8"), ("reply_packets", "<u8"),
                       ("reply_octets", "<u8"), ("last_activity", "<f8"),
@@ -135,6 +136,7 @@ class ConnectionStore:
         self._occupied = column("u1")  # 1: a connection is there
         self._ended = column("u1")  # 1: its end was exported
         self._quiet = column("u1")  # 1: its idle timeout was exported, no activity since
+        self._reported = column("u1")  # 1: a record of it was made
         # What a record needs that stays the same for a conntrack id, besides what its key
         # says (protocol, ports, ICMP fields, addresses: read from the key when needed).
         self._counted = column("u1")
@@ -255,8 +257,8 @@ class ConnectionStore:
     def flush(self, now: float, continued: bool = False) -> list[EncodedRecords]:
         """Final records (the agent is stopping), after a last `update`. `continued`: the
         next agent takes over from the export state, so a live connection is not ended: it
-        gets an active-timeout record if it moved since its last one. Otherwise every live
-        connection ends here (forced end)."""
+        gets an active-timeout record if it moved since its last one or has had none yet (no
+        next agent may come). Otherwise every live connection ends here (forced end)."""
         made: list[EncodedRecords] = []
         used = self._used
         live = np.asarray(self._occupied)[:used] & (np.asarray(self._ended)[:used] ^ 1)
@@ -267,6 +269,7 @@ class ConnectionStore:
         for polled, exported in ((self._packets, self._exported_packets),
                                  (self._reply_packets, self._exported_reply_packets)):
             moved |= np.asarray(polled)[:used] != np.asarray(exported)[:used]
+        moved |= np.asarray(self._reported)[:used] == 0
         moved &= (live & (np.asarray(self._quiet)[:used] ^ 1)).astype(bool)
         self._emit(np.flatnonzero(moved), ACTIVE_TIMEOUT, now, made)
         return made
@@ -297,7 +300,8 @@ class ConnectionStore:
             for name, column in self._state_columns():
                 rows[name] = np.asarray(column)[part]
             rows["flags"] = (np.asarray(self._ended)[part] | np.asarray(self._quiet)[part] << 1
-                             | np.asarray(self._counted)[part] << 2)
+                             | np.asarray(self._counted)[part] << 2
+                             | np.asarray(self._reported)[part] << 3)
             yield rows
 
     def restore(self, keys: Sequence[bytes], rows: np.ndarray, seen: float) -> int:
@@ -319,6 +323,7 @@ class ConnectionStore:
         np.asarray(self._ended)[slots] = flags & 1
         np.asarray(self._quiet)[slots] = flags >> 1 & 1
         np.asarray(self._counted)[slots] = flags >> 2 & 1
+        np.asarray(self._reported)[slots] = flags >> 3 & 1
         np.asarray(self._span)[slots] = 0
         for slot in slots.tolist():
             self._states[slot], self._labels[slot], self._pods[slot] = "", b"", NO_PODS
@@ -386,7 +391,7 @@ class ConnectionStore:
         np.asarray(self._start_ms)[slots] = start_ms
         for column in (self._exported_packets, self._exported_octets,
                        self._exported_reply_packets, self._exported_reply_octets,
-                       self._ended, self._quiet, self._span):
+                       self._ended, self._quiet, self._reported, self._span):
             np.asarray(column)[slots] = 0
         for column in (self._last_activity, self._last_export):
             np.asarray(column)[slots] = now
@@ -477,6 +482,7 @@ class ConnectionStore:
             column[total], column[delta] = polled, polled - last
             exported[slots] = polled
         np.asarray(self._last_export)[slots] = end
+        np.asarray(self._reported)[slots] = 1
         start_ms = np.asarray(self._start_ms)[slots]
         end_ms = int(end * 1000) if np.ndim(end) == 0 else (end * 1000).astype("u8")
         column.update(

@@ -311,3 +311,16 @@ def test_a_pod_that_reuses_an_address_is_not_credited_with_older_connections():
     pod_row(pods, "uuid-other", "other", "10.0.0.1")
     [denied] = deny.expired(11.0)
     assert denied.source_pod_name == "web"
+
+
+def test_a_connection_never_reported_gets_a_record_at_shutdown_even_when_continued():
+    """No next agent may ever come: what the collector has not heard of at all, it hears of
+    now (as an active-timeout record: the connection goes on)."""
+    s = ConnectionStore(30.0, 30.0)
+    records(s, [conn(1, counted=False, timeout=30), conn(2, 4)], 0.0)
+    records(s, [conn(1, counted=False, timeout=29), conn(2, 4)], 1.0)
+    found = flow_records(s.flush(1.5, continued=True))
+    assert sorted((r.source_port, r.end_reason) for r in found) == [
+        (1, ACTIVE_TIMEOUT), (2, ACTIVE_TIMEOUT)]
+    second = saved_and_restored(s, 1.5)
+    assert flow_records(second.flush(2.0, continued=True)) == []  # reported: nothing new
