@@ -17,6 +17,10 @@ The world it builds, all in network namespaces it deletes at the end:
     (iptables connlabel, one bit per label).
   - Two agents (one per conntrack source; the first also runs the deny path) and
     `ovsflow collect`, all exporting to and listening on the node's loopback.
+Then, briefly, the Antrea mode (`ovs.denySource: antrea`, docs/antrea.md): a second Open
+vSwitch with lab/antrea.py's stand-in for Antrea's agent (an egress rule with logging,
+conjunction 5, denies shop/client > shop/server; a Kubernetes NetworkPolicy isolates
+vault/isolated), and an agent that installs nothing and reads Antrea's own packet-ins.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 import zlib
 from pathlib import Path
 
+from .antrea import AntreaStandIn
 from .netns import LAB, PYTHON, Netns, veth_pair
 from .ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 
@@ -46,10 +51,12 @@ POD_NAMESPACE = "demo"
 ALLOWING_RULES = [("pod1", "pod2", 12, 11), ("pod1", "remote", 0, 11),
                   ("pod1", "external", 0, 13), ("external", "pod2", 12, 0)]
 KERNEL_EGRESS_RULE = 21
+ANTREA_PROTOCOLS = "[tcp, udp]"
 
 
 def agent_config(directory: Path, name: str, source: str, bridge: str, run_dir: str,
-                 metrics: str = "") -> str:
+                 metrics: str = "", deny_source: str = "table",
+                 protocols: str = PROTOCOLS) -> str:
     path = directory / f"{name}.yaml"
     path.write_text(f"""
 flowExporter:
@@ -57,7 +64,7 @@ flowExporter:
   flowPollInterval: 1s
   activeFlowExportTimeout: 30s
   idleFlowExportTimeout: 30s
-  protocols: {PROTOCOLS}
+  protocols: {protocols}
 conntrack:
   source: {source}
   zones: [65520]
@@ -65,6 +72,7 @@ ovs:
   runDir: {run_dir}
   bridge: "{bridge}"
   denyTable: {DENY_TABLE}
+  denySource: {deny_source}
 ipfix:
   nodeName: {name}
   clusterPodCIDRs: ["10.60.0.0/25"]
@@ -212,6 +220,85 @@ def show(records: list[dict], domains: dict[int, str], drops: int,
           "the Ports' external_ids in OVSDB.")
 
 
+def antrea_mode(workdir: Path) -> bool:
+    """The second act: ovsflow beside the stand-in for Antrea; True if records came."""
+    lab = antrea = None
+    try:
+        lab = OvsLab(workdir / "antrea")
+        client = lab.add_pod("10.62.0.1/24", name="client", namespace="shop")
+        server = lab.add_pod("10.62.0.2/24", name="server", namespace="shop")
+        isolated = lab.add_pod("10.62.0.3/24", name="isolated", namespace="vault")
+        antrea = AntreaStandIn(lab.run_dir, lab.bridge, workdir / "antrea.json", 5,
+                               client.address, server.address, [isolated.address])
+        node = lab.host
+        collector = node.popen(OVSFLOW, "collect", "--listen", "udp://127.0.0.1:4739",
+                               "--timeout", "60", stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        collector.stderr.readline()
+        config = agent_config(workdir, "node-antrea", "ovs", lab.bridge, lab.run_dir,
+                              deny_source="antrea", protocols=ANTREA_PROTOCOLS)
+        agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE,
+                           text=True)
+        time.sleep(2)  # ovsflow learns Antrea's controller id from its flows
+        client.traffic("udp", server.address, "5353", "3", "100")
+        client.traffic("tcp-syn", server.address, "80")
+        client.traffic("udp", isolated.address, "53", "2", "100")
+        client.run("ping", "-c", "2", "-i", "0.2", "-W", "1", isolated.address, check=False)
+        time.sleep(0.5)
+        first = antrea.status()
+        lab.appctl("revalidator/wait")  # the datapath's counters reach the flows
+        sent = sum(int(n) for n in re.findall(r"n_packets=(\d+),.*userdata=01\.",
+                                               lab.ofctl("dump-flows")))
+        restarted = antrea.restart()
+        time.sleep(2)
+        client.traffic("udp", server.address, "5354", "1", "100")
+        time.sleep(0.5)
+        installed = "cookie=0x6f7673666c6f7700" in lab.ofctl("dump-flows")
+        agent.send_signal(signal.SIGTERM)
+        log = agent.communicate(timeout=30)[1]
+        time.sleep(0.5)
+        collector.terminate()
+        records = [json.loads(line) for line in collector.communicate(timeout=30)[0]
+                   .splitlines()]
+    finally:
+        if antrea is not None:
+            antrea.stop()
+        if lab is not None:
+            lab.stop()
+    print("\nAntrea mode (ovs.denySource: antrea), beside a stand-in for Antrea's agent:")
+    header = ("proto", "addresses", "ports", "packets", "ingress", "egress", "source-pod",
+              "destination-pod")
+    rows = [header]
+    action = {2: "drop", 3: "reject"}
+    for r in records:
+        rows.append((NAMES.get(r["protocolIdentifier"], "?"),
+                     f"{r['sourceIPv4Address']} > {r['destinationIPv4Address']}",
+                     f"{r['sourceTransportPort']} > {r['destinationTransportPort']}",
+                     str(r["packetTotalCount"]),
+                     *(f"{action[r[f'{d}NetworkPolicyRuleAction']]}:"
+                       f"{r[f'{d}NetworkPolicyRuleName'] or 'k8s-default'}"
+                       if r.get(f"{d}NetworkPolicyRuleAction") else "-"
+                       for d in ("ingress", "egress")),
+                     pod(r, "source"), pod(r, "destination")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    followed = (f"Antrea's controller id is {restarted['controller_id']} (was "
+                f"{first['controller_id']})") in log
+    taken = re.search(r"deny path: (\d+) packet-ins taken", log)
+    print(f"Antrea's controller took {first['packet_ins']} NetworkPolicy packet-ins in its "
+          f"first run, every one its flows sent ({sent}); ovsflow took its own copies "
+          f"({taken.group(1) if taken else '?'} denied packets in both runs), "
+          + ("installed flows (it should not)" if installed else "installed nothing")
+          + ", and " + (f"followed the restarted agent to controller id "
+                        f"{restarted['controller_id']}." if followed
+                        else "did NOT follow the restarted agent."))
+    print(f"Protocols configured: {ANTREA_PROTOCOLS}: the icmp pings were denied too, and "
+          "filtered out in userspace. Rule ids are Antrea's conjunction ids; k8s-default: "
+          "a Kubernetes NetworkPolicy's default drop.")
+    return bool(records) and followed and not installed
+
+
 def main() -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="ovsflow-demo-"))
@@ -258,8 +345,9 @@ def main() -> int:
                    (("node-ovs", "ovs"), ("node-kernel", "kernel"))}
         print()
         show(records, domains, drops, held)
+        antrea_ok = antrea_mode(workdir)
         print(f"\nDone in {time.monotonic() - started:.0f}s; cleaning up.")
-        return 0 if records else 1
+        return 0 if records and antrea_ok else 1
     finally:
         for agent in agents:
             if agent.poll() is None:

@@ -96,6 +96,11 @@ class OvsLab:
         return self._ovs("ovs-ofctl", "-O", "OpenFlow13", command,
                          f"{self.run_dir}/{self.bridge}.mgmt", *rest).stdout
 
+    def appctl(self, *args: str) -> str:
+        """ovs-appctl to this lab's ovs-vswitchd."""
+        control = f"{self.run_dir}/ovs-vswitchd.{self.pid('ovs-vswitchd')}.ctl"
+        return self._ovs("ovs-appctl", "-t", control, *args).stdout
+
     def add_pod(self, address: str, name: str | None = None, namespace: str = "default",
                 pod: bool = True) -> Netns:
         """A namespace with one veth into the bridge; `address` with prefix length. Its Port

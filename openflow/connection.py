@@ -27,6 +27,7 @@ class OpenFlowConnection:
         self._waiting: dict[int, asyncio.Future] = {}
         self._errors: dict[int, m.OpenFlowError] = {}  # of running transactions only
         self._pending_xids: set[int] = set()  # sent by transact(), answered by a barrier
+        self._parts: dict[int, list[m.Message]] = {}  # multipart replies being gathered
         self.events: asyncio.Queue[m.Message | None] = asyncio.Queue()
         self.malformed = 0
         self._task: asyncio.Task | None = None
@@ -97,9 +98,14 @@ class OpenFlowConnection:
             else:
                 log.warning("%s", message.error)
         elif message.xid in self._waiting:
+            parts = self._parts.get(message.xid)
+            if parts is not None:
+                parts.append(message)
+                if getattr(message, "more", False):
+                    return  # more parts of this reply follow
             future = self._waiting.pop(message.xid)
             if not future.done():
-                future.set_result(message)
+                future.set_result(message if parts is None else parts)
         else:
             self.events.put_nowait(message)
 
@@ -119,6 +125,19 @@ class OpenFlowConnection:
                 return await future
         finally:
             self._waiting.pop(xid, None)
+
+    async def request_all(self, build, timeout: float = 10.0) -> list[m.Message]:
+        """A multipart request: every part of its reply, in order."""
+        xid = self.next_xid()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[xid], self._parts[xid] = future, []
+        try:
+            self.send(build(xid))
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._waiting.pop(xid, None)
+            self._parts.pop(xid, None)
 
     async def transact(self, requests: list, timeout: float = 10.0) -> None:
         """Send requests (each a callable xid -> bytes) then a barrier; raise the first

@@ -17,7 +17,8 @@ HEADER = struct.Struct("!BBHI")  # version, type, length, xid
 
 OFPT_HELLO, OFPT_ERROR, OFPT_ECHO_REQUEST, OFPT_ECHO_REPLY = 0, 1, 2, 3
 OFPT_EXPERIMENTER, OFPT_FEATURES_REQUEST, OFPT_FEATURES_REPLY = 4, 5, 6
-OFPT_SET_CONFIG, OFPT_PACKET_IN, OFPT_FLOW_MOD = 9, 10, 14
+OFPT_GET_CONFIG_REQUEST, OFPT_GET_CONFIG_REPLY, OFPT_SET_CONFIG = 7, 8, 9
+OFPT_PACKET_IN, OFPT_FLOW_MOD, OFPT_GROUP_MOD = 10, 14, 15
 OFPT_MULTIPART_REQUEST, OFPT_MULTIPART_REPLY = 18, 19
 OFPT_BARRIER_REQUEST, OFPT_BARRIER_REPLY, OFPT_METER_MOD = 20, 21, 29
 
@@ -25,13 +26,17 @@ OFPFC_ADD, OFPFC_MODIFY, OFPFC_MODIFY_STRICT, OFPFC_DELETE, OFPFC_DELETE_STRICT 
 OFPMC_ADD, OFPMC_MODIFY, OFPMC_DELETE = 0, 1, 2
 OFPMF_KBPS, OFPMF_PKTPS, OFPMF_BURST, OFPMF_STATS = 1, 2, 4, 8
 OFPMBT_DROP = 1
+OFPGC_ADD, OFPGC_MODIFY, OFPGC_DELETE = 0, 1, 2
+OFPGT_ALL = 0
 OFPIT_GOTO_TABLE, OFPIT_APPLY_ACTIONS, OFPIT_METER = 1, 4, 6
 OFPAT_OUTPUT, OFPAT_EXPERIMENTER = 0, 0xFFFF
 OFPP_CONTROLLER, OFPP_ANY = 0xFFFFFFFD, 0xFFFFFFFF
-OFPG_ANY, OFP_NO_BUFFER = 0xFFFFFFFF, 0xFFFFFFFF
+OFPG_ALL, OFPG_ANY, OFP_NO_BUFFER = 0xFFFFFFFC, 0xFFFFFFFF, 0xFFFFFFFF
+OFPM_ALL = 0xFFFFFFFF
 OFPCML_NO_BUFFER = 0xFFFF
 OFPR_NO_MATCH, OFPR_ACTION = 0, 1
-OFPMP_METER = 9
+OFPMP_FLOW, OFPMP_METER, OFPMP_METER_CONFIG, OFPMP_TABLE_FEATURES = 1, 9, 10, 12
+OFPMPF_MORE = 1  # OFPMPF_REQ_MORE in requests, OFPMPF_REPLY_MORE in replies
 OFPTT_ALL = 0xFF
 
 NX_VENDOR_ID = 0x00002320
@@ -151,9 +156,41 @@ def meter_mod(xid: int, *, command: int, meter_id: int, flags: int,
     return _message(OFPT_METER_MOD, xid, body)
 
 
-def meter_stats_request(xid: int, meter_id: int) -> bytes:
+def _multipart(xid: int, multipart_type: int, body: bytes = b"", flags: int = 0) -> bytes:
     return _message(OFPT_MULTIPART_REQUEST, xid,
-                    struct.pack("!HH4xI4x", OFPMP_METER, 0, meter_id))
+                    struct.pack("!HH4x", multipart_type, flags) + body)
+
+
+def meter_stats_request(xid: int, meter_id: int) -> bytes:
+    return _multipart(xid, OFPMP_METER, struct.pack("!I4x", meter_id))
+
+
+def meter_config_request(xid: int, meter_id: int = OFPM_ALL) -> bytes:
+    return _multipart(xid, OFPMP_METER_CONFIG, struct.pack("!I4x", meter_id))
+
+
+def flow_stats_request(xid: int, table_id: int = OFPTT_ALL, cookie: int = 0,
+                       cookie_mask: int = 0, match: list[Field] = ()) -> bytes:
+    """The flows of one table (or all), narrowed by cookie: the switch does the filtering."""
+    body = struct.pack("!B3xII4xQQ", table_id, OFPP_ANY, OFPG_ANY, cookie, cookie_mask)
+    return _multipart(xid, OFPMP_FLOW, body + encode_match(list(match)))
+
+
+def table_features_request(xid: int, tables: list[bytes] = (), flags: int = 0) -> bytes:
+    """Without `tables`: read every table's features. With them (each an encoded
+    ofp_table_features, e.g. `TableFeature.raw` with a new name): set them, as a controller
+    names its tables (OFPMPF_MORE in `flags` when more parts follow)."""
+    return _multipart(xid, OFPMP_TABLE_FEATURES, b"".join(tables), flags)
+
+
+def get_config_request(xid: int) -> bytes:
+    return _message(OFPT_GET_CONFIG_REQUEST, xid)
+
+
+def group_mod(xid: int, *, command: int, group_id: int, group_type: int = OFPGT_ALL,
+              buckets: bytes = b"") -> bytes:
+    return _message(OFPT_GROUP_MOD, xid,
+                    struct.pack("!HBxI", command, group_type, group_id) + buckets)
 
 
 # --- instructions and actions
@@ -259,6 +296,81 @@ class PacketIn(Message):
 @dataclass
 class MeterStats(Message):
     meters: dict[int, dict[str, int]] = field(default_factory=dict)
+    more: bool = False  # further parts of this multipart reply follow
+
+
+@dataclass(frozen=True)
+class ControllerAction:
+    """NXAST_CONTROLLER or NXAST_CONTROLLER2: a packet-in to the connections with this id."""
+
+    controller_id: int
+    max_len: int
+    reason: int
+    userdata: bytes = b""
+
+
+@dataclass(frozen=True)
+class RawAction:
+    """Any other action, as its bytes: compared, not interpreted."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Instructions:
+    meter_id: int | None = None
+    actions: tuple[ControllerAction | RawAction, ...] = ()  # of OFPIT_APPLY_ACTIONS
+    goto_table: int | None = None
+    other: tuple[bytes, ...] = ()  # any other instruction, as its bytes
+
+
+@dataclass
+class FlowEntry:
+    table_id: int
+    priority: int
+    cookie: int
+    match: list[Field]
+    instructions: Instructions
+    packet_count: int = 0
+
+
+@dataclass
+class FlowStats(Message):
+    flows: list[FlowEntry] = field(default_factory=list)
+    more: bool = False
+
+
+@dataclass
+class MeterConfig(Message):
+    """meter id -> (flags, ((band type, rate, burst size), ...))"""
+
+    meters: dict[int, tuple[int, tuple[tuple[int, int, int], ...]]] = \
+        field(default_factory=dict)
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class TableFeature:
+    table_id: int
+    name: str
+    raw: bytes  # the whole ofp_table_features, properties included
+
+    def renamed(self, name: str) -> bytes:
+        """`raw` with another name (at most 31 bytes), as a set request wants it."""
+        encoded = name.encode()[:31].ljust(32, b"\0")
+        return self.raw[:8] + encoded + self.raw[40:]
+
+
+@dataclass
+class TableFeatures(Message):
+    tables: list[TableFeature] = field(default_factory=list)
+    more: bool = False
+
+
+@dataclass
+class GetConfigReply(Message):
+    flags: int
+    miss_send_len: int
 
 
 @dataclass
@@ -304,9 +416,16 @@ def decode(message: bytes) -> Message:
             vendor, subtype = struct.unpack_from("!II", body)
             if vendor == NX_VENDOR_ID and subtype == NXT_PACKET_IN2:
                 return _packet_in2(xid, body[8:])
+        if message_type == OFPT_GET_CONFIG_REPLY:
+            _need(body, 4, "OFPT_GET_CONFIG_REPLY")
+            return GetConfigReply(xid, *struct.unpack_from("!HH", body))
         if message_type == OFPT_MULTIPART_REPLY and len(body) >= 8:
-            if struct.unpack_from("!H", body)[0] == OFPMP_METER:
-                return _meter_stats(xid, body[8:])
+            multipart_type, flags = struct.unpack_from("!HH", body)
+            decoder = _MULTIPART_DECODERS.get(multipart_type)
+            if decoder is not None:
+                reply = decoder(xid, body[8:])
+                reply.more = bool(flags & OFPMPF_MORE)
+                return reply
     except (OxmError, struct.error) as err:
         raise DecodeError(f"message type {message_type} (xid {xid}): {err}") from None
     return Other(xid, message_type, body)
@@ -348,18 +467,26 @@ def _packet_in2(xid: int, body: bytes) -> PacketIn:
     if NXPINT_PACKET not in values:
         raise DecodeError("NXT_PACKET_IN2 without a packet")
 
-    def number(prop: int, default: int) -> int:
-        raw = values.get(prop)
-        return default if raw is None else int.from_bytes(raw, "big")
-
     cookie_raw = values.get(NXPINT_COOKIE)
     return PacketIn(
-        xid, reason=number(NXPINT_REASON, 0), table_id=number(NXPINT_TABLE_ID, 0),
+        xid, reason=_property(values, NXPINT_REASON, 1, 0),
+        table_id=_property(values, NXPINT_TABLE_ID, 1, 0),
         cookie=int.from_bytes(cookie_raw[4:12], "big") if cookie_raw else 0,
         match=decode_fields(values.get(NXPINT_METADATA, b"")), data=values[NXPINT_PACKET],
-        total_len=number(NXPINT_FULL_LEN, len(values[NXPINT_PACKET])),
-        buffer_id=number(NXPINT_BUFFER_ID, OFP_NO_BUFFER),
+        total_len=_property(values, NXPINT_FULL_LEN, 4, len(values[NXPINT_PACKET])),
+        buffer_id=_property(values, NXPINT_BUFFER_ID, 4, OFP_NO_BUFFER),
         userdata=values.get(NXPINT_USERDATA, b""))
+
+
+def _property(values: dict[int, bytes], prop: int, width: int, default: int) -> int:
+    """An integer property: its first `width` bytes (OVS counts the padding of a u8 or u16
+    property in its length)."""
+    raw = values.get(prop)
+    if raw is None:
+        return default
+    if len(raw) < width:
+        raise DecodeError(f"property {prop} has {len(raw)} bytes, needs {width}")
+    return int.from_bytes(raw[:width], "big")
 
 
 def _meter_stats(xid: int, body: bytes) -> MeterStats:
@@ -377,6 +504,112 @@ def _meter_stats(xid: int, body: bytes) -> MeterStats:
             break
         pos += length
     return stats
+
+
+def _flow_stats(xid: int, body: bytes) -> FlowStats:
+    stats = FlowStats(xid)
+    pos = 0
+    while len(body) - pos >= 48:
+        (length, table_id, _, _, priority, _, _, _, cookie, packet_count,
+         _) = struct.unpack_from("!HBxIIHHHH4xQQQ", body, pos)
+        if length < 56 or pos + length > len(body):
+            raise DecodeError(f"flow stats entry of length {length} does not fit")
+        match, instructions_at = decode_match(body[pos:pos + length], 48)
+        stats.flows.append(FlowEntry(table_id, priority, cookie, match,
+                                     decode_instructions(body[pos + instructions_at:
+                                                              pos + length]), packet_count))
+        pos += length
+    return stats
+
+
+def decode_instructions(data: bytes) -> Instructions:
+    meter_id = goto = None
+    actions: tuple = ()
+    other = []
+    pos = 0
+    while len(data) - pos >= 4:
+        kind, length = struct.unpack_from("!HH", data, pos)
+        if length < 8 or pos + length > len(data):
+            raise DecodeError(f"instruction {kind} of length {length} does not fit")
+        if kind == OFPIT_METER:
+            meter_id = struct.unpack_from("!I", data, pos + 4)[0]
+        elif kind == OFPIT_GOTO_TABLE:
+            goto = data[pos + 4]
+        elif kind == OFPIT_APPLY_ACTIONS:
+            actions = decode_actions(data[pos + 8:pos + length])
+        else:
+            other.append(data[pos:pos + length])
+        pos += length
+    return Instructions(meter_id, actions, goto, tuple(other))
+
+
+def decode_actions(data: bytes) -> tuple[ControllerAction | RawAction, ...]:
+    actions = []
+    pos = 0
+    while len(data) - pos >= 4:
+        kind, length = struct.unpack_from("!HH", data, pos)
+        if length < 8 or length % 8 or pos + length > len(data):
+            raise DecodeError(f"action {kind} of length {length} does not fit")
+        action = data[pos:pos + length]
+        actions.append(_controller_action(action) or RawAction(action))
+        pos += length
+    return tuple(actions)
+
+
+def _controller_action(action: bytes) -> ControllerAction | None:
+    if len(action) < 16 or struct.unpack_from("!HxxI", action) != (OFPAT_EXPERIMENTER,
+                                                                    NX_VENDOR_ID):
+        return None
+    subtype = struct.unpack_from("!H", action, 8)[0]
+    if subtype == NXAST_CONTROLLER:
+        max_len, controller_id, reason = struct.unpack_from("!HHB", action, 10)
+        return ControllerAction(controller_id, max_len, reason)
+    if subtype != NXAST_CONTROLLER2:
+        return None
+    values: dict[int, bytes] = {}
+    pos = 16
+    while len(action) - pos >= 4:
+        prop_type, length = struct.unpack_from("!HH", action, pos)
+        if length < 4 or pos + length > len(action):
+            raise DecodeError(f"NXAST_CONTROLLER2 property {prop_type} of length {length}")
+        values[prop_type] = action[pos + 4:pos + length]
+        pos += (length + 7) // 8 * 8
+
+    return ControllerAction(_property(values, NXAC2PT_CONTROLLER_ID, 2, 0),
+                            _property(values, NXAC2PT_MAX_LEN, 2, OFPCML_NO_BUFFER),
+                            _property(values, NXAC2PT_REASON, 1, OFPR_ACTION),
+                            values.get(NXAC2PT_USERDATA, b""))
+
+
+def _meter_config(xid: int, body: bytes) -> MeterConfig:
+    config = MeterConfig(xid)
+    pos = 0
+    while len(body) - pos >= 8:
+        length, flags, meter_id = struct.unpack_from("!HHI", body, pos)
+        if length < 8 or pos + length > len(body):
+            raise DecodeError(f"meter config entry of length {length} does not fit")
+        bands = tuple(struct.unpack_from("!HxxII", body, band)
+                      for band in range(pos + 8, pos + length - 15, 16))
+        config.meters[meter_id] = (flags, bands)
+        pos += length
+    return config
+
+
+def _table_features(xid: int, body: bytes) -> TableFeatures:
+    features = TableFeatures(xid)
+    pos = 0
+    while len(body) - pos >= 64:
+        length, table_id = struct.unpack_from("!HB", body, pos)
+        if length < 64 or pos + length > len(body):
+            raise DecodeError(f"table features entry of length {length} does not fit")
+        name = body[pos + 8:pos + 40].split(b"\0", 1)[0].decode("utf-8", "replace")
+        features.tables.append(TableFeature(table_id, name, body[pos:pos + length]))
+        pos += length
+    return features
+
+
+_MULTIPART_DECODERS = {OFPMP_FLOW: _flow_stats, OFPMP_METER: _meter_stats,
+                       OFPMP_METER_CONFIG: _meter_config, OFPMP_TABLE_FEATURES: _table_features}
 
 
 class MessageReader:

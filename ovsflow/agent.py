@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from openflow.messages import OpenFlowError
 
 from .config import Config, ConfigError, IpfixConfig, load_config
-from .deny.source import DenySource
+from .deny import open_deny_source
 from .deny.store import DenyStore
 from .enrich import Enricher, PodNetworks
 from .exporter import encode_in_batches
@@ -88,9 +88,7 @@ class Agent:
         self.exporters = Exporters(config, self.supervisor)
         self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections,
                                     self.enricher)
-        self.deny = DenySource(ovs.run_dir, ovs.bridge, ovs.deny_table, ovs.deny_meter_id,
-                               ovs.deny_packet_in_rate, self.filter,
-                               self.deny_store) if ovs.bridge else None
+        self.deny = open_deny_source(ovs, self.filter, self.deny_store)  # None: no bridge
         # What the collector was told, kept across restarts (ovsflow/state.py)
         self.export_state = ExportState(config.state.directory, Origin.here(
             config.ipfix.node_name, config.ipfix.observation_domain_id)) \
@@ -192,8 +190,9 @@ class Agent:
                 await self._save_state(now)
             if self.deny is not None:
                 log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
-                         "unwanted protocols, %d malformed", self.deny.packet_ins,
-                         self.deny.ignored, self.deny.unwanted, self.deny.malformed)
+                         "unwanted protocols, %d malformed, %d allowed (logged by Antrea)",
+                         self.deny.packet_ins, self.deny.ignored, self.deny.unwanted,
+                         self.deny.malformed, self.deny.allowed)
             self.exporters.submit_encoded(final)
             log.info("stopping: %d final records; flushing the export queue",
                      sum(batch.protocols.total() for batch in final))

@@ -188,7 +188,26 @@ class AgentMetrics(Collector):
             packet_ins.add_metric(["not_ours"], deny.ignored)
             packet_ins.add_metric(["unwanted_protocol"], deny.unwanted)
             packet_ins.add_metric(["malformed"], deny.malformed)
+            packet_ins.add_metric(["allowed"], deny.allowed)
             yield packet_ins
+            filtered = CounterMetricFamily("ovsflow_deny_filtered_out", "Denied packets of "
+                                           "protocols not exported, dropped by the userspace "
+                                           "filter after their packet-in, by protocol",
+                                           labels=["protocol"])
+            for protocol, count in sorted(deny.unwanted_by_protocol.items()):
+                filtered.add_metric([protocol_name(protocol)], count)
+            yield filtered
+            # denySource table: flows and meter put back; antrea: the id ovsflow shares
+            restorations = getattr(deny, "restorations", None)
+            if restorations is not None:
+                yield CounterMetricFamily("ovsflow_deny_flows_restored", "Times the deny "
+                                          "flows or meter, deleted or changed by someone "
+                                          "else, were put back", value=restorations)
+            controller_id = getattr(deny, "controller_id", None)
+            if controller_id is not None:
+                yield GaugeMetricFamily("ovsflow_antrea_controller_id", "Antrea's controller "
+                                        "id, learned from its flows and shared by ovsflow's "
+                                        "connection", value=controller_id)
             yield CounterMetricFamily("ovsflow_packet_ins_dropped_by_meter", "Packet-ins the "
                                       "switch's meter dropped (its band statistics)",
                                       value=deny.meter_drops)

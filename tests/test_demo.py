@@ -1,6 +1,7 @@
 """The README's first command's main part: the demo runs, shows the configured protocols
 only, from both layers, with Pod names, flow types and rule ids, and cleans up after itself."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,24 @@ def test_demo_shows_pods_flow_types_and_rules(demo):
                                  "in:7,out:7"), out
     kernel = one("conntrack (kernel)", "10.61.0.1 > 10.61.0.2")
     assert (kernel["rules"], kernel["source-pod"]) == ("out:21", "-"), out
+
+
+def test_demo_shows_the_antrea_mode(demo):
+    out, _ = demo
+    assert "Antrea mode (ovs.denySource: antrea)" in out, out
+    part = out.split("Antrea mode (ovs.denySource: antrea)")[1]
+    rows = {(w[0], w[3], w[6], w[7], w[8], w[9], w[10], w[11])
+            for w in (line.split() for line in part.splitlines())
+            if w and w[0] in ("udp", "tcp", "icmp")}
+    client = "shop/client@node-antrea"
+    assert rows == {
+        ("udp", "10.62.0.2", "5353", "3", "-", "drop:5", client, "shop/server@node-antrea"),
+        ("tcp", "10.62.0.2", "80", "2", "-", "drop:5", client, "shop/server@node-antrea"),
+        ("udp", "10.62.0.3", "53", "2", "drop:k8s-default", "-", client,
+         "vault/isolated@node-antrea"),
+        ("udp", "10.62.0.2", "5354", "1", "-", "drop:5", client, "shop/server@node-antrea"),
+    }, out
+    took = re.search(r"Antrea's controller took (\d+) NetworkPolicy packet-ins in its first "
+                     r"run, every one its flows sent \((\d+)\)", part)
+    assert took and took.group(1) == took.group(2), part
+    assert "installed nothing, and followed the restarted agent" in part

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from ovsflow.deny.packet import PacketError, parse_packet
 from ovsflow.deny.rules import deny_flows
-from ovsflow.deny.source import Backoff
+from ovsflow.deny.session import Backoff
 from ovsflow.deny.store import DenyStore
 from ovsflow.protocols import parse_protocol_list
 from ovsflow.record import ACTIVE_TIMEOUT, DENY, FORCED_END, IDLE_TIMEOUT
@@ -176,3 +176,130 @@ def test_backoff_doubles_to_the_cap_with_jitter_and_resets_after_a_healthy_sessi
     for _ in range(2000):  # a switch refusing for days: the step stays at the cap
         delay = backoff.next_delay(healthy_for=0)
     assert 1.0 <= delay <= 2.0
+
+
+# --- reading our flows back (denySource: table)
+
+from openflow import messages as m  # noqa: E402
+from openflow.oxm import field  # noqa: E402
+from ovsflow.deny.rules import (  # noqa: E402
+    COOKIE, CONTROLLER_ID, PACKET_IN_BYTES, DenyFlow, installed_flow,
+)
+
+
+def entry(priority, fields, instructions):
+    return m.FlowEntry(250, priority, COOKIE, fields, instructions)
+
+
+EXPORTED = m.Instructions(250, (m.ControllerAction(CONTROLLER_ID, PACKET_IN_BYTES,
+                                                   m.OFPR_ACTION),))
+
+
+def test_a_flow_read_back_is_ours_only_exactly_as_installed():
+    udp = (field("eth_type", 0x0800), field("ip_proto", 17))
+    assert installed_flow(entry(200, list(reversed(udp)), EXPORTED), 250) == DenyFlow(
+        200, udp, export=True)  # the switch's order of fields does not matter
+    assert installed_flow(entry(0, [], m.Instructions()), 250) == DenyFlow(0, (), False)
+    changed = [
+        m.Instructions(None, EXPORTED.actions),  # the meter gone from the flow
+        m.Instructions(251, EXPORTED.actions),  # another meter
+        m.Instructions(250, (m.ControllerAction(CONTROLLER_ID, 64, m.OFPR_ACTION),)),
+        m.Instructions(250, (m.ControllerAction(7, PACKET_IN_BYTES, m.OFPR_ACTION),)),
+        m.Instructions(250, EXPORTED.actions + (m.RawAction(b"\0" * 8),)),
+        m.Instructions(250, EXPORTED.actions, goto_table=3),
+    ]
+    assert [installed_flow(entry(200, list(udp), i), 250) for i in changed] == [None] * 6
+    # without a meter (the switch refused ours), a flow with one is not ours either
+    assert installed_flow(entry(200, list(udp), EXPORTED), None) is None
+
+
+# --- Antrea's packet-ins (denySource: antrea)
+
+from ovsflow.deny.antrea import (  # noqa: E402
+    AntreaDenySource, direction, network_policy_controller_ids,
+)
+from ovsflow.filter import ConnectionFilter  # noqa: E402
+from ovsflow.record import RULE_DROP, RULE_REJECT  # noqa: E402
+
+TABLE_NAMES = {12: "AntreaPolicyEgressRule", 13: "EgressRule", 14: "EgressDefaultRule",
+               15: "EgressMetric", 23: "AntreaPolicyIngressRule", 24: "IngressRule",
+               25: "IngressDefaultRule", 26: "IngressMetric", 28: "Output"}
+
+
+def antrea_source(protocols=("udp", "tcp")):
+    source = AntreaDenySource("/nonexistent", "br-int", ConnectionFilter(
+        frozenset(), parse_protocol_list(list(protocols)).protocols), DenyStore(1, 5, 100))
+    source.table_names = dict(TABLE_NAMES)
+    return source
+
+
+def antrea_packet_in(userdata=b"\x01\x01", disposition=0b01, reg2=None, reg3=None,
+                     frame=None):
+    """An NXT_PACKET_IN2 from Antrea's Output table (28), as decoded. Zero registers are
+    left out, as OVS does."""
+    reg0 = disposition << 11 | 1 << 25 | 2 << 21
+    fields = [field("reg0", reg0)] if reg0 else []
+    fields += [field(name, value) for name, value in (("reg2", reg2), ("reg3", reg3))
+               if value]
+    data = frame or ipv4(17, struct.pack("!HHHH", 4000, 53, 8, 0))
+    return m.PacketIn(0, m.OFPR_NO_MATCH, 28, 0x1020000000001, fields, data, len(data),
+                      userdata=userdata)
+
+
+def taken(source):
+    """The rule elements of the records the packet-ins so far made (then a new store)."""
+    records, source.store = source.store.flush(1.0), DenyStore(1, 5, 100)
+    return [(r.ingress_rule_name, r.ingress_rule_action, r.egress_rule_name,
+             r.egress_rule_action) for r in records]
+
+
+def test_antrea_rule_ids_directions_and_actions_as_antreas_handler_reads_them():
+    source = antrea_source()
+    source._packet_in(antrea_packet_in(reg2=12, reg3=5))  # Antrea-native egress drop
+    assert taken(source) == [("", 0, "5", RULE_DROP)]
+    source._packet_in(antrea_packet_in(disposition=0b10, reg2=23, reg3=9,
+                                       userdata=b"\x01\x03"))  # ingress reject, logged
+    assert taken(source) == [("9", RULE_REJECT, "", 0)]
+    source._packet_in(antrea_packet_in(reg2=25))  # K8s NetworkPolicy default drop
+    assert taken(source) == [("", RULE_DROP, "", 0)]
+    source._packet_in(antrea_packet_in(reg2=14))
+    assert taken(source) == [("", 0, "", RULE_DROP)]
+    source._packet_in(antrea_packet_in(reg2=0, reg3=7))  # no reg2: the packet-in's table
+    assert taken(source) == [("7", RULE_DROP, "7", RULE_DROP)]  # Output: direction unknown
+    assert (source.packet_ins, source.ignored, source.allowed) == (5, 0, 0)
+
+
+def test_antrea_packet_ins_that_are_not_denied_packets_are_counted_not_taken():
+    source = antrea_source(protocols=["tcp"])
+    source._packet_in(antrea_packet_in(disposition=0b00, reg2=23))  # allowed, logged
+    source._packet_in(antrea_packet_in(disposition=0b11, reg2=12))  # pass, logged
+    source._packet_in(antrea_packet_in(userdata=b"\x00\x01"))  # Traceflow
+    source._packet_in(antrea_packet_in(userdata=b""))  # no userdata: not Antrea's action
+    source._packet_in(antrea_packet_in(reg2=12, reg3=5))  # udp: not exported
+    source._packet_in(antrea_packet_in(reg2=12, frame=b"\0" * 10))
+    assert (source.allowed, source.ignored, source.packet_ins, source.unwanted,
+            source.malformed) == (2, 2, 2, 1, 1)
+    assert dict(source.unwanted_by_protocol) == {17: 1} and len(source.store) == 0
+
+
+def test_directions_of_antreas_tables():
+    assert [direction(name) for name in (
+        "AntreaPolicyIngressRule", "IngressRule", "IngressDefaultRule", "IngressMetric",
+        "AntreaPolicyEgressRule", "EgressRule", "EgressDefaultRule", "EgressMetric",
+        "Output", None)] == [True] * 4 + [False] * 4 + [None, None]
+
+
+def test_antreas_controller_id_is_read_from_its_network_policy_controller_actions():
+    def flow(cookie, *actions):
+        return m.FlowEntry(28, 200, cookie, [], m.Instructions(256, actions))
+
+    flows = [
+        flow(1 << 48, m.ControllerAction(111, 0xFFFF, 0, b"\x01\x01")),
+        flow(2 << 48, m.ControllerAction(222, 0xFFFF, 0, b"\x01\x05")),  # a newer round
+        flow(3 << 48, m.ControllerAction(333, 0xFFFF, 0, b"\x00\x01")),  # Traceflow
+        flow(3 << 48, m.ControllerAction(444, 0xFFFF, 0, b"")),
+        flow(3 << 48, m.RawAction(b"\0" * 8)),
+    ]
+    found = network_policy_controller_ids(flows)
+    assert found == [(1 << 48, 111, 28), (2 << 48, 222, 28)]
+    assert max(found)[1] == 222

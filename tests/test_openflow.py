@@ -203,3 +203,122 @@ def test_a_transaction_with_many_refusals_raises_the_first_and_keeps_none(tmp_pa
     assert error.xid == 3
     assert kept == {}
     assert flows.count("priority=1 ") == 1 and "priority=2" not in flows
+
+
+def test_ovs_ofctl_reads_our_multipart_group_and_config_requests(tmp_path):
+    lines = ofp_parse(
+        tmp_path,
+        m.flow_stats_request(1, 250, COOKIE, 2**64 - 1),
+        m.meter_config_request(2, 250), m.meter_config_request(3),
+        m.table_features_request(4), m.get_config_request(5),
+        m.group_mod(6, command=m.OFPGC_DELETE, group_id=m.OFPG_ALL),
+        m.meter_mod(7, command=m.OFPMC_DELETE, meter_id=m.OFPM_ALL, flags=0, bands=[]))
+    # ovs-ofctl prints no cookie of a flow stats request: the test below reads flows by
+    # cookie from OVS itself. OFPG_ALL is group 4294967292.
+    assert lines == [
+        "OFPST_FLOW request (OF1.3) (xid=0x1): table=250",
+        "OFPST_METER_CONFIG request (OF1.3) (xid=0x2): meter=250",
+        "OFPST_METER_CONFIG request (OF1.3) (xid=0x3): meter=all",
+        "OFPST_TABLE_FEATURES request (OF1.3) (xid=0x4):",
+        "OFPT_GET_CONFIG_REQUEST (OF1.3) (xid=0x5):",
+        "OFPT_GROUP_MOD (OF1.3) (xid=0x6):", " DEL group_id=4294967292,type=all",
+        "OFPT_METER_MOD (OF1.3) (xid=0x7): DEL meter=all bands="]
+
+
+def test_flows_meters_and_table_names_read_back_from_open_vswitch(tmp_path):
+    """What OVS answers to our multipart requests, decoded: flows added by ovs-ofctl (an
+    Antrea logging flow with NXAST_CONTROLLER2 userdata, a plain controller action, a goto
+    and a group), their meter, and table names set through table features."""
+    lab = OvsLab(tmp_path / "ovs")
+    try:
+        lab.ofctl("add-meter", "meter=256,pktps,burst,band=type=drop,rate=5000,"
+                               "burst_size=10000")
+        lab.ofctl("add-group", "group_id=2,type=all,bucket=actions=resubmit(,15)")
+        lab.ofctl("add-flow", "table=28,priority=200,cookie=0x1020000000001,"
+                              "reg0=0x2400000/0xfe600000,actions=meter:256,"
+                              "controller(reason=no_match,id=62373,userdata=01.01)")
+        lab.ofctl("add-flow", f"table=250,priority=200,cookie={COOKIE},udp,"
+                              "actions=controller(max_len=128,id=28518)")
+        lab.ofctl("add-flow", "table=250,priority=100,cookie=0x99,tcp,actions=drop")
+        lab.ofctl("add-flow", "table=12,priority=5,actions=group:2,goto_table:13")
+
+        async def scenario():
+            connection = await OpenFlowConnection.open_unix(f"{lab.run_dir}/br0.mgmt")
+            try:
+                everything = await connection.request_all(m.flow_stats_request)
+                ours = await connection.request_all(
+                    lambda xid: m.flow_stats_request(xid, 250, COOKIE, 2**64 - 1))
+                meters = await connection.request_all(m.meter_config_request)
+                features = await connection.request_all(m.table_features_request)
+                xid = connection.next_xid()  # one xid for every part, as OVS wants
+                for part in features:
+                    connection.send(m.table_features_request(
+                        xid, [t.renamed("Output") if t.table_id == 28 else t.raw
+                              for t in part.tables], m.OFPMPF_MORE if part.more else 0))
+                await connection.transact([])
+                renamed = await connection.request_all(m.table_features_request)
+                config = await connection.request(m.get_config_request)
+                return everything, ours, meters, features, renamed, config
+            finally:
+                await connection.close()
+
+        everything, ours, meters, features, renamed, config = asyncio.run(scenario())
+        names = lab.ofctl("dump-flows", "--names", "table=28")
+    finally:
+        lab.stop()
+    flows = {f.cookie: f for part in everything for f in part.flows}
+    assert sorted(flows) == [0, 0x99, 0x1020000000001, COOKIE]
+    output = flows[0x1020000000001]
+    assert (output.table_id, output.priority) == (28, 200)
+    assert output.match == [oxm.field("reg0", 0x2400000, 0xFE600000)]
+    assert output.instructions == m.Instructions(
+        256, (m.ControllerAction(62373, 0xFFFF, m.OFPR_NO_MATCH, b"\x01\x01"),))
+    assert flows[COOKIE].instructions.actions == (m.ControllerAction(28518, 128,
+                                                                     m.OFPR_ACTION),)
+    assert flows[0x99].instructions == m.Instructions()  # actions=drop: no instruction
+    goto = flows[0].instructions
+    assert goto.goto_table == 13 and len(goto.actions) == 1
+    assert isinstance(goto.actions[0], m.RawAction)  # group:2, kept as its bytes
+    assert [(f.table_id, f.cookie) for part in ours for f in part.flows] == [(250, COOKIE)]
+    assert meters[0].meters == {256: (m.OFPMF_PKTPS | m.OFPMF_BURST,
+                                      ((m.OFPMBT_DROP, 5000, 10000),))}
+    assert [part.more for part in features] == [True] * (len(features) - 1) + [False]
+    assert sorted(t.table_id for part in features for t in part.tables) == list(range(254))
+    assert {t.table_id: t.name for part in renamed for t in part.tables
+            if t.table_id in (27, 28)} == {27: "", 28: "Output"}
+    assert "table=Output" in names
+    assert (config.flags, config.miss_send_len) == (0, 0)  # a new service connection's
+
+
+def test_a_multipart_reply_in_parts_is_gathered_in_order():
+    """A peer we script sends a flow stats reply in two parts (OFPMPF_REPLY_MORE on the
+    first), then an echo request that must not end the gathering."""
+    def reply(xid, table, more):
+        match = oxm.encode_match([])
+        entry = struct.pack("!HBxIIHHHH4xQQQ", 48 + len(match), table, 0, 0, 7, 0, 0, 0, 9,
+                            1, 2) + match
+        body = struct.pack("!HH4x", m.OFPMP_FLOW, more) + entry
+        return m.HEADER.pack(4, m.OFPT_MULTIPART_REPLY, 8 + len(body), xid) + body
+
+    async def scenario():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        connection = OpenFlowConnection(reader, writer)
+        switch_reader, switch_writer = await asyncio.open_unix_connection(sock=theirs)
+        switch_writer.write(m.hello(1))
+        await connection._handshake()
+        await switch_reader.readexactly(16)  # our HELLO
+        request = asyncio.create_task(connection.request_all(m.flow_stats_request))
+        header = await switch_reader.readexactly(8)
+        _, _, length, xid = m.HEADER.unpack(header)
+        await switch_reader.readexactly(length - 8)
+        switch_writer.write(reply(xid, 3, 1) + m.echo_request(99) + reply(xid, 4, 0))
+        parts = await asyncio.wait_for(request, 5)
+        switch_writer.close()
+        await connection.close()
+        return parts
+
+    parts = asyncio.run(scenario())
+    assert [(p.more, [f.table_id for f in p.flows]) for p in parts] == [
+        (True, [3]), (False, [4])]
+    assert parts[0].flows[0].cookie == 9 and parts[0].flows[0].instructions == m.Instructions()

@@ -64,8 +64,28 @@ def delete_all(xid: int, table: int) -> bytes:
                       cookie_mask=ALL_COOKIE_BITS)
 
 
+def installed_flow(entry: m.FlowEntry, meter_id: int | None) -> DenyFlow | None:
+    """The deny flow `entry` (read back from the switch by our cookie) is, exactly as
+    `DenyFlow.add` wrote it; None when it is anything else: changed by someone, or added
+    under our cookie by someone."""
+    match = tuple(sorted(entry.match, key=lambda f: (f.oxm_class, f.field)))
+    if entry.instructions == m.Instructions():
+        return DenyFlow(entry.priority, match, export=False)
+    exported = m.Instructions(meter_id, (m.ControllerAction(CONTROLLER_ID, PACKET_IN_BYTES,
+                                                            m.OFPR_ACTION),))
+    if entry.instructions == exported:
+        return DenyFlow(entry.priority, match, export=True)
+    return None
+
+
+METER_FLAGS = m.OFPMF_PKTPS | m.OFPMF_BURST | m.OFPMF_STATS
+
+
+def meter_bands(rate: int) -> tuple[tuple[int, int, int], ...]:
+    """One drop band at `rate` packets/s, burst a tenth of a second's worth."""
+    return ((m.OFPMBT_DROP, rate, max(rate // 10, 1)),)
+
+
 def meter_mod(xid: int, command: int, meter_id: int, rate: int) -> bytes:
-    """Packet-ins limited to `rate` per second (burst: a tenth of a second's worth)."""
-    return m.meter_mod(xid, command=command, meter_id=meter_id,
-                       flags=m.OFPMF_PKTPS | m.OFPMF_BURST | m.OFPMF_STATS,
-                       bands=[(m.OFPMBT_DROP, rate, max(rate // 10, 1))])
+    return m.meter_mod(xid, command=command, meter_id=meter_id, flags=METER_FLAGS,
+                       bands=list(meter_bands(rate)))

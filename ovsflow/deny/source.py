@@ -1,136 +1,68 @@
-"""The OpenFlow session with the bridge: install the deny-table flows, receive packet-ins.
+"""`ovs.denySource: table`: ovsflow's own flows in the deny table, where the pipeline
+resubmits denied packets; their packet-ins.
 
-It connects to the bridge's service socket `<runDir>/<bridge>.mgmt`, never changing the
-bridge's controllers (a controller change flushes every flow), and reinstalls its flows on
-every new connection. Every failure — no socket, a refused meter or flow, a barrier that
-times out, a lost connection — ends the session and the next one starts after a backoff,
-so a switch that keeps refusing is asked again at a slow pace, never in a tight loop.
+It installs its meter and flows on every new session, and while connected reads them back
+every `check_interval` (a flow stats request narrowed to its cookie and table, and a meter
+config request: under a millisecond for the switch) and puts them back when someone deleted
+or changed them — Antrea deletes every meter at each connect, and OVS then deletes the flows
+that use it; an operator may `del-flows`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import time
 
 from openflow import messages as m
-from openflow.connection import ConnectionClosed, OpenFlowConnection
+from openflow.connection import OpenFlowConnection
 
 from ..filter import ConnectionFilter
 from .packet import PacketError, parse_packet
 from .rules import (
-    COOKIE, CONTROLLER_ID, PACKET_IN_BYTES, DenyFlow, delete_all, deny_flows, meter_mod,
+    ALL_COOKIE_BITS, COOKIE, CONTROLLER_ID, METER_FLAGS, PACKET_IN_BYTES, DenyFlow, delete_all,
+    deny_flows, installed_flow, meter_bands, meter_mod,
 )
+from .session import SESSION_ERRORS, BridgeSession
 from .store import DenyStore
 
 log = logging.getLogger(__name__)
 
 METER_EXISTS = (12, 1)  # OFPET_METER_MOD_FAILED / OFPMMFC_METER_EXISTS
-SESSION_ERRORS = (OSError, ConnectionError, m.OpenFlowError, TimeoutError)
+UNKNOWN_METER = (12, 3)  # OFPMMFC_UNKNOWN_METER
 
 
-class Backoff:
-    """Delays between attempts: exponential from `initial`, capped at `cap`, each drawn
-    between half and all of its step (jitter, so that many agents do not retry in step).
-    A session that stayed healthy for `reset_after` seconds starts again from `initial`."""
-
-    def __init__(self, initial: float, cap: float, reset_after: float,
-                 rng: random.Random | None = None):
-        self.initial, self.cap, self.reset_after = initial, cap, reset_after
-        self.failures = 0  # since the last healthy session
-        self._rng = rng or random.Random()
-
-    def next_delay(self, healthy_for: float) -> float:
-        """The wait before the next attempt; `healthy_for`: how long the session that just
-        ended had its flows in place (0 if it never got there)."""
-        if healthy_for >= self.reset_after:
-            self.failures = 0
-        step = min(self.cap, self.initial * 2 ** min(self.failures, 32))
-        self.failures += 1
-        return step * self._rng.uniform(0.5, 1.0)
-
-
-class DenySource:
+class DenySource(BridgeSession):
     def __init__(self, run_dir: str, bridge: str, table: int, meter_id: int, rate: int,
                  connection_filter: ConnectionFilter, store: DenyStore,
                  max_backoff: float = 10.0, initial_backoff: float = 0.2,
-                 reset_backoff_after: float = 30.0):
-        self.socket_path = os.path.join(run_dir, f"{bridge}.mgmt")
+                 reset_backoff_after: float = 30.0, check_interval: float = 1.0):
+        super().__init__(run_dir, bridge, connection_filter, store, max_backoff,
+                         initial_backoff, reset_backoff_after)
         self.table, self.meter_id, self.rate = table, meter_id, rate
-        self.filter, self.store = connection_filter, store
-        self.backoff = Backoff(initial_backoff, max_backoff, reset_backoff_after)
-        self.connection: OpenFlowConnection | None = None
+        self.check_interval = check_interval  # seconds between reading our flows back
         self.installed: frozenset[DenyFlow] = frozenset()
         self.installed_event = asyncio.Event()  # set while our flows are in place
-        self.packet_ins = 0
-        self.ignored = 0  # not our cookie or table
-        self.unwanted = 0  # a protocol the filter rejects: the flows should not allow this
-        self.malformed = 0
-        self.connections = 0
-        self.attempts = 0  # sessions started (each a connect, then an install)
-        self.meter_drops = 0  # packet-ins the meter dropped, as the switch last reported
-        # None until a switch answered; False: it refused the meter, the flows go without.
-        self.meter_supported: bool | None = None
-        # Health, on the monotonic clock: /healthz reads these through `problem()`.
-        self.connected_since: float | None = None  # flows in place on this session since
-        self.failing_since: float | None = time.monotonic()  # not in place since
-        self.last_error = ""
-        self._abandoned: BaseException | None = None  # why reconcile() closed the session
+        self._flows_lock = asyncio.Lock()  # a check never sees a reconcile half done
+        self.restorations = 0  # flows or meter put back after someone deleted or changed them
 
     @property
-    def healthy(self) -> bool:
-        return self.connected_since is not None
-
-    def problem(self) -> tuple[float, str] | None:
-        """(monotonic time since which the flows are not in place, why), or None."""
-        if self.failing_since is None:
-            return None
-        return self.failing_since, self.last_error or f"connecting to {self.socket_path}"
-
-    async def run(self) -> None:
-        """Until cancelled: connect, install, take packet-ins; again after a backoff."""
-        while True:
-            self.attempts += 1
-            self._abandoned = None
-            try:
-                await self._session()
-            except SESSION_ERRORS as err:
-                stage = "cannot connect to" if self.connection is None else "session with"
-                self.last_error = f"{stage} {self.socket_path}: {str(err) or type(err).__name__}"
-            finally:
-                healthy_for = await self._end_session()
-            delay = self.backoff.next_delay(healthy_for)
-            log.warning("deny path: %s; next attempt in %.1fs", self.last_error, delay)
-            await asyncio.sleep(delay)
+    def stats_meter_id(self) -> int | None:
+        return self.meter_id if self.meter_supported else None
 
     async def _end_session(self) -> float:
-        """Close the connection (however the session ended); how long the flows were in
-        place, 0 if they never were."""
-        now = time.monotonic()
-        healthy_for = now - self.connected_since if self.connected_since else 0.0
-        self.connected_since = None
-        self.failing_since = self.failing_since or now
         self.installed_event.clear()
         self.installed = frozenset()
-        if self.connection is not None:
-            connection, self.connection = self.connection, None
-            await connection.close()
-        return healthy_for
+        return await super()._end_session()
 
     async def _session(self) -> None:
-        self.connection = await OpenFlowConnection.open_unix(self.socket_path)
-        self.connections += 1
+        connection = await self._open()
         await self._install()
         self.connected_since, self.failing_since = time.monotonic(), None
         log.info("deny path: flows installed in table %d of %s for protocols %s%s",
                  self.table, self.socket_path, self.filter.protocols.describe(),
                  "" if self.meter_supported else " (no meter: packet-ins not rate-limited)")
-        while (message := await self.connection.events.get()) is not None:
-            if isinstance(message, m.PacketIn):
-                self._packet_in(message)
-        raise self._abandoned or ConnectionClosed("the switch closed the connection")
+        await self._receive(connection)
 
     async def _install(self) -> None:
         connection = self.connection
@@ -172,6 +104,49 @@ class DenySource:
                      "rate-limited", self.meter_id)
         self.meter_supported = True
 
+    async def _check(self, connection: OpenFlowConnection) -> None:
+        """Put our flows and meter back when they are not as installed."""
+        async with self._flows_lock:
+            damage = await self._damage(connection)
+            if not damage:
+                return
+            self.failing_since, self.last_error = time.monotonic(), damage
+            await self._install()
+            self.failing_since, self.last_error = None, ""
+            self.restorations += 1
+        log.warning("deny path: %s; put back in table %d (restoration %d)", damage,
+                    self.table, self.restorations)
+
+    async def _damage(self, connection: OpenFlowConnection) -> str:
+        """What is not as installed ("" when all is): flows of our cookie gone, changed or
+        added by someone else; our meter gone or changed."""
+        replies = await connection.request_all(
+            lambda xid: m.flow_stats_request(xid, self.table, COOKIE, ALL_COOKIE_BITS),
+            timeout=2.0)
+        meter_id = self.meter_id if self.meter_supported else None
+        found = [installed_flow(entry, meter_id) for reply in replies for entry in reply.flows]
+        damage = []
+        missing = len(self.installed - set(found))
+        if missing:
+            damage.append(f"{missing} of our {len(self.installed)} flows gone")
+        changed = sum(1 for flow in found if flow not in self.installed)
+        if changed:
+            damage.append(f"{changed} flows with our cookie changed")
+        if self.meter_supported:
+            try:
+                replies = await connection.request_all(
+                    lambda xid: m.meter_config_request(xid, self.meter_id), timeout=2.0)
+                meters = {k: v for reply in replies for k, v in reply.meters.items()}
+            except m.OpenFlowError as err:
+                if (err.type, err.code) != UNKNOWN_METER:
+                    raise
+                meters = {}
+            meter = meters.get(self.meter_id)
+            if meter != (METER_FLAGS, meter_bands(self.rate)):
+                damage.append(f"meter {self.meter_id} "
+                              + ("gone" if meter is None else f"changed to {meter}"))
+        return "; ".join(damage)
+
     async def reconcile(self) -> None:
         """Bring the flows in line with the filter's protocols (after a reload): add the new
         ones first, then delete the ones no longer wanted. If the switch refuses, the session
@@ -182,33 +157,20 @@ class DenySource:
             return  # the next session installs the current set
         wanted = deny_flows(self.filter.protocols)
         meter_id = self.meter_id if self.meter_supported else None
-        try:
-            await connection.transact(
-                [lambda xid, f=f: f.add(xid, self.table, meter_id)
-                 for f in wanted - self.installed]
-                + [lambda xid, f=f: f.delete(xid, self.table) for f in self.installed - wanted])
-        except SESSION_ERRORS as err:
-            self._abandoned = err  # the session ends with this error
-            await connection.close()  # its reader sees the end of the events
-            raise
-        self.installed = wanted
+        async with self._flows_lock:
+            try:
+                await connection.transact(
+                    [lambda xid, f=f: f.add(xid, self.table, meter_id)
+                     for f in wanted - self.installed]
+                    + [lambda xid, f=f: f.delete(xid, self.table)
+                       for f in self.installed - wanted])
+            except SESSION_ERRORS as err:
+                self._abandoned = err  # the session ends with this error
+                await connection.close()  # its reader sees the end of the events
+                raise
+            self.installed = wanted
         log.info("deny path: flows reconciled for protocols %s",
                  self.filter.protocols.describe())
-
-    async def refresh_meter_stats(self) -> None:
-        """Ask the switch how many packet-ins the meter dropped (shown as a metric)."""
-        connection = self.connection
-        if (connection is None or connection.closed or not self.installed_event.is_set()
-                or not self.meter_supported):
-            return
-        try:
-            reply = await connection.request(
-                lambda xid: m.meter_stats_request(xid, self.meter_id), timeout=2.0)
-        except SESSION_ERRORS as err:
-            log.debug("deny path: meter stats unavailable: %s", err)
-            return
-        if isinstance(reply, m.MeterStats) and self.meter_id in reply.meters:
-            self.meter_drops = reply.meters[self.meter_id]["packets_dropped"]
 
     def _packet_in(self, message: m.PacketIn) -> None:
         if message.cookie != COOKIE or message.table_id != self.table:
@@ -221,8 +183,7 @@ class DenySource:
             self.malformed += 1
             log.debug("deny path: packet-in not understood: %s", err)
             return
-        if not self.filter.accepts_protocol(packet.protocol):
-            self.unwanted += 1
+        if self._filtered_out(packet.protocol):
             return
         reg3 = message.field("reg3")
         self.store.add(packet, reg3.int() if reg3 is not None else 0, time.time())
