@@ -105,7 +105,8 @@ def test_run_exports_exactly_the_configured_protocols_and_zones(node, tmp_path):
     assert (health, ready) == ("200 ok", "200 ready")
     polls = float(re.search(r"^ovsflow_polls_total (\S+)$", metrics, re.M).group(1))
     assert polls >= 5
-    assert re.search(r"^ovsflow_records_exported_total [1-9]", metrics, re.M)
+    assert re.search(r'^ovsflow_records_exported_total\{collector="[^"]+"\} [1-9]', metrics,
+                     re.M)
     assert re.search(r'^ovsflow_records_by_protocol_total{layer="conntrack",protocol="tcp"} '
                      r"[1-9]", metrics, re.M)
     histogram_count = float(re.search(r"^ovsflow_poll_duration_seconds_count (\S+)$", metrics,

@@ -110,12 +110,13 @@ def test_healthz_names_an_exporter_that_cannot_reach_its_collector(node, tmp_pat
         if collector is not None:
             collector.stop()
     assert early == "200 ok"  # within the grace period
-    assert down.startswith("503 exporter: ") and "records waiting, none sent" in down, down
+    assert re.match(r"503 exporter 127\.0\.0\.1:\d+:\w+: ", down) and (
+        "records waiting, none sent" in down), down
     assert "Connect call failed" in down
     assert down_ready == "503 nothing has reached the collector yet"
     assert metric(metrics, 'ovsflow_healthy{layer="exporter"}') == 0
     assert metric(metrics, 'ovsflow_healthy{layer="poll"}') == 1
-    assert metric(metrics, "ovsflow_collector_reachable") == 0
+    assert metric(metrics, f'ovsflow_collector_reachable{{collector="127.0.0.1:{port}:tcp"}}') == 0
     assert (up, up_ready) == ("200 ok", "200 ready")
     assert len(received) >= 40  # queued while it was away, then the final records
 
@@ -138,7 +139,8 @@ def test_readyz_over_udp_means_a_datagram_went_out(node, tmp_path):
             agent.kill()
             agent.wait()
     assert ready == "503 nothing has reached the collector yet"
-    assert health.startswith("503 exporter: sends to 127.0.0.1:") and "not permitted" in health
+    assert health.startswith(f"503 exporter 127.0.0.1:{port}:udp: sends to 127.0.0.1:") and (
+        "not permitted" in health), health
     assert (health_after, ready_after) == ("200 ok", "200 ready")
 
 
