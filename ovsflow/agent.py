@@ -408,8 +408,7 @@ class Agent:
         def save() -> None:
             sections = {"deny": deny}
             if source is not None and not self._restoring:
-                sections["conntrack"] = Section(conntrack_source_name(source),
-                                                *self.store.snapshot())
+                sections["conntrack"] = self.store.snapshot(conntrack_source_name(source))
             self.export_state.save(sections, now)
         await asyncio.to_thread(save)
 

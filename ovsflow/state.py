@@ -20,7 +20,6 @@ to a temporary file, fsynced, renamed over the old one.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import struct
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
@@ -84,59 +83,66 @@ def network_namespace() -> int:
 class Section:
     """One store's state: `source` names what its keys mean (a conntrack source, the deny
     path), `keys` are the entries' identities and `rows` a structured numpy array of one
-    row each (to be written: the same, or an iterator of its parts in order)."""
+    row each."""
 
     source: str
     keys: Sequence[bytes]
-    rows: np.ndarray | Iterator[np.ndarray]
+    rows: np.ndarray
 
 
-def _parts(rows: np.ndarray | Iterator[np.ndarray]) -> tuple[np.dtype, Iterator[np.ndarray]]:
-    """The rows' type, and the rows in parts."""
-    if isinstance(rows, np.ndarray):
-        return rows.dtype, iter([rows])
-    first = next(rows)  # there is one part at least, if empty, for the type
-    return first.dtype, itertools.chain([first], rows)
+@dataclass
+class Parts:
+    """A section to be written part by part, as a large store makes it (`count` entries,
+    rows of `row_type`): the write then costs memory for one part, not the whole table."""
+
+    source: str
+    count: int
+    row_type: np.dtype
+    parts: Iterable[tuple[Sequence[bytes], np.ndarray]]
 
 
-def encode(origin: Origin, written_at: float, sections: dict[str, Section]
-           ) -> Iterator[bytes]:
+def encode(origin: Origin, written_at: float, sections: dict[str, Section | Parts]
+           ) -> Iterator[bytes | memoryview]:
     """The file's bytes, in pieces: magic, a JSON header (origin, time, each section's
-    source, count and row type), per section the key lengths, keys and rows, then an
-    Adler-32 of everything before it (enough to tell a cut or damaged file, and cheaper
-    than CRC-32 at tens of MB)."""
-    parts = {name: _parts(section.rows) for name, section in sections.items()}
+    source, count and row type), per section its parts (each: how many entries, their key
+    lengths, keys and rows), then an Adler-32 of everything before it (enough to tell a cut
+    or damaged file, and cheaper than CRC-32 at tens of MB)."""
+    sections = {name: section if isinstance(section, Parts) else Parts(
+        section.source, len(section.keys), section.rows.dtype, [(section.keys, section.rows)])
+        for name, section in sections.items()}
     header = json.dumps({
         "version": VERSION, "origin": asdict(origin), "written_at": written_at,
-        "sections": {name: {"source": section.source, "count": len(section.keys),
-                            "row": parts[name][0].descr}
+        "sections": {name: {"source": section.source, "count": section.count,
+                            "row": section.row_type.descr}
                      for name, section in sections.items()},
     }).encode()
     check = 1
-    for piece in _pieces(header, sections, parts):
+    for piece in _pieces(header, sections):
         check = zlib.adler32(piece, check)
         yield piece
     yield _LENGTH.pack(check)
 
 
-def _pieces(header: bytes, sections: dict[str, Section],
-            parts: dict[str, tuple[np.dtype, Iterator[np.ndarray]]]) -> Iterator[bytes]:
+def _pieces(header: bytes, sections: dict[str, Parts]) -> Iterator[bytes | memoryview]:
     yield MAGIC + _LENGTH.pack(len(header)) + header
     for name, section in sections.items():
-        keys = section.keys
-        joined = b"".join(keys)
-        if keys and len(joined) == len(keys) * len(keys[0]):  # one family, as usual
-            yield np.full(len(keys), len(keys[0]), np.uint8).tobytes()
-        else:
-            yield np.fromiter(map(len, keys), np.uint8, len(keys)).tobytes()
-        yield joined
-        del joined
         count = 0
-        for rows in parts[name][1]:
-            count += len(rows)
-            yield rows.tobytes()
-        if count != len(keys):
-            raise ValueError(f"state section {name}: {len(keys)} keys, {count} rows")
+        for keys, rows in section.parts:
+            if len(keys) != len(rows) or rows.dtype != section.row_type:
+                raise ValueError(f"state section {name}: a part of {len(keys)} keys and "
+                                 f"{len(rows)} rows of {rows.dtype}")
+            count += len(keys)
+            joined = b"".join(keys)
+            if keys and len(joined) == len(keys) * len(keys[0]):  # one family, as usual
+                lengths = np.full(len(keys), len(keys[0]), np.uint8)
+            else:
+                lengths = np.fromiter(map(len, keys), np.uint8, len(keys))
+            yield _LENGTH.pack(len(keys)) + lengths.tobytes()
+            yield joined
+            yield memoryview(np.ascontiguousarray(rows)).cast("B")  # no copy
+        if count != section.count:
+            raise ValueError(f"state section {name}: {section.count} entries announced, "
+                             f"{count} written")
 
 
 @dataclass
@@ -170,14 +176,20 @@ def decode(data: bytes) -> Decoded:
         for name, description in header["sections"].items():
             count = int(description["count"])
             dtype = np.dtype([tuple(field) for field in description["row"]])
-            lengths = np.frombuffer(body, np.uint8, count, pos).tolist()
-            pos += count
-            ends = list(accumulate(lengths, initial=pos))
-            keys = [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
-            pos = ends[-1]
-            rows = np.frombuffer(body, dtype, count, pos)
-            pos += count * dtype.itemsize
-            sections[name] = Section(description["source"], keys, rows)
+            keys: list[bytes] = []
+            rows = []
+            while len(keys) < count or not rows:
+                (part,) = _LENGTH.unpack_from(body, pos)
+                pos += _LENGTH.size
+                lengths = np.frombuffer(body, np.uint8, part, pos).tolist()
+                ends = list(accumulate(lengths, initial=pos + part))
+                keys += [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
+                pos = ends[-1]
+                rows.append(np.frombuffer(body, dtype, part, pos))
+                pos += part * dtype.itemsize
+            if len(keys) != count:
+                raise StateError(f"unreadable ({name}: {len(keys)} entries of {count})")
+            sections[name] = Section(description["source"], keys, np.concatenate(rows))
     except StateError:
         raise
     except (ValueError, KeyError, TypeError) as err:  # json, numpy, a missing field

@@ -35,6 +35,7 @@ import numpy as np
 from .connection import IDENTITY_FIELDS, IDENTITY_SIZE, Connection
 from .enrich import NO_PODS, Enricher, flow_type
 from .ipfix.templates import RECORD_TEMPLATES, pick
+from .state import Parts
 from .record import (
     ACTIVE_TIMEOUT, BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END,
     IDLE_TIMEOUT, EncodedRecords, FlowRecord,
@@ -286,23 +287,23 @@ class ConnectionStore:
                 dropped += 1
         return dropped
 
-    def snapshot(self) -> tuple[list[bytes], Iterator[np.ndarray]]:
-        """What the collector has been told of each tracked connection: its key, and a row
-        of `STATE_ROW` (see `restore`), made `chunk` rows at a time as they are read (the
-        whole table at once would add tens of MB at 500k)."""
-        slots = np.flatnonzero(np.asarray(self._occupied)[:self._used])
-        return list(filter(None, self._keys[:self._used])), self._state_rows(slots)
+    def snapshot(self, source: str) -> Parts:
+        """What the collector has been told of each tracked connection (of `source`): keys
+        and rows of `STATE_ROW` (see `restore`), made `chunk` slots at a time as they are
+        written (the whole table at once would add tens of MB at 500k)."""
+        return Parts(source, len(self._slots), STATE_ROW, self._state_parts())
 
-    def _state_rows(self, slots: np.ndarray, chunk: int = 65536) -> Iterator[np.ndarray]:
-        for first in range(0, max(len(slots), 1), chunk):  # one part at least: its type
-            part = slots[first:first + chunk]
+    def _state_parts(self, chunk: int = 16384) -> Iterator[tuple[list[bytes], np.ndarray]]:
+        occupied = np.asarray(self._occupied)
+        for first in range(0, self._used, chunk):
+            part = first + np.flatnonzero(occupied[first:first + chunk])
             rows = np.empty(len(part), STATE_ROW)
             for name, column in self._state_columns():
                 rows[name] = np.asarray(column)[part]
             rows["flags"] = (np.asarray(self._ended)[part] | np.asarray(self._quiet)[part] << 1
                              | np.asarray(self._counted)[part] << 2
                              | np.asarray(self._reported)[part] << 3)
-            yield rows
+            yield list(pick(self._keys, part.tolist())), rows
 
     def restore(self, keys: Sequence[bytes], rows: np.ndarray, seen: float) -> int:
         """Track the connections of a previous agent's `snapshot`, last seen at `seen`,

@@ -47,12 +47,11 @@ def summary(found):
 
 def saved_and_restored(store, now, seen=None):
     """The store's state through the file format, into a new store."""
-    keys, rows = store.snapshot()
-    data = b"".join(encode(ORIGIN, now, {"conntrack": Section("kernel", keys, rows)}))
+    data = b"".join(encode(ORIGIN, now, {"conntrack": store.snapshot("kernel")}))
     section = decode(data).sections["conntrack"]
     new = ConnectionStore(store.active_timeout, store.idle_timeout)
     assert new.restore(section.keys, section.rows, seen if seen is not None else now) == len(
-        keys)
+        store)
     return new
 
 
@@ -182,7 +181,7 @@ def write(directory, origin=ORIGIN, source="kernel", data=None):
     state = ExportState(str(directory), origin)
     s = ConnectionStore(5.0, 15.0)
     records(s, [conn(1, 10)], 0.0)
-    assert state.save({"conntrack": Section(source, *s.snapshot())}, 1.0)
+    assert state.save({"conntrack": s.snapshot(source)}, 1.0)
     if data is not None:
         with open(state.path, "rb") as file:
             changed = data(file.read())
@@ -269,8 +268,8 @@ def test_the_state_of_many_connections_round_trips(tmp_path):
                    for port in range(1, 20001)]
     records(s, connections, 0.0)
     records(s, connections, 5.0)
-    keys, parts = s.snapshot()
-    rows = np.concatenate(list(parts))
+    keys, rows = zip(*s.snapshot("kernel").parts)
+    keys, rows = [key for part in keys for key in part], np.concatenate(rows)
     state = ExportState(str(tmp_path), ORIGIN)
     assert state.save({"conntrack": Section("kernel", keys, rows)}, 5.0)
     loaded = ExportState(str(tmp_path), ORIGIN)
