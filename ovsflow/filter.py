@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .protocols import ProtocolSet
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .connection import Connection
 
 
@@ -34,6 +34,8 @@ class ConnectionFilter:
 
     def accepts_columns(self, zones: np.ndarray, protocols: np.ndarray) -> np.ndarray:
         """`accepts` over columns of zones and protocols (the store's keys)."""
+        import numpy as np  # here: `ovsflow conntrack` imports the filter, not numpy
+
         accepted = np.ones(len(zones), bool)
         if self.zones:
             accepted &= np.isin(zones, list(self.zones))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import struct
 import time
 import zlib
@@ -34,13 +33,14 @@ from itertools import accumulate
 
 import numpy as np
 
+from .host import boot_id, network_namespace
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"ovsflow export state\n"
 VERSION = 1
 SAVE_INTERVAL = 10.0  # seconds between two writes while running
 _LENGTH = struct.Struct("<I")
-SO_NETNS_COOKIE = 71  # Linux 5.14: a number per network namespace, never reused in a boot
 
 
 class StateError(ValueError):
@@ -63,20 +63,7 @@ class Origin:
 
     @classmethod
     def here(cls, node: str, observation_domain: int) -> Origin:
-        with open("/proc/sys/kernel/random/boot_id") as boot_id:
-            boot = boot_id.read().strip()
-        return cls(boot, network_namespace(), node, observation_domain)
-
-
-def network_namespace() -> int:
-    """This network namespace's cookie (the inode of /proc/self/ns/net, which can be
-    reused once a namespace is gone, only where the kernel has no cookies)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            return struct.unpack("=Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE,
-                                                        8))[0]
-        except OSError:
-            return os.stat("/proc/self/ns/net").st_ino
+        return cls(boot_id(), network_namespace(), node, observation_domain)
 
 
 @dataclass

@@ -84,3 +84,59 @@ def test_agent_exports_userspace_connections_without_counters(lab, tmp_path):
     assert ours[0]["destinationIPv4Address"] == "10.66.0.2"
     assert ours[0]["destinationTransportPort"] == 8100
     assert ours[-1]["tcpState"] in ("FIN_WAIT_2", "TIME_WAIT", "CLOSING", "CLOSE_WAIT")
+
+
+def appctl_dump(lab, *arguments: str) -> list[str]:
+    control = f"{lab.run_dir}/ovs-vswitchd.{lab.pid('ovs-vswitchd')}.ctl"
+    return subprocess.run(["ovs-appctl", "-t", control, "dpctl/dump-conntrack", *arguments],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.mark.parametrize("protocols, prefixes", [
+    ((), None), (["udp"], ("udp,",)), (["icmp", "tcp"], ("icmp,", "tcp,"))])
+def test_count_is_what_the_listing_holds_and_what_ovs_prints(lab, tmp_path, protocols,
+                                                             prefixes):
+    """`--count` counts the lines of the zone's dump by protocol without parsing them: the
+    same number as the connections `ovsflow conntrack` lists, and as ovs-appctl's own dump
+    holds of those protocols."""
+    lab.client.traffic("udp", lab.server.address, "5360", "1", "10")
+    lab.client.run("ping", "-c", "1", "-W", "1", lab.server.address)
+    cfg = config(tmp_path, lab, "ovs", protocols)
+    listed = subprocess.run([OVSFLOW, "conntrack", "--config", cfg], capture_output=True,
+                            text=True, timeout=60, check=True).stdout.splitlines()
+    counted = subprocess.run([OVSFLOW, "conntrack", "--config", cfg, "--count"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    reference = [line for line in appctl_dump(lab, "zone=65520")
+                 if prefixes is None or line.startswith(prefixes)]
+    assert int(counted) == len(listed) == len(reference) > 0
+    if protocols == ["udp"]:
+        assert {json.loads(line)["protocol"] for line in listed} == {17}
+
+
+def test_every_connection_carries_the_timeout_ovs_prints(lab, tmp_path):
+    """Connection.timeout is the seconds left that `-s` prints; a packet refreshes it (the
+    store tells a quiet connection from a busy one by it)."""
+    sport = json.loads(lab.client.traffic("udp", lab.server.address, "5361", "1",
+                                          "10").stdout)["sport"]
+    time.sleep(2.2)
+    cfg = config(tmp_path, lab, "ovs")
+
+    def ours() -> int:
+        listed = [json.loads(line) for line in subprocess.run(
+            [OVSFLOW, "conntrack", "--config", cfg], capture_output=True, text=True,
+            timeout=60, check=True).stdout.splitlines()]
+        assert all(entry["timeout"] > 0 for entry in listed)
+        [entry] = [e for e in listed if e["sourcePort"] == sport and e["protocol"] == 17]
+        return entry["timeout"]
+
+    quiet = ours()
+    [line] = [text for text in appctl_dump(lab, "-s", "zone=65520")
+              if f"sport={sport}," in text and text.startswith("udp,")]
+    printed = int(line.split("timeout=")[1].split(",")[0])
+    assert printed - 1 <= quiet <= printed + 1
+    # the lab's first-packet UDP timeout is 60 s (ovs-vswitchd's default, udp_first/single)
+    assert 50 < quiet < 59
+    lab.client.run(PYTHON, "-c", "import socket; s = socket.socket(socket.AF_INET, "
+                   f"socket.SOCK_DGRAM); s.bind(('', {sport})); "
+                   f"s.sendto(b'again', ('{lab.server.address}', 5361))")
+    assert ours() > quiet

@@ -2,16 +2,26 @@
 give is tested on them: tests/test_conntrack_kernel.py (the host's), tests/test_kernel_61.py
 (Debian 12's 6.1, in a VM). Here a few lines model what a kernel returns to a dump, given
 which filters it applies; the model is no stand-in for a kernel (the tests above run the
-real ones), it spells out what "no entry twice, none missing" means for a plan."""
+real ones), it spells out what "no entry twice, none missing" means for a plan. Then the
+probe's answer kept per boot, kernel and network namespace, against this machine's kernel."""
 
 import itertools
+import json
+import logging
+import os
 import socket
+from dataclasses import asdict
+from pathlib import Path
 
+import pytest
 from hypothesis import given, strategies as st
 
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import parse_protocol_list
-from ovsflow.source.kernel import Dump, KernelFilters, plan_dumps
+from ovsflow.source.kernel import (
+    Dump, KernelFilters, kept_filters, plan_dumps, probe_filters,
+)
+from ovsflow.state import network_namespace
 
 ZONES = (0, 7, 100, 65510, 65520)
 PROTOCOLS = {socket.AF_INET: (1, 6, 17, 47, 132), socket.AF_INET6: (6, 17, 47, 58, 132)}
@@ -65,3 +75,73 @@ def test_protocol_dumps_need_the_family_filter_too():
     plan = plan_dumps(filtered([65520], ["tcp"]), KernelFilters(family=False, protocol=True,
                                                                  zone=True))
     assert plan == [Dump(0, 65520, None)]
+
+
+# The probe's answer kept per boot, kernel and network namespace (kernel.kept_filters): run
+# against this machine's kernel, in the test process's own network namespace.
+
+def origin() -> dict:
+    return {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "kernel": os.uname().release, "netns": network_namespace()}
+
+
+def kept_file(directory: Path) -> Path:
+    return directory / f"kernel-filters-{network_namespace()}.json"
+
+
+def test_the_first_start_probes_and_keeps_the_answer(tmp_path):
+    directory = tmp_path / "state"  # created when missing, as /var/run/ovsflow may be
+    filters = kept_filters(str(directory))
+    assert filters == probe_filters()
+    kept = json.loads(kept_file(directory).read_text())
+    assert kept == {"origin": origin(), "filters": asdict(filters)}
+    assert kept["origin"]["netns"] > 0 and len(kept["origin"]["boot_id"]) == 36
+    assert [path.name for path in directory.iterdir()] == [kept_file(directory).name]
+
+
+def test_a_kept_answer_of_this_boot_kernel_and_namespace_is_used_without_probing(tmp_path):
+    """The file says what no probe of this kernel says (every filter ignored): the answer
+    read back is the file's."""
+    kept_file(tmp_path).write_text(json.dumps({
+        "origin": origin(), "filters": {"family": False, "protocol": True, "zone": False}}))
+    assert kept_filters(str(tmp_path)) == KernelFilters(family=False, protocol=True,
+                                                        zone=False)
+
+
+@pytest.mark.parametrize("change", ["boot_id", "kernel", "netns"])
+def test_another_boot_kernel_or_namespace_answer_is_probed_again(tmp_path, caplog, change):
+    foreign = origin() | {change: 1 if change == "netns" else "something else"}
+    kept_file(tmp_path).write_text(json.dumps({
+        "origin": foreign, "filters": {"family": False, "protocol": False, "zone": False}}))
+    with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel"):
+        filters = kept_filters(str(tmp_path))
+    assert filters == probe_filters()
+    assert json.loads(kept_file(tmp_path).read_text())["origin"] == origin()
+    [line] = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert "written for" in line and str(kept_file(tmp_path)) in line
+
+
+@pytest.mark.parametrize("text", [
+    "", "\x00\xff garbage", "[]", '{"origin": 5}', json.dumps({"filters": {}}),
+    "ORIGIN"])  # ORIGIN: this machine's origin, with an answer that is not one
+def test_a_corrupt_file_is_set_aside_with_one_debug_line(tmp_path, caplog, text):
+    if text == "ORIGIN":
+        text = json.dumps({"origin": origin(), "filters": {"family": 1, "protocol": True}})
+    kept_file(tmp_path).write_text(text, errors="surrogateescape")
+    with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel"):
+        filters = kept_filters(str(tmp_path))
+    assert filters == probe_filters()
+    assert len([r for r in caplog.records if "not used" in r.getMessage()]) == 1
+    assert json.loads(kept_file(tmp_path).read_text())["filters"] == asdict(filters)
+
+
+def test_no_state_directory_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert kept_filters("") == probe_filters()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_directory_still_gives_the_answer(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the directory should be")
+    assert kept_filters(str(blocked / "state")) == probe_filters()

@@ -17,7 +17,10 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
                 accounting: bool = True):
     """The configured source; `auto` asks OVSDB whether the bridge's datapath is netdev.
     With `accounting`, the kernel's counters and timestamps are switched on (sysctls): the
-    agent wants them, a diagnostic (`ovsflow conntrack`) must change nothing.
+    agent wants them, a diagnostic (`ovsflow conntrack`) must change nothing in the kernel.
+    The kernel's dump filters are probed once per boot, kernel and network namespace, the
+    answer kept in the state directory (`kernel.kept_filters`; the diagnostic keeps and
+    uses it too).
     Blocking (OVSDB, sysctls, a netlink probe): the agent calls it in a worker thread."""
     kind = config.conntrack.source
     if kind == "auto" and not config.ovs.bridge:
@@ -37,8 +40,8 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
         from .ovs import OvsSource
 
         return OvsSource(connection_filter, config.ovs.run_dir)
-    from .kernel import KernelSource, enable_accounting, probe_filters
+    from .kernel import KernelSource, enable_accounting, kept_filters
 
     if accounting:
         enable_accounting()
-    return KernelSource(connection_filter, probe_filters())
+    return KernelSource(connection_filter, kept_filters(config.state.directory))

@@ -7,13 +7,16 @@ exporter) keeps going during a large dump.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import itertools
+import json
 import logging
+import os
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
 from ..connection import Connection
+from ..host import network_namespace
 from .ctnetlink import (
     NETLINK_NETFILTER, count_dump, delete_request, dump_request, new_request, parse_dump,
 )
@@ -102,12 +106,61 @@ def enable_accounting() -> None:
                 "/proc/sys/net in the node's network namespace (hostNetwork).") from None
 
 
+def kept_filters(state_directory: str) -> KernelFilters:
+    """`probe_filters`' answer, kept in the state directory for this boot, kernel release and
+    network namespace (`kernel-filters-<netns cookie>.json`): each of the probe's three dumps
+    walks the whole table (~0.08 s at 110k entries), and the answer is the kernel's. A file
+    that is unreadable, corrupt or another boot's, kernel's or namespace's is set aside with
+    one debug line and the probe runs; "" keeps nothing. Blocking."""
+    if not state_directory:
+        return probe_filters()
+    with open("/proc/sys/kernel/random/boot_id") as boot_id:
+        origin = {"boot_id": boot_id.read().strip(), "kernel": os.uname().release,
+                  "netns": network_namespace()}
+    path = os.path.join(state_directory, f"kernel-filters-{origin['netns']}.json")
+    try:
+        with open(path) as file:
+            kept = json.load(file)
+        if kept["origin"] != origin:
+            raise ValueError(f"written for {kept['origin']}, this is {origin}")
+        answer = kept["filters"]
+        if set(answer) != {"family", "protocol", "zone"} or not all(
+                isinstance(value, bool) for value in answer.values()):
+            raise ValueError(f"not an answer: {answer!r}")
+        log.debug("kernel dump filters: as probed earlier in this boot (%s): %s", path, answer)
+        return KernelFilters(**answer)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        log.debug("kernel dump filters: %s not used (%s); probing", path, err)
+    filters = _probe()
+    if filters is None:  # not kept: the next start tries again
+        return KernelFilters(family=False, protocol=False, zone=False)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(state_directory, exist_ok=True)
+        with open(temporary, "w") as file:
+            json.dump({"origin": origin, "filters": asdict(filters)}, file)
+        os.replace(temporary, path)
+    except OSError as err:
+        log.debug("kernel dump filters: cannot keep the answer in %s (%s)", path,
+                  err.strerror or err)
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+    return filters
+
+
 def probe_filters() -> KernelFilters:
     """Which filters the kernel applies, judged by what it returns: each kind is tried on
     its own, with a dump that must leave out an entry of our own (IPv4, UDP, zone 0) — an
     IPv6 dump, a dump of protocol 255 (without a zone: some builds refuse CTA_ZONE beside
     CTA_FILTER), a dump of zone 65535. A filter counts only if the entry stayed out; when
     the probe cannot run, none counts (one dump, filtered in userspace, is always right)."""
+    return _probe() or KernelFilters(family=False, protocol=False, zone=False)
+
+
+def _probe() -> KernelFilters | None:
+    """probe_filters' answer; None when the probe could not run."""
     entry = (PROBE_ENTRY_PROTOCOL, PROBE_SOURCE, PROBE_DESTINATION,
              random.randrange(1024, 65536), PROBE_ENTRY_PORT)
     with _netlink_socket() as sock:
@@ -116,7 +169,7 @@ def probe_filters() -> KernelFilters:
         except OSError as err:
             log.warning("cannot insert the conntrack filter probe entry (%s): every dump "
                         "filter is left to userspace", err.strerror)
-            return KernelFilters(family=False, protocol=False, zone=False)
+            return None
         try:
             filters = KernelFilters(
                 family=_leaves_out(entry, socket.AF_INET6),

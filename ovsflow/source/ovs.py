@@ -10,15 +10,18 @@ are tiny.
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import json
 import logging
 import os
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
 from ..connection import Connection
-from .dpctl import parse_dump
+from .dpctl import count_entries, parse_pieces
 
 if TYPE_CHECKING:
     from ..record import EncodedRecords
@@ -62,7 +65,7 @@ async def unixctl(path: str, method: str, *params: str) -> str:
                                        f"{method}")
                 chunks.append(chunk)
                 if chunk.rstrip().endswith(b"}"):
-                    result = await asyncio.to_thread(_result, method, tuple(chunks))
+                    result = await asyncio.to_thread(_result, method, chunks)
                     if result is not None:
                         return result
                     # else a '}' inside the text, not the end of the reply
@@ -70,10 +73,13 @@ async def unixctl(path: str, method: str, *params: str) -> str:
         writer.close()
 
 
-def _result(method: str, chunks: tuple[bytes, ...]) -> str | None:
-    """The text of a complete JSON-RPC reply; None while it is incomplete."""
+def _result(method: str, chunks: list[bytes]) -> str | None:
+    """The text of a complete JSON-RPC reply; None while it is incomplete. The chunks are
+    replaced by their join (the loop waits meanwhile): a reply is not held twice while
+    decoded."""
+    chunks[:] = [b"".join(chunks)]
     try:
-        decoded = json.loads(b"".join(chunks))
+        decoded = json.loads(chunks[0])
     except json.JSONDecodeError:
         return None
     if decoded.get("error") is not None:
@@ -117,35 +123,66 @@ class OvsSource:
         self.parse_errors = 0
 
     async def update(self, store: ConnectionStore, now: float) -> list[EncodedRecords]:
-        """One poll into the store; like the parse, the update runs in a worker thread."""
-        return await asyncio.to_thread(store.update, await self.poll(), now)
+        """One poll into the store. The dumps are read on the loop; the parse and the store
+        update run in a worker thread, the store taking the connections piece by piece as
+        they are parsed, so a poll never holds them all (at 100k: ~35 MB of them)."""
+        texts = await self._dumps()
+        return await asyncio.to_thread(store.update, self._connections(texts), now)
 
     def dump_all(self) -> list[Connection]:
         """One poll, outside any event loop (`ovsflow conntrack`)."""
         return asyncio.run(self.poll())
 
     def count(self) -> int:
-        """How many connections the filter accepts (`ovsflow conntrack --count`)."""
-        return len(self.dump_all())
+        """How many connections the filter accepts (`ovsflow conntrack --count`): each
+        dump's lines counted by protocol, not parsed. The zones need no check here: each
+        dump is of one configured zone (ovs-vswitchd's `zone=` filter), or of every zone
+        when none is configured."""
+        return asyncio.run(self._count())
+
+    async def _count(self) -> int:
+        return sum(lines for text in await self._dumps()
+                   for protocol, lines in count_entries(text).items()
+                   if self.filter.accepts_protocol(protocol))
 
     def replan(self) -> None:
         """Nothing to recompute: every poll reads the filter's zones."""
 
     async def poll(self) -> list[Connection]:
-        path = vswitchd_control_socket(self.run_dir)
-        zones = sorted(self.filter.zones)
-        queries = [("-m", "-s", f"zone={zone}") for zone in zones] or [("-m", "-s")]
-        connections: list[Connection] = []
-        for arguments in queries:
-            text = await unixctl(path, "dpctl/dump-conntrack", *arguments)
-            connections += await asyncio.to_thread(self._parse, text)
-        return connections
+        texts = await self._dumps()
+        return await asyncio.to_thread(lambda: list(self._connections(texts)))
 
-    def _parse(self, text: str) -> list[Connection]:
-        """The entries of one dump the filter accepts (blocking: a worker thread's job)."""
-        parsed, errors = parse_dump(text)
+    async def _dumps(self) -> list[str]:
+        path = vswitchd_control_socket(self.run_dir)
+        return [await unixctl(path, "dpctl/dump-conntrack", *arguments)
+                for arguments in self._queries()]
+
+    def _queries(self) -> list[tuple[str, ...]]:
+        """dpctl/dump-conntrack's arguments: a dump per configured zone, or one of all."""
+        return ([("-m", "-s", f"zone={zone}") for zone in sorted(self.filter.zones)]
+                or [("-m", "-s")])
+
+    def _connections(self, texts: list[str]) -> Iterator[Connection]:
+        """The dumps' connections the filter accepts (blocking: a worker thread's job)."""
+        return itertools.chain.from_iterable(self._pieces(texts))  # no generator per entry
+
+    def _pieces(self, texts: list[str]) -> Iterator[list[Connection]]:
+        # A parse allocates objects per entry and nothing cyclic; the cyclic collector would
+        # run over them dozens of times for nothing (as in the kernel source's dump).
+        collecting = gc.isenabled()
+        gc.disable()
+        errors, first_error = 0, None
+        try:
+            for text in texts:
+                for connections, piece_errors in parse_pieces(text):
+                    if piece_errors:
+                        errors += len(piece_errors)
+                        first_error = first_error or piece_errors[0]
+                    yield self.filter.apply(connections)
+        finally:
+            if collecting:
+                gc.enable()
         if errors:
-            self.parse_errors += len(errors)
+            self.parse_errors += errors
             log.warning("dpctl/dump-conntrack: %d line(s) not understood, first: %s",
-                        len(errors), errors[0])
-        return self.filter.apply(parsed)
+                        errors, first_error)
