@@ -31,7 +31,6 @@ from openflow.connection import OpenFlowConnection
 
 from ..filter import ConnectionFilter
 from ..record import RULE_DROP, RULE_REJECT
-from .packet import PacketError, parse_packet
 from .session import BridgeSession
 from .store import DenyStore
 
@@ -149,14 +148,8 @@ class AntreaDenySource(BridgeSession):
         if action is None:
             self.allowed += 1  # an allowed (logged) packet: its connection is in conntrack
             return
-        self.packet_ins += 1
-        try:
-            packet = parse_packet(message.data)
-        except PacketError as err:
-            self.malformed += 1
-            log.debug("deny path: packet-in not understood: %s", err)
-            return
-        if self._filtered_out(packet.protocol):
+        packet = self._denied_packet(message)
+        if packet is None:
             return
         reg2, reg3 = message.field("reg2"), message.field("reg3")
         table = reg2.int() & 0xFF if reg2 is not None else message.table_id

@@ -20,6 +20,7 @@ from openflow import messages as m
 from openflow.connection import ConnectionClosed, OpenFlowConnection
 
 from ..filter import ConnectionFilter
+from .packet import DeniedPacket, PacketError, parse_packet
 from .store import DenyStore
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,22 @@ class BridgeSession:
             self._abandoned = err  # the session ends with this error
             await connection.close()  # `_receive` sees the end of the events
 
-    def _filtered_out(self, protocol: int) -> bool:
-        """The protocol filter, in userspace: True (and counted) for an unwanted protocol."""
-        if self.filter.accepts_protocol(protocol):
-            return False
-        self.unwanted += 1
-        self.unwanted_by_protocol[protocol] += 1
-        return True
+    def _denied_packet(self, message: m.PacketIn) -> DeniedPacket | None:
+        """The packet of a packet-in taken for the deny store, if it is one to keep: one
+        understood (else counted as malformed) of a protocol the filter accepts, here in
+        userspace (else counted by protocol)."""
+        self.packet_ins += 1
+        try:
+            packet = parse_packet(message.data)
+        except PacketError as err:
+            self.malformed += 1
+            log.debug("deny path: packet-in not understood: %s", err)
+            return None
+        if not self.filter.accepts_protocol(packet.protocol):
+            self.unwanted += 1
+            self.unwanted_by_protocol[packet.protocol] += 1
+            return None
+        return packet
 
     async def reconcile(self) -> None:
         """Follow the filter's protocols after a reload (nothing to do where the filter is

@@ -18,7 +18,6 @@ from openflow import messages as m
 from openflow.connection import OpenFlowConnection
 
 from ..filter import ConnectionFilter
-from .packet import PacketError, parse_packet
 from .rules import (
     ALL_COOKIE_BITS, COOKIE, CONTROLLER_ID, METER_FLAGS, PACKET_IN_BYTES, DenyFlow, delete_all,
     deny_flows, installed_flow, meter_bands, meter_mod,
@@ -176,14 +175,8 @@ class DenySource(BridgeSession):
         if message.cookie != COOKIE or message.table_id != self.table:
             self.ignored += 1
             return
-        self.packet_ins += 1
-        try:
-            packet = parse_packet(message.data)
-        except PacketError as err:
-            self.malformed += 1
-            log.debug("deny path: packet-in not understood: %s", err)
-            return
-        if self._filtered_out(packet.protocol):
+        packet = self._denied_packet(message)
+        if packet is None:
             return
         reg3 = message.field("reg3")
         self.store.add(packet, reg3.int() if reg3 is not None else 0, time.time())
