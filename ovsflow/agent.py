@@ -409,6 +409,8 @@ class Agent:
             sections = {"deny": deny}
             if source is not None and not self._restoring:
                 sections["conntrack"] = self.store.snapshot(conntrack_source_name(source))
+            elif (carried := self.export_state.untaken("conntrack")) is not None:
+                sections["conntrack"] = carried
             self.export_state.save(sections, now)
         await asyncio.to_thread(save)
 

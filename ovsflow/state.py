@@ -70,11 +70,13 @@ class Origin:
 class Section:
     """One store's state: `source` names what its keys mean (a conntrack source, the deny
     path), `keys` are the entries' identities and `rows` a structured numpy array of one
-    row each."""
+    row each. `written_at`: when its store last saw them, if not at the file's time (a
+    section carried over from the previous file, its store not yet running)."""
 
     source: str
     keys: Sequence[bytes]
     rows: np.ndarray
+    written_at: float | None = None
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Parts:
     count: int
     row_type: np.dtype
     parts: Iterable[tuple[Sequence[bytes], np.ndarray]]
+    written_at: float | None = None
 
 
 def encode(origin: Origin, written_at: float, sections: dict[str, Section | Parts]
@@ -95,12 +98,13 @@ def encode(origin: Origin, written_at: float, sections: dict[str, Section | Part
     lengths, keys and rows), then an Adler-32 of everything before it (enough to tell a cut
     or damaged file, and cheaper than CRC-32 at tens of MB)."""
     sections = {name: section if isinstance(section, Parts) else Parts(
-        section.source, len(section.keys), section.rows.dtype, [(section.keys, section.rows)])
-        for name, section in sections.items()}
+        section.source, len(section.keys), section.rows.dtype, [(section.keys, section.rows)],
+        section.written_at) for name, section in sections.items()}
     header = json.dumps({
         "version": VERSION, "origin": asdict(origin), "written_at": written_at,
         "sections": {name: {"source": section.source, "count": section.count,
-                            "row": section.row_type.descr}
+                            "row": section.row_type.descr,
+                            "written_at": section.written_at or written_at}
                      for name, section in sections.items()},
     }).encode()
     check = 1
@@ -176,7 +180,8 @@ def decode(data: bytes) -> Decoded:
                 pos += part * dtype.itemsize
             if len(keys) != count:
                 raise StateError(f"unreadable ({name}: {len(keys)} entries of {count})")
-            sections[name] = Section(description["source"], keys, np.concatenate(rows))
+            sections[name] = Section(description["source"], keys, np.concatenate(rows),
+                                     float(description.get("written_at", written_at)))
     except StateError:
         raise
     except (ValueError, KeyError, TypeError) as err:  # json, numpy, a missing field
@@ -213,6 +218,7 @@ class ExportState:
         # outcome (restored | none | discarded) and reason -> times, for the metrics
         self.restores: Counter[tuple[str, str]] = Counter()
         self._loaded: Decoded | None = None
+        self._taken: set[str] = set()
 
     def load(self) -> None:
         """Read the file, once, at start; each store takes its section with `take`."""
@@ -247,6 +253,7 @@ class ExportState:
         if self._loaded is None:
             return None
         section = self._loaded.sections.get(name)
+        self._taken.add(name)
         if section is None:
             return None
         if section.source != source:
@@ -255,8 +262,16 @@ class ExportState:
             return None
         self.restores["restored", name] += 1
         log.info("export state: continuing %d %s entries from %s (written %.1fs ago)",
-                 len(section.keys), name, self.path, time.time() - self._loaded.written_at)
-        return section, self._loaded.written_at
+                 len(section.keys), name, self.path, time.time() - section.written_at)
+        return section, section.written_at
+
+    def untaken(self, name: str) -> Section | None:
+        """The loaded section `name` that no store has taken yet: a save before its store
+        runs (a source that cannot open yet) writes it again as it was, so the next agent
+        still continues those connections."""
+        if self._loaded is None or name in self._taken:
+            return None
+        return self._loaded.sections.get(name)
 
     def _discard(self, reason: str, message: str) -> None:
         """reason: one word for the metric (corrupt, version, unreadable, boot, netns,

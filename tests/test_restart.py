@@ -44,13 +44,18 @@ def node(tmp_path):
         ns.delete()
 
 
-def start_agent(node, tmp_path, state="state"):
+def start_agent(node, tmp_path, state="state", read_only_sysctls=False):
     config = agent_config(
         tmp_path, node.sink.port, ["tcp"],
         flowExporter={"flowPollInterval": "200ms", "activeFlowExportTimeout": "1s",
                       "idleFlowExportTimeout": "60s"},
         state={"directory": str(tmp_path / state) if state else ""})
-    return node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
+    # An agent without a writable /proc/sys (a DaemonSet missing its privileges): its kernel
+    # source cannot switch accounting on, so it never opens.
+    prefix = ["unshare", "-m", "sh", "-c", "mount --bind /proc/sys /proc/sys && mount -o "
+              "remount,bind,ro /proc/sys && exec \"$@\"", "sh"] if read_only_sysctls else []
+    return node.popen(*prefix, OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE,
+                      text=True)
 
 
 def stop(agent, how=signal.SIGTERM) -> str:
@@ -128,6 +133,31 @@ def test_two_rolling_restarts_count_every_byte_once(node, tmp_path):
     # without the state, the second agent's first delta would be each connection's total
     assert all(min(r["octetDeltaCount"] for r in found[port]) < totals[port][1] / 3
                for port in ports)
+
+
+def test_an_agent_whose_source_never_opened_keeps_the_connections_for_the_next(node,
+                                                                             tmp_path):
+    control, ports = steady_traffic(node, tmp_path, count=5)
+    agent = start_agent(node, tmp_path)
+    time.sleep(2.5)
+    stop(agent)
+    agent = start_agent(node, tmp_path, read_only_sysctls=True)
+    time.sleep(2)
+    failed = stop(agent)
+    agent = start_agent(node, tmp_path)
+    time.sleep(2)
+    (control / "stop").touch()
+    time.sleep(1.5)
+    totals = conntrack_totals(node)
+    log = stop(agent)
+    time.sleep(0.5)
+    found = per_connection(node.sink.records(), ports)
+    (control / "close").touch()
+    assert "cannot enable net.netfilter.nf_conntrack_acct" in failed, failed
+    assert "continuing 5 conntrack entries" in log, log
+    for port in ports:
+        assert sums(found[port]) == totals[port], port
+        assert len({r["flowStartMilliseconds"] for r in found[port]}) == 1
 
 
 def test_without_export_state_a_restart_counts_again(node, tmp_path):

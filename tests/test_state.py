@@ -247,6 +247,23 @@ def test_a_good_file_is_restored_and_no_file_is_a_fresh_start(tmp_path):
     assert state.restores == {("restored", "conntrack"): 1}
 
 
+def test_a_section_no_store_took_is_written_again_as_it_was(tmp_path):
+    """An agent whose source cannot open saves its deny entries; the connections of the
+    agent before it stay in the file, with their time, for the agent after it."""
+    write(tmp_path)
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    assert state.take("deny", "deny") is None  # none in the file
+    deny = Section("deny", [b"denied-key"], np.zeros(1, [("packets", "<u8")]))
+    assert state.save({"deny": deny, "conntrack": state.untaken("conntrack")}, 9.0)
+    after = ExportState(str(tmp_path), ORIGIN)
+    after.load()
+    section, written_at = after.take("conntrack", "kernel")
+    assert written_at == 1.0 and len(section.keys) == 1
+    assert after.take("deny", "deny")[1] == 9.0
+    assert after.untaken("conntrack") is None  # taken: its store writes it from now on
+
+
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     path = write(tmp_path)
     before = open(path, "rb").read()
