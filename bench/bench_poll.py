@@ -85,7 +85,7 @@ everything = KernelSource(ConnectionFilter(frozenset(), ALL_PROTOCOLS), kernel).
 cycles, cpu, filters = [], [], []
 for run in range({runs}):
     start, start_cpu = time.perf_counter(), time.process_time()
-    store.update(source.connections(), float(run))
+    store.update_polled(source.pieces(), float(run))
     cycles.append(time.perf_counter() - start)
     cpu.append(time.process_time() - start_cpu)
     start = time.perf_counter()
@@ -95,7 +95,7 @@ for run in range({runs}):
 # are dropped where the agent would hand them to the exporter)
 store.hand_over = lambda batch: None
 start = time.perf_counter()
-store.update(source.connections(), float({runs}) + 60.0)
+store.update_polled(source.pieces(), float({runs}) + 60.0)
 due_cycle = time.perf_counter() - start
 print(statistics.median(cycles), statistics.median(filters), len(store),
       statistics.median(cpu), len(everything), due_cycle)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .connection import Connection
+    from .polled import Polled
 
 
 class ConnectionFilter:
@@ -62,3 +63,16 @@ class ConnectionFilter:
         if rejected:
             self.rejected.update(rejected)
         return kept
+
+    def apply_polled(self, polled: Polled) -> Polled:
+        """`apply` over columns (the kernel source's pieces)."""
+        if not self.zones and self.protocols.numbers is None:
+            return polled
+        accepted = self.accepts_columns(polled.zones, polled.protocols)
+        if accepted.all():
+            return polled
+        import numpy as np
+
+        numbers, counts = np.unique(polled.protocols[~accepted], return_counts=True)
+        self.rejected.update(dict(zip(numbers.tolist(), counts.tolist())))
+        return polled.select(accepted)

@@ -5,13 +5,14 @@ the store is built for the unchanged majority, in time and in memory:
 
 - State lives in columns indexed by a slot number (numpy arrays, reached through
   memoryviews where one value is read or written at a time: as fast as `array`), not in an
-  object per connection: a tracked connection costs its identity and ~105 bytes of columns.
-  The polled `Connection` objects are dropped as soon as they are read.
-- One dict maps each connection's identity (`Connection.key`: zone and original tuple,
-  packed alike by every source, see `connection.identity`) to its slot; protocol, ports and
-  addresses are read back from it when records are made. Per polled connection the loop does a dict lookup
-  and three comparisons; Python code beyond that runs only for connections that are new,
-  reused, changed, ended or gone.
+  object per connection: a tracked connection costs its identity and ~130 bytes of columns.
+- One dict maps each connection's identity (`Connection.key`: zone, original tuple and
+  start, packed alike by every source, see `connection.identity`) to its slot; protocol,
+  ports and addresses are read back from it when records are made.
+- A poll comes as columns (`polled.Polled`, a piece per run of receive buffers): its keys
+  are looked up in the dict in one `map`, and ids, counters, timeouts and states compared
+  with the slots' in a few array operations. Python statements run per connection only for
+  those that are new or reused (their slots taken) or gone (their keys let go).
 - Which connections are due (active or idle timeout) is found with a few array operations
   over all slots, and due records are written in bulk, straight from the columns, as rows
   of their IPFIX templates (`RecordTemplate.encode_columns`): no object per record. What
@@ -29,12 +30,15 @@ import logging
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice, repeat
 
 import numpy as np
 
 from .connection import IDENTITY_FIELDS, IDENTITY_SIZE, Connection
 from .enrich import NO_PODS, Enricher, flow_type
 from .ipfix.templates import RECORD_TEMPLATES, pick
+from .polled import LABELS, NO_LABELS, STATE_NAMES, Malformed, Polled, labels_of
 from .state import Parts
 from .record import (
     ACTIVE_TIMEOUT, BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END,
@@ -91,6 +95,16 @@ def _identities(keys: Sequence[bytes]) -> list[tuple[bool, np.ndarray, np.ndarra
     return families
 
 
+@dataclass
+class _Poll:
+    """What one `update_polled` keeps while it takes the pieces of a poll."""
+
+    unseen: np.ndarray  # 1 for slots tracked before the poll that it has not seen yet
+    taken: np.ndarray  # True for slots filled by this poll
+    ended: list[np.ndarray] = field(default_factory=list)  # slots whose end is due
+    rejected: set[bytes] = field(default_factory=set)  # keys not tracked: the store is full
+
+
 class ConnectionStore:
     def __init__(self, active_timeout: float, idle_timeout: float,
                  max_connections: int = 500_000, enricher: Enricher | None = None):
@@ -121,8 +135,8 @@ class ConnectionStore:
         self._free: list[int] = []
         # The columns, indexed by slot. A free slot has key None.
         self._keys: list[bytes | None] = []
-        self._states: list[str] = []
-        self._labels: list[bytes] = []
+        self._states = column("u2")  # codes in polled.STATE_NAMES
+        self._labels = np.zeros(capacity, LABELS)
         self._pods: list[tuple] = []  # the Pods at the two ends, as last known (Enricher)
         self._ids = column("u4")  # conntrack id
         # counters as last polled, and as last exported
@@ -149,8 +163,8 @@ class ConnectionStore:
         self._spans: list[bytes] = [b""]
         self._span_lengths = np.zeros(1024, "u4")  # of _spans, by id: a gather per batch
         self._span_ids: dict[tuple, int] = {}
-        # One object per distinct state, labels and pair of Pods, however many connections
-        # hold it (a source makes a new one per connection and poll). Cleared with the spans.
+        # One object per distinct pair of Pods, however many connections hold it. Cleared
+        # with the spans.
         self._values: dict = {}
         self._settings = 0  # the enricher's, when the spans were found
         self._previous_poll: float | None = None  # when every tracked connection was seen
@@ -159,101 +173,136 @@ class ConnectionStore:
         return len(self._slots)
 
     def update(self, connections: Iterable[Connection], now: float) -> list[EncodedRecords]:
-        """Take one poll's connections (already filtered); make the records now due."""
+        """`update_polled` for connections as objects (the OVS source's parser, tests)."""
+        return self.update_polled(self._as_polled(connections), now)
+
+    def update_polled(self, pieces: Iterable[Polled], now: float) -> list[EncodedRecords]:
+        """Take one poll's connections (already filtered), piece by piece as the source
+        decodes them; make the records now due."""
         made: list[EncodedRecords] = []
-        # 1 for tracked slots this poll has not seen; slots first taken now are appended
-        unseen = bytearray(self._occupied[:self._used])
-        get, ids = self._slots.get, self._ids
-        packets, octets = self._packets, self._octets
-        reply_packets, reply_octets = self._reply_packets, self._reply_octets
-        states, labels, span = self._states, self._labels, self._span
-        last_activity, quiet, ended_flags = self._last_activity, self._quiet, self._ended
-        expiries = self._expiries
-        rejected: set[bytes] = set()
-        new: dict[int, Connection] = {}  # slot -> connection, filled in bulk
-        reused: dict[int, Connection] = {}
-        ended: list[int] = []
-        # The loop runs once per polled connection: only what the unchanged majority needs.
-        # (A plain loop: CPython 3.11 runs it faster than `map` over item getters.)
-        for c in connections:
-            slot = get(c.key)
-            if slot is None:  # new: a first poll holds at most BATCH of them at once
-                if len(self._slots) < self.max_connections:
-                    new[self._take(c.key, unseen)] = c
-                    if len(new) >= BATCH:
-                        self._fill(new, now, ended)
-                        new = {}
-                else:
-                    rejected.add(c.key)
-                continue
-            unseen[slot] = 0
-            if c.id != ids[slot]:
-                # The same tuple under a new conntrack id: the old entry ended between
-                # polls. Twice in one poll (a retried dump repeats entries): the last counts.
-                if slot in new:
-                    new[slot] = c
-                else:
-                    reused[slot] = c
-                continue
-            if c.counted:
-                if c.packets == packets[slot] and c.reply_packets == reply_packets[slot]:
-                    if c.ended:
-                        ended.append(slot)
-                    continue
-                # Its end was exported and it moves again, or its counters went back: a new
-                # connection that got the old one's id (where the key has no start time to
-                # tell). Counters going back without an end are a reset (`conntrack -z`).
-                if ended_flags[slot] and (not c.ended or c.packets < packets[slot]):
-                    reused[slot] = c
-                    continue
-            else:
-                expiry = now + c.timeout
-                if expiry <= expiries[slot] + EXPIRY_SLACK and c.state == states[slot]:
-                    if expiry < expiries[slot] - EXPIRY_SLACK:  # a shorter timeout policy
-                        expiries[slot] = expiry
-                    if c.ended:  # quiet: its timeout only ran down
-                        ended.append(slot)
-                    continue
-                expiries[slot] = expiry
-                if ended_flags[slot] and not c.ended:
-                    reused[slot] = c
-                    continue
-            # Activity. State and labels change only with packets: read them too.
-            packets[slot], octets[slot] = c.packets, c.octets
-            reply_packets[slot], reply_octets[slot] = c.reply_packets, c.reply_octets
-            if c.state != states[slot] or c.labels != labels[slot]:
-                states[slot], labels[slot] = c.state, self._shared(c.labels)
-                span[slot] = 0
-            last_activity[slot] = now
-            quiet[slot] = 0
-            if c.ended:
-                ended.append(slot)
-        if new:
-            self._fill(new, now, ended)
-        if rejected:
-            first_time = len(rejected - self._rejected_keys)
+        poll = _Poll(np.asarray(self._occupied)[:self._used].copy(),
+                     np.zeros(self.max_connections, bool))
+        for piece in pieces:
+            if len(piece):
+                self._take_piece(piece, now, poll, made)
+        if poll.rejected:
+            first_time = len(poll.rejected - self._rejected_keys)
             self.rejected += first_time
             if first_time:
                 log.warning("connection store full (%d connections): %d new connections not "
                             "tracked (%d so far); raise conntrack.maxConnections", len(self),
                             first_time, self.rejected)
-        self._rejected_keys = rejected
+        self._rejected_keys = poll.rejected
         self._malformed_keys, self._malformed_now = self._malformed_now, set()
-        if reused:
-            slots = np.fromiter(reused, np.int64, len(reused))
-            # ended at the latest in the previous poll, the last that saw it
-            self._emit(slots[np.asarray(self._ended)[slots] == 0], END_OF_FLOW,
-                       self._previous_poll or now, made)
-            self._fill(reused, now, ended)
-        if ended:
-            slots = np.unique(np.array(ended, np.int64))
+        if poll.ended:
+            slots = np.unique(np.concatenate(poll.ended))
             slots = slots[np.asarray(self._ended)[slots] == 0]
             np.asarray(self._ended)[slots] = 1
             self._emit(slots, END_OF_FLOW, now, made)
-        self._remove_gone(unseen, made, now)
+        self._remove_gone(poll.unseen, made, now)
         self._previous_poll = now
         self._expired(now, made)
         return made
+
+    def _as_polled(self, connections: Iterable[Connection]) -> Iterator[Polled]:
+        """BATCH connections a piece; one with a value out of its column's range (a port
+        over 65535, say, from a source gone wrong) is counted, logged once and left out,
+        and the poll goes on."""
+        remaining = iter(connections)
+        while piece := list(islice(remaining, BATCH)):
+            while piece:
+                try:
+                    yield Polled.from_connections(piece)
+                    break
+                except Malformed as err:
+                    c = err.connection
+                    self._malformed_now.add(c.key)
+                    if c.key not in self._malformed_keys:
+                        self.malformed += 1
+                        log.warning("connection not tracked, a value out of range (%s; %d so "
+                                    "far): %r", err, self.malformed, c)
+                    piece = [other for other in piece if other is not c]
+
+    def _take_piece(self, piece: Polled, now: float, poll: _Poll,
+                    made: list[EncodedRecords]) -> None:
+        """Match a piece with the tracked connections by key, then compare in bulk: only
+        new and reused connections cost Python statements each."""
+        count = len(piece)
+        found = np.fromiter(map(self._slots.get, piece.keys, repeat(-1, count)), np.int64,
+                            count)
+        rows = np.flatnonzero(found >= 0)
+        slots = found[rows]
+        new_rows = np.flatnonzero(found < 0)
+        if len(new_rows):
+            new_slots = np.array(self._take_new(piece.keys, new_rows.tolist(),
+                                                   poll.rejected), np.int64)
+            taken = new_slots >= 0
+            self._fill(new_slots[taken], piece, new_rows[taken], now, poll)
+        again = poll.taken[slots]  # first seen earlier in this poll (a retried dump)
+        if again.any():  # the last sighting counts
+            self._fill(slots[again], piece, rows[again], now, poll)
+            rows, slots = rows[~again], slots[~again]
+        poll.unseen[slots[slots < len(poll.unseen)]] = 0
+        same_id = np.asarray(self._ids)[slots] == piece.ids[rows]
+        counted = piece.counted[rows]
+        ended_flags = np.asarray(self._ended)[slots].astype(bool)
+        polled_packets = piece.packets[rows]
+        packets = np.asarray(self._packets)
+        unchanged = ((packets[slots] == polled_packets)
+                     & (np.asarray(self._reply_packets)[slots] == piece.reply_packets[rows]))
+        # Its end was exported and it moves again, or its counters went back: a new
+        # connection that got the old one's id (where the key has no start time to tell).
+        # Counters going back without an end are a reset (`conntrack -z`).
+        reused = ~unchanged & ended_flags & (~piece.ended[rows] | (polled_packets
+                                                                   < packets[slots]))
+        if not counted.all():
+            # Without counters: activity is a timeout refreshed (EXPIRY_SLACK above)
+            uncounted = ~counted & same_id
+            expiries = np.asarray(self._expiries)
+            expiry = now + piece.timeouts[rows].astype("f8")
+            stored = expiries[slots]
+            quiet = ((expiry <= stored + EXPIRY_SLACK)
+                     & (piece.states[rows] == np.asarray(self._states)[slots]))
+            shorter = uncounted & quiet & (expiry < stored - EXPIRY_SLACK)  # a shorter policy
+            moved = uncounted & ~quiet
+            chosen = shorter | moved
+            expiries[slots[chosen]] = expiry[chosen]
+            unchanged = np.where(counted, unchanged, quiet)
+            reused = np.where(counted, reused, moved & ended_flags & ~piece.ended[rows])
+        reused |= ~same_id  # the same tuple under a new conntrack id: ended between polls
+        ended = piece.ended[rows]
+        poll.ended.append(slots[unchanged & ended & ~reused])
+        active = ~unchanged & ~reused
+        if active.any():
+            self._activity(slots[active], piece, rows[active], now, poll)
+        if reused.any():
+            slots, rows = slots[reused], rows[reused]
+            # ended at the latest in the previous poll, the last that saw it (once, should a
+            # retried dump bring it twice)
+            old = np.unique(slots)
+            self._emit(old[np.asarray(self._ended)[old] == 0], END_OF_FLOW,
+                       self._previous_poll or now, made)
+            self._fill(slots, piece, rows, now, poll)
+
+    def _activity(self, slots: np.ndarray, piece: Polled, rows: np.ndarray, now: float,
+                  poll: _Poll) -> None:
+        """Connections that moved. State and labels change only with packets: read them
+        too."""
+        for column, polled in ((self._packets, piece.packets), (self._octets, piece.octets),
+                               (self._reply_packets, piece.reply_packets),
+                               (self._reply_octets, piece.reply_octets)):
+            np.asarray(column)[slots] = polled[rows]
+        states, labels = np.asarray(self._states), self._labels
+        polled_states, polled_labels = piece.states[rows], piece.labels[rows]
+        changed = (states[slots] != polled_states) | (labels[slots] != polled_labels)
+        if changed.any():
+            changed_slots = slots[changed]
+            states[changed_slots] = polled_states[changed]
+            labels[changed_slots] = polled_labels[changed]
+            np.asarray(self._span)[changed_slots] = 0
+        np.asarray(self._last_activity)[slots] = now
+        np.asarray(self._quiet)[slots] = 0
+        poll.ended.append(slots[piece.ended[rows]])
 
     def flush(self, now: float, continued: bool = False) -> list[EncodedRecords]:
         """Final records (the agent is stopping), after a last `update`. `continued`: the
@@ -282,9 +331,9 @@ class ConnectionStore:
         slots = np.flatnonzero(np.asarray(self._occupied)[:self._used])
         dropped = 0
         for _, members, identity in _identities(pick(self._keys, slots.tolist())):
-            for slot in slots[members[~keep(identity)]].tolist():
-                self._drop(slot)
-                dropped += 1
+            unwanted = slots[members[~keep(identity)]]
+            self._drop(unwanted)
+            dropped += len(unwanted)
         return dropped
 
     def snapshot(self, source: str) -> Parts:
@@ -312,8 +361,8 @@ class ConnectionStore:
         unknown) and leaves alone those whose end was exported. Returns how many."""
         room = self.max_connections - len(self._slots)
         keys, rows = list(keys[:room]), rows[:room]
-        unseen = bytearray()
-        slots = np.array([self._take(key, unseen) for key in keys], np.int64)
+        slots = np.array(self._take_new(keys, range(len(keys)), set()), np.int64)
+        np.asarray(self._occupied)[slots] = 1
         for name, column in self._state_columns():
             np.asarray(column)[slots] = rows[name]
         for polled, name in ((self._packets, "packets"), (self._octets, "octets"),
@@ -326,8 +375,10 @@ class ConnectionStore:
         np.asarray(self._counted)[slots] = flags >> 2 & 1
         np.asarray(self._reported)[slots] = flags >> 3 & 1
         np.asarray(self._span)[slots] = 0
+        np.asarray(self._states)[slots] = 0
+        self._labels[slots] = NO_LABELS
         for slot in slots.tolist():
-            self._states[slot], self._labels[slot], self._pods[slot] = "", b"", NO_PODS
+            self._pods[slot] = NO_PODS
         self._previous_poll = seen
         return len(keys)
 
@@ -338,56 +389,46 @@ class ConnectionStore:
                 ("reply_octets", self._exported_reply_octets),
                 ("last_activity", self._last_activity), ("last_export", self._last_export)]
 
-    def _take(self, key: bytes, unseen: bytearray) -> int:
-        """A slot for a new connection, its columns to be filled."""
-        if self._free:
-            slot = self._free.pop()
-            self._keys[slot] = key
-        else:
-            slot = self._used
-            self._used += 1
-            unseen.append(0)
-            self._keys.append(key)
-            self._states.append("")
-            self._labels.append(b"")
-            self._pods.append(NO_PODS)
-        self._slots[key] = slot
-        self._occupied[slot] = 1
-        return slot
+    def _take_new(self, keys: Sequence[bytes], rows: Iterable[int], rejected: set[bytes]
+                  ) -> list[int]:
+        """Slots for the new connections at `rows` (-1: the store is full: their keys go
+        to `rejected`), their columns to be filled."""
+        slots: list[int] = []
+        index, free, stored_keys, pods = self._slots, self._free, self._keys, self._pods
+        room = self.max_connections - len(index)
+        for row in rows:
+            key = keys[row]
+            slot = index.get(key)
+            if slot is None:  # else: twice in one piece (a retried dump), the last counts
+                if room <= 0:
+                    rejected.add(key)
+                    slots.append(-1)
+                    continue
+                room -= 1
+                if free:
+                    slot = free.pop()
+                    stored_keys[slot] = key
+                else:
+                    slot = self._used
+                    self._used += 1
+                    stored_keys.append(key)
+                    pods.append(NO_PODS)
+                index[key] = slot
+            slots.append(slot)
+        return slots
 
-    def _fill(self, entries: dict[int, Connection], now: float, ended: list[int]) -> None:
-        """Conntrack entries start in their slots, written column by column. An entry with
-        a value its column cannot hold (a port over 65535, say, from a source gone wrong)
-        is counted, logged and not tracked; the others are, and the poll goes on."""
-        try:
-            self._fill_columns(list(entries), list(entries.values()), now)
-        except (ValueError, TypeError, OverflowError) as err:
-            if len(entries) > 1:  # which one: each on its own
-                for slot, c in entries.items():
-                    self._fill({slot: c}, now, ended)
-                return
-            [(slot, c)] = entries.items()
-            self._malformed_now.add(c.key)
-            if c.key not in self._malformed_keys:
-                self.malformed += 1
-                log.warning("connection not tracked, a value out of range (%s; %d so far): "
-                            "%r", err, self.malformed, c)
-            self._drop(slot)
-            return
-        ended += [slot for slot, c in entries.items() if c.ended]
-
-    def _fill_columns(self, slot_list: list[int], connections: list[Connection],
-                      now: float) -> None:
-        slots = np.array(slot_list, np.int64)
-        field = dict(zip(Connection._fields, zip(*connections)))
-        for column, values in ((self._ids, field["id"]), (self._packets, field["packets"]),
-                               (self._octets, field["octets"]),
-                               (self._reply_packets, field["reply_packets"]),
-                               (self._reply_octets, field["reply_octets"]),
-                               (self._counted, field["counted"])):
-            np.asarray(column)[slots] = values
-        np.asarray(self._expiries)[slots] = np.array(field["timeout"], "f8") + now
-        start_ms = np.array(field["start_ns"], "u8") // 1_000_000
+    def _fill(self, slots: np.ndarray, piece: Polled, rows: np.ndarray, now: float,
+              poll: _Poll) -> None:
+        """Conntrack entries start in their slots, written column by column."""
+        for column, values in ((self._ids, piece.ids), (self._packets, piece.packets),
+                               (self._octets, piece.octets),
+                               (self._reply_packets, piece.reply_packets),
+                               (self._reply_octets, piece.reply_octets),
+                               (self._counted, piece.counted), (self._states, piece.states)):
+            np.asarray(column)[slots] = values[rows]
+        self._labels[slots] = piece.labels[rows]
+        np.asarray(self._expiries)[slots] = piece.timeouts[rows] + now
+        start_ms = piece.starts_ns[rows] // 1_000_000
         start_ms[start_ms == 0] = int(now * 1000)
         np.asarray(self._start_ms)[slots] = start_ms
         for column in (self._exported_packets, self._exported_octets,
@@ -396,40 +437,44 @@ class ConnectionStore:
             np.asarray(column)[slots] = 0
         for column in (self._last_activity, self._last_export):
             np.asarray(column)[slots] = now
-        states, labels, pods, shared = self._states, self._labels, self._pods, self._shared
-        for slot, state, label in zip(slot_list, field["state"], field["labels"]):
-            states[slot], labels[slot] = shared(state), shared(label)
+        np.asarray(self._occupied)[slots] = 1
+        poll.taken[slots] = True
+        poll.ended.append(slots[piece.ended[rows]])
         # The Pods at the two ends as the connection is first seen: a Pod that takes over
         # an address later is not credited with it.
-        enricher = self.enricher
+        enricher, pods = self.enricher, self._pods
         if enricher is None or not enricher.knows_pods:
-            for slot in slot_list:
+            for slot in slots.tolist():
                 pods[slot] = NO_PODS
-        else:
-            for slot, source, destination in zip(slot_list, field["source"],
-                                                 field["destination"]):
-                pods[slot] = shared(enricher.pods(source, destination))
+            return
+        keys, shared = self._keys, self._shared
+        for slot in slots.tolist():
+            key = keys[slot]
+            length = (len(key) - IDENTITY_SIZE) >> 1
+            pods[slot] = shared(enricher.pods(key[IDENTITY_SIZE:IDENTITY_SIZE + length],
+                                              key[IDENTITY_SIZE + length:]))
 
     def _shared(self, value):
         return self._values.setdefault(value, value)
 
-    def _remove_gone(self, unseen: bytearray, made: list[EncodedRecords], now: float) -> None:
+    def _remove_gone(self, unseen: np.ndarray, made: list[EncodedRecords], now: float) -> None:
         """Connections absent from this poll ended in between: one last record each, with
         the counters and the time of the previous poll, the last that saw them."""
-        gone = np.flatnonzero(np.frombuffer(unseen, np.uint8))
+        gone = np.flatnonzero(unseen)
         if not len(gone):
             return
         self._emit(gone[np.asarray(self._ended)[gone] == 0], END_OF_FLOW,
                    self._previous_poll or now, made)
-        for slot in gone.tolist():
-            self._drop(slot)
+        self._drop(gone)
 
-    def _drop(self, slot: int) -> None:
-        del self._slots[self._keys[slot]]
-        self._keys[slot] = None
-        self._labels[slot], self._pods[slot] = b"", NO_PODS
-        self._occupied[slot] = 0
-        self._free.append(slot)  # for the next new connection
+    def _drop(self, slots: np.ndarray) -> None:
+        index, keys, pods = self._slots, self._keys, self._pods
+        for slot in slots.tolist():
+            del index[keys[slot]]
+            keys[slot] = None
+            pods[slot] = NO_PODS
+        np.asarray(self._occupied)[slots] = 0
+        self._free += slots.tolist()  # for the next new connections
 
     def _expired(self, now: float, made: list[EncodedRecords]) -> None:
         """Idle first: a connection both idle and at its active timeout ends as idle, and
@@ -532,9 +577,14 @@ class ConnectionStore:
             np.asarray(self._span)[:self._used] = 0
         stale = slots[(np.asarray(self._span)[slots] == 0)
                       | (np.asarray(self._span_generation)[slots] != generation)]
-        keys, states, labels, known = self._keys, self._states, self._labels, self._pods
-        span, span_generation = self._span, self._span_generation
-        for slot in stale.tolist():
+        if not len(stale):
+            return
+        keys, known, span, span_generation = self._keys, self._pods, self._span, \
+            self._span_generation
+        labels = [b"" if value == NO_LABELS else value
+                  for value in self._labels[stale].tolist()]
+        for slot, code, label in zip(stale.tolist(), np.asarray(self._states)[stale].tolist(),
+                                     labels):
             key = keys[slot]
             pods = NO_PODS
             if enricher is not None:
@@ -548,8 +598,7 @@ class ConnectionStore:
                 pods = known[slot] = self._shared(pods)
                 self._flow_type[slot] = flow_type(*pods, source, destination,
                                                   enricher.pod_networks)
-            state = states[slot] if key[0] == 6 else ""  # the protocol: TCP
-            values = (pods, labels[slot], state)
+            values = (pods, label, STATE_NAMES[code] if key[0] == 6 else "")  # TCP's state
             span_id = self._span_ids.get(values)
             if span_id is None:
                 encoded = self._encode_span(*values)  # registered only once encoded

@@ -20,8 +20,9 @@ A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
 
 
 def conn(sport=1000, packets=0, octets=0, *, conn_id=1, state="ESTABLISHED", ended=False,
-         counted=True, protocol=6, zone=65520):
+         counted=True, protocol=6, zone=65520, labels=b""):
     return Connection(protocol, A, B, sport, 80, B, A, 80, sport, zone=zone, state=state,
+                      labels=labels,
                       packets=packets, octets=octets, reply_packets=packets,
                       reply_octets=octets * 2, counted=counted, id=conn_id,
                       start_ns=1_000_000_000_000 if counted else 0, ended=ended,
@@ -243,14 +244,18 @@ def test_a_connection_with_a_value_out_of_range_is_left_out_and_counted(caplog):
 
 
 def test_the_table_of_encoded_spans_is_bounded():
+    """Spans are told apart by state, labels (their rule ids) and Pods: 500 states (within
+    the names a process keeps, polled.MAX_STATES) times 132 labels."""
     s = store(active=1, idle=100)
-    states = [f"S{n}" for n in range(MAX_SPANS + 10)]
-    s.update([conn(sport=p % 60000, zone=p // 60000, packets=1, state=states[p])
-              for p in range(len(states))], 0.0)
-    records = s.update([conn(sport=p % 60000, zone=p // 60000, packets=2, state=states[p])
-                        for p in range(len(states))], 1.0)
+    spans = [(f"S{n % 500}", labels_bytes(n // 500 + 1)) for n in range(MAX_SPANS + 10)]
+
+    def poll(packets):
+        return [conn(sport=p % 60000, zone=p // 60000, packets=packets, state=state,
+                     labels=labels) for p, (state, labels) in enumerate(spans)]
+    s.update(poll(1), 0.0)
+    records = s.update(poll(2), 1.0)
     assert len(s._spans) <= MAX_SPANS + BATCH  # checked before each batch
-    assert sorted(r.tcp_state for r in records) == sorted(states)
+    assert sorted(r.tcp_state for r in records) == sorted(state for state, _ in spans)
 
 
 @settings(max_examples=200)

@@ -1,0 +1,133 @@
+"""A piece of a poll as columns: what the store compares and keeps of each polled connection.
+
+A poll brings 10k-500k connections, nearly all unchanged since the one before. As columns,
+the store matches them with its own in a few array operations (`ConnectionStore.update`)
+instead of a loop of Python statements per connection. The kernel decoder makes them
+straight from its receive buffers (`ctnetlink.ColumnDecoder`: a few gathers per learned layout,
+no object per entry); `from_connections` makes them from `Connection`s (the OVS source's
+parser, the tests).
+
+States and labels are columns of numbers too: a state is a code in `STATE_NAMES` (every
+state any source names gets one, for the life of the process), labels are the kernel's 16
+bytes (all zero: none, as the kernel sends none then).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .connection import Connection
+
+log = logging.getLogger(__name__)
+
+LABELS = np.dtype("V16")
+NO_LABELS = bytes(16)
+MAX_STATES = 4096  # distinct state names kept; any further one is recorded as ""
+STATE_NAMES: list[str] = [""]  # by code
+_STATE_CODES: dict[str, int] = {"": 0}
+
+
+def state_code(name: str) -> int:
+    code = _STATE_CODES.get(name)
+    if code is None:
+        if len(STATE_NAMES) >= MAX_STATES:
+            if len(_STATE_CODES) < 2 * MAX_STATES:  # each said once, up to a bound
+                _STATE_CODES[name] = 0
+                log.warning("more than %d distinct connection states: %r recorded as none",
+                            MAX_STATES, name)
+            return 0
+        code = _STATE_CODES[name] = len(STATE_NAMES)
+        STATE_NAMES.append(name)
+    return code
+
+
+def labels_of(column_value: bytes) -> bytes:
+    """A labels column's value as `Connection.labels` holds it (b"": none)."""
+    return b"" if column_value == NO_LABELS else column_value
+
+
+class Malformed(ValueError):
+    """A connection with a value its column cannot hold; `connection` says which."""
+
+    def __init__(self, connection: Connection, reason: str):
+        super().__init__(reason)
+        self.connection = connection
+
+
+@dataclass
+class Polled:
+    keys: list[bytes]  # Connection.key
+    protocols: np.ndarray  # u1, and zones u2: what the filter reads
+    zones: np.ndarray
+    ids: np.ndarray  # u4
+    packets: np.ndarray  # u8, as are the other three counters
+    octets: np.ndarray
+    reply_packets: np.ndarray
+    reply_octets: np.ndarray
+    counted: np.ndarray  # bool: the source keeps counters
+    starts_ns: np.ndarray  # u8, 0: unknown
+    timeouts: np.ndarray  # u4, seconds left
+    states: np.ndarray  # u2, codes in STATE_NAMES
+    labels: np.ndarray  # LABELS
+    ended: np.ndarray  # bool, Connection.ended
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, chosen: np.ndarray) -> Polled:
+        """The rows at `chosen` (a mask or positions)."""
+        positions = np.flatnonzero(chosen) if chosen.dtype == bool else chosen
+        return Polled([self.keys[i] for i in positions.tolist()], *(
+            getattr(self, column.name)[positions] for column in fields(self)[1:]))
+
+    @classmethod
+    def joined(cls, pieces: Sequence[Polled]) -> Polled:
+        if len(pieces) == 1:
+            return pieces[0]
+        return cls([key for piece in pieces for key in piece.keys], *(
+            np.concatenate([getattr(piece, column.name) for piece in pieces])
+            for column in fields(cls)[1:]))
+
+    @classmethod
+    def from_connections(cls, connections: Sequence[Connection]) -> Polled:
+        """Raises Malformed, naming the first connection with a value out of its column's
+        range (a port over 65535, an id over 32 bits: a source gone wrong)."""
+        if not connections:
+            return EMPTY
+        values = dict(zip(Connection._fields, zip(*connections)))
+        try:
+            return cls._from_values(values)
+        except (ValueError, TypeError, OverflowError):
+            for connection in connections:  # which one
+                try:
+                    cls._from_values(dict(zip(Connection._fields, zip(connection))))
+                except (ValueError, TypeError, OverflowError) as err:
+                    raise Malformed(connection, str(err)) from None
+            raise  # out of range together only: not expected
+
+    @classmethod
+    def _from_values(cls, values: dict) -> Polled:
+        labels = values["labels"]
+        if any(labels):
+            if max(map(len, labels)) > LABELS.itemsize:
+                raise ValueError("labels longer than 128 bits")
+            labels_column = np.array(labels, f"S{LABELS.itemsize}").view(LABELS)
+        else:
+            labels_column = np.zeros(len(labels), LABELS)
+        return cls(
+            list(values["key"]), np.array(values["protocol"], "u1"),
+            np.array(values["zone"], "u2"), np.array(values["id"], "u4"),
+            np.array(values["packets"], "u8"), np.array(values["octets"], "u8"),
+            np.array(values["reply_packets"], "u8"), np.array(values["reply_octets"], "u8"),
+            np.array(values["counted"], bool), np.array(values["start_ns"], "u8"),
+            np.array(values["timeout"], "u4"),
+            np.fromiter(map(state_code, values["state"]), "u2", len(labels)),
+            labels_column, np.array(values["ended"], bool))
+
+
+EMPTY = Polled([], *(np.zeros(0, dtype) for dtype in (
+    "u1", "u2", "u4", "u8", "u8", "u8", "u8", bool, "u8", "u4", "u2", LABELS, bool)))
