@@ -103,6 +103,19 @@ def sums(records):
     return tuple(sum(r[name] for r in records) for name in COUNTERS)
 
 
+def last_agent_ends(node, control, agent, ports):
+    """The traffic stops, the agent's polls see the final counters, the agent stops:
+    conntrack's totals, the agent's log and each connection's records."""
+    (control / "stop").touch()
+    time.sleep(1.5)
+    totals = conntrack_totals(node)
+    log = stop(agent)
+    time.sleep(0.5)
+    found = per_connection(node.sink.records(), ports)
+    (control / "close").touch()
+    return totals, log, found
+
+
 def test_two_rolling_restarts_count_every_byte_once(node, tmp_path):
     control, ports = steady_traffic(node, tmp_path)
     logs = []
@@ -113,13 +126,8 @@ def test_two_rolling_restarts_count_every_byte_once(node, tmp_path):
         time.sleep(1)  # traffic goes on while no agent runs
     agent = start_agent(node, tmp_path)
     time.sleep(2.5)
-    (control / "stop").touch()
-    time.sleep(1.5)  # polls see the final counters
-    totals = conntrack_totals(node)
-    logs.append(stop(agent))
-    time.sleep(0.5)
-    found = per_connection(node.sink.records(), ports)
-    (control / "close").touch()
+    totals, log, found = last_agent_ends(node, control, agent, ports)
+    logs.append(log)
 
     assert "continuing 20 conntrack entries" in logs[1] and "continuing" in logs[2], logs
     assert sorted(found) == sorted(ports) and sorted(totals) == sorted(ports)
@@ -146,13 +154,7 @@ def test_an_agent_whose_source_never_opened_keeps_the_connections_for_the_next(n
     failed = stop(agent)
     agent = start_agent(node, tmp_path)
     time.sleep(2)
-    (control / "stop").touch()
-    time.sleep(1.5)
-    totals = conntrack_totals(node)
-    log = stop(agent)
-    time.sleep(0.5)
-    found = per_connection(node.sink.records(), ports)
-    (control / "close").touch()
+    totals, log, found = last_agent_ends(node, control, agent, ports)
     assert "cannot enable net.netfilter.nf_conntrack_acct" in failed, failed
     assert "continuing 5 conntrack entries" in log, log
     for port in ports:
@@ -168,13 +170,7 @@ def test_without_export_state_a_restart_counts_again(node, tmp_path):
     stop(agent)
     agent = start_agent(node, tmp_path, state="")
     time.sleep(1.5)
-    (control / "stop").touch()
-    time.sleep(1.5)
-    totals = conntrack_totals(node)
-    stop(agent)
-    time.sleep(0.5)
-    found = per_connection(node.sink.records(), ports)
-    (control / "close").touch()
+    totals, _, found = last_agent_ends(node, control, agent, ports)
     for port in ports:
         assert sums(found[port])[1] > totals[port][1] * 1.2  # counted again
 
@@ -187,13 +183,7 @@ def test_sigkill_overcounts_at_most_what_was_exported_since_the_last_save(node, 
     stop(agent, signal.SIGKILL)
     agent = start_agent(node, tmp_path)
     time.sleep(1.5)
-    (control / "stop").touch()
-    time.sleep(1.5)
-    totals = conntrack_totals(node)
-    log = stop(agent)
-    time.sleep(0.5)
-    found = per_connection(node.sink.records(), ports)
-    (control / "close").touch()
+    totals, log, found = last_agent_ends(node, control, agent, ports)
     assert "continuing 5 conntrack entries" in log
     for port in ports:
         over = sums(found[port])[1] - totals[port][1]

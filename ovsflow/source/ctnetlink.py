@@ -177,9 +177,32 @@ _CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 def parse_dump(data: bytes, connections: list[Connection]) -> bool:
     """Append the connections in one receive buffer (one or more netlink messages) to
     `connections`. Returns True when the dump is complete (NLMSG_DONE)."""
-    pos, end = 0, len(data)
+    starts, lengths, done = _entries(data)
     layouts, append, from_bytes = _LAYOUTS, connections.append, int.from_bytes
     new, ended_states = tuple.__new__, ENDED_STATES
+    for pos, length in zip(starts, lengths):
+        start = pos + NLMSGHDR.size + NFGENMSG.size
+        # the fast path (see _learn), inlined: this loop runs once per connection
+        for (mask, expected, unpack, arguments, names, state_at, status_at, pack_key,
+             key_values, _, _, _) in layouts.get(length, ()):
+            if from_bytes(data[start:pos + length], "big") & mask == expected:
+                values = unpack(data, start)
+                state = names[values[state_at]] if names is not None else ""
+                append(new(Connection, arguments(values + (
+                    state, state in ended_states or values[status_at] & IPS_DYING != 0,
+                    pack_key(*key_values(values)), 0, b"", True))))
+                break
+        else:
+            append(_walk(data, pos, start, length))
+    return done
+
+
+def _entries(data: bytes) -> tuple[list[int], list[int], bool]:
+    """Where the conntrack entries' messages in one receive buffer start, their lengths,
+    and whether the dump is complete (NLMSG_DONE); an error reply raises NetlinkError."""
+    starts: list[int] = []
+    lengths: list[int] = []
+    pos, end = 0, len(data)
     while pos < end:
         if end - pos < NLMSGHDR.size:
             _bad_header(pos, 0, end)
@@ -187,30 +210,20 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         if length < NLMSGHDR.size or pos + length > end:
             _bad_header(pos, length, end)
         if message_type == _CT_NEW:
-            start = pos + NLMSGHDR.size + NFGENMSG.size
-            # the fast path (see _learn), inlined: this loop runs once per connection
-            for (mask, expected, unpack, arguments, names, state_at, status_at, pack_key,
-                 key_values, _, _, _) in layouts.get(length, ()):
-                if from_bytes(data[start:pos + length], "big") & mask == expected:
-                    values = unpack(data, start)
-                    state = names[values[state_at]] if names is not None else ""
-                    append(new(Connection, arguments(values + (
-                        state, state in ended_states or values[status_at] & IPS_DYING != 0,
-                        pack_key(*key_values(values)), 0, b"", True))))
-                    break
-            else:
-                append(_walk(data, pos, start, length))
+            starts.append(pos)
+            lengths.append(length)
         elif _control(data, pos, length, message_type):
-            return True
+            return starts, lengths, True
         pos += (length + 3) & ~3
-    return False
+    return starts, lengths, False
 
 
 def count_dump(data: bytes, counts: dict[tuple[int, int], int]) -> bool:
     """`parse_dump` for a count: add one receive buffer's entries to `counts` by (zone,
     protocol), what the filter needs, without building a Connection each. Returns True
-    when the dump is complete. (The message walk is parse_dump's, repeated rather than
-    shared: a generator between them costs each entry a resume on the hot path.)"""
+    when the dump is complete. (The message walk is `_entries`', repeated rather than
+    shared: the count is timed against `conntrack -L`, and a walk before the count costs
+    each entry another loop turn.)"""
     pos, end = 0, len(data)
     layouts, from_bytes, get = _LAYOUTS, int.from_bytes, counts.get
     while pos < end:
@@ -661,23 +674,8 @@ class ColumnDecoder:
         starts, lengths = self._uniform(data, np)
         done = False
         if starts is None:  # the walk: a loop turn per message
-            starts, lengths = [], []
-            pos, end = 0, len(data)
-            while pos < end:
-                if end - pos < NLMSGHDR.size:
-                    _bad_header(pos, 0, end)
-                length, message_type = _LENGTH_TYPE(data, pos)
-                if length < NLMSGHDR.size or pos + length > end:
-                    _bad_header(pos, length, end)
-                if message_type == _CT_NEW:
-                    starts.append(pos)
-                    lengths.append(length)
-                elif _control(data, pos, length, message_type):
-                    done = True
-                    break
-                pos += (length + 3) & ~3
-            starts = np.array(starts, np.intp)
-            lengths = np.array(lengths, np.intp)
+            walked, sizes, done = _entries(data)
+            starts, lengths = np.array(walked, np.intp), np.array(sizes, np.intp)
         self._starts.append(starts + self.size)
         self._lengths.append(lengths)
         self._buffers.append(data)
