@@ -8,22 +8,26 @@ kind of configuration bug.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 import socket
-import ssl
 import zlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .protocols import (
     ALL_PROTOCOLS, ProtocolListError, ProtocolSet, parse_protocol_list, quote_value,
 )
+
+# ssl and difflib are imported where a TLS file or a misspelt key needs them: `ovsflow
+# conntrack` loads a configuration on every run and pays for each module it imports
+# (tests/test_cli_imports.py).
+if TYPE_CHECKING:
+    import ssl
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -420,6 +424,8 @@ class _Section:
                 continue
             plain = isinstance(key, str) and key.isprintable() and len(key) <= 100
             name = key if plain else quote_value(key)
+            import difflib
+
             close = difflib.get_close_matches(name, self.known, n=1) if plain else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             where = f"{self.path}.{name}" if self.path else name
@@ -649,6 +655,8 @@ def client_tls_context(tls: TlsSettings) -> ssl.SSLContext:
                               f"{err.strerror}")
     if unreadable:
         raise ConfigError(unreadable)
+    import ssl
+
     try:
         context = ssl.create_default_context(cafile=tls.ca_file)
     except ssl.SSLError as err:

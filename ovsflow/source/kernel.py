@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import socket
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -166,6 +165,8 @@ def probe_filters() -> KernelFilters:
 
 def _probe() -> KernelFilters | None:
     """probe_filters' answer; None when the probe could not run."""
+    import random  # here: with the probe's answer kept, `ovsflow conntrack` never probes
+
     entry = (PROBE_ENTRY_PROTOCOL, PROBE_SOURCE, PROBE_DESTINATION,
              random.randrange(1024, 65536), PROBE_ENTRY_PORT)
     with _netlink_socket() as sock:
