@@ -156,6 +156,11 @@ state:
     return path
 
 
+def load_average() -> str:
+    """The machine's 1-minute load average: other work on it slows every process timed."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def timed_shell(command: str) -> float:
     start = time.perf_counter()
     subprocess.run(["sh", "-c", command], check=True)
@@ -235,6 +240,7 @@ def main() -> None:
         cycle = PollCycle(table.lab.run_dir)
         timings: dict[str, list[float]] = {"reference": [], "count": [], "json": [],
                                            "cycle": [], "cycle_cpu": []}
+        load = load_average()
         for _ in range(args.runs):
             timings["reference"].append(timed_shell(dump))
             timings["count"].append(timed_shell(f"{count_command} > /dev/null"))
@@ -251,7 +257,7 @@ def main() -> None:
         median = {name: statistics.median(values) for name, values in timings.items()}
         reference = median["reference"]
         print(f"machine: {os.cpu_count()} cpus, kernel {os.uname().release}; "
-              f"median of {args.runs}, interleaved")
+              f"median of {args.runs}, interleaved; load average {load} -> {load_average()}")
         print(f"  reference: ovs-appctl dpctl/dump-conntrack -m -s zone={ZONE} > /dev/null  "
               f"{reference:.3f}s")
         big = args.size == 100_000
@@ -265,6 +271,7 @@ def main() -> None:
                        if target and big else "")
             print(f"  {label}: {median[name]:.3f}s, {ratio:.2f}x{verdict}")
         if args.agent_seconds:
+            load = load_average()
             share, rss = agent_cpu(directory, cfg, args.agent_seconds, args.size)
             start = time.perf_counter()
             timed_shell(dump)
@@ -273,7 +280,8 @@ def main() -> None:
                        f"{'met' if share <= 0.12 and rss <= 120 else 'NOT met'}" if big else "")
             print(f"  ovsflow run at Antrea's defaults (5s/5s/15s), {args.agent_seconds:.0f}s "
                   f"steady state: {share * 100:.1f}% of a core, peak RSS {rss:.0f} MB; the "
-                  f"reference dump once per 5s: {dump_share * 100:.1f}% of the time{verdict}")
+                  f"reference dump once per 5s: {dump_share * 100:.1f}% of the time{verdict}; "
+                  f"load average {load} -> {load_average()}")
     finally:
         table.stop()
         shutil.rmtree(directory, ignore_errors=True)

@@ -2,6 +2,7 @@
 dpctl text through our unixctl client and parser, and `ovsflow run` on top."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ import pytest
 from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import LAB, PYTHON
 from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab
+from ovsflow.source.ovs import UnixctlError, unixctl_text
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +142,28 @@ def test_every_connection_carries_the_timeout_ovs_prints(lab, tmp_path):
                    f"socket.SOCK_DGRAM); s.bind(('', {sport})); "
                    f"s.sendto(b'again', ('{lab.server.address}', 5361))")
     assert ours() > quiet
+
+
+def test_the_unixctl_read_gives_the_text_ovs_appctl_prints(lab):
+    """Our unixctl client against ovs-appctl's, on the same ovs-vswitchd: the same lines
+    (each but for the seconds left, which run down between the two dumps), and an error
+    reply raised with ovs-vswitchd's own message, the one ovs-appctl prints."""
+    lab.client.traffic("udp", lab.server.address, "5362", "3", "10")
+    lab.client.run("ping", "-c", "1", "-W", "1", lab.server.address)
+    control = f"{lab.run_dir}/ovs-vswitchd.{lab.pid('ovs-vswitchd')}.ctl"
+    pieces = list(unixctl_text(control, "dpctl/dump-conntrack", "-m", "-s"))
+    printed = appctl_dump(lab, "-m", "-s")
+    assert pieces and all(piece.endswith("\n") for piece in pieces)
+    without_timeouts = lambda lines: sorted(  # noqa: E731
+        re.sub(r",timeout=\d+", "", line) for line in lines)
+    assert without_timeouts("".join(pieces).splitlines()) == without_timeouts(printed)
+    assert any(line.startswith("icmp,") for line in printed)
+
+    refused = subprocess.run(["ovs-appctl", "-t", control, "dpctl/dump-conntrack",
+                              "zone=none"], capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr
+    with pytest.raises(UnixctlError) as caught:
+        list(unixctl_text(control, "dpctl/dump-conntrack", "zone=none"))
+    # ovs-appctl prints the message, then a line of its own
+    message = str(caught.value).removeprefix("dpctl/dump-conntrack: ")
+    assert message.strip() and refused.stderr.startswith(message), (message, refused.stderr)

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from ovsflow.connection import identity, labels_value
 from ovsflow.source.dpctl import (
     DpctlParseError, common_layout_parser, count_entries, parse_dump, parse_entry,
-    parse_pieces,
+    parse_pieces, pieces,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -20,6 +20,17 @@ DUMPS = sorted(DATA.glob("dpctl_*.txt"))
 REAL_LINES = [line for dump in DUMPS for line in dump.read_text().splitlines()]
 V4 = lambda text: socket.inet_pton(socket.AF_INET, text)  # noqa: E731
 V6 = lambda text: socket.inet_pton(socket.AF_INET6, text)  # noqa: E731
+
+
+def fast(line: str):
+    """The common layout parser's connection for `line`, or None where it leaves the line to
+    the general parser (or where `line` holds a line break: several lines to it, one to
+    `parse_entry`; parse_dump, which splits lines first, is held to the general parser on
+    those)."""
+    if len(line.splitlines()) > 1:
+        return None
+    connections, _ = common_layout_parser(general=lambda left: None)(line)
+    return connections[0] if connections else None
 
 
 def general(line: str):
@@ -46,12 +57,26 @@ def test_the_real_dumps_hold_what_they_should():
 
 @pytest.mark.parametrize("line", REAL_LINES)
 def test_real_lines_take_the_fast_path_to_the_same_connection(line):
-    fast = common_layout_parser()(line)
-    assert fast is not None, "a line of ovs-vswitchd's own layout left to the slow path"
-    assert fast == parse_entry(line)
-    assert fast.key == identity(fast.protocol, fast.source, fast.destination,
-                                fast.source_port, fast.destination_port, fast.icmp_id,
-                                fast.icmp_type, fast.icmp_code, fast.zone)
+    found = fast(line)
+    assert found is not None, "a line of ovs-vswitchd's own layout left to the slow path"
+    assert found == parse_entry(line)
+    assert found.key == identity(found.protocol, found.source, found.destination,
+                                 found.source_port, found.destination_port, found.icmp_id,
+                                 found.icmp_type, found.icmp_code, found.zone)
+
+
+def test_a_text_of_many_lines_takes_the_fast_path_line_by_line_in_order():
+    """The fast path reads a text's lines from one regular expression's matches: every line
+    of both real dumps at once, with blank lines among them, gives each line's connection
+    in order, none left to the general parser."""
+    lines = REAL_LINES + [NAT] + REAL_LINES[::-1]
+    text = "\n".join(lines[:10]) + "\n\n \n" + "\n".join(lines[10:]) + "\n"
+
+    def nothing_left(line):
+        raise AssertionError(f"left to the general parser: {line!r}")
+
+    connections, errors = common_layout_parser(general=nothing_left)(text)
+    assert errors == [] and connections == [parse_entry(line) for line in lines]
 
 
 def test_a_real_dump_parses_whole_with_its_values():
@@ -78,7 +103,7 @@ NAT = ("tcp,orig=(src=10.10.1.5,dst=10.96.0.10,sport=40000,dport=53),reply=(src=
 
 def test_a_nat_entry_on_the_fast_path():
     """Service traffic: the reply tuple is not the original's mirror (DNAT)."""
-    c = common_layout_parser()(NAT)
+    c = fast(NAT)
     assert c == parse_entry(NAT)
     assert (c.reply_source, c.reply_source_port, c.reply_destination_port) == (
         V4("10.10.2.7"), 5353, 40000)
@@ -104,7 +129,7 @@ def test_a_nat_entry_on_the_fast_path():
     " " + NAT,
 ])
 def test_other_layouts_and_wrong_values_are_left_to_the_general_parser(line):
-    assert common_layout_parser()(line) is None
+    assert fast(line) is None
     connections, errors = parse_dump(line)
     assert (connections, [str(e) for e in errors]) == (
         ([parse_entry(line)], []) if general(line) else ([], [str(_error(line))]))
@@ -123,13 +148,13 @@ def test_pieces_cut_at_line_ends_lose_and_repeat_nothing(size, separator):
     the pieces together give each line's connection once, in order."""
     lines = REAL_LINES + ["", "garbage", NAT]
     text = separator.join(lines)
-    pieces = list(parse_pieces(text, size))
-    connections = [c for piece, _ in pieces for c in piece]
-    errors = [str(e) for _, piece_errors in pieces for e in piece_errors]
+    parsed = list(parse_pieces(pieces(text, size)))
+    connections = [c for piece, _ in parsed for c in piece]
+    errors = [str(e) for _, piece_errors in parsed for e in piece_errors]
     assert connections == [parse_entry(line) for line in lines if general(line)]
     assert len(connections) == 21 and errors == [str(_error("garbage"))]
     if size == 1 and separator == "\n":
-        assert len(pieces) >= 20  # a line or two each
+        assert len(parsed) >= 20  # a line or two each
 
 
 def test_count_entries_counts_lines_by_protocol():
@@ -175,8 +200,8 @@ def ovs_lines(draw):
 
 @given(ovs_lines())
 def test_generated_lines_in_ovs_layout_parse_as_the_general_parser_does(line):
-    fast, reference = common_layout_parser()(line), general(line)
-    assert fast == reference
+    found, reference = fast(line), general(line)
+    assert found == reference
     assert parse_dump(line)[0] == ([reference] if reference else [])
 
 
@@ -187,9 +212,9 @@ def test_mangled_lines_give_what_the_general_parser_gives(line, cut, junk, inser
     """A mangled line gives the general parser's connection, or the general parser's named
     error; the fast path never answers differently and nothing else escapes."""
     mangled = line[:cut] + junk + line[cut + (0 if insert else len(junk)):]
-    fast, reference = common_layout_parser()(mangled), general(mangled)
-    if fast is not None:
-        assert fast == reference
+    found, reference = fast(mangled), general(mangled)
+    if found is not None:
+        assert found == reference
     mangled = "\n".join([REAL_LINES[0], mangled, NAT])  # the line among others
     lines = [text for text in mangled.splitlines() if text.strip()]
     connections, errors = parse_dump(mangled)

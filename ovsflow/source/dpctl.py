@@ -10,11 +10,11 @@ The userspace datapath keeps no packet or byte counters and no start time; when 
 datapath adds `packets=`/`bytes=`/`start=`, they are read.
 
 Two paths: `parse_dump` reads lines in the layout ovs-vswitchd prints (the fields above, in
-that order, numbers in decimal) with one regular expression each, and hands anything else
-to `parse_entry`, the general parser, which reads any order, counters and start times, and
-names what is wrong. Both give the same `Connection` for the same line
-(tests/test_dpctl_fast.py holds the first to the second on real dumps and fuzzed lines); the
-first takes a fifth of the second's time (docs/performance.md).
+that order, numbers in decimal) from one regular expression's matches over many lines at
+once, and hands anything else to `parse_entry`, the general parser, which reads any order,
+counters and start times, and names what is wrong. Both give the same `Connection` for the
+same line (tests/test_dpctl_fast.py holds the first to the second on real dumps and fuzzed
+lines); the first takes a tenth of the second's time (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
 from ..protocols import PROTOCOL_NUMBERS
-from ..connection import ENDED_STATES, Connection, identity, labels_bytes
+from ..connection import ENDED_STATES, IDENTITY_FIELDS, Connection, identity, labels_bytes
 
 # ct_dpif_format_ipproto's names ("icmpv6" and the rest are in the IANA table too)
 _PROTOCOLS = PROTOCOL_NUMBERS
@@ -168,47 +169,72 @@ def parse_entry(line: str) -> Connection:
                  zone, start_ns))
 
 
-PIECE = 1 << 20  # characters of a dump parsed at a time (~6,000 lines)
+PIECE = 1 << 18  # characters of a text parsed at a time (~1,500 lines)
 
 # The layout ovs-vswitchd prints, field by field (ct_dpif_format_entry with -m -s). Numbers
 # as it prints them (decimal, no leading zeros, at most 10 digits: a longer one goes to the
 # general parser, which names it); the range of each is checked after the match.
+def _uncaptured(pattern: str) -> str:
+    """The pattern with its groups made non-capturing."""
+    return re.sub(r"(?<!\\)\((?!\?)", "(?:", pattern)
+
+
 _NUMBER = r"(0|[1-9][0-9]{0,9})"
 _ADDRESS = r"([0-9a-fA-F.:]{2,45})"
 _PORTS = rf"src={_ADDRESS},dst={_ADDRESS},sport={_NUMBER},dport={_NUMBER}"
 _ICMP = rf"src={_ADDRESS},dst={_ADDRESS},id={_NUMBER},type={_NUMBER},code={_NUMBER}"
-_REST = (rf",id={_NUMBER}(?:,zone={_NUMBER})?,status=([0-9A-Z_|]{{1,200}}),timeout={_NUMBER}"
-         rf"(?:,mark={_NUMBER})?(?:,labels=0x([0-9a-f]{{1,32}}))?"
+# the reply's id, type and code are not read, by the general parser either: any digits
+_ICMP_REPLY = (rf"src={_ADDRESS},dst={_ADDRESS},"
+               r"id=[0-9]{1,20},type=[0-9]{1,20},code=[0-9]{1,20}")
+# The fields around timeout=, in two spans read whole: the first (id, zone, status) and the
+# last (mark, labels, protoinfo) are the same text for most of a table, converted once each.
+_HEAD = rf"id={_NUMBER}(?:,zone={_NUMBER})?,status=([0-9A-Z_|]{{1,200}})"
+_TAIL = (rf"(?:,mark={_NUMBER})?(?:,labels=0x([0-9a-f]{{1,32}}))?"
          # protoinfo: its state first (the one field read), then any key=value but a second
          # state_orig (the general parser would take the last)
          r"(?:,protoinfo=\(state_orig=([0-9A-Z_]{1,40})"
          r"(?:,(?!state_orig=)[a-z_]{1,40}=[0-9A-Za-z_|]{0,200})*\))?")
-_PORTS_ENTRY = re.compile(rf"([0-9a-z-]{{1,20}}),orig=\({_PORTS}\),reply=\({_PORTS}\){_REST}",
-                          re.ASCII).fullmatch
-_ICMP_ENTRY = re.compile(rf"([0-9a-z-]{{1,20}}),orig=\({_ICMP}\),reply=\({_ICMP}\){_REST}",
-                         re.ASCII).fullmatch
+_REST = rf",({_uncaptured(_HEAD)}),timeout={_NUMBER}({_uncaptured(_TAIL)})"
+_HEAD_FIELDS = re.compile(_HEAD, re.ASCII).fullmatch
+_TAIL_FIELDS = re.compile(_TAIL, re.ASCII).fullmatch
+# Every line of a text: an entry with ports in that layout (the line, then its fields), or
+# any other line, whole, in the last group ('' for a group that is absent). One search over
+# many lines costs two thirds of a match per line, and a reply tuple that mirrors the
+# original is matched, not captured.
+_LINES = re.compile(
+    rf"^(?:(([0-9a-z-]{{1,20}}),orig=\({_PORTS}\),reply=\("
+    # the reply tuple: the original's mirror (no NAT: nothing captured, all groups ''), or not
+    rf"(?:src=\4,dst=\3,sport=\6,dport=\5|{_PORTS})\){_REST})|(.*))$",
+    re.ASCII | re.MULTILINE).findall
+_ICMP_LINE = re.compile(rf"([0-9a-z-]{{1,20}}),orig=\({_ICMP}\),reply=\({_ICMP_REPLY}\){_REST}",
+                        re.ASCII).fullmatch
 _DYING = _STATUS_BITS["DYING"]
+# Connection.key as `identity` packs it (IDENTITY_FIELDS, then the addresses), with no call
+# per entry; the start time, which this layout has not, is 0
+_KEY_HEAD = struct.Struct(">" + "".join(code for _, code in IDENTITY_FIELDS)).pack
 
 
 class _Unusual(Exception):
     """A line the common layout parser leaves to the general one."""
 
 
-def common_layout_parser() -> Callable[[str], Connection | None]:
-    """A parser for one dump's lines in ovs-vswitchd's own layout: the Connection, or None
-    for a line it leaves to `parse_entry` (another layout, or something wrong in it). It
-    keeps what it has converted for the rest of the dump (a node's table repeats its
-    addresses, ports, zones, timeouts), and reuses the original tuple's values for the reply
-    tuple's where the text is the same (no NAT)."""
+def common_layout_parser(general: Callable[[str], Connection] = parse_entry
+                         ) -> Callable[[str], tuple[list[Connection], list[DpctlParseError]]]:
+    """A parser for the texts of one dump, each of whole lines: the connections and the
+    errors of each text. A line in ovs-vswitchd's own layout is read from a regular
+    expression's match, its fields converted through caches kept for the rest of the dump
+    (a node's table repeats its addresses, zones, timeouts, statuses); the reply tuple takes
+    the original's values where it mirrors it (no NAT). Any other line (another
+    layout, something wrong in it) goes to `general`."""
     addresses: dict[str, bytes] = {}
-    u16: dict[str, int] = {}  # numbers that fit 16 bits
-    u32: dict[str, int] = {}
-    u8: dict[str, int] = {}
+    timeouts: dict[str, int] = {}
     protocols: dict[str, int] = {}
-    statuses: dict[str, int] = {}
-    labels_cache: dict[str, bytes] = {}
-    get16, get32, get_address = u16.get, u32.get, addresses.get
-    new, ended_states = tuple.__new__, ENDED_STATES
+    heads: dict[str, tuple[int, int, int, bool]] = {}  # id, zone, status, dying
+    tails: dict[str, tuple[int, bytes, str, bool]] = {}  # mark, labels, state, ended
+    get_address, get_timeout = addresses.get, timeouts.get
+    get_protocol, get_head, get_tail = protocols.get, heads.get, tails.get
+    key_head = _KEY_HEAD
+    new = tuple.__new__
     pton, ipv4, ipv6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
 
     def address(text: str) -> bytes:
@@ -218,98 +244,108 @@ def common_layout_parser() -> Callable[[str], Connection | None]:
             raise _Unusual from None
         return packed
 
-    def number(text: str, cache: dict[str, int], limit: int) -> int:
-        value = int(text)
+    def number(text: str, limit: int = 0xFFFFFFFF) -> int:
+        value = int(text or 0)  # '': an optional field that is absent, as parse_entry reads it
         if value > limit:
             raise _Unusual
-        cache[text] = value
         return value
 
-    def converted(text: str, cache: dict, convert: Callable[[str, str], int]) -> int:
+    def timeout(text: str) -> int:
+        value = timeouts[text] = number(text)
+        return value
+
+    def protocol(text: str) -> int:
         try:
-            value = cache[text] = convert(text, "")
+            value = protocols[text] = _protocol(text, "")
         except DpctlParseError:
             raise _Unusual from None
         return value
 
-    def parse(line: str) -> Connection | None:
+    def head(text: str) -> tuple[int, int, int, bool]:
+        id_text, zone_text, status_text = _HEAD_FIELDS(text).groups("")
         try:
-            match = _PORTS_ENTRY(line)
-            if match is not None:
-                (protocol_text, source_text, destination_text, sport_text, dport_text,
-                 reply_source_text, reply_destination_text, reply_sport_text,
-                 reply_dport_text, id_text, zone_text, status_text, timeout_text, mark_text,
-                 labels, state) = match.groups()
-                sport = get16(sport_text)
-                if sport is None:
-                    sport = number(sport_text, u16, 0xFFFF)
-                dport = get16(dport_text)
-                if dport is None:
-                    dport = number(dport_text, u16, 0xFFFF)
-                if reply_sport_text == dport_text:
-                    reply_sport = dport
-                elif (reply_sport := get16(reply_sport_text)) is None:
-                    reply_sport = number(reply_sport_text, u16, 0xFFFF)
-                if reply_dport_text == sport_text:
-                    reply_dport = sport
-                elif (reply_dport := get16(reply_dport_text)) is None:
-                    reply_dport = number(reply_dport_text, u16, 0xFFFF)
-                icmp_id = icmp_type = icmp_code = 0
-            else:
-                match = _ICMP_ENTRY(line)
-                if match is None:
-                    return None
-                (protocol_text, source_text, destination_text, icmp_id, icmp_type,
-                 icmp_code, reply_source_text, reply_destination_text, _, _, _, id_text,
-                 zone_text, status_text, timeout_text, mark_text, labels, state) = match.groups()
-                icmp_id = number(icmp_id, u16, 0xFFFF)
-                icmp_type, icmp_code = number(icmp_type, u8, 0xFF), number(icmp_code, u8, 0xFF)
-                sport = dport = reply_sport = reply_dport = 0
-            source = get_address(source_text) or address(source_text)
-            destination = get_address(destination_text) or address(destination_text)
-            if len(source) != len(destination):
-                return None
-            reply_source = (destination if reply_source_text == destination_text
-                            else get_address(reply_source_text) or address(reply_source_text))
-            reply_destination = (
-                source if reply_destination_text == source_text
-                else get_address(reply_destination_text) or address(reply_destination_text))
-            if zone_text is None:
-                zone = 0
-            elif (zone := get16(zone_text)) is None:
-                zone = number(zone_text, u16, 0xFFFF)
-            number_ = get32(id_text)
-            if number_ is None:
-                number_ = number(id_text, u32, 0xFFFFFFFF)
-            timeout = get32(timeout_text)
-            if timeout is None:
-                timeout = number(timeout_text, u32, 0xFFFFFFFF)
-            if mark_text is None:
-                mark = 0
-            elif (mark := get32(mark_text)) is None:
-                mark = number(mark_text, u32, 0xFFFFFFFF)
-            protocol = protocols.get(protocol_text)
-            if protocol is None:
-                protocol = converted(protocol_text, protocols, _protocol)
-            status = statuses.get(status_text)
-            if status is None:
-                status = converted(status_text, statuses, _status)
-        except _Unusual:
-            return None
-        if labels is not None:
-            labels = labels_cache.get(labels) or labels_cache.setdefault(
-                labels, labels_bytes(int(labels, 16)))
-        else:
-            labels = b""
-        if state is None:
-            state = ""
-        return new(Connection, (
-            protocol, source, destination, sport, dport, reply_source, reply_destination,
-            reply_sport, reply_dport, icmp_type, icmp_code, icmp_id, zone, mark, labels,
-            status, state, 0, 0, 0, 0, False, 0, number_, timeout,
-            bool(status & _DYING) or state in ended_states,
-            identity(protocol, source, destination, sport, dport, icmp_id, icmp_type,
-                     icmp_code, zone)))
+            status = _status(status_text, "")
+        except DpctlParseError:
+            raise _Unusual from None
+        value = heads[text] = (number(id_text), number(zone_text, 0xFFFF), status,
+                               bool(status & _DYING))
+        return value
+
+    def tail(text: str) -> tuple[int, bytes, str, bool]:
+        mark_text, labels_text, state = _TAIL_FIELDS(text).groups("")
+        value = tails[text] = (number(mark_text),
+                               labels_bytes(int(labels_text, 16)) if labels_text else b"",
+                               state, state in ENDED_STATES)
+        return value
+
+    def parse(text: str) -> tuple[list[Connection], list[DpctlParseError]]:
+        connections: list[Connection] = []
+        errors: list[DpctlParseError] = []
+        append = connections.append
+
+        def leftover(lines: str) -> None:
+            for line in lines.splitlines():
+                if line.strip():
+                    try:
+                        append(general(line))
+                    except DpctlParseError as err:
+                        errors.append(err)
+
+        for (line, protocol_text, source_text, destination_text, sport_text, dport_text,
+             reply_source_text, reply_destination_text, reply_sport_text, reply_dport_text,
+             head_text, timeout_text, tail_text, other) in _LINES(text):
+            try:
+                if line:
+                    # ports not cached: a node's client ports are as many as its entries
+                    sport, dport = int(sport_text), int(dport_text)
+                    if reply_source_text:  # NAT
+                        reply_sport, reply_dport = int(reply_sport_text), int(reply_dport_text)
+                    else:
+                        reply_sport, reply_dport = dport, sport
+                    if (sport | dport | reply_sport | reply_dport) > 0xFFFF:
+                        raise _Unusual
+                    icmp_id = icmp_type = icmp_code = 0
+                elif (match := _ICMP_LINE(other)) is not None:
+                    line = other
+                    (protocol_text, source_text, destination_text, icmp_id, icmp_type,
+                     icmp_code, reply_source_text, reply_destination_text, head_text,
+                     timeout_text, tail_text) = match.groups()
+                    icmp_id, icmp_type = int(icmp_id), int(icmp_type)
+                    icmp_code = int(icmp_code)
+                    if icmp_id > 0xFFFF or (icmp_type | icmp_code) > 0xFF:
+                        raise _Unusual
+                    sport = dport = reply_sport = reply_dport = 0
+                else:
+                    if other:
+                        leftover(other)
+                    continue
+                source = get_address(source_text) or address(source_text)
+                destination = get_address(destination_text) or address(destination_text)
+                if len(source) != len(destination):
+                    raise _Unusual
+                if reply_source_text:  # NAT, or ICMP
+                    reply_source = get_address(reply_source_text) or address(reply_source_text)
+                    reply_destination = (get_address(reply_destination_text)
+                                         or address(reply_destination_text))
+                else:
+                    reply_source, reply_destination = destination, source
+                number_, zone, status, dying = get_head(head_text) or head(head_text)
+                mark, labels, state, closed = get_tail(tail_text) or tail(tail_text)
+                if (seconds := get_timeout(timeout_text)) is None:
+                    seconds = timeout(timeout_text)
+                if (protocol_number := get_protocol(protocol_text)) is None:
+                    protocol_number = protocol(protocol_text)
+            except _Unusual:
+                leftover(line)
+                continue
+            append(new(Connection, (
+                protocol_number, source, destination, sport, dport, reply_source,
+                reply_destination, reply_sport, reply_dport, icmp_type, icmp_code, icmp_id,
+                zone, mark, labels, status, state, 0, 0, 0, 0, False, 0, number_, seconds,
+                dying or closed,
+                key_head(protocol_number, sport, dport, icmp_id, icmp_type, icmp_code, zone,
+                         0) + source + destination)))
+        return connections, errors
 
     return parse
 
@@ -319,37 +355,28 @@ def parse_dump(text: str) -> tuple[list[Connection], list[DpctlParseError]]:
     cost the rest of the table."""
     connections: list[Connection] = []
     errors: list[DpctlParseError] = []
-    for piece_connections, piece_errors in parse_pieces(text):
+    for piece_connections, piece_errors in parse_pieces(pieces(text)):
         connections += piece_connections
         errors += piece_errors
     return connections, errors
 
 
-def parse_pieces(text: str, size: int = PIECE
-                 ) -> Iterator[tuple[list[Connection], list[DpctlParseError]]]:
-    """`parse_dump`, a piece of about `size` characters (whole lines) at a time: a 100k
-    dump's lines never exist all at once as strings (~20 MB)."""
-    parse = common_layout_parser()
+def pieces(text: str, size: int = PIECE) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, cut after a newline."""
     start, end = 0, len(text)
     while start < end:
-        cut = text.find("\n", start + size)  # after a "\n": splitlines' lines stay whole
+        cut = text.find("\n", start + size)
         cut = end if cut < 0 else cut + 1
-        connections: list[Connection] = []
-        errors: list[DpctlParseError] = []
-        append = connections.append
-        for line in text[start:cut].splitlines():
-            connection = parse(line)
-            if connection is None:
-                if not line.strip():
-                    continue
-                try:
-                    connection = parse_entry(line)
-                except DpctlParseError as err:
-                    errors.append(err)
-                    continue
-            append(connection)
-        yield connections, errors
+        yield text[start:cut]
         start = cut
+
+
+def parse_pieces(texts: Iterable[str]
+                 ) -> Iterator[tuple[list[Connection], list[DpctlParseError]]]:
+    """`parse_dump` of a dump that comes in pieces of whole lines (as ovs-vswitchd's reply
+    is decoded), a piece at a time: a 100k dump's lines never exist all at once as strings
+    (~20 MB). One parser for all the pieces: what it has converted serves the rest."""
+    return map(common_layout_parser(), texts)
 
 
 _FIRST_ENTRY = re.compile(r"([0-9a-z-]{1,20}),orig=\(").match

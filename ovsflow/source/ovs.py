@@ -2,9 +2,11 @@
 
 Unixctl is JSON-RPC over `<runDir>/ovs-vswitchd.<pid>.ctl`. python-ovs has a client, but
 without its C extension (Debian has no libopenvswitch-dev, so pip builds it pure-Python) its
-JSON parser took 155 s for a 10k-entry dump here; this small asyncio client with the stdlib
-json takes ~40 ms. python-ovs stays in use for OVSDB (`bridge_datapath_type`), where replies
-are tiny.
+JSON parser took 155 s for a 10k-entry dump here. Here the reply is decoded as it arrives
+(`ReplyDecoder`, sans-IO, the stdlib json's C string scanner), and its text parsed a piece
+of whole lines at a time: a poll never holds a whole dump (at 100k entries, 16-30 MB of
+JSON and as much text). python-ovs stays in use for OVSDB (`bridge_datapath_type`), where
+replies are tiny.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import itertools
 import json
 import logging
 import os
+import socket
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ..filter import ConnectionFilter
+from .unixctl import ReplyDecoder, UnixctlError
 from ..connection import Connection
 from .dpctl import count_entries, parse_pieces
 
@@ -29,11 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-UNIXCTL_TIMEOUT = 30.0
-
-
-class UnixctlError(RuntimeError):
-    pass
+UNIXCTL_TIMEOUT = 30.0  # seconds without a byte of the reply
+READ_SIZE = 1 << 18  # bytes of the reply received, decoded and parsed at a time
 
 
 def vswitchd_control_socket(run_dir: str) -> str:
@@ -48,43 +49,29 @@ def vswitchd_control_socket(run_dir: str) -> str:
     return os.path.join(run_dir, f"ovs-vswitchd.{pid}.ctl")
 
 
-async def unixctl(path: str, method: str, *params: str) -> str:
-    """One unixctl command; its text output. The reply is read on the event loop, chunk by
-    chunk into a list (a dump is megabytes: `buffer += chunk` copied it again per chunk), and
-    decoded in a worker thread, so a large dump never stalls the loop."""
-    reader, writer = await asyncio.open_unix_connection(path)
-    try:
-        writer.write(json.dumps({"id": 0, "method": method, "params": list(params)}).encode())
-        await writer.drain()
-        chunks: list[bytes] = []
-        async with asyncio.timeout(UNIXCTL_TIMEOUT):
-            while True:
-                chunk = await reader.read(1 << 20)
+def unixctl_text(path: str, method: str, *params: str) -> Iterator[str]:
+    """One unixctl command's text output, in pieces of whole lines as its reply arrives
+    (blocking: a worker thread's). The reply is received where it is decoded and parsed:
+    a piece is read when the last has been taken, so what is held at once is a piece and
+    what the socket buffers, not the reply; and the event loop's thread does none of it
+    (an asyncio read handing chunks to the worker cost that thread ~0.1 s of CPU per 100k
+    entries in tests/test_ovs_unixctl.py)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(UNIXCTL_TIMEOUT)
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps({"id": 0, "method": method,
+                                     "params": list(params)}).encode())
+            reply = ReplyDecoder(method)
+            while not reply.complete:
+                chunk = sock.recv(READ_SIZE)
                 if not chunk:
                     raise UnixctlError(f"{path}: connection closed before the reply to "
                                        f"{method}")
-                chunks.append(chunk)
-                if chunk.rstrip().endswith(b"}"):
-                    result = await asyncio.to_thread(_result, method, chunks)
-                    if result is not None:
-                        return result
-                    # else a '}' inside the text, not the end of the reply
-    finally:
-        writer.close()
-
-
-def _result(method: str, chunks: list[bytes]) -> str | None:
-    """The text of a complete JSON-RPC reply; None while it is incomplete. The chunks are
-    replaced by their join (the loop waits meanwhile): a reply is not held twice while
-    decoded."""
-    chunks[:] = [b"".join(chunks)]
-    try:
-        decoded = json.loads(chunks[0])
-    except json.JSONDecodeError:
-        return None
-    if decoded.get("error") is not None:
-        raise UnixctlError(f"{method}: {decoded['error']}")
-    return decoded.get("result") or ""
+                yield from reply.feed(chunk)
+        except TimeoutError:
+            raise UnixctlError(f"{path}: no reply to {method} for {UNIXCTL_TIMEOUT:.0f} s"
+                               ) from None
 
 
 def bridge_datapath_type(run_dir: str, bridge: str) -> str:
@@ -123,25 +110,22 @@ class OvsSource:
         self.parse_errors = 0
 
     async def update(self, store: ConnectionStore, now: float) -> list[EncodedRecords]:
-        """One poll into the store. The dumps are read on the loop; the parse and the store
-        update run in a worker thread, the store taking the connections piece by piece as
-        they are parsed, so a poll never holds them all (at 100k: ~35 MB of them)."""
-        texts = await self._dumps()
-        return await asyncio.to_thread(store.update, self._connections(texts), now)
+        """One poll into the store, in a worker thread: each dump's reply decoded, parsed
+        and handed to the store a piece at a time as it arrives, so a poll never holds the
+        dump (its JSON, its text, its lines or its `Connection`s) whole."""
+        texts = self._texts()
+        return await asyncio.to_thread(lambda: store.update(self._connections(texts), now))
 
     def dump_all(self) -> list[Connection]:
-        """One poll, outside any event loop (`ovsflow conntrack`)."""
-        return asyncio.run(self.poll())
+        """One poll, blocking (`ovsflow conntrack`)."""
+        return list(self._connections(self._texts()))
 
     def count(self) -> int:
         """How many connections the filter accepts (`ovsflow conntrack --count`): each
         dump's lines counted by protocol, not parsed. The zones need no check here: each
         dump is of one configured zone (ovs-vswitchd's `zone=` filter), or of every zone
         when none is configured."""
-        return asyncio.run(self._count())
-
-    async def _count(self) -> int:
-        return sum(lines for text in await self._dumps()
+        return sum(lines for text in self._texts()
                    for protocol, lines in count_entries(text).items()
                    if self.filter.accepts_protocol(protocol))
 
@@ -149,36 +133,39 @@ class OvsSource:
         """Nothing to recompute: every poll reads the filter's zones."""
 
     async def poll(self) -> list[Connection]:
-        texts = await self._dumps()
-        return await asyncio.to_thread(lambda: list(self._connections(texts)))
+        return await asyncio.to_thread(self.dump_all)
 
-    async def _dumps(self) -> list[str]:
+    def _texts(self) -> Iterator[str]:
+        """The dumps' text, in pieces of whole lines (blocking: a worker thread's)."""
         path = vswitchd_control_socket(self.run_dir)
-        return [await unixctl(path, "dpctl/dump-conntrack", *arguments)
-                for arguments in self._queries()]
+        return itertools.chain.from_iterable(
+            unixctl_text(path, "dpctl/dump-conntrack", *arguments)
+            for arguments in self._queries())
 
     def _queries(self) -> list[tuple[str, ...]]:
         """dpctl/dump-conntrack's arguments: a dump per configured zone, or one of all."""
         return ([("-m", "-s", f"zone={zone}") for zone in sorted(self.filter.zones)]
                 or [("-m", "-s")])
 
-    def _connections(self, texts: list[str]) -> Iterator[Connection]:
+    def _connections(self, texts: Iterable[str]) -> Iterator[Connection]:
         """The dumps' connections the filter accepts (blocking: a worker thread's job)."""
         return itertools.chain.from_iterable(self._pieces(texts))  # no generator per entry
 
-    def _pieces(self, texts: list[str]) -> Iterator[list[Connection]]:
+    def _pieces(self, texts: Iterable[str]) -> Iterator[list[Connection]]:
         # A parse allocates objects per entry and nothing cyclic; the cyclic collector would
         # run over them dozens of times for nothing (as in the kernel source's dump).
         collecting = gc.isenabled()
         gc.disable()
         errors, first_error = 0, None
+        # Each dump is of one configured zone (ovs-vswitchd's `zone=` filter) or of every
+        # zone when none is: with every protocol exported, the filter would keep them all.
+        every_protocol = self.filter.protocols.numbers is None
         try:
-            for text in texts:
-                for connections, piece_errors in parse_pieces(text):
-                    if piece_errors:
-                        errors += len(piece_errors)
-                        first_error = first_error or piece_errors[0]
-                    yield self.filter.apply(connections)
+            for connections, piece_errors in parse_pieces(texts):
+                if piece_errors:
+                    errors += len(piece_errors)
+                    first_error = first_error or piece_errors[0]
+                yield connections if every_protocol else self.filter.apply(connections)
         finally:
             if collecting:
                 gc.enable()
