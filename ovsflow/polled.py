@@ -45,11 +45,6 @@ def state_code(name: str) -> int:
     return code
 
 
-def labels_of(column_value: bytes) -> bytes:
-    """A labels column's value as `Connection.labels` holds it (b"": none)."""
-    return b"" if column_value == NO_LABELS else column_value
-
-
 class Malformed(ValueError):
     """A connection with a value its column cannot hold; `connection` says which."""
 
@@ -60,6 +55,8 @@ class Malformed(ValueError):
 
 @dataclass
 class Polled:
+    """Connections of one piece of a poll, a row each."""
+
     keys: list[bytes]  # Connection.key
     protocols: np.ndarray  # u1, and zones u2: what the filter reads
     zones: np.ndarray

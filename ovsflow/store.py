@@ -38,7 +38,7 @@ import numpy as np
 from .connection import IDENTITY_FIELDS, IDENTITY_SIZE, Connection
 from .enrich import NO_PODS, Enricher, flow_type
 from .ipfix.templates import RECORD_TEMPLATES, pick
-from .polled import LABELS, NO_LABELS, STATE_NAMES, Malformed, Polled, labels_of
+from .polled import LABELS, NO_LABELS, STATE_NAMES, Malformed, Polled
 from .state import Parts
 from .record import (
     ACTIVE_TIMEOUT, BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END,
