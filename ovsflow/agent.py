@@ -384,18 +384,17 @@ class Agent:
 
     def _restore_deny(self) -> None:
         assert self.export_state is not None
-        taken = self.export_state.take("deny", _deny_source_name(self.config))
-        if taken is not None:
-            self.deny_store.restore(taken[0].keys, taken[0].rows)
+        section = self.export_state.take("deny", _deny_source_name(self.config))
+        if section is not None:
+            self.deny_store.restore(section.keys, section.rows)
 
     def _restore_connections(self, source) -> None:
         """In the poll's worker thread, once the source is open: its kind says whose
         connections the state may continue."""
         assert self.export_state is not None
-        taken = self.export_state.take("conntrack", conntrack_source_name(source))
-        if taken is not None:
-            section, written_at = taken
-            self.store.restore(section.keys, section.rows, written_at)
+        section = self.export_state.take("conntrack", conntrack_source_name(source))
+        if section is not None:
+            self.store.restore(section.keys, section.rows, section.written_at)
         self._restoring = False
 
     async def _save_state(self, now: float) -> None:

@@ -139,8 +139,7 @@ def _pieces(header: bytes, sections: dict[str, Parts]) -> Iterator[bytes | memor
 @dataclass
 class Decoded:
     origin: Origin
-    written_at: float
-    sections: dict[str, Section]
+    sections: dict[str, Section]  # each with its written_at (the file's, if not its own)
 
 
 def decode(data: bytes) -> Decoded:
@@ -188,7 +187,7 @@ def decode(data: bytes) -> Decoded:
         raise StateError(f"unreadable ({type(err).__name__}: {err})") from None
     if pos != len(body):
         raise StateError("unreadable (sizes do not add up)")
-    return Decoded(origin, written_at, sections)
+    return Decoded(origin, sections)
 
 
 def conntrack_source_name(source) -> str:
@@ -247,9 +246,9 @@ class ExportState:
             return
         self._loaded = decoded
 
-    def take(self, name: str, source: str) -> tuple[Section, float] | None:
-        """The section `name` written for `source`, and when it was written; None when
-        there is none to continue from (said once in the log and counted)."""
+    def take(self, name: str, source: str) -> Section | None:
+        """The section `name` written for `source` (its `written_at` set); None when there
+        is none to continue from (said once in the log and counted)."""
         if self._loaded is None:
             return None
         section = self._loaded.sections.get(name)
@@ -263,7 +262,7 @@ class ExportState:
         self.restores["restored", name] += 1
         log.info("export state: continuing %d %s entries from %s (written %.1fs ago)",
                  len(section.keys), name, self.path, time.time() - section.written_at)
-        return section, section.written_at
+        return section
 
     def untaken(self, name: str) -> Section | None:
         """The loaded section `name` that no store has taken yet: a save before its store

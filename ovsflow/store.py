@@ -242,7 +242,7 @@ class ConnectionStore:
         if again.any():  # the last sighting counts
             self._fill(slots[again], piece, rows[again], now, poll)
             rows, slots = rows[~again], slots[~again]
-        poll.unseen[slots[slots < len(poll.unseen)]] = 0
+        poll.unseen[slots] = 0  # tracked before the poll: the others were `again`
         same_id = np.asarray(self._ids)[slots] == piece.ids[rows]
         counted = piece.counted[rows]
         ended_flags = np.asarray(self._ended)[slots].astype(bool)

@@ -241,8 +241,8 @@ def test_a_good_file_is_restored_and_no_file_is_a_fresh_start(tmp_path):
     write(tmp_path)
     state = ExportState(str(tmp_path), ORIGIN)
     state.load()
-    section, written_at = state.take("conntrack", "kernel")
-    assert written_at == 1.0 and len(section.keys) == 1
+    section = state.take("conntrack", "kernel")
+    assert section.written_at == 1.0 and len(section.keys) == 1
     assert section.rows["packets"].tolist() == [0]  # nothing exported yet at 0.0
     assert state.restores == {("restored", "conntrack"): 1}
 
@@ -258,9 +258,9 @@ def test_a_section_no_store_took_is_written_again_as_it_was(tmp_path):
     assert state.save({"deny": deny, "conntrack": state.untaken("conntrack")}, 9.0)
     after = ExportState(str(tmp_path), ORIGIN)
     after.load()
-    section, written_at = after.take("conntrack", "kernel")
-    assert written_at == 1.0 and len(section.keys) == 1
-    assert after.take("deny", "deny")[1] == 9.0
+    section = after.take("conntrack", "kernel")
+    assert section.written_at == 1.0 and len(section.keys) == 1
+    assert after.take("deny", "deny").written_at == 9.0
     assert after.untaken("conntrack") is None  # taken: its store writes it from now on
 
 
@@ -291,7 +291,7 @@ def test_the_state_of_many_connections_round_trips(tmp_path):
     assert state.save({"conntrack": Section("kernel", keys, rows)}, 5.0)
     loaded = ExportState(str(tmp_path), ORIGIN)
     loaded.load()
-    section, _ = loaded.take("conntrack", "kernel")
+    section = loaded.take("conntrack", "kernel")
     assert list(section.keys) == keys
     assert np.array_equal(section.rows, rows)
     assert sorted(section.rows["packets"].tolist()) == sorted(

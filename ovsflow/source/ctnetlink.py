@@ -661,6 +661,9 @@ class ColumnDecoder:
     entries: a receive buffer holds ~130)."""
 
     def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
         self._buffers: list[bytes] = []
         # where the entries' messages start in the joined buffers, and their lengths
         self._starts: list = []
@@ -707,7 +710,7 @@ class ColumnDecoder:
         data = b"".join(self._buffers)
         all_starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.intp)
         all_lengths = np.concatenate(self._lengths) if self._lengths else all_starts
-        self.__init__()
+        self._clear()
         pieces: list[Polled] = []
         walked: list[Connection] = []
         buffer = np.frombuffer(data, np.uint8)
