@@ -31,6 +31,13 @@ STATE_NAMES: list[str] = [""]  # by code
 _STATE_CODES: dict[str, int] = {"": 0}
 
 
+def labels_differ(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """first != second, row by row, for two contiguous columns of LABELS: numpy compares
+    16-byte values one at a time, ~5x slower than this, which compares them as two u8
+    and reads the two answers of a row as one u2."""
+    return (first.view("u8") != second.view("u8")).view("u2") != 0
+
+
 def state_code(name: str) -> int:
     code = _STATE_CODES.get(name)
     if code is None:

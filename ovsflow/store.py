@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, repeat
+from operator import itemgetter
 
 import numpy as np
 
 from .connection import IDENTITY_FIELDS, IDENTITY_SIZE, Connection
-from .enrich import NO_PODS, Enricher, flow_type
+from .enrich import FLOW_TYPE_UNKNOWN, NO_PODS, Enricher, flow_type
 from .ipfix.templates import RECORD_TEMPLATES, pick
-from .polled import LABELS, NO_LABELS, STATE_NAMES, Malformed, Polled
+from .polled import LABELS, NO_LABELS, STATE_NAMES, Malformed, Polled, labels_differ
 from .state import Parts
 from .record import (
     ACTIVE_TIMEOUT, BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, END_OF_FLOW, FORCED_END,
@@ -135,6 +135,7 @@ class ConnectionStore:
         self._free: list[int] = []
         # The columns, indexed by slot. A free slot has key None.
         self._keys: list[bytes | None] = []
+        self._protocols = column("u1")  # as the key says: for reads in bulk
         self._states = column("u2")  # codes in polled.STATE_NAMES
         self._labels = np.zeros(capacity, LABELS)
         self._pods: list[tuple] = []  # the Pods at the two ends, as last known (Enricher)
@@ -294,7 +295,7 @@ class ConnectionStore:
             np.asarray(column)[slots] = polled[rows]
         states, labels = np.asarray(self._states), self._labels
         polled_states, polled_labels = piece.states[rows], piece.labels[rows]
-        changed = (states[slots] != polled_states) | (labels[slots] != polled_labels)
+        changed = (states[slots] != polled_states) | labels_differ(labels[slots], polled_labels)
         if changed.any():
             changed_slots = slots[changed]
             states[changed_slots] = polled_states[changed]
@@ -376,6 +377,8 @@ class ConnectionStore:
         np.asarray(self._reported)[slots] = flags >> 3 & 1
         np.asarray(self._span)[slots] = 0
         np.asarray(self._states)[slots] = 0
+        np.asarray(self._protocols)[slots] = np.fromiter(map(itemgetter(0), keys), "u1",
+                                                         len(keys))  # a key's first byte
         self._labels[slots] = NO_LABELS
         for slot in slots.tolist():
             self._pods[slot] = NO_PODS
@@ -424,7 +427,8 @@ class ConnectionStore:
                                (self._octets, piece.octets),
                                (self._reply_packets, piece.reply_packets),
                                (self._reply_octets, piece.reply_octets),
-                               (self._counted, piece.counted), (self._states, piece.states)):
+                               (self._counted, piece.counted), (self._states, piece.states),
+                               (self._protocols, piece.protocols)):
             np.asarray(column)[slots] = values[rows]
         self._labels[slots] = piece.labels[rows]
         np.asarray(self._expiries)[slots] = piece.timeouts[rows] + now
@@ -543,9 +547,11 @@ class ConnectionStore:
         counted = np.asarray(self._counted)[slots].astype(bool)
         span_ids = np.asarray(self._span)[slots]
         span_lengths = self._span_lengths[:len(self._spans)]
+        protocol_counts = np.bincount(np.asarray(self._protocols)[slots], minlength=256)
+        protocols = np.flatnonzero(protocol_counts)
+        batch.protocols.update(dict(zip(protocols.tolist(),
+                                        protocol_counts[protocols].tolist())))
         for family, members, identity in _identities(pick(self._keys, slots.tolist())):
-            batch.protocols.update(Counter(dict(zip(*(values.tolist() for values in np.unique(
-                identity["protocol"], return_counts=True))))))
             for with_counters in (False, True):
                 chosen = np.flatnonzero((counted[members] == with_counters) & fits[members])
                 if not len(chosen):
@@ -581,6 +587,11 @@ class ConnectionStore:
             return
         keys, known, span, span_generation = self._keys, self._pods, self._span, \
             self._span_generation
+        if enricher is None or not enricher.knows_pods:
+            known_pods = list(pick(known, stale.tolist()))
+            if known_pods.count(NO_PODS) == len(known_pods):  # as without a Pod map
+                self._find_spans_without_pods(stale, generation)
+                return
         labels = [b"" if value == NO_LABELS else value
                   for value in self._labels[stale].tolist()]
         for slot, code, label in zip(stale.tolist(), np.asarray(self._states)[stale].tolist(),
@@ -598,16 +609,42 @@ class ConnectionStore:
                 pods = known[slot] = self._shared(pods)
                 self._flow_type[slot] = flow_type(*pods, source, destination,
                                                   enricher.pod_networks)
-            values = (pods, label, STATE_NAMES[code] if key[0] == 6 else "")  # TCP's state
-            span_id = self._span_ids.get(values)
-            if span_id is None:
-                encoded = self._encode_span(*values)  # registered only once encoded
-                span_id = self._span_ids[values] = len(self._spans)
-                self._spans.append(encoded)
-                if span_id == len(self._span_lengths):
-                    self._span_lengths = np.resize(self._span_lengths, 2 * span_id)
-                self._span_lengths[span_id] = len(encoded)
-            span[slot], span_generation[slot] = span_id, generation
+            span[slot] = self._span_id(pods, label, STATE_NAMES[code] if key[0] == 6 else "")
+            span_generation[slot] = generation
+
+    def _find_spans_without_pods(self, stale: np.ndarray, generation: int) -> None:
+        """`_find_spans` where no Pod is known or can be found: the run of strings is the
+        TCP state and the labels. Without labels (most connections) each distinct state is
+        looked up once, not once per connection; the flowType is unknown."""
+        states = np.where(np.asarray(self._protocols)[stale] == 6,
+                          np.asarray(self._states)[stale], 0)
+        labels = self._labels[stale]
+        labelled = labels_differ(labels, np.zeros_like(labels))
+        span_ids = np.empty(len(stale), "u4")
+        plain = ~labelled
+        distinct, inverse = np.unique(states[plain], return_inverse=True)
+        span_ids[plain] = np.array([self._span_id(NO_PODS, b"", STATE_NAMES[code])
+                                    for code in distinct.tolist()], "u4")[inverse]
+        if labelled.any():
+            span_ids[labelled] = [self._span_id(NO_PODS, label, STATE_NAMES[code])
+                                  for code, label in zip(states[labelled].tolist(),
+                                                         labels[labelled].tolist())]
+        np.asarray(self._span)[stale] = span_ids
+        np.asarray(self._span_generation)[stale] = generation
+        np.asarray(self._flow_type)[stale] = FLOW_TYPE_UNKNOWN
+
+    def _span_id(self, pods: tuple, labels: bytes, state: str) -> int:
+        """The id in `_spans` of this run of strings, encoded the first time it is seen."""
+        values = (pods, labels, state)
+        span_id = self._span_ids.get(values)
+        if span_id is None:
+            encoded = self._encode_span(*values)  # registered only once encoded
+            span_id = self._span_ids[values] = len(self._spans)
+            self._spans.append(encoded)
+            if span_id == len(self._span_lengths):
+                self._span_lengths = np.resize(self._span_lengths, 2 * span_id)
+            self._span_lengths[span_id] = len(encoded)
+        return span_id
 
     def _encode_span(self, pods: tuple, labels: bytes, state: str) -> bytes:
         """Filled as a deny record is, by the enricher (a record object once per distinct

@@ -63,3 +63,17 @@ def test_state_names_past_the_bound_are_recorded_as_none(monkeypatch, caplog):
                                          conn(3, state="BOUND-TEST-2")]).states.tolist()
     assert STATE_NAMES[codes[0]] == "BOUND-TEST-1" and codes[1:] == [0, 0]
     assert caplog.text.count("'BOUND-TEST-2' recorded as none") == 1
+
+
+def test_labels_differ_where_any_byte_of_a_row_does():
+    rng = np.random.default_rng(7)
+    first = rng.integers(0, 256, (64, 16), dtype="u1")
+    second = first.copy()
+    for row in range(0, 64, 2):  # every other row: one byte changed, at each place in turn
+        second[row, row // 2 % 16] ^= 1 << (row % 8)
+    as_labels = [np.ascontiguousarray(values).view(polled.LABELS).reshape(-1)
+                 for values in (first, second)]
+    expected = [bytes(a) != bytes(b) for a, b in zip(first, second)]
+    assert expected == [row % 2 == 0 for row in range(64)]
+    assert polled.labels_differ(*as_labels).tolist() == expected
+    assert not polled.labels_differ(as_labels[0], as_labels[0].copy()).any()

@@ -207,6 +207,28 @@ def test_a_record_says_the_tcp_state_and_rules_of_its_time():
     assert (third.ingress_rule_name, third.egress_rule_name) == ("5", "7")
 
 
+def test_records_due_together_each_say_their_own_state_and_rules():
+    """Many connections' strings are found at once (without Pods, once per distinct state
+    and labels): each record must still get its own, the TCP state only for TCP."""
+    s = store(active=1, idle=100, enricher=Enricher(None, "node-a", PodNetworks()))
+    wanted = {}
+    polled = []
+    for sport in range(1000, 1060):  # every mix of protocol, state and labels
+        protocol = 6 if sport % 3 else 17
+        state = ("ESTABLISHED", "TIME_WAIT", "SYN_SENT")[sport // 3 % 3]
+        rules = (sport % 5, sport % 4 + 10) if sport % 2 else (0, 0)
+        labels = labels_bytes(rules[1] << 32 | rules[0]) if sport % 2 else b""
+        polled.append(conn(sport, packets=1, conn_id=sport, protocol=protocol, state=state,
+                           labels=labels))
+        wanted[sport] = (state if protocol == 6 else "",
+                         str(rules[0]) if rules[0] else "", str(rules[1]) if rules[1] else "")
+    s.update(polled, 0.0)
+    records = s.update([c._replace(packets=2) for c in polled], 1.0)
+    assert {r.source_port: (r.tcp_state, r.ingress_rule_name, r.egress_rule_name)
+            for r in records} == wanted
+    assert len(records) == 60
+
+
 def test_a_pod_learnt_after_its_connection_names_the_next_record():
     """The Pod map changes (here fed as its OVSDB thread feeds it): the next records of a
     connection already tracked carry the Pod's names."""
