@@ -386,7 +386,8 @@ class Agent:
         assert self.export_state is not None
         section = self.export_state.take("deny", _deny_source_name(self.config))
         if section is not None:
-            self.deny_store.restore(section.keys, section.rows)
+            for keys, rows in section.parts:
+                self.deny_store.restore(keys, rows)
 
     def _restore_connections(self, source) -> None:
         """In the poll's worker thread, once the source is open: its kind says whose
@@ -394,7 +395,9 @@ class Agent:
         assert self.export_state is not None
         section = self.export_state.take("conntrack", conntrack_source_name(source))
         if section is not None:
-            self.store.restore(section.keys, section.rows, section.written_at)
+            parts = section.parts
+            while parts:  # each part freed once restored: never the whole table beside the store
+                self.store.restore(*parts.pop(0), section.written_at)
         self._restoring = False
 
     async def _save_state(self, now: float) -> None:

@@ -81,8 +81,10 @@ class Section:
 
 @dataclass
 class Parts:
-    """A section to be written part by part, as a large store makes it (`count` entries,
-    rows of `row_type`): the write then costs memory for one part, not the whole table."""
+    """A section in parts (`count` entries, rows of `row_type`): written part by part as a
+    large store makes them, so that the write costs memory for one part, not the whole
+    table; read back as the list of the file's parts, which the store taking it empties
+    as it restores them, so that the whole table is never held beside the store."""
 
     source: str
     count: int
@@ -139,7 +141,7 @@ def _pieces(header: bytes, sections: dict[str, Parts]) -> Iterator[bytes | memor
 @dataclass
 class Decoded:
     origin: Origin
-    sections: dict[str, Section]  # each with its written_at (the file's, if not its own)
+    sections: dict[str, Parts]  # each with its written_at (the file's, if not its own)
 
 
 def decode(data: bytes) -> Decoded:
@@ -166,21 +168,23 @@ def decode(data: bytes) -> Decoded:
         for name, description in header["sections"].items():
             count = int(description["count"])
             dtype = np.dtype([tuple(field) for field in description["row"]])
-            keys: list[bytes] = []
-            rows = []
-            while len(keys) < count or not rows:
+            parts: list[tuple[list[bytes], np.ndarray]] = []
+            entries = 0
+            while entries < count or not parts:
                 (part,) = _LENGTH.unpack_from(body, pos)
                 pos += _LENGTH.size
                 lengths = np.frombuffer(body, np.uint8, part, pos).tolist()
                 ends = list(accumulate(lengths, initial=pos + part))
-                keys += [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
+                keys = [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
                 pos = ends[-1]
-                rows.append(np.frombuffer(body, dtype, part, pos))
+                # a copy: the file's bytes are freed once read
+                parts.append((keys, np.frombuffer(body, dtype, part, pos).copy()))
+                entries += part
                 pos += part * dtype.itemsize
-            if len(keys) != count:
-                raise StateError(f"unreadable ({name}: {len(keys)} entries of {count})")
-            sections[name] = Section(description["source"], keys, np.concatenate(rows),
-                                     float(description.get("written_at", written_at)))
+            if entries != count:
+                raise StateError(f"unreadable ({name}: {entries} entries of {count})")
+            sections[name] = Parts(description["source"], count, dtype, parts,
+                                   float(description.get("written_at", written_at)))
     except StateError:
         raise
     except (ValueError, KeyError, TypeError) as err:  # json, numpy, a missing field
@@ -217,7 +221,6 @@ class ExportState:
         # outcome (restored | none | discarded) and reason -> times, for the metrics
         self.restores: Counter[tuple[str, str]] = Counter()
         self._loaded: Decoded | None = None
-        self._taken: set[str] = set()
 
     def load(self) -> None:
         """Read the file, once, at start; each store takes its section with `take`."""
@@ -246,13 +249,13 @@ class ExportState:
             return
         self._loaded = decoded
 
-    def take(self, name: str, source: str) -> Section | None:
-        """The section `name` written for `source` (its `written_at` set); None when there
-        is none to continue from (said once in the log and counted)."""
+    def take(self, name: str, source: str) -> Parts | None:
+        """The section `name` written for `source` (its `written_at` set), handed over: not
+        kept here once its store has it (33 MB of rows at 500k); None when there is none to
+        continue from (said once in the log and counted)."""
         if self._loaded is None:
             return None
-        section = self._loaded.sections.get(name)
-        self._taken.add(name)
+        section = self._loaded.sections.pop(name, None)
         if section is None:
             return None
         if section.source != source:
@@ -261,14 +264,14 @@ class ExportState:
             return None
         self.restores["restored", name] += 1
         log.info("export state: continuing %d %s entries from %s (written %.1fs ago)",
-                 len(section.keys), name, self.path, time.time() - section.written_at)
+                 section.count, name, self.path, time.time() - section.written_at)
         return section
 
-    def untaken(self, name: str) -> Section | None:
+    def untaken(self, name: str) -> Parts | None:
         """The loaded section `name` that no store has taken yet: a save before its store
         runs (a source that cannot open yet) writes it again as it was, so the next agent
         still continues those connections."""
-        if self._loaded is None or name in self._taken:
+        if self._loaded is None:
             return None
         return self._loaded.sections.get(name)
 
@@ -281,7 +284,7 @@ class ExportState:
     def due(self) -> bool:
         return time.monotonic() - self.last_saved >= SAVE_INTERVAL
 
-    def save(self, sections: dict[str, Section], now: float) -> bool:
+    def save(self, sections: dict[str, Section | Parts], now: float) -> bool:
         """Write the state atomically (blocking: the agent calls it in the poll's worker
         thread). A failure is logged and counted; the previous file stays."""
         started = time.perf_counter()
