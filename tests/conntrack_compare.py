@@ -69,7 +69,8 @@ def ovsflow_conntrack(directory: Path, zones: list, protocols: list) -> dict:
     config.write_text(yaml.safe_dump({
         "flowExporter": {"flowCollectorAddr": "127.0.0.1:4739:udp", "protocols": protocols},
         "conntrack": {"source": "kernel", "zones": zones}, "ovs": {"bridge": ""},
-        "metrics": {"bindAddress": ""}}))
+        "metrics": {"bindAddress": ""},
+        "state": {"directory": ""}}))  # nothing left behind: the filters are probed each run
     result = subprocess.run([OVSFLOW, "conntrack", "--config", str(config), "--log-level",
                              "debug"], capture_output=True, text=True, timeout=120)
     dumps = re.search(r"kernel conntrack: (\d+) dump\(s\) per poll", result.stderr)
