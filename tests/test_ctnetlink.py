@@ -18,6 +18,7 @@ from lab.netns import Netns
 from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled
 from ovsflow.protocols import parse_protocol_list
+from ovsflow.source import ctnetlink
 from ovsflow.source.ctnetlink import (
     NETLINK_NETFILTER, NLMSGHDR, ColumnDecoder, CtnetlinkError, NetlinkError, count_dump,
     dump_request, new_request, parse_dump,
@@ -542,3 +543,56 @@ def test_a_count_restarted_after_an_overflow_counts_each_entry_once():
     source._socket = lambda: fake
     assert source.count() == 5
     assert (fake.sent, source.dump_retries) == (2, 1)
+
+
+def entry_with_payload(sport: int, payload: bytes, tcp_state: int | None) -> bytes:
+    """An entry carrying `payload` in an attribute no decoder reads (type 31), after its
+    tuples: room for bytes that look like a message header."""
+    attrs = [udp_tuple(1, "10.1.0.1", "10.1.0.2", sport, 53),
+             udp_tuple(2, "10.1.0.2", "10.1.0.1", 53, sport),
+             nla(3, struct.pack(">I", 8)), nla(12, struct.pack(">I", sport)),
+             nla(31, payload)]
+    if tcp_state is not None:
+        attrs.append(nla(4, nla(1, nla(1, bytes((tcp_state,))), True), True))
+    return ct_message(*attrs)
+
+
+def test_a_buffer_of_entries_of_several_lengths_is_read_without_the_walk():
+    data = b"".join(entry_with_payload(port, b"x" * (port % 3 * 4), 3 if port % 2 else None)
+                    for port in range(1, 40))
+    starts, lengths, done = ctnetlink._entries(data)
+    assert len(set(lengths)) > 2 and not done
+    chained = ColumnDecoder._chained(data, np)
+    assert [values.tolist() for values in chained] == [starts, lengths]
+    # the dump's last buffer (NLMSG_DONE after the entries) is left to the walk
+    assert ColumnDecoder._chained(data + DONE, np) == (None, None)
+    # a look-alike inside an entry (the type, a length that fits, the dump's sequence and
+    # port) breaks the chain: the walk reads that buffer
+    planted = entry_with_payload(1, struct.pack("=IHHII", 16, 0x100, 2, 1, 0), None)
+    assert ColumnDecoder._chained(planted + data, np) == (None, None)
+    assert ctnetlink._entries(planted + data)[0][:2] == [0, len(planted)]
+
+
+@pytest.mark.fuzz
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 700), st.booleans(),
+                          st.booleans()), min_size=1, max_size=8))
+def test_header_look_alikes_inside_entries_never_move_the_message_starts(entries):
+    """An entry's bytes may hold an entry's type at an aligned place, with a length,
+    sequence and port that fit (an address or a label is anybody's bytes): the starts read
+    without the walk are the walk's, or the walk reads the buffer; the decoder's columns
+    are parse_dump's."""
+    messages = []
+    for sport, (words_before, fake_length, fake_is_plausible, tcp) in enumerate(entries, 1):
+        fake = struct.pack("=IHHII", fake_length, 0x100, 2, 1 if fake_is_plausible else 7, 0)
+        messages.append(entry_with_payload(sport, b"\0" * 4 * words_before + fake,
+                                           3 if tcp else None))
+    data = b"".join(messages)
+    starts, lengths, _ = ctnetlink._entries(data)
+    chained = ColumnDecoder._chained(data, np)
+    assert chained[0] is None or [values.tolist() for values in chained] == [starts,
+                                                                               lengths]
+    found = []
+    parse_dump(data, found)
+    decoder = ColumnDecoder()
+    decoder.feed(data)
+    same_columns(decoder.take(), found)

@@ -674,7 +674,7 @@ class ColumnDecoder:
         """Walk one receive buffer's messages; True when the dump is complete."""
         import numpy as np
 
-        starts, lengths = self._uniform(data, np)
+        starts, lengths = self._chained(data, np)
         done = False
         if starts is None:  # the walk: a loop turn per message
             walked, sizes, done = _entries(data)
@@ -686,21 +686,32 @@ class ColumnDecoder:
         return done
 
     @staticmethod
-    def _uniform(data: bytes, np) -> tuple:
-        """The starts and lengths of a buffer of entries all of one length, as most are,
-        read as numpy columns; (None, None) for any other buffer."""
+    def _chained(data: bytes, np) -> tuple:
+        """The starts and lengths of a buffer of conntrack entries only, read as numpy
+        columns instead of walked: the 4-byte-aligned places with an entry's message type
+        and a plausible header are taken for starts, and kept only if they chain exactly
+        (the first at 0, each where the one before ends, the last ending the buffer). Then
+        they are every message, as the walk would find them: a look-alike inside an entry
+        breaks the chain. (None, None) for any other buffer (the dump's end, an error, a
+        look-alike): the walk reads it."""
         end = len(data)
         if end < NLMSGHDR.size or end % 4:
             return None, None
-        length, message_type = _LENGTH_TYPE(data, 0)
-        step = (length + 3) & ~3
-        if message_type != _CT_NEW or length < NLMSGHDR.size or end % step:
+        words = np.frombuffer(data, np.uint32)
+        # a header: length, then type and flags (the type at byte 4 of each word pair)
+        starts = np.flatnonzero(np.frombuffer(data, np.uint16)[2::2] == _CT_NEW)
+        starts = starts[starts + 4 <= len(words)]  # the whole header in the buffer
+        if not len(starts) or starts[0]:
             return None, None
-        if not ((np.frombuffer(data, np.uint32)[::step >> 2] == length).all()
-                and (np.frombuffer(data, np.uint16)[2::step >> 1] == _CT_NEW).all()):
+        lengths = words[starts].astype(np.intp)
+        plausible = ((lengths >= NLMSGHDR.size) & (lengths <= end - 4 * starts)
+                     & (words[starts + 2] == words[2]) & (words[starts + 3] == words[3]))
+        starts, lengths = 4 * starts[plausible], lengths[plausible]  # same sequence, port
+        ends = starts + ((lengths + 3) & ~3)
+        if (not len(starts) or starts[0] or ends[-1] != end
+                or (starts[1:] != ends[:-1]).any()):
             return None, None
-        count = end // step
-        return np.arange(0, end, step, dtype=np.intp), np.full(count, length, np.intp)
+        return starts, lengths
 
     def take(self):
         import numpy as np
