@@ -78,6 +78,8 @@ ipfix:
   clusterPodCIDRs: ["10.60.0.0/25"]
 metrics:
   bindAddress: "{metrics}"
+state:
+  directory: "{directory}/state"
 """)
     return str(path)
 
