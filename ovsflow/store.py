@@ -195,14 +195,21 @@ class ConnectionStore:
                             first_time, self.rejected)
         self._rejected_keys = poll.rejected
         self._malformed_keys, self._malformed_now = self._malformed_now, set()
+        due: list[tuple[np.ndarray, int, float]] = []  # slots, end reason, end time
         if poll.ended:
             slots = np.unique(np.concatenate(poll.ended))
             slots = slots[np.asarray(self._ended)[slots] == 0]
             np.asarray(self._ended)[slots] = 1
-            self._emit(slots, END_OF_FLOW, now, made)
-        self._remove_gone(poll.unseen, made, now)
+            due.append((slots, END_OF_FLOW, now))
+        # Connections absent from this poll ended in between: one last record each, with
+        # the counters and the time of the previous poll, the last that saw them.
+        gone = np.flatnonzero(poll.unseen)
+        due.append((gone[np.asarray(self._ended)[gone] == 0], END_OF_FLOW,
+                    self._previous_poll or now))
+        due += self._expired(now, gone)
+        self._emit_together(due, made)
+        self._drop(gone)
         self._previous_poll = now
-        self._expired(now, made)
         return made
 
     def _as_polled(self, connections: Iterable[Connection]) -> Iterator[Polled]:
@@ -461,16 +468,6 @@ class ConnectionStore:
     def _shared(self, value):
         return self._values.setdefault(value, value)
 
-    def _remove_gone(self, unseen: np.ndarray, made: list[EncodedRecords], now: float) -> None:
-        """Connections absent from this poll ended in between: one last record each, with
-        the counters and the time of the previous poll, the last that saw them."""
-        gone = np.flatnonzero(unseen)
-        if not len(gone):
-            return
-        self._emit(gone[np.asarray(self._ended)[gone] == 0], END_OF_FLOW,
-                   self._previous_poll or now, made)
-        self._drop(gone)
-
     def _drop(self, slots: np.ndarray) -> None:
         index, keys, pods = self._slots, self._keys, self._pods
         for slot in slots.tolist():
@@ -480,34 +477,49 @@ class ConnectionStore:
         np.asarray(self._occupied)[slots] = 0
         self._free += slots.tolist()  # for the next new connections
 
-    def _expired(self, now: float, made: list[EncodedRecords]) -> None:
-        """Idle first: a connection both idle and at its active timeout ends as idle, and
-        stays quiet until it moves again."""
+    def _expired(self, now: float, gone: np.ndarray) -> list[tuple[np.ndarray, int, float]]:
+        """The live connections, `gone` aside, due at their idle or active timeout. Idle
+        first: a connection both idle and at its active timeout ends as idle, and stays
+        quiet until it moves again."""
         used = self._used
         live = (np.asarray(self._occupied)[:used]
                 & ((np.asarray(self._ended)[:used] | np.asarray(self._quiet)[:used]) ^ 1)
                 ).astype(bool)
+        live[gone] = False
         idle = live & (np.asarray(self._last_activity)[:used] + self.idle_timeout <= now)
         active = live & ~idle & (np.asarray(self._last_export)[:used] + self.active_timeout
                                  <= now)
         idle_slots = np.flatnonzero(idle)
         np.asarray(self._quiet)[idle_slots] = 1
-        self._emit(idle_slots, IDLE_TIMEOUT, now, made)
-        self._emit(np.flatnonzero(active), ACTIVE_TIMEOUT, now, made)
+        return [(idle_slots, IDLE_TIMEOUT, now), (np.flatnonzero(active), ACTIVE_TIMEOUT, now)]
 
-    def _emit(self, slots: np.ndarray, reason: int, end: float | np.ndarray,
+    def _emit_together(self, due: list[tuple[np.ndarray, int, float]],
+                       made: list[EncodedRecords]) -> None:
+        """A poll's records of every kind (slots, end reason, end time), made as one run:
+        numpy's cost per call is paid once per batch, not once per kind."""
+        due = [group for group in due if len(group[0])]
+        if len(due) <= 1:
+            for slots, reason, end in due:
+                self._emit(slots, reason, end, made)
+            return
+        counts = [len(slots) for slots, _, _ in due]
+        self._emit(np.concatenate([slots for slots, _, _ in due]),
+                   np.repeat(np.array([reason for _, reason, _ in due], "u1"), counts),
+                   np.repeat([end for _, _, end in due], counts), made)
+
+    def _emit(self, slots: np.ndarray, reason: int | np.ndarray, end: float | np.ndarray,
               made: list[EncodedRecords]) -> None:
-        """The records of the connections in `slots`, ending at `end` (one time, or one per
-        slot), `BATCH` at a time."""
+        """The records of the connections in `slots`, ending at `end` for `reason` (one
+        each, or one for all), `BATCH` at a time."""
         for first in range(0, len(slots), BATCH):
-            batch = self._records(slots[first:first + BATCH], reason,
-                                  end if np.ndim(end) == 0 else end[first:first + BATCH])
+            batch = self._records(*(value if np.ndim(value) == 0 else value[first:first + BATCH]
+                                    for value in (slots, reason, end)))
             if self.hand_over is None:
                 made.append(batch)
             else:
                 self.hand_over(batch)
 
-    def _records(self, slots: np.ndarray, reason: int, end: float | np.ndarray
+    def _records(self, slots: np.ndarray, reason: int | np.ndarray, end: float | np.ndarray
                  ) -> EncodedRecords:
         """Deltas are counted since each connection's previous record. A counter lower than
         last exported means the counters were reset in between (an operator's `conntrack -L
@@ -557,15 +569,17 @@ class ConnectionStore:
                 if not len(chosen):
                     continue
                 at = members[chosen]
-                columns = {name: values[at] if isinstance(values, np.ndarray) else values
-                           for name, values in column.items()}
+                whole = len(at) == len(slots)  # one family and template, as usual: as they are
+                columns = dict(column) if whole else {
+                    name: values[at] if isinstance(values, np.ndarray) else values
+                    for name, values in column.items()}
                 for name in identity.dtype.names:
-                    columns[name] = identity[name][chosen]
+                    columns[name] = identity[name] if whole else identity[name][chosen]
                 columns["icmp_type_code"] = (columns["icmp_type"].astype("u2") << 8
                                              | columns["icmp_code"])
                 record_template = _TEMPLATES[with_counters, family]
                 data, starts = record_template.encode_columns(
-                    columns, span_ids[at], self._spans, span_lengths)
+                    columns, span_ids if whole else span_ids[at], self._spans, span_lengths)
                 batch.groups.append((record_template.template, data,
                                      array("I", starts.astype("u4").tobytes())))
         return batch
@@ -622,9 +636,11 @@ class ConnectionStore:
         labelled = labels_differ(labels, np.zeros_like(labels))
         span_ids = np.empty(len(stale), "u4")
         plain = ~labelled
-        distinct, inverse = np.unique(states[plain], return_inverse=True)
-        span_ids[plain] = np.array([self._span_id(NO_PODS, b"", STATE_NAMES[code])
-                                    for code in distinct.tolist()], "u4")[inverse]
+        plain_states = states[plain]
+        by_state = np.zeros(int(plain_states.max(initial=0)) + 1, "u4")
+        for code in np.flatnonzero(np.bincount(plain_states)).tolist():
+            by_state[code] = self._span_id(NO_PODS, b"", STATE_NAMES[code])
+        span_ids[plain] = by_state[plain_states]
         if labelled.any():
             span_ids[labelled] = [self._span_id(NO_PODS, label, STATE_NAMES[code])
                                   for code, label in zip(states[labelled].tolist(),

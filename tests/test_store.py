@@ -229,6 +229,24 @@ def test_records_due_together_each_say_their_own_state_and_rules():
     assert len(records) == 60
 
 
+def test_one_polls_records_of_every_kind_keep_their_own_reason_and_end_time():
+    """A poll's ended, gone, idle and active records are made in one run: each still says
+    its own end reason and end time (a gone one: the previous poll's)."""
+    s = store(active=10, idle=15)
+    ending, gone, quiet, busy = (conn(1000 + i, packets=1, conn_id=1 + i) for i in range(4))
+    s.update([ending, gone, quiet, busy], 0.0)
+    s.update([ending._replace(packets=2), gone._replace(packets=2), quiet,
+              busy._replace(packets=2)], 8.0)
+    records = s.update([ending._replace(packets=3, state="TIME_WAIT", ended=True), quiet,
+                        busy._replace(packets=3)], 16.0)
+    assert sorted((r.source_port, r.end_reason, r.end_ms, r.packet_delta, r.tcp_state)
+                  for r in records) == [
+        (1000, END_OF_FLOW, 16_000, 3, "TIME_WAIT"),
+        (1001, END_OF_FLOW, 8_000, 2, "ESTABLISHED"),
+        (1002, IDLE_TIMEOUT, 16_000, 1, "ESTABLISHED"),
+        (1003, ACTIVE_TIMEOUT, 16_000, 3, "ESTABLISHED")]
+
+
 def test_a_pod_learnt_after_its_connection_names_the_next_record():
     """The Pod map changes (here fed as its OVSDB thread feeds it): the next records of a
     connection already tracked carry the Pod's names."""

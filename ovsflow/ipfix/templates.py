@@ -119,24 +119,33 @@ class RecordTemplate:
         grouped by that length, not in the order given. Values must fit their fields (numpy
         would wrap them): the caller checks what can overflow."""
         lengths = span_lengths[span_ids]
-        order = np.argsort(lengths, kind="stable")
-        sorted_lengths = lengths[order]
-        firsts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))
+        if lengths[0] == lengths.min() == lengths.max():  # one length, as usual: in order
+            groups = [(None, int(lengths[0]))]
+        else:
+            order = np.argsort(lengths, kind="stable")
+            sorted_lengths = lengths[order]
+            firsts = np.flatnonzero(sorted_lengths[1:] != sorted_lengths[:-1]) + 1
+            groups = [(order[first:end], int(sorted_lengths[first])) for first, end in
+                      zip([0, *firsts.tolist()], [*firsts.tolist(), len(order)])]
         parts, row_lengths, counts = [], [], []
-        for first, end in zip(firsts.tolist(), [*firsts[1:].tolist(), len(order)]):
-            chosen = order[first:end]
-            dtype = self._rows(int(sorted_lengths[first]))
-            rows = np.empty(len(chosen), dtype)
+        for chosen, span_length in groups:
+            dtype = self._rows(span_length)
+            rows = np.empty(len(span_ids) if chosen is None else len(chosen), dtype)
             for name, _ in self.head + self.tail:
                 column = columns[name]
-                rows[name] = column[chosen] if isinstance(column, np.ndarray) else column
-            rows[_SPAN] = np.frombuffer(b"".join(pick(spans, span_ids[chosen].tolist())),
+                rows[name] = column if chosen is None or not isinstance(column, np.ndarray) \
+                    else column[chosen]
+            group_ids = span_ids if chosen is None else span_ids[chosen]
+            rows[_SPAN] = np.frombuffer(b"".join(pick(spans, group_ids.tolist())),
                                         dtype.fields[_SPAN][0])
             parts.append(rows.tobytes())
             row_lengths.append(dtype.itemsize)
-            counts.append(len(chosen))
-        starts = np.zeros(len(span_ids) + 1, np.int64)
-        np.cumsum(np.repeat(row_lengths, counts), out=starts[1:])
+            counts.append(len(rows))
+        if len(groups) == 1:
+            starts = np.arange(len(span_ids) + 1, dtype=np.int64) * row_lengths[0]
+        else:
+            starts = np.zeros(len(span_ids) + 1, np.int64)
+            np.cumsum(np.repeat(row_lengths, counts), out=starts[1:])
         return b"".join(parts), starts
 
 
