@@ -129,6 +129,12 @@ class Enricher:
         return self._map is not None and len(self._map) > 0
 
     @property
+    def has_pod_map(self) -> bool:
+        """Whether Pods can be found at all (a bridge's Pod map): without one no connection
+        ever holds any."""
+        return self._map is not None
+
+    @property
     def generation(self) -> int:
         """Changes whenever a Pod lookup may answer otherwise: the store keeps what it found
         per connection until then. 32 bits, as the store keeps it."""

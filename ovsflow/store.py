@@ -99,8 +99,12 @@ def _identities(keys: Sequence[bytes]) -> list[tuple[bool, np.ndarray, np.ndarra
 class _Poll:
     """What one `update_polled` keeps while it takes the pieces of a poll."""
 
-    unseen: np.ndarray  # 1 for slots tracked before the poll that it has not seen yet
-    taken: np.ndarray  # True for slots filled by this poll
+    # 1 for slots tracked before the poll that it has not seen yet; then one more, always
+    # 0, where a slot taken during the poll is marked seen (np.put's "clip")
+    unseen: np.ndarray
+    # True for slots filled by this poll; then one more, always False, read for slot -1
+    # (a key not tracked)
+    taken: np.ndarray
     ended: list[np.ndarray] = field(default_factory=list)  # slots whose end is due
     rejected: set[bytes] = field(default_factory=set)  # keys not tracked: the store is full
 
@@ -181,8 +185,9 @@ class ConnectionStore:
         """Take one poll's connections (already filtered), piece by piece as the source
         decodes them; make the records now due."""
         made: list[EncodedRecords] = []
-        poll = _Poll(np.asarray(self._occupied)[:self._used].copy(),
-                     np.zeros(self.max_connections, bool))
+        unseen = np.zeros(self._used + 1, "u1")
+        unseen[:-1] = np.asarray(self._occupied)[:self._used]
+        poll = _Poll(unseen, np.zeros(self.max_connections + 1, bool))
         for piece in pieces:
             if len(piece):
                 self._take_piece(piece, now, poll, made)
@@ -234,68 +239,68 @@ class ConnectionStore:
     def _take_piece(self, piece: Polled, now: float, poll: _Poll,
                     made: list[EncodedRecords]) -> None:
         """Match a piece with the tracked connections by key, then compare in bulk: only
-        new and reused connections cost Python statements each."""
+        new and reused connections cost Python statements each. New connections are filled
+        first: then every row has its slot, and the comparisons run over the piece's
+        columns as they are, with no gather (a row just filled compares as unchanged)."""
         count = len(piece)
-        found = np.fromiter(map(self._slots.get, piece.keys, repeat(-1, count)), np.int64,
+        slots = np.fromiter(map(self._slots.get, piece.keys, repeat(-1, count)), np.int64,
                             count)
-        rows = np.flatnonzero(found >= 0)
-        slots = found[rows]
-        new_rows = np.flatnonzero(found < 0)
+        again = poll.taken[slots]  # first seen earlier in this poll (a retried dump)
+        new_rows = np.flatnonzero(slots < 0)
         if len(new_rows):
             new_slots = np.array(self._take_new(piece.keys, new_rows.tolist(),
-                                                   poll.rejected), np.int64)
+                                                poll.rejected), np.int64)
+            slots[new_rows] = new_slots
             taken = new_slots >= 0
             self._fill(new_slots[taken], piece, new_rows[taken], now, poll)
-        again = poll.taken[slots]  # first seen earlier in this poll (a retried dump)
+            if not taken.all():  # rows left out (see _take_new) go
+                tracked = slots >= 0
+                piece, slots, again = piece.select(tracked), slots[tracked], again[tracked]
         if again.any():  # the last sighting counts
-            self._fill(slots[again], piece, rows[again], now, poll)
-            rows, slots = rows[~again], slots[~again]
-        poll.unseen[slots] = 0  # tracked before the poll: the others were `again`
-        same_id = np.asarray(self._ids)[slots] == piece.ids[rows]
-        counted = piece.counted[rows]
-        ended_flags = np.asarray(self._ended)[slots].astype(bool)
-        polled_packets = piece.packets[rows]
-        packets = np.asarray(self._packets)
-        unchanged = ((packets[slots] == polled_packets)
-                     & (np.asarray(self._reply_packets)[slots] == piece.reply_packets[rows]))
+            self._fill(slots[again], piece, again, now, poll)
+        np.put(poll.unseen, slots, 0, mode="clip")
+        same_id = np.asarray(self._ids)[slots] == piece.ids
+        counted = piece.counted
+        ended_flags = np.asarray(self._ended)[slots].view(bool)  # 0 or 1
+        polled_packets, packets = piece.packets, np.asarray(self._packets)[slots]
+        unchanged = ((packets == polled_packets)
+                     & (np.asarray(self._reply_packets)[slots] == piece.reply_packets))
         # Its end was exported and it moves again, or its counters went back: a new
         # connection that got the old one's id (where the key has no start time to tell).
         # Counters going back without an end are a reset (`conntrack -z`).
-        reused = ~unchanged & ended_flags & (~piece.ended[rows] | (polled_packets
-                                                                   < packets[slots]))
+        reused = ~unchanged & ended_flags & (~piece.ended | (polled_packets < packets))
         if not counted.all():
             # Without counters: activity is a timeout refreshed (EXPIRY_SLACK above)
             uncounted = ~counted & same_id
             expiries = np.asarray(self._expiries)
-            expiry = now + piece.timeouts[rows].astype("f8")
+            expiry = now + piece.timeouts.astype("f8")
             stored = expiries[slots]
             quiet = ((expiry <= stored + EXPIRY_SLACK)
-                     & (piece.states[rows] == np.asarray(self._states)[slots]))
+                     & (piece.states == np.asarray(self._states)[slots]))
             shorter = uncounted & quiet & (expiry < stored - EXPIRY_SLACK)  # a shorter policy
             moved = uncounted & ~quiet
             chosen = shorter | moved
             expiries[slots[chosen]] = expiry[chosen]
             unchanged = np.where(counted, unchanged, quiet)
-            reused = np.where(counted, reused, moved & ended_flags & ~piece.ended[rows])
+            reused = np.where(counted, reused, moved & ended_flags & ~piece.ended)
         reused |= ~same_id  # the same tuple under a new conntrack id: ended between polls
-        ended = piece.ended[rows]
-        poll.ended.append(slots[unchanged & ended & ~reused])
+        poll.ended.append(slots[piece.ended & ~reused])  # unchanged or active
         active = ~unchanged & ~reused
         if active.any():
-            self._activity(slots[active], piece, rows[active], now, poll)
+            self._activity(slots[active], piece, active, now)
         if reused.any():
-            slots, rows = slots[reused], rows[reused]
+            slots = slots[reused]
             # ended at the latest in the previous poll, the last that saw it (once, should a
             # retried dump bring it twice)
             old = np.unique(slots)
             self._emit(old[np.asarray(self._ended)[old] == 0], END_OF_FLOW,
                        self._previous_poll or now, made)
-            self._fill(slots, piece, rows, now, poll)
+            self._fill(slots, piece, reused, now, poll)
 
-    def _activity(self, slots: np.ndarray, piece: Polled, rows: np.ndarray, now: float,
-                  poll: _Poll) -> None:
-        """Connections that moved. State and labels change only with packets: read them
-        too."""
+    def _activity(self, slots: np.ndarray, piece: Polled, rows: np.ndarray, now: float
+                  ) -> None:
+        """Connections that moved (`rows`: a mask or positions). State and labels change
+        only with packets: read them too."""
         for column, polled in ((self._packets, piece.packets), (self._octets, piece.octets),
                                (self._reply_packets, piece.reply_packets),
                                (self._reply_octets, piece.reply_octets)):
@@ -310,7 +315,6 @@ class ConnectionStore:
             np.asarray(self._span)[changed_slots] = 0
         np.asarray(self._last_activity)[slots] = now
         np.asarray(self._quiet)[slots] = 0
-        poll.ended.append(slots[piece.ended[rows]])
 
     def flush(self, now: float, continued: bool = False) -> list[EncodedRecords]:
         """Final records (the agent is stopping), after a last `update`. `continued`: the
@@ -370,6 +374,10 @@ class ConnectionStore:
         room = self.max_connections - len(self._slots)
         keys, rows = list(keys[:room]), rows[:room]
         slots = np.array(self._take_new(keys, range(len(keys)), set()), np.int64)
+        tracked = slots >= 0
+        if not tracked.all():  # a key twice: its last row counts
+            slots, rows = slots[tracked], rows[tracked]
+            keys = list(pick(keys, np.flatnonzero(tracked).tolist()))
         np.asarray(self._occupied)[slots] = 1
         for name, column in self._state_columns():
             np.asarray(column)[slots] = rows[name]
@@ -401,15 +409,16 @@ class ConnectionStore:
 
     def _take_new(self, keys: Sequence[bytes], rows: Iterable[int], rejected: set[bytes]
                   ) -> list[int]:
-        """Slots for the new connections at `rows` (-1: the store is full: their keys go
-        to `rejected`), their columns to be filled."""
+        """Slots for the new connections at `rows`, their columns to be filled; -1 for a
+        row left out: the store is full (its key goes to `rejected`), or its key comes
+        again in a later row (a retried dump: the last sighting counts)."""
         slots: list[int] = []
         index, free, stored_keys, pods = self._slots, self._free, self._keys, self._pods
         room = self.max_connections - len(index)
         for row in rows:
             key = keys[row]
             slot = index.get(key)
-            if slot is None:  # else: twice in one piece (a retried dump), the last counts
+            if slot is None:
                 if room <= 0:
                     rejected.add(key)
                     slots.append(-1)
@@ -424,6 +433,8 @@ class ConnectionStore:
                     stored_keys.append(key)
                     pods.append(NO_PODS)
                 index[key] = slot
+            elif slot in slots:  # seen in an earlier row: that one is left out
+                slots[slots.index(slot)] = -1
             slots.append(slot)
         return slots
 
@@ -539,8 +550,10 @@ class ConnectionStore:
         reset = np.zeros(len(slots), bool)
         for (_, _, polled, _), last in zip(counters, previous):
             reset |= polled < last
+        any_reset = reset.any()
         for (total, delta, polled, exported), last in zip(counters, previous):
-            last[reset] = 0
+            if any_reset:
+                last[reset] = 0
             column[total], column[delta] = polled, polled - last
             exported[slots] = polled
         np.asarray(self._last_export)[slots] = end
@@ -602,8 +615,9 @@ class ConnectionStore:
         keys, known, span, span_generation = self._keys, self._pods, self._span, \
             self._span_generation
         if enricher is None or not enricher.knows_pods:
-            known_pods = list(pick(known, stale.tolist()))
-            if known_pods.count(NO_PODS) == len(known_pods):  # as without a Pod map
+            # None found now; none kept either without a Pod map, or when all are NO_PODS
+            if (enricher is None or not enricher.has_pod_map
+                    or pick(known, stale.tolist()).count(NO_PODS) == len(stale)):
                 self._find_spans_without_pods(stale, generation)
                 return
         labels = [b"" if value == NO_LABELS else value

@@ -121,6 +121,17 @@ def test_a_retried_dump_that_repeats_a_reused_tuple_ends_the_old_entry_once():
     assert (new.flow_id, new.packet_delta) == (2, 2)
 
 
+def test_a_new_connection_twice_in_one_piece_keeps_its_last_sighting():
+    """A retried dump brings a new connection twice, having moved in between: the last
+    sighting is what the store keeps, so the next poll that brings the same counters finds
+    it quiet, and it gets its idle record on time."""
+    s = store(active=100, idle=15)
+    assert s.update([conn(packets=1, octets=10), conn(packets=3, octets=30)], 0.0) == []
+    assert s.update([conn(packets=3, octets=30)], 10.0) == []
+    [idle] = s.update([conn(packets=3, octets=30)], 15.0)
+    assert (idle.end_reason, idle.packet_delta, idle.octet_delta) == (IDLE_TIMEOUT, 3, 30)
+
+
 def test_the_store_is_bounded_and_counts_what_it_could_not_track(caplog):
     s = store(max_connections=3)
     assert s.update([conn(sport=p) for p in range(5)], 0.0) == []
