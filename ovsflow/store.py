@@ -63,6 +63,7 @@ _KEYS = {ipv6: np.dtype([(name, ">" + _NUMPY_CODES[code])
                            ("destination_address", f"V{16 if ipv6 else 4}")])
          for ipv6 in (False, True)}
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
+_ZERO = np.zeros(1, "u1")
 # A tracked connection in the export state (`snapshot`): the counters are those last
 # exported; flags: 1 its end was exported, 2 quiet (idle record sent), 4 counted, 8 reported
 # (a record of it was sent).
@@ -100,11 +101,9 @@ class _Poll:
     """What one `update_polled` keeps while it takes the pieces of a poll."""
 
     # 1 for slots tracked before the poll that it has not seen yet; then one more, always
-    # 0, where a slot taken during the poll is marked seen (np.put's "clip")
+    # 0, where a slot taken during the poll is marked seen
     unseen: np.ndarray
-    # True for slots filled by this poll; then one more, always False, read for slot -1
-    # (a key not tracked)
-    taken: np.ndarray
+    number: int  # of the poll, from 1: see ConnectionStore._filled_in
     ended: list[np.ndarray] = field(default_factory=list)  # slots whose end is due
     rejected: set[bytes] = field(default_factory=set)  # keys not tracked: the store is full
 
@@ -165,6 +164,10 @@ class ConnectionStore:
         # generation it was found at, and the flowType found with it
         self._span, self._span_generation = column("u4"), column("u4")
         self._flow_type = column("u1")
+        # The poll (see _Poll.number) that last filled each slot; then one more, never
+        # filled, read for slot -1 (a key not tracked).
+        self._filled_in = np.zeros(capacity + 1, "u4")
+        self._polls = 0
         self._spans: list[bytes] = [b""]
         self._span_lengths = np.zeros(1024, "u4")  # of _spans, by id: a gather per batch
         self._span_ids: dict[tuple, int] = {}
@@ -185,9 +188,9 @@ class ConnectionStore:
         """Take one poll's connections (already filtered), piece by piece as the source
         decodes them; make the records now due."""
         made: list[EncodedRecords] = []
-        unseen = np.zeros(self._used + 1, "u1")
-        unseen[:-1] = np.asarray(self._occupied)[:self._used]
-        poll = _Poll(unseen, np.zeros(self.max_connections + 1, bool))
+        self._polls += 1
+        poll = _Poll(np.concatenate((np.asarray(self._occupied)[:self._used], _ZERO)),
+                     self._polls)
         for piece in pieces:
             if len(piece):
                 self._take_piece(piece, now, poll, made)
@@ -201,8 +204,9 @@ class ConnectionStore:
         self._rejected_keys = poll.rejected
         self._malformed_keys, self._malformed_now = self._malformed_now, set()
         due: list[tuple[np.ndarray, int, float]] = []  # slots, end reason, end time
-        if poll.ended:
-            slots = np.unique(np.concatenate(poll.ended))
+        ended = np.concatenate(poll.ended) if poll.ended else np.zeros(0, np.int64)
+        if len(ended):
+            slots = np.unique(ended)
             slots = slots[np.asarray(self._ended)[slots] == 0]
             np.asarray(self._ended)[slots] = 1
             due.append((slots, END_OF_FLOW, now))
@@ -245,7 +249,7 @@ class ConnectionStore:
         count = len(piece)
         slots = np.fromiter(map(self._slots.get, piece.keys, repeat(-1, count)), np.int64,
                             count)
-        again = poll.taken[slots]  # first seen earlier in this poll (a retried dump)
+        again = self._filled_in[slots] == poll.number  # seen earlier in it (a retried dump)
         new_rows = np.flatnonzero(slots < 0)
         if len(new_rows):
             new_slots = np.array(self._take_new(piece.keys, new_rows.tolist(),
@@ -258,7 +262,7 @@ class ConnectionStore:
                 piece, slots, again = piece.select(tracked), slots[tracked], again[tracked]
         if again.any():  # the last sighting counts
             self._fill(slots[again], piece, again, now, poll)
-        np.put(poll.unseen, slots, 0, mode="clip")
+        poll.unseen[np.minimum(slots, len(poll.unseen) - 1)] = 0
         same_id = np.asarray(self._ids)[slots] == piece.ids
         counted = piece.counted
         ended_flags = np.asarray(self._ended)[slots].view(bool)  # 0 or 1
@@ -460,12 +464,14 @@ class ConnectionStore:
         for column in (self._last_activity, self._last_export):
             np.asarray(column)[slots] = now
         np.asarray(self._occupied)[slots] = 1
-        poll.taken[slots] = True
+        self._filled_in[slots] = poll.number
         poll.ended.append(slots[piece.ended[rows]])
         # The Pods at the two ends as the connection is first seen: a Pod that takes over
         # an address later is not credited with it.
         enricher, pods = self.enricher, self._pods
-        if enricher is None or not enricher.knows_pods:
+        if enricher is None or not enricher.has_pod_map:
+            return  # no slot ever holds Pods
+        if not enricher.knows_pods:
             for slot in slots.tolist():
                 pods[slot] = NO_PODS
             return
