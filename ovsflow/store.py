@@ -419,6 +419,7 @@ class ConnectionStore:
         slots: list[int] = []
         index, free, stored_keys, pods = self._slots, self._free, self._keys, self._pods
         room = self.max_connections - len(index)
+        repeated = False
         for row in rows:
             key = keys[row]
             slot = index.get(key)
@@ -437,9 +438,16 @@ class ConnectionStore:
                     stored_keys.append(key)
                     pods.append(NO_PODS)
                 index[key] = slot
-            elif slot in slots:  # seen in an earlier row: that one is left out
-                slots[slots.index(slot)] = -1
+            else:
+                repeated = True
             slots.append(slot)
+        if repeated:  # a key in several rows: all but its last are left out
+            taken = set()
+            for position in range(len(slots) - 1, -1, -1):
+                if slots[position] in taken:
+                    slots[position] = -1
+                else:
+                    taken.add(slots[position])
         return slots
 
     def _fill(self, slots: np.ndarray, piece: Polled, rows: np.ndarray, now: float,

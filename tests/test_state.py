@@ -152,6 +152,22 @@ def test_narrowing_the_filter_forgets_connections_without_ending_them():
     assert summary(records(s, [conn(1, 1, protocol=6)], 1.0)) == []
 
 
+def test_a_key_twice_in_a_state_is_restored_once_from_its_last_row():
+    """A state that names a connection twice (written by hand, say) restores it once,
+    from its last row: the next record's deltas count from that row's counters."""
+    first = ConnectionStore(5.0, 15.0)
+    records(first, [conn(1, 10)], 0.0)
+    records(first, [conn(1, 30)], 5.0)  # exported: 30 packets
+    keys, rows = next(iter(first.snapshot("kernel").parts))
+    earlier = rows.copy()
+    earlier["packets"] = 4
+    new = ConnectionStore(5.0, 15.0)
+    assert new.restore(keys + keys, np.concatenate([earlier, rows]), 5.0) == 1
+    assert len(new) == 1
+    [record] = records(new, [conn(1, 50)], 10.0)
+    assert (record.packet_delta, record.packets) == (20, 50)
+
+
 def test_a_connection_rejected_poll_after_poll_is_counted_once():
     s = ConnectionStore(5.0, 15.0, max_connections=1)
     for now in (0.0, 1.0, 2.0):
