@@ -103,7 +103,7 @@ class _Poll:
     # 1 for slots tracked before the poll that it has not seen yet; then one more, always
     # 0, where a slot taken during the poll is marked seen
     unseen: np.ndarray
-    number: int  # of the poll, from 1: see ConnectionStore._filled_in
+    number: int  # of the poll, 1 to 255: see ConnectionStore._filled_in
     ended: list[np.ndarray] = field(default_factory=list)  # slots whose end is due
     rejected: set[bytes] = field(default_factory=set)  # keys not tracked: the store is full
 
@@ -165,8 +165,9 @@ class ConnectionStore:
         self._span, self._span_generation = column("u4"), column("u4")
         self._flow_type = column("u1")
         # The poll (see _Poll.number) that last filled each slot; then one more, never
-        # filled, read for slot -1 (a key not tracked).
-        self._filled_in = np.zeros(capacity + 1, "u4")
+        # filled, read for slot -1 (a key not tracked). A byte: polls are numbered 1 to
+        # 255, and the column is cleared when the numbers start again.
+        self._filled_in = np.zeros(capacity + 1, "u1")
         self._polls = 0
         self._spans: list[bytes] = [b""]
         self._span_lengths = np.zeros(1024, "u4")  # of _spans, by id: a gather per batch
@@ -188,7 +189,9 @@ class ConnectionStore:
         """Take one poll's connections (already filtered), piece by piece as the source
         decodes them; make the records now due."""
         made: list[EncodedRecords] = []
-        self._polls += 1
+        self._polls = self._polls % 255 + 1
+        if self._polls == 1:
+            self._filled_in[:self._used] = 0
         poll = _Poll(np.concatenate((np.asarray(self._occupied)[:self._used], _ZERO)),
                      self._polls)
         for piece in pieces:

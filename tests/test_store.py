@@ -132,6 +132,19 @@ def test_a_new_connection_twice_in_one_piece_keeps_its_last_sighting():
     assert (idle.end_reason, idle.packet_delta, idle.octet_delta) == (IDLE_TIMEOUT, 3, 30)
 
 
+def test_a_connection_is_not_taken_for_new_when_the_poll_numbers_start_again():
+    """Polls mark the slots they fill with their number, one byte: a connection filled at
+    poll 1 is not taken for one filled again at poll 256, when the numbers start again
+    (that would zero what was exported: the deltas would count from the start)."""
+    s = store(active=100, idle=1e9)
+    deltas = []
+    for t in range(256):
+        deltas += [r.packet_delta for r in s.update([conn(packets=t + 1)], float(t))]
+    assert deltas == [101, 100]  # at 100 s and 200 s
+    [end] = s.flush(256.0)
+    assert (end.end_reason, end.packet_delta, end.packets) == (FORCED_END, 55, 256)
+
+
 def test_the_store_is_bounded_and_counts_what_it_could_not_track(caplog):
     s = store(max_connections=3)
     assert s.update([conn(sport=p) for p in range(5)], 0.0) == []
