@@ -119,7 +119,7 @@ def encode(origin: Origin, written_at: float, sections: dict[str, Section | Part
 def _pieces(header: bytes, sections: dict[str, Parts]) -> Iterator[bytes | memoryview]:
     yield MAGIC + _LENGTH.pack(len(header)) + header
     for name, section in sections.items():
-        count = 0
+        count, parts = 0, 0
         for keys, rows in section.parts:
             if len(keys) != len(rows) or rows.dtype != section.row_type:
                 raise ValueError(f"state section {name}: a part of {len(keys)} keys and "
@@ -133,6 +133,9 @@ def _pieces(header: bytes, sections: dict[str, Parts]) -> Iterator[bytes | memor
             yield _LENGTH.pack(len(keys)) + lengths.tobytes()
             yield joined
             yield memoryview(np.ascontiguousarray(rows)).cast("B")  # no copy
+            parts += 1
+        if not parts:  # a section has at least one part, if empty: decode reads one
+            yield _LENGTH.pack(0)
         if count != section.count:
             raise ValueError(f"state section {name}: {section.count} entries announced, "
                              f"{count} written")
@@ -187,7 +190,8 @@ def decode(data: bytes) -> Decoded:
                                    float(description.get("written_at", written_at)))
     except StateError:
         raise
-    except (ValueError, KeyError, TypeError) as err:  # json, numpy, a missing field
+    except (ValueError, KeyError, TypeError, struct.error) as err:  # json, numpy, a missing
+        # field, parts that do not add up
         raise StateError(f"unreadable ({type(err).__name__}: {err})") from None
     if pos != len(body):
         raise StateError("unreadable (sizes do not add up)")

@@ -222,6 +222,29 @@ def test_a_truncated_or_corrupt_file_is_set_aside(tmp_path, change, reason, capl
     assert "not used, starting anew" in caplog.text
 
 
+def test_a_store_that_never_tracked_a_connection_is_saved_and_read_back(tmp_path):
+    """An agent that saw no connection (a new node, only denied traffic) streams no part
+    for its store; its successor must read the file, not fail on it."""
+    state = ExportState(str(tmp_path), ORIGIN)
+    assert state.save({"conntrack": ConnectionStore(5.0, 15.0).snapshot("kernel")}, 1.0)
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    section = state.take("conntrack", "kernel")
+    assert section.count == 0 and [len(keys) for keys, _ in section.parts] == [0]
+    assert state.restores == {("restored", "conntrack"): 1}
+
+
+def test_parts_that_do_not_add_up_under_a_good_checksum_are_a_state_error():
+    """A section announcing more entries than its parts hold (a writer gone wrong), with a
+    checksum that matches: an error naming the file unreadable, never a crash."""
+    store = ConnectionStore(5.0, 15.0)
+    records(store, [conn(1, 10)], 0.0)
+    data = b"".join(encode(ORIGIN, 1.0, {"conntrack": store.snapshot("kernel")}))
+    body = data[:-4].replace(b'"count": 1', b'"count": 2')
+    with pytest.raises(StateError, match="unreadable"):
+        decode(body + struct.pack("<I", zlib.adler32(body)))
+
+
 @pytest.mark.parametrize("field, value, reason", [
     ("boot_id", "boot-2", "boot"), ("node", "node-b", "node"),
     ("observation_domain", 8, "domain"), ("netns", 1, "netns"),
