@@ -64,6 +64,8 @@ ovs:
   denyPacketInRate: {rate}
 metrics:
   bindAddress: "127.0.0.1:{port}"
+state:
+  directory: "{directory}/state"
 """)
     agent = subprocess.Popen([OVSFLOW, "run", "--config", config], stderr=subprocess.DEVNULL)
     try:
