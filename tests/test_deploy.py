@@ -175,8 +175,11 @@ def test_systemd_unit():
     assert "#   python3 -m venv /opt/ovsflow && /opt/ovsflow/bin/pip install .\n" in unit
     assert "CapabilityBoundingSet=CAP_NET_ADMIN" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
-    # /run/ovsflow (= /var/run/ovsflow, the default state.directory), kept across restarts
-    assert "RuntimeDirectory=ovsflow\n" in unit and "RuntimeDirectoryPreserve=restart\n" in unit
+    # /run/ovsflow (= /var/run/ovsflow, the default state.directory), kept across restarts and
+    # across stop/start: with `restart` systemd deletes it at every stop (systemd.exec(5))
+    assert "RuntimeDirectory=ovsflow\n" in unit and "RuntimeDirectoryPreserve=yes\n" in unit
+    # a refused configuration (exit 2) is not restarted every RestartSec forever
+    assert "Restart=on-failure\n" in unit and "RestartPreventExitStatus=2\n" in unit
     assert StateConfig().directory == "/var/run/ovsflow"
 
 
