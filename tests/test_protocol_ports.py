@@ -5,13 +5,20 @@ table's flows take from it. The layers themselves run against real conntrack and
 Open vSwitch in tests/test_ports_end_to_end.py."""
 
 import json
+import socket
 
+import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from ovsflow.config import ConfigError, parse_config
+from ovsflow.connection import Connection
+from ovsflow.filter import ConnectionFilter
+from ovsflow.polled import Polled
 from ovsflow.protocols import (
     PORT_PROTOCOLS, PROTOCOL_GROUPS, ProtocolListError, parse_protocol_list,
 )
+from ovsflow.source.kernel import MAX_PORT_DUMPS, Dump, KernelFilters, plan_dumps
 from test_cli import config_file, ovsflow
 
 GROUPS_KEY = "flowExporter.protocolGroups"
@@ -182,6 +189,100 @@ def test_membership_and_description():
     assert protocols.accepts(1, 0) and not protocols.accepts(58, 0)
     assert protocols.describe() == ("icmp (1), tcp (6) ports 80,443, udp (17) ports "
                                     "443,30000-32767")
+
+
+# --- the one filter, over connections and over columns
+
+def connection(protocol, zone, port):
+    return Connection(protocol, b"\1" * 4, b"\2" * 4, 1000, port, zone=zone)
+
+
+CONNECTIONS = [connection(protocol, zone, port) for protocol in (1, 6, 17, 132, 47)
+               for zone in (0, 7) for port in ((0,) if protocol in (1, 47) else
+                                               (22, 53, 80, 443, 8080, 30001))]
+
+
+@pytest.mark.parametrize("entries", [["web", "dns"], ["tcp/22", "icmp"], ["tcp"],
+                                     ["udp/30000-32767", "sctp/80", "gre"], None])
+def test_connections_columns_and_single_checks_agree(entries):
+    f = ConnectionFilter(frozenset({7}), parse(entries).protocols)
+    expected = [c for c in CONNECTIONS
+                if c.zone == 7 and (entries is None or _reference(entries, c))]
+    assert f.apply(CONNECTIONS) == expected
+    assert [c for c in CONNECTIONS if f.accepts(c.zone, c.protocol, c.destination_port)] == \
+        expected
+    columns = Polled.from_connections([c._replace(key=bytes([i])) for i, c in
+                                       enumerate(CONNECTIONS)])
+    kept = f.apply_polled(columns)
+    assert [CONNECTIONS[key[0]] for key in kept.keys] == expected
+    accepted = f.accepts_columns(columns.zones, columns.protocols, columns.destination_ports)
+    assert accepted.tolist() == [c in expected for c in CONNECTIONS]
+
+
+def _reference(entries, c) -> bool:
+    """The entries' meaning, spelt out for the connections above."""
+    names = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "gre": 47}
+    expanded = [e for entry in entries for e in PROTOCOL_GROUPS.get(entry, (entry,))]
+    for entry in expanded:
+        name, _, ports = entry.partition("/")
+        low, _, high = ports.partition("-")
+        if names[name] == c.protocol and (not ports or int(low) <= c.destination_port
+                                          <= int(high or low)):
+            return True
+    return False
+
+
+def test_what_the_filter_drops_is_counted_per_protocol_by_port_too():
+    f = ConnectionFilter(frozenset(), parse(["dns"]).protocols)
+    f.apply([connection(17, 0, 53), connection(17, 0, 54), connection(6, 0, 80),
+             connection(1, 0, 0)])
+    assert f.rejected == {17: 1, 6: 1, 1: 1}
+    assert f.accepts_packet(17, 53) and not f.accepts_packet(17, 5353)
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(PORT_PROTOCOLS)), st.integers(1, 65535),
+                          st.integers(0, 300)), max_size=6),
+       st.lists(st.tuples(st.sampled_from([1, 6, 17, 33, 47, 58, 132, 136]),
+                          st.integers(0, 65535)), min_size=1, max_size=50))
+def test_the_column_filter_is_the_single_filter(ranges, traffic):
+    entries = [f"{p}/{low}-{min(low + span, 65535)}" for p, low, span in ranges] or ["icmp"]
+    protocols = parse(entries).protocols
+    f = ConnectionFilter(frozenset(), protocols)
+    accepted = f.accepts_columns(np.zeros(len(traffic), np.uint16),
+                                 np.array([p for p, _ in traffic], np.uint8),
+                                 np.array([port for _, port in traffic], np.uint16))
+    assert accepted.tolist() == [any(p == q and low <= port <= min(low + span, 65535)
+                                     for q, low, span in ranges) or (not ranges and p == 1)
+                                 for p, port in traffic]
+
+
+# --- the kernel's dumps
+
+def test_a_few_tcp_and_udp_ports_are_a_dump_each_where_the_kernel_filters_them():
+    linux = KernelFilters(family=True, protocol=True, zone=False, ports=frozenset({6, 17}))
+    f = ConnectionFilter(frozenset({65520, 65510}), parse(["dns", "sctp/2905"]).protocols)
+    v4, v6 = socket.AF_INET, socket.AF_INET6
+    assert plan_dumps(f, linux) == [
+        Dump(v4, None, 6, 53), Dump(v4, None, 17, 53), Dump(v4, None, 132, None),
+        Dump(v6, None, 6, 53), Dump(v6, None, 17, 53), Dump(v6, None, 132, None)]
+    no_ports = KernelFilters(family=True, protocol=True, zone=False)
+    assert plan_dumps(f, no_ports) == [
+        Dump(family, None, protocol) for family in (v4, v6) for protocol in (6, 17, 132)]
+
+
+def test_many_ports_are_filtered_in_userspace_and_the_cap_on_dumps_holds():
+    linux = KernelFilters(family=True, protocol=True, zone=True, ports=frozenset({6, 17}))
+    many = f"tcp/1000-{1000 + MAX_PORT_DUMPS}"  # one port more than the kernel is asked for
+    few = f"tcp/1000-{999 + MAX_PORT_DUMPS}"
+    assert [d.port for d in plan_dumps(ConnectionFilter(frozenset(), parse([many]).protocols),
+                                       linux)] == [None, None]
+    assert [d.port for d in plan_dumps(ConnectionFilter(frozenset(), parse([few]).protocols),
+                                       linux)] == list(range(1000, 1000 + MAX_PORT_DUMPS)) * 2
+    # web and dns in Antrea's two zones on a kernel that filters zones: 20 dumps by port,
+    # over the cap of 16: a dump per zone, family and protocol (8) instead
+    antrea = ConnectionFilter(frozenset({65520, 65510}), parse(["web", "dns"]).protocols)
+    plan = plan_dumps(antrea, linux)
+    assert len(plan) == 8 and {d.port for d in plan} == {None}
 
 
 # --- the configuration and check-config
