@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 
 from ovsflow.config import ConfigError, parse_config
 from ovsflow.connection import Connection
+from ovsflow.deny.rules import deny_flows, port_prefixes
 from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled
 from ovsflow.protocols import (
@@ -283,6 +284,37 @@ def test_many_ports_are_filtered_in_userspace_and_the_cap_on_dumps_holds():
     antrea = ConnectionFilter(frozenset({65520, 65510}), parse(["web", "dns"]).protocols)
     plan = plan_dumps(antrea, linux)
     assert len(plan) == 8 and {d.port for d in plan} == {None}
+
+
+# --- the deny table
+
+def flows(entries):
+    return sorted((f.priority, tuple((x.name, x.int(), x.mask and int.from_bytes(x.mask, "big"))
+                                     for x in f.match))
+                  for f in deny_flows(parse(entries).protocols))
+
+
+def test_deny_flows_match_the_destination_port_of_tcp_udp_and_sctp():
+    ip, ip6 = ("eth_type", 0x0800, None), ("eth_type", 0x86DD, None)
+    assert flows(["dns", "sctp/2904-2905", "dccp/5000", "icmp"]) == sorted([
+        (0, ()),
+        (200, (ip, ("ip_proto", 1, None))),
+        *[(200, (eth, ("ip_proto", 6, None), ("tcp_dst", 53, None))) for eth in (ip, ip6)],
+        *[(200, (eth, ("ip_proto", 17, None), ("udp_dst", 53, None))) for eth in (ip, ip6)],
+        *[(200, (eth, ("ip_proto", 132, None), ("sctp_dst", 2904, 0xFFFE)))
+          for eth in (ip, ip6)],
+        # OpenFlow has no DCCP port: every port reaches the userspace filter
+        *[(200, (eth, ("ip_proto", 33, None))) for eth in (ip, ip6)]])
+
+
+@given(st.integers(1, 65535), st.integers(0, 65535))
+def test_a_range_is_a_few_masked_matches_that_cover_exactly_it(low, span):
+    high = min(low + span, 65535)
+    prefixes = port_prefixes(low, high)
+    assert len(prefixes) <= 30
+    for port in {low, high, low - 1, high + 1, (low + high) // 2} - {0, 65536}:
+        matched = [value for value, mask in prefixes if port & mask == value]
+        assert len(matched) == (1 if low <= port <= high else 0), (port, prefixes)
 
 
 # --- the configuration and check-config
