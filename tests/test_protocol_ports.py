@@ -19,7 +19,7 @@ from ovsflow.polled import Polled
 from ovsflow.protocols import (
     PORT_PROTOCOLS, PROTOCOL_GROUPS, ProtocolListError, parse_protocol_list,
 )
-from ovsflow.source.kernel import MAX_PORT_DUMPS, Dump, KernelFilters, plan_dumps
+from ovsflow.source.kernel import MAX_EXTRA_PORT_DUMPS, Dump, KernelFilters, plan_dumps
 from test_cli import config_file, ovsflow
 
 GROUPS_KEY = "flowExporter.protocolGroups"
@@ -271,19 +271,29 @@ def test_a_few_tcp_and_udp_ports_are_a_dump_each_where_the_kernel_filters_them()
         Dump(family, None, protocol) for family in (v4, v6) for protocol in (6, 17, 132)]
 
 
-def test_many_ports_are_filtered_in_userspace_and_the_cap_on_dumps_holds():
+def test_port_dumps_add_at_most_max_extra_port_dumps_walks_fewest_ports_first():
     linux = KernelFilters(family=True, protocol=True, zone=True, ports=frozenset({6, 17}))
-    many = f"tcp/1000-{1000 + MAX_PORT_DUMPS}"  # one port more than the kernel is asked for
-    few = f"tcp/1000-{999 + MAX_PORT_DUMPS}"
-    assert [d.port for d in plan_dumps(ConnectionFilter(frozenset(), parse([many]).protocols),
-                                       linux)] == [None, None]
-    assert [d.port for d in plan_dumps(ConnectionFilter(frozenset(), parse([few]).protocols),
-                                       linux)] == list(range(1000, 1000 + MAX_PORT_DUMPS)) * 2
-    # web and dns in Antrea's two zones on a kernel that filters zones: 20 dumps by port,
-    # over the cap of 16: a dump per zone, family and protocol (8) instead
-    antrea = ConnectionFilter(frozenset({65520, 65510}), parse(["web", "dns"]).protocols)
-    plan = plan_dumps(antrea, linux)
-    assert len(plan) == 8 and {d.port for d in plan} == {None}
+
+    def ports_dumped(entries, zones=()):
+        plan = plan_dumps(ConnectionFilter(frozenset(zones), parse(entries).protocols), linux)
+        return sorted({(d.protocol, d.port) for d in plan}), len(plan)
+
+    assert MAX_EXTRA_PORT_DUMPS == 6
+    # 4 ports: 3 more dumps per family, 6 more walks than a dump of tcp per family
+    four = [f"tcp/{port}" for port in range(1001, 1005)]
+    assert ports_dumped(four) == ([(6, port) for port in range(1001, 1005)], 8)
+    # 5 ports would add 8: one dump of tcp per family, the ports in userspace
+    assert ports_dumped(four + ["tcp/1005"]) == ([(6, None)], 2)
+    assert ports_dumped(["tcp/1-65535"]) == ([(6, None)], 2)
+    # web and dns: udp (2 ports, 2 more) first, then tcp (3 ports, 4 more): 10 dumps
+    assert ports_dumped(["web", "dns"]) == (
+        [(6, 53), (6, 80), (6, 443), (17, 53), (17, 443)], 10)
+    # in Antrea's two zones on a kernel that filters them, tcp's would add 8 more to udp's
+    # 4: udp by port, tcp by protocol
+    assert ports_dumped(["web", "dns"], {65520, 65510}) == (
+        [(6, None), (17, 53), (17, 443)], 12)
+    # one port per protocol costs no walk more: always by port, within the cap of dumps
+    assert ports_dumped(["tcp/5432", "udp/53"], {65520, 65510}) == ([(6, 5432), (17, 53)], 8)
 
 
 # --- the deny table

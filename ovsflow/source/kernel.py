@@ -45,9 +45,16 @@ SOCKET_BUFFER = 8 << 20
 # shared by thousands of entries, and a poll holds a run's bytes, not the table's.
 DECODE_RUN = 1 << 20
 MAX_FILTERED_DUMPS = 16  # beyond this many table walks, one walk + userspace filtering wins
-# A protocol's ports are dumped one port per dump (the kernel filters by one port) only up
-# to this many ports; beyond, one dump of the protocol and its ports checked in userspace.
-MAX_PORT_DUMPS = 8
+# The kernel filters a dump by one destination port: a protocol's ports dumped one by one
+# cost a walk of the whole table each (~0.17 ms per 1000 entries), where one dump of the
+# protocol costs one walk and each of its entries crossing into userspace (~2.2 ms per 1000,
+# decoded and filtered there). bench/bench_ports.py, 100k entries, N TCP ports a dump each
+# against one TCP dump, CPU: with 90% of the table TCP, 3 ports 0.50x, 4 0.60x, 6 0.78x,
+# 8 1.02x; with 30% TCP, 2 ports 0.67x, 3 0.90x, 4 1.14x, 6 1.64x. So the port dumps may add
+# at most this many walks to a plan of a dump per protocol, fewest ports first: 4 ports of
+# one protocol (3 more per family), or web and dns's 3 TCP and 2 UDP ports; a protocol with
+# one port always has its dump. Worst case measured: 1.14x; best, 0.19x.
+MAX_EXTRA_PORT_DUMPS = 6
 DUMP_RETRIES = 3
 # The probe's own entry: IPv4 UDP in zone 0 between TEST-NET-1 addresses (RFC 5737), a
 # random source port so that two probes at once do not collide, and a short timeout so it
@@ -110,9 +117,9 @@ def plan_dumps(connection_filter: ConnectionFilter, kernel: KernelFilters) -> li
     """The dumps that fetch what the filter accepts with the least crossing into userspace,
     using only the filters the kernel applies, so that no two dumps return the same entry:
     one per zone (the kernel cannot select zone 0), one per address family and protocol,
-    and for a protocol exported on a few ports only, one per port. Each dump walks the
-    whole table in the kernel: past MAX_FILTERED_DUMPS, the ports and then the protocols
-    are left to userspace. The userspace filter always runs after them."""
+    and for a protocol exported on a few ports only, one per port (`_dumped_by_port`).
+    Each dump walks the whole table in the kernel: past MAX_FILTERED_DUMPS, one dump (per
+    zone) and the userspace filter. The userspace filter always runs after them."""
     zones = sorted(connection_filter.zones)
     zone_choices: list[int | None] = (zones if kernel.zone and zones and 0 not in zones
                                       else [None])
@@ -123,25 +130,34 @@ def plan_dumps(connection_filter: ConnectionFilter, kernel: KernelFilters) -> li
              for protocol in sorted(protocols.numbers)
              if not (protocol == 1 and family == socket.AF_INET6)
              and not (protocol == 58 and family == socket.AF_INET)]
-    by_port = [(family, protocol, port) for family, protocol in pairs
-               for port in _ports_to_dump(protocols, protocol, kernel)]
-    for plan in (by_port, [(family, protocol, None) for family, protocol in pairs]):
-        if len(plan) * len(zone_choices) <= MAX_FILTERED_DUMPS:
-            return [Dump(family, zone, protocol, port)
-                    for zone, (family, protocol, port) in itertools.product(zone_choices, plan)]
-    return [Dump(0, zone, None) for zone in zone_choices]
+    if len(pairs) * len(zone_choices) > MAX_FILTERED_DUMPS:
+        return [Dump(0, zone, None) for zone in zone_choices]
+    by_port = _dumped_by_port(protocols, kernel, len(pairs) * len(zone_choices),
+                              len(zone_choices))
+    return [Dump(family, zone, protocol, port)
+            for zone, (family, protocol) in itertools.product(zone_choices, pairs)
+            for port in by_port.get(protocol, [None])]
 
 
-def _ports_to_dump(protocols: ProtocolSet, protocol: int,
-                   kernel: KernelFilters) -> list[int | None]:
-    """The destination ports to dump `protocol` by, a dump each; [None]: one dump of every
-    port, the ports checked in userspace (every port exported, more than MAX_PORT_DUMPS
-    ports, or a kernel that does not filter this protocol's ports)."""
-    ranges = protocols.port_ranges(protocol)
-    if ranges is None or protocol not in kernel.ports or \
-            sum(high - low + 1 for low, high in ranges) > MAX_PORT_DUMPS:
-        return [None]
-    return [port for low, high in ranges for port in range(low, high + 1)]
+def _dumped_by_port(protocols: ProtocolSet, kernel: KernelFilters, planned: int,
+                    zones: int) -> dict[int, list[int]]:
+    """The protocols to dump port by port, with their ports: those exported on some ports
+    whose ports the kernel filters, fewest ports first, while the walks they add to the
+    `planned` dumps (one per family, protocol and zone) stay within MAX_EXTRA_PORT_DUMPS,
+    and the plan within MAX_FILTERED_DUMPS. A port is a dump per family (protocols with
+    ports have both) and zone."""
+    by_port: dict[int, list[int]] = {}
+    extra = 0
+    for count, protocol, ranges in sorted(
+            (sum(high - low + 1 for low, high in ranges), protocol, ranges)
+            for protocol, ranges in protocols.ports if protocol in kernel.ports):
+        added = (count - 1) * 2 * zones
+        if extra + added > MAX_EXTRA_PORT_DUMPS or planned + extra + added > \
+                MAX_FILTERED_DUMPS:
+            break  # the next ones have as many ports or more
+        by_port[protocol] = [port for low, high in ranges for port in range(low, high + 1)]
+        extra += added
+    return by_port
 
 
 def enable_accounting() -> None:
