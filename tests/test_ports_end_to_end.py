@@ -15,7 +15,10 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -23,36 +26,19 @@ import yaml
 from helpers import OVSFLOW, agent_config
 from ipfix_sink import DatagramSink
 from lab.antrea import AntreaStandIn
-from lab.netns import LAB, PYTHON, Netns, veth_pair
+from lab.netns import LAB, PYTHON, Netns
 from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab
 from test_antrea_records import utc
 from test_conntrack_kernel import conntrack_list
-from test_deny import wait_for
-
-NODE, PEER = "10.78.0.1", "10.78.0.2"
+from test_deny import lab, wait_for  # noqa: F401 - lab: pod1 > pod2 denied (IPv4), a fixture
+# node: a namespace whose conntrack puts all but loopback in zone 65520, its peer beside it
+from test_ovsdb_bad_values import CLIENT as NODE, SERVER as PEER, node  # noqa: F401
 WEB_AND_DNS = {(6, 80), (6, 443), (17, 443), (17, 53), (6, 53)}
 DENY_TABLE = 250
 COOKIE = "0x6f7673666c6f7700"
 UDP6 = ("import socket, sys\n"
         "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
         "for _ in range(int(sys.argv[3])): s.sendto(b'u' * 50, (sys.argv[1], int(sys.argv[2])))\n")
-
-
-@pytest.fixture
-def node():
-    """`node` holds the conntrack table (everything but loopback in zone 65520) and runs the
-    agent; `peer` is the other end of a veth, with the servers."""
-    node, peer = Netns("node"), Netns("peer")
-    try:
-        veth_pair(node, peer, f"{NODE}/24", f"{PEER}/24")
-        for rule in (["OUTPUT", "!", "-o", "lo", "-j", "CT", "--zone", "65520"],
-                     ["PREROUTING", "!", "-i", "lo", "-j", "CT", "--zone", "65520"]):
-            node.run("iptables", "-t", "raw", "-A", *rule)
-        node.peer = peer
-        yield node
-    finally:
-        peer.delete()
-        node.delete()
 
 
 def start_server(ns: Netns, kind: str, port: int, reply: str = "3000") -> None:
@@ -112,32 +98,40 @@ def sums(records: list[dict]) -> dict[tuple[int, int, int], dict[str, int]]:
     return {key: dict(values) for key, values in summed.items()}
 
 
-def run_agent(ns: Netns, config: str, log: Path) -> subprocess.Popen:
-    with open(log, "w") as stream:
-        return ns.popen(OVSFLOW, "run", "--config", config, stderr=stream)
-
-
-def stop_agent(agent: subprocess.Popen, log: Path) -> str:
-    agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=30) == 0, log.read_text()
-    return log.read_text()
+@contextmanager
+def exporting(tmp_path: Path, config: Callable[[int], str], ns: Netns | None = None):
+    """`ovsflow run` (in `ns`, if given) for the block, with the configuration `config`
+    writes for a collector port, exporting to a `DatagramSink` beside it. Yields a namespace
+    with the `agent`, its `config` path and its `log_path`; afterwards the agent has been
+    stopped with SIGTERM (and must have exited 0; by PID with SIGKILL if the block failed),
+    `log` holds its stderr and `records` what the sink received."""
+    prefix = ns.prefix() if ns is not None else []
+    sink = DatagramSink(tmp_path / "datagrams", prefix=prefix)
+    path, config_path = tmp_path / "agent.log", Path(config(sink.port))
+    with open(path, "w") as stream:
+        agent = subprocess.Popen([*prefix, OVSFLOW, "run", "--config", str(config_path)],
+                                 stderr=stream)
+    run = SimpleNamespace(agent=agent, config=config_path, log_path=path, log="", records=[])
+    try:
+        yield run
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, path.read_text()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        sink.stop()
+        run.log, run.records = path.read_text(), sink.records()
 
 
 def test_web_and_dns_export_exactly_their_connections_with_conntrack_totals(node, tmp_path):
-    sink = DatagramSink(tmp_path / "datagrams", prefix=node.prefix())
-    log = tmp_path / "agent.log"
-    agent = run_agent(node, agent_config(tmp_path, sink.port, ["web", "dns"]), log)
-    try:
+    with exporting(tmp_path, lambda port: agent_config(tmp_path, port, ["web", "dns"]),
+                   node) as run:
         time.sleep(1.5)  # the agent switches conntrack accounting on before traffic starts
         mixed_traffic(node)
         time.sleep(1.5)  # a few polls after the last packet: the counters are final
         totals = conntrack_totals(node)
-        stop_agent(agent, log)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-        sink.stop()
-    records = sink.records()
+    records = run.records
     summed = sums(records)
     assert {(protocol, dport) for protocol, _, dport in summed} == WEB_AND_DNS, summed
     expected = {key: counters for key, counters in totals.items() if key[::2] in WEB_AND_DNS}
@@ -153,24 +147,16 @@ def test_web_and_dns_export_exactly_their_connections_with_conntrack_totals(node
 # --- the deny table on a real Open vSwitch
 
 @pytest.fixture
-def lab(tmp_path):
-    """pod1 > pod2 denied, IPv4 and IPv6 (rule 42), into the deny table; else NORMAL."""
-    lab = OvsLab(tmp_path / "ovs")
-    try:
-        lab.pod1 = lab.add_pod("10.56.0.1/24")
-        lab.pod2 = lab.add_pod("10.56.0.2/24")
-        for pod, address in ((lab.pod1, "fd56::1"), (lab.pod2, "fd56::2")):
-            pod.run("ip", "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
-        mac = lab.pod2.run("cat", "/sys/class/net/eth0/address").stdout.strip()
-        lab.pod1.run("ip", "-6", "neigh", "add", "fd56::2", "lladdr", mac, "dev", "eth0")
-        p1 = lab.ofport(lab.pod1)
-        for match in (f"ip,nw_dst={lab.pod2.address}", "ipv6,ipv6_dst=fd56::2"):
-            lab.ofctl("add-flow", f"table=0,priority=100,in_port={p1},{match},"
-                                  f"actions=load:42->NXM_NX_REG3[],resubmit(,{DENY_TABLE})")
-        lab.ofctl("add-flow", "table=0,priority=1,actions=NORMAL")
-        yield lab
-    finally:
-        lab.stop()
+def lab6(lab):  # noqa: F811 - test_deny's lab, imported above
+    """test_deny's lab (pod1 > pod2 denied, rule 42, into the deny table), IPv6 too."""
+    for pod, address in ((lab.pod1, "fd55::1"), (lab.pod2, "fd55::2")):
+        pod.run("ip", "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+    mac = lab.pod2.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    lab.pod1.run("ip", "-6", "neigh", "add", "fd55::2", "lladdr", mac, "dev", "eth0")
+    lab.ofctl("add-flow", f"table=0,priority=100,in_port={lab.ofport(lab.pod1)},ipv6,"
+                          "ipv6_dst=fd55::2,actions=load:42->NXM_NX_REG3[],"
+                          f"resubmit(,{DENY_TABLE})")
+    return lab
 
 
 def deny_flows(lab) -> dict[str, int]:
@@ -201,8 +187,8 @@ def denied_mix(lab) -> None:
         pod1.traffic("tcp-syn", pod2, port)
     pod1.run("ping", "-c", "2", "-i", "0.2", "-W", "1", pod2, check=False)
     pod1.traffic("sctp-init", lab.pod1.address, pod2, "5000", "80")
-    pod1.run(PYTHON, "-c", UDP6, "fd56::2", "53", "2")
-    pod1.run(PYTHON, "-c", UDP6, "fd56::2", "5353", "1")
+    pod1.run(PYTHON, "-c", UDP6, "fd55::2", "53", "2")
+    pod1.run(PYTHON, "-c", UDP6, "fd55::2", "5353", "1")
 
 
 def deny_config(tmp_path, lab, port, protocols, **flow_exporter) -> str:
@@ -212,25 +198,17 @@ def deny_config(tmp_path, lab, port, protocols, **flow_exporter) -> str:
                              "denyTable": DENY_TABLE})
 
 
-def test_only_denied_packets_to_web_and_dns_ports_reach_ovsflow(lab, tmp_path):
-    sink = DatagramSink(tmp_path / "datagrams")
-    log = tmp_path / "agent.log"
-    with open(log, "w") as stream:
-        agent = subprocess.Popen([OVSFLOW, "run", "--config", deny_config(
-            tmp_path, lab, sink.port, ["web", "dns"], protocolGroups={})], stderr=stream)
-    try:
+def test_only_denied_packets_to_web_and_dns_ports_reach_ovsflow(lab6, tmp_path):
+    lab = lab6
+    with exporting(tmp_path, lambda port: deny_config(tmp_path, lab, port,
+                                                      ["web", "dns"])) as run:
         installed = wait_for(lambda: len(deny_flows(lab)) == 11 and deny_flows(lab),
                              what="ovsflow's deny flows")
         assert set(installed) == {""} | web_and_dns_flows() | web_and_dns_flows("6")
         denied_mix(lab)
         time.sleep(1.5)
         counters = deny_flows(lab)
-        text = stop_agent(agent, log)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-        sink.stop()
-    deny = [r for r in sink.records() if r.get("ingressNetworkPolicyRuleAction") == 2]
+    deny = [r for r in run.records if r.get("ingressNetworkPolicyRuleAction") == 2]
     packets: dict = defaultdict(int)
     for r in deny:
         family = "6" if "destinationIPv6Address" in r else ""
@@ -245,9 +223,9 @@ def test_only_denied_packets_to_web_and_dns_ports_reach_ovsflow(lab, tmp_path):
     # dropped in the datapath: 5353 (2), from port 53 (1), SYNs to 8080 (1 or more), pings
     # (2), SCTP to port 80 (1), IPv6 to 5353 (1)
     assert counters[""] >= 8
-    taken = int(re.search(r"deny path: (\d+) packet-ins taken", text).group(1))
+    taken = int(re.search(r"deny path: (\d+) packet-ins taken", run.log).group(1))
     assert taken == sum(packets.values())
-    assert ", 0 of unwanted" in text  # the userspace filter had nothing left to drop
+    assert ", 0 of unwanted" in run.log  # the userspace filter had nothing left to drop
 
 
 def test_the_ovs_userspace_source_keeps_only_web_and_dns(tmp_path):
@@ -297,60 +275,50 @@ def test_antrea_mode_filters_antreas_packet_ins_by_port_in_userspace(tmp_path):
         isolated = lab.add_pod("10.59.0.3/24", name="isolated", namespace="vault")
         antrea = AntreaStandIn(lab.run_dir, lab.bridge, tmp_path / "antrea.json", 5,
                                client.address, server.address, [isolated.address])
-        sink = DatagramSink(tmp_path / "datagrams")
-        log = tmp_path / "agent.log"
-        config = agent_config(tmp_path, sink.port, ["dns", "tcp/80"],
-                              ovs={"runDir": lab.run_dir, "bridge": lab.bridge,
-                                   "denySource": "antrea"})
-        with open(log, "w") as stream:
-            agent = subprocess.Popen([OVSFLOW, "run", "--config", config], stderr=stream)
-        try:
-            wait_for(lambda: "Antrea's controller id is" in log.read_text(), timeout=15,
-                     what="ovsflow beside Antrea")
+        config = lambda port: agent_config(  # noqa: E731
+            tmp_path, port, ["dns", "tcp/80"],
+            ovs={"runDir": lab.run_dir, "bridge": lab.bridge, "denySource": "antrea"})
+        with exporting(tmp_path, config) as run:
+            wait_for(lambda: "Antrea's controller id is" in run.log_path.read_text(),
+                     timeout=15, what="ovsflow beside Antrea")
             client.traffic("udp", server.address, "5353", "3", "100")
             client.traffic("tcp-syn", server.address, "80")
             client.traffic("udp", isolated.address, "53", "2", "100")
             client.traffic("tcp-syn", isolated.address, "8080")
             time.sleep(1.0)
-            text = stop_agent(agent, log)
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-            sink.stop()
     finally:
         if antrea is not None:
             antrea.stop()
         lab.stop()
     packets: dict = defaultdict(int)
-    for r in sink.records():
+    for r in run.records:
         packets[r["protocolIdentifier"], r["destinationTransportPort"]] += r["packetDeltaCount"]
     assert set(packets) == {(17, 53), (6, 80)} and packets[17, 53] == 2, packets
     taken, unwanted = map(int, re.search(
         r"deny path: (\d+) packet-ins taken, \d+ of other flows ignored, (\d+) of unwanted",
-        text).groups())
+        run.log).groups())
     assert unwanted >= 3 + 1  # UDP to 5353, SYNs to 8080: dropped by the userspace filter
     assert taken >= sum(packets.values()) + unwanted
 
 
 # --- a reload at both layers
 
-def test_a_reload_from_web_to_dns_changes_both_layers_and_loses_nothing(node, lab, tmp_path):
-    """[web, keep] -> [dns, keep], keep being a group of the user's (tcp/9000). The agent
-    polls the node's kernel conntrack and owns the lab switch's deny table. A connection to
+def test_a_reload_from_web_to_dns_changes_both_layers_and_loses_nothing(
+        node, lab, tmp_path):  # noqa: F811 - test_deny's lab
+    """[web, keep] -> [dns, keep], keep being a group of the user's (tcp/9000), after a
+    file with errors that changes nothing. The agent polls the node's kernel conntrack and
+    owns the lab switch's deny table. A connection to
     port 9000 lives across the reload: its deltas still sum to conntrack's totals. One to
     port 80 lives across it too: after the reload it is no longer followed (no record, and
     no end record). DNS from before the reload is exported from its conntrack totals. The
     deny table's flows follow: TCP to 80 reaches ovsflow before, DNS after."""
-    sink = DatagramSink(tmp_path / "datagrams", prefix=node.prefix())
-    log = tmp_path / "agent.log"
-    path = Path(deny_config(tmp_path, lab, sink.port, ["web", "keep"],
-                            protocolGroups={"keep": ["tcp/9000"]}))
     control = tmp_path / "clients"
     control.mkdir()
     for port in (9000, 80):
         start_server(node.peer, "steady-server", port, "700")
-    agent = run_agent(node, str(path), log)
-    try:
+    with exporting(tmp_path, lambda port: deny_config(
+            tmp_path, lab, port, ["web", "keep"], protocolGroups={"keep": ["tcp/9000"]}),
+            node) as run:
         wait_for(lambda: "tcp,tp_dst=80" in deny_flows(lab), what="web's deny flows")
         time.sleep(0.5)  # conntrack accounting is on
         clients = {port: node.popen(PYTHON, "-u", str(LAB / "traffic.py"), "steady-clients",
@@ -364,10 +332,23 @@ def test_a_reload_from_web_to_dns_changes_both_layers_and_loses_nothing(node, la
         time.sleep(2)
         before = deny_flows(lab)
 
-        config = yaml.safe_load(path.read_text())
+        # a file with a wrong port and a cycle first: refused whole, nothing changes
+        config = yaml.safe_load(run.config.read_text())
+        config["flowExporter"]["protocols"] = ["dns", "keep", "udp/0"]
+        config["flowExporter"]["protocolGroups"]["keep"].append("keep")
+        run.config.write_text(yaml.safe_dump(config))
+        run.agent.send_signal(signal.SIGHUP)
+        refused = wait_for(lambda: [line for line in run.log_path.read_text().splitlines()
+                                    if "keeping the running configuration" in line],
+                           what="the refused reload")
+        assert "flowExporter.protocols[2]: 'udp/0'" in refused[0]
+        assert "flowExporter.protocolGroups.keep[1]: 'keep' names its own group" in refused[0]
+        assert set(deny_flows(lab)) == set(before)
+
         config["flowExporter"]["protocols"] = ["dns", "keep"]
-        path.write_text(yaml.safe_dump(config))
-        agent.send_signal(signal.SIGHUP)
+        config["flowExporter"]["protocolGroups"]["keep"] = ["tcp/9000"]
+        run.config.write_text(yaml.safe_dump(config))
+        run.agent.send_signal(signal.SIGHUP)
         after = wait_for(lambda: (f := deny_flows(lab)) and "udp,tp_dst=53" in f
                          and "tcp,tp_dst=80" not in f and f, what="dns's deny flows")
         reloaded = time.time()
@@ -383,12 +364,7 @@ def test_a_reload_from_web_to_dns_changes_both_layers_and_loses_nothing(node, la
         time.sleep(1.5)  # the connections' ends polled
         totals = conntrack_totals(node)
         counters = deny_flows(lab)
-        text = stop_agent(agent, log)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-        sink.stop()
-    records = sink.records()
+    records = run.records
     conntrack_records = [r for r in records if "ingressNetworkPolicyRuleAction" not in r or
                          r["ingressNetworkPolicyRuleAction"] != 2]
     deny = [r for r in records if r not in conntrack_records]
@@ -419,4 +395,4 @@ def test_a_reload_from_web_to_dns_changes_both_layers_and_loses_nothing(node, la
     assert dict(deny_packets) == {(6, 80): before["tcp,tp_dst=80"],
                                   (17, 53): counters["udp,tp_dst=53"]}
     assert counters["udp,tp_dst=53"] == 3
-    assert "reload: exporting protocols tcp (6) ports 53,9000, udp (17) ports 53" in text
+    assert "reload: exporting protocols tcp (6) ports 53,9000, udp (17) ports 53" in run.log

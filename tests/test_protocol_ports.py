@@ -172,6 +172,36 @@ def test_the_old_rules_still_hold_for_plain_entries_of_the_list():
         parse(["nothing"], {"nothing": []})
 
 
+entry_texts = st.one_of(
+    st.sampled_from(["tcp", "udp", "icmp", "gre", "web", "dns", "transport", "a", "b", "c"]),
+    st.builds(lambda p, low, high: f"{p}/{low}{high}", st.sampled_from(
+        ["tcp", "udp", "sctp", "icmp", "6", "x", ""]), st.integers(-1, 70000).map(str),
+        st.one_of(st.just(""), st.integers(0, 70000).map(lambda n: f"-{n}"))),
+    st.text(max_size=8), st.integers(-5, 70000), st.booleans(), st.none())
+
+
+@pytest.mark.fuzz
+@given(st.lists(entry_texts, max_size=8),
+       st.one_of(st.none(), st.dictionaries(st.one_of(st.sampled_from(["a", "b", "c", "web"]),
+                                                      st.text(max_size=5), st.integers()),
+                                            st.one_of(st.lists(entry_texts, max_size=4),
+                                                      entry_texts), max_size=4)))
+def test_lists_and_groups_parse_or_are_refused_by_name_never_otherwise(entries, groups):
+    try:
+        parsed = parse(entries, groups)
+    except ProtocolListError as err:
+        assert err.problems and all(line.startswith("flowExporter.") for line in err.problems)
+        return
+    protocols = parsed.protocols
+    if protocols.numbers is None:
+        assert not entries and not protocols.ports
+        return
+    for protocol, ranges in protocols.ports:
+        assert protocol in protocols.numbers and protocol in PORT_PROTOCOLS
+        assert all(1 <= low <= high <= 65535 for low, high in ranges)
+        assert all(high + 1 < low for (_, high), (low, _) in zip(ranges, ranges[1:]))
+
+
 def test_a_protocol_named_with_a_slash_is_still_that_protocol():
     assert ports_of(["a/n"]) == {107: None}  # IANA's keyword for protocol 107
 
