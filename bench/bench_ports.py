@@ -3,9 +3,10 @@ of protocols, and whether the kernel or userspace should filter the ports.
 
 A network namespace's conntrack holds 100k entries (zone 65520, IPv4): --tcp TCP ones
 (90k), the rest UDP. Of the TCP ones, ports 1001-1032 hold --share of them each (0.5%), the
-rest are spread over 900 other destination ports. The agent's poll cycle in process (dump, decode, filter, store
-update; nothing due: the store saw the same table the poll before) is timed, wall and CPU
-(user + system: the kernel's side of a dump runs in our recv calls), for:
+rest are spread over 900 other destination ports. The agent's poll cycle in process (dump,
+decode, filter, store update; nothing due: the store saw the same table the poll before) is
+timed, wall and CPU (user + system: the kernel's side of a dump runs in our recv calls),
+for:
 
   reference   protocols: [tcp]                  one dump, kernel-filtered by protocol
   10 planned  protocols: [tcp/1001, ... 1010]  as ovsflow plans it (MAX_EXTRA_PORT_DUMPS)
@@ -164,7 +165,8 @@ def main() -> None:
           "CPU | tracked | userspace CPU / reference")
     for count in PORT_COUNTS:
         k, u = poll[f"{count} kernel"], poll[f"{count} userspace"]
-        print(f"{count:>11} | {k['dumps']:>3} {k['wall'] * 1000:>6.0f} ms {k['cpu'] * 1000:>6.0f} ms"
+        print(f"{count:>11} | {k['dumps']:>3} {k['wall'] * 1000:>6.0f} ms "
+              f"{k['cpu'] * 1000:>6.0f} ms"
               f" | {u['wall'] * 1000:>6.0f} ms {u['cpu'] * 1000:>6.0f} ms | "
               f"{k['cpu'] / u['cpu']:>5.2f}x | {k['tracked']:>6} | "
               f"{u['cpu'] / reference['cpu']:.2f}x")

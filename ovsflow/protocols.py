@@ -128,7 +128,8 @@ class ProtocolSet:
             return "all"
         ports = dict(self.ports)
         return ", ".join(f"{protocol_name(n)} ({n})" + (
-            f" ports {format_ports(ports[n])}" if n in ports else "") for n in sorted(self.numbers))
+            f" ports {format_ports(ports[n])}" if n in ports else "")
+            for n in sorted(self.numbers))
 
 
 ALL_PROTOCOLS = ProtocolSet()

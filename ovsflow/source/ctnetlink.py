@@ -227,10 +227,10 @@ def _entries(data: bytes) -> tuple[list[int], list[int], bool]:
 
 def count_dump(data: bytes, counts: dict[tuple[int, int, int], int]) -> bool:
     """`parse_dump` for a count: add one receive buffer's entries to `counts` by (zone,
-    protocol, destination port), what the filter needs, without building a Connection each. Returns True
-    when the dump is complete. (The message walk is `_entries`', repeated rather than
-    shared: the count is timed against `conntrack -L`, and a walk before the count costs
-    each entry another loop turn.)"""
+    protocol, destination port), what the filter needs, without building a Connection
+    each. Returns True when the dump is complete. (The message walk is `_entries`',
+    repeated rather than shared: the count is timed against `conntrack -L`, and a walk
+    before the count costs each entry another loop turn.)"""
     pos, end = 0, len(data)
     layouts, from_bytes, get = _LAYOUTS, int.from_bytes, counts.get
     while pos < end:
