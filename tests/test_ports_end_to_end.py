@@ -131,11 +131,12 @@ def test_web_and_dns_export_exactly_their_connections_with_conntrack_totals(node
         mixed_traffic(node)
         time.sleep(1.5)  # a few polls after the last packet: the counters are final
         totals = conntrack_totals(node)
+        count = node.run(OVSFLOW, "conntrack", "--config", str(run.config), "--count").stdout
     records = run.records
     summed = sums(records)
     assert {(protocol, dport) for protocol, _, dport in summed} == WEB_AND_DNS, summed
     expected = {key: counters for key, counters in totals.items() if key[::2] in WEB_AND_DNS}
-    assert len(expected) == 5
+    assert len(expected) == 5 and count.strip() == "5"  # `ovsflow conntrack --count` too
     assert {key[::2] for key in totals} - WEB_AND_DNS == {  # the others were in conntrack too
         (6, 8080), (17, 5353), (17, 54), (17, 7777)}
     assert summed == expected
