@@ -51,7 +51,7 @@ POD_NAMESPACE = "demo"
 ALLOWING_RULES = [("pod1", "pod2", 12, 11), ("pod1", "remote", 0, 11),
                   ("pod1", "external", 0, 13), ("external", "pod2", 12, 0)]
 KERNEL_EGRESS_RULE = 21
-ANTREA_PROTOCOLS = "[tcp, udp]"
+ANTREA_PROTOCOLS = "[web, udp]"  # web, a predefined group: tcp/80, tcp/443, udp/443
 
 
 def agent_config(directory: Path, name: str, source: str, bridge: str, run_dir: str,

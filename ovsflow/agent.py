@@ -330,7 +330,8 @@ class Agent:
         # Connections the filter now leaves out go on: they are not reported as ended, only
         # no longer followed (the poll lock is held: no poll is using the store).
         forgotten = self.store.forget(
-            lambda keys: self.filter.accepts_columns(keys["zone"], keys["protocol"]))
+            lambda keys: self.filter.accepts_columns(keys["zone"], keys["protocol"],
+                                                     keys["destination_port"]))
         if forgotten:
             log.info("reload: %d tracked connections no longer followed (filtered out)",
                      forgotten)

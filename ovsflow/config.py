@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .protocols import (
-    ALL_PROTOCOLS, ProtocolListError, ProtocolSet, parse_protocol_list, quote_value,
+    ALL_PROTOCOLS, ParsedProtocols, ProtocolListError, ProtocolSet, parse_protocol_list,
+    quote_value,
 )
 
 # ssl and difflib are imported where a TLS file or a misspelt key needs them: `ovsflow
@@ -63,6 +64,9 @@ class FlowExporterConfig:
     active_timeout: float = 5.0
     idle_timeout: float = 15.0
     protocols: ProtocolSet = ALL_PROTOCOLS
+    # the user's groups (protocolGroups) as read, for the effective configuration; the
+    # protocols above have them resolved
+    protocol_groups: tuple[tuple[str, tuple[object, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ class Config:
                 "activeFlowExportTimeout": format_duration(fe.active_timeout),
                 "idleFlowExportTimeout": format_duration(fe.idle_timeout),
                 "protocols": "all" if protocols is None else sorted(protocols),
+                "protocolGroups": {name: list(members)
+                                   for name, members in fe.protocol_groups},
             },
             "conntrack": {"source": ct.source, "zones": sorted(ct.zones),
                           "maxConnections": ct.max_connections},
@@ -199,6 +205,10 @@ class Config:
              "maxBufferedRecords": c.max_buffered_records} for c in ipfix.collectors]
         if ipfix.collectors:  # in place of flowCollectorAddr
             del effective["flowExporter"]["flowCollectorAddr"]
+        if fe.protocols.ports:  # check-config's effective list (not a key of the file)
+            effective["flowExporter"]["ports"] = {
+                str(protocol): [list(pair) for pair in ranges]
+                for protocol, ranges in fe.protocols.ports}
         return effective
 
 
@@ -449,7 +459,8 @@ def parse_config(data: object) -> Config:
         poll_interval=fe.take("flowPollInterval", parse_duration, d.poll_interval),
         active_timeout=fe.take("activeFlowExportTimeout", parse_duration, d.active_timeout),
         idle_timeout=fe.take("idleFlowExportTimeout", parse_duration, d.idle_timeout),
-        protocols=protocols,
+        protocols=protocols.protocols,
+        protocol_groups=protocols.groups,
     )
 
     ct = _Section(top.data.get("conntrack"), "conntrack", problems)
@@ -460,6 +471,8 @@ def parse_config(data: object) -> Config:
         max_connections=ct.take("maxConnections", integer_in(1, 100_000_000),
                                 d_ct.max_connections),
     )
+
+    warnings.extend(_never_matching_ports(flow_exporter, conntrack, fe))
 
     ov = _Section(top.data.get("ovs"), "ovs", problems)
     d_ovs = OvsConfig()
@@ -687,25 +700,36 @@ def client_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]) -> ProtocolSet:
-    """`protocols`, or Antrea's name for it, `protocolFilter`; never both."""
-    fe.known += ["protocols", "protocolFilter"]
+def _parse_protocols(fe: _Section, problems: list[str], warnings: list[str]
+                     ) -> ParsedProtocols:
+    """`protocols`, or Antrea's name for it, `protocolFilter` (never both), with the groups
+    of `protocolGroups` it may name."""
+    fe.known += ["protocols", "protocolFilter", "protocolGroups"]
     present = [key for key in ("protocols", "protocolFilter") if key in fe.data]
     if len(present) == 2:
         problems.append("flowExporter: both 'protocols' and 'protocolFilter' are set; "
                         "'protocolFilter' is Antrea's name for 'protocols': keep one")
-        return ALL_PROTOCOLS
-    if not present:
-        return ALL_PROTOCOLS
-    key = f"flowExporter.{present[0]}"
+        return ParsedProtocols(ALL_PROTOCOLS, ())
+    key = f"flowExporter.{present[0] if present else 'protocols'}"
     try:
-        parsed = parse_protocol_list(fe.data[present[0]], key)
+        parsed = parse_protocol_list(fe.data.get(key.split(".")[1]), key,
+                                     fe.data.get("protocolGroups"),
+                                     "flowExporter.protocolGroups")
     except ProtocolListError as err:
-        problems.extend(err.details)
-        problems.append(str(err))
-        return ALL_PROTOCOLS
+        problems.extend(err.problems)
+        return ParsedProtocols(ALL_PROTOCOLS, ())
     warnings.extend(parsed.warnings)
-    return parsed.protocols
+    return parsed
+
+
+def _never_matching_ports(flow_exporter: FlowExporterConfig, conntrack: ConntrackConfig,
+                          fe: _Section) -> list[str]:
+    """Port entries the configured conntrack source can never match."""
+    if conntrack.source != "ovs" or flow_exporter.protocols.port_ranges(132) is None:
+        return []
+    key = "protocolFilter" if "protocolFilter" in fe.data else "protocols"
+    return [f"flowExporter.{key}: sctp ports match denied packets only: the OVS userspace "
+            "datapath's conntrack (conntrack.source: ovs) tracks SCTP without ports"]
 
 
 class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present

@@ -1,13 +1,16 @@
-"""The one filter: conntrack zones and IP protocols, shared by both layers.
+"""The one filter: conntrack zones, IP protocols and service ports, shared by both layers.
 
 The conntrack sources ask the kernel to filter where it can, but older kernels ignore
-filters silently and zone 0 cannot be selected, so every polled connection passes through
-here too. Membership tests on frozensets: the cost does not grow with the number of
-configured protocols or zones.
+filters silently, zone 0 cannot be selected and a kernel filters a dump by one port at a
+time, so every polled connection passes through here too; so does every denied packet.
+The port is the service port: the original direction's destination port (conntrack's
+`dport`), a denied packet's destination port. Lookups in sets and per-protocol port masks:
+the cost does not grow with the number of configured protocols, ports or zones.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -28,20 +31,28 @@ class ConnectionFilter:
         # handed over that the filter dropped (older kernels ignore dump filters; zone 0)
 
     def accepts_protocol(self, protocol: int) -> bool:
+        """Whether any of the protocol is exported (on some port at least)."""
         return protocol in self.protocols
 
-    def accepts(self, zone: int, protocol: int) -> bool:
-        return (not self.zones or zone in self.zones) and protocol in self.protocols
+    def accepts(self, zone: int, protocol: int, port: int) -> bool:
+        return (not self.zones or zone in self.zones) and self.protocols.accepts(protocol, port)
 
-    def accepts_columns(self, zones: np.ndarray, protocols: np.ndarray) -> np.ndarray:
-        """`accepts` over columns of zones and protocols (the store's keys)."""
+    def accepts_packet(self, protocol: int, port: int) -> bool:
+        """A denied packet's protocol and destination port (it has no zone)."""
+        return self.protocols.accepts(protocol, port)
+
+    def accepts_columns(self, zones: np.ndarray, protocols: np.ndarray,
+                        ports: np.ndarray) -> np.ndarray:
+        """`accepts` over columns of zones, protocols and destination ports (the store's
+        keys): one gather from a table of the exported ports per protocol."""
         import numpy as np  # here: `ovsflow conntrack` imports the filter, not numpy
 
         accepted = np.ones(len(zones), bool)
         if self.zones:
             accepted &= np.isin(zones, list(self.zones))
         if self.protocols.numbers is not None:
-            accepted &= np.isin(protocols, list(self.protocols.numbers))
+            rows, table = _port_table(self.protocols)
+            accepted &= table[rows[protocols], ports]
         return accepted
 
     def apply(self, connections: list[Connection]) -> list[Connection]:
@@ -52,11 +63,14 @@ class ConnectionFilter:
         if not zones and numbers is None:
             return connections
         any_zone, any_protocol = not zones, numbers is None
+        masks = self.protocols.port_masks
         kept: list[Connection] = []
         rejected: list[int] = []
         keep, reject = kept.append, rejected.append
         for c in connections:
-            if (any_zone or c.zone in zones) and (any_protocol or c.protocol in numbers):
+            if (any_zone or c.zone in zones) and (any_protocol or c.protocol in numbers) and (
+                    not masks or c.protocol not in masks
+                    or masks[c.protocol][c.destination_port]):
                 keep(c)
             else:
                 reject(c.protocol)
@@ -68,7 +82,8 @@ class ConnectionFilter:
         """`apply` over columns (the kernel source's pieces)."""
         if not self.zones and self.protocols.numbers is None:
             return polled
-        accepted = self.accepts_columns(polled.zones, polled.protocols)
+        accepted = self.accepts_columns(polled.zones, polled.protocols,
+                                        polled.destination_ports)
         if accepted.all():
             return polled
         import numpy as np
@@ -76,3 +91,20 @@ class ConnectionFilter:
         numbers, counts = np.unique(polled.protocols[~accepted], return_counts=True)
         self.rejected.update(dict(zip(numbers.tolist(), counts.tolist())))
         return polled.select(accepted)
+
+
+@functools.lru_cache(maxsize=4)  # the running list, and the one a reload brings
+def _port_table(protocols: ProtocolSet) -> tuple[np.ndarray, np.ndarray]:
+    """A row per protocol number (u1, 256 of them) into a table of 65536 booleans per row,
+    True at the exported destination ports: row 0 every port, row 1 none (a protocol not
+    exported), then one per protocol exported on some ports only. 64 KiB a row."""
+    import numpy as np
+
+    rows = np.ones(256, np.uint8)
+    rows[sorted(protocols.numbers or ())] = 0
+    table = np.zeros((2 + len(protocols.ports), 65536), bool)
+    table[0] = True
+    for row, (protocol, mask) in enumerate(protocols.port_masks.items(), 2):
+        rows[protocol] = row
+        table[row] = np.frombuffer(mask, bool)
+    return rows, table

@@ -65,8 +65,9 @@ class Polled:
     """Connections of one piece of a poll, a row each."""
 
     keys: list[bytes]  # Connection.key
-    protocols: np.ndarray  # u1, and zones u2: what the filter reads
+    protocols: np.ndarray  # u1, zones and destination ports u2: what the filter reads
     zones: np.ndarray
+    destination_ports: np.ndarray  # of the original direction (0 without ports, ICMP)
     ids: np.ndarray  # u4
     packets: np.ndarray  # u8, as are the other three counters
     octets: np.ndarray
@@ -124,7 +125,8 @@ class Polled:
             labels_column = np.zeros(len(labels), LABELS)
         return cls(
             list(values["key"]), np.array(values["protocol"], "u1"),
-            np.array(values["zone"], "u2"), np.array(values["id"], "u4"),
+            np.array(values["zone"], "u2"), np.array(values["destination_port"], "u2"),
+            np.array(values["id"], "u4"),
             np.array(values["packets"], "u8"), np.array(values["octets"], "u8"),
             np.array(values["reply_packets"], "u8"), np.array(values["reply_octets"], "u8"),
             np.array(values["counted"], bool), np.array(values["start_ns"], "u8"),
@@ -134,4 +136,4 @@ class Polled:
 
 
 EMPTY = Polled([], *(np.zeros(0, dtype) for dtype in (
-    "u1", "u2", "u4", "u8", "u8", "u8", "u8", bool, "u8", "u4", "u2", LABELS, bool)))
+    "u1", "u2", "u2", "u4", "u8", "u8", "u8", "u8", bool, "u8", "u4", "u2", LABELS, bool)))

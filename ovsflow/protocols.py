@@ -8,8 +8,10 @@ contents differ between distributions and containers.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from dataclasses import dataclass
+from functools import cached_property
 
 # IANA keywords, lower-cased. Numbers without a keyword (61, 63, 68, 99, 114) and the
 # unassigned 146-252 can still be configured by number.
@@ -47,12 +49,25 @@ ALIASES: dict[str, int] = {
 
 PROTOCOL_NUMBERS: dict[str, int] = {name: num for num, name in IANA_PROTOCOLS.items()} | ALIASES
 
-# Named groups usable in the list. Group names never collide with protocol names: a group is
-# a convenience, and the warnings still speak of each member by its own name.
-PROTOCOL_GROUPS: dict[str, frozenset[int]] = {
-    "transport": frozenset({6, 17, 132, 136, 33}),  # tcp, udp, sctp, udplite, dccp
-    "icmp-all": frozenset({1, 58}),  # icmp, icmpv6
+# Protocols whose connections conntrack tracks with ports (and whose packets carry them):
+# only these take PROTO/PORT entries. ICMP has a type, code and id instead, GRE a key.
+PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})  # tcp, udp, dccp, sctp, udplite
+PortRanges = tuple[tuple[int, int], ...]  # (low, high) inclusive, sorted, apart
+
+# Predefined groups: list entries under one name. The service ports are IANA's (Service Name
+# and Transport Protocol Port Number Registry), the ones a service is reached on by default.
+PROTOCOL_GROUPS: dict[str, tuple[str, ...]] = {
+    "transport": ("tcp", "udp", "sctp", "udplite", "dccp"),
+    "icmp-all": ("icmp", "icmpv6"),
+    "web": ("tcp/80", "tcp/443", "udp/443"),  # http, https, and https over QUIC (HTTP/3)
+    "dns": ("udp/53", "tcp/53"),  # domain
+    "ssh": ("tcp/22",),
+    "ntp": ("udp/123",),
+    # smtp, submissions (implicit TLS), submission, pop3, pop3s, imap, imaps
+    "mail": ("tcp/25", "tcp/465", "tcp/587", "tcp/110", "tcp/995", "tcp/143", "tcp/993"),
 }
+# Group names never collide with protocol names: a group is a convenience, and the warnings
+# still speak of each member by its own name.
 assert not PROTOCOL_GROUPS.keys() & PROTOCOL_NUMBERS.keys()
 
 # Protocols nf_conntrack (and OVS's conntrack) track with a protocol-specific tracker; any
@@ -64,83 +79,312 @@ def protocol_name(number: int) -> str:
     return IANA_PROTOCOLS.get(number, str(number))
 
 
+def format_ports(ranges: PortRanges) -> str:
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
 @dataclass(frozen=True)
 class ProtocolSet:
-    """The protocols to export; `numbers is None` means every protocol."""
+    """The protocols to export; `numbers is None` means every protocol. A protocol in
+    `ports` is exported only to those service ports (the original direction's destination
+    port); the other protocols of `numbers`, on every port."""
 
     numbers: frozenset[int] | None = None
+    ports: tuple[tuple[int, PortRanges], ...] = ()  # sorted by protocol
 
     def __contains__(self, protocol: int) -> bool:
+        """Whether any of the protocol is exported (on some port at least)."""
         return self.numbers is None or protocol in self.numbers
+
+    def accepts(self, protocol: int, port: int) -> bool:
+        """Whether a connection of `protocol` to destination `port` is exported."""
+        if self.numbers is not None and protocol not in self.numbers:
+            return False
+        mask = self.port_masks.get(protocol)
+        return mask is None or mask[port] == 1
 
     @property
     def exports_all(self) -> bool:
         return self.numbers is None
 
+    def port_ranges(self, protocol: int) -> PortRanges | None:
+        """The protocol's exported ports; None: every port (or the protocol is not in)."""
+        return dict(self.ports).get(protocol)
+
+    @cached_property
+    def port_masks(self) -> dict[int, bytes]:
+        """Per protocol in `ports`, 65536 bytes, 1 at each exported port: one lookup per
+        connection, whatever the number of ports and ranges."""
+        masks = {}
+        for protocol, ranges in self.ports:
+            mask = bytearray(65536)
+            for low, high in ranges:
+                mask[low:high + 1] = b"\1" * (high - low + 1)
+            masks[protocol] = bytes(mask)
+        return masks
+
     def describe(self) -> str:
         if self.numbers is None:
             return "all"
-        return ", ".join(f"{protocol_name(n)} ({n})" for n in sorted(self.numbers))
+        ports = dict(self.ports)
+        return ", ".join(f"{protocol_name(n)} ({n})" + (
+            f" ports {format_ports(ports[n])}" if n in ports else "")
+            for n in sorted(self.numbers))
 
 
 ALL_PROTOCOLS = ProtocolSet()
 
 
 class ProtocolListError(ValueError):
-    """Every entry of a non-empty protocol list was invalid: nothing would be exported.
-    `details` holds one line per rejected entry."""
+    """The list (with its groups) is refused: nothing of it applies. `details` holds one
+    line per problem; `message`, when set, sums up (a list without a valid entry)."""
 
     def __init__(self, message: str, details: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.details = details
+        super().__init__(message or "\n".join(details))
+        self.message, self.details = message, details
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return (*self.details, self.message) if self.message else self.details
 
 
 @dataclass(frozen=True)
 class ParsedProtocols:
     protocols: ProtocolSet
     warnings: tuple[str, ...]
+    # the user's groups (protocolGroups), each entry as the parser read it
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def parse_protocol_list(entries: object, key: str = "protocols") -> ParsedProtocols:
-    """Parse the user's list by the rules of BRIEF §2.
+# protocol -> its port ranges while a list is read, None for every port
+_Selection = dict[int, list[tuple[int, int]] | None]
 
-    Invalid entries are warned about (quoting them) and skipped; only a list in which every
-    entry is invalid raises, because exporting nothing is never what the user meant.
-    """
-    if entries is None:
-        return ParsedProtocols(ALL_PROTOCOLS, ())
-    if not isinstance(entries, list):
-        raise ProtocolListError(
-            f"{key}: expected a list of protocol names or numbers, got {quote_value(entries)}"
-        )
+
+def parse_protocol_list(entries: object, key: str = "protocols", groups: object = None,
+                        groups_key: str = "protocolGroups") -> ParsedProtocols:
+    """Parse the user's list, and the groups of their own it may name, by the rules of
+    BRIEF §2.
+
+    An invalid plain entry of the list is warned about (quoting it) and skipped, as before
+    ports and groups existed; a port entry or a group definition that is wrong is an error,
+    as is a list in which every entry is invalid: exporting nothing, or other ports than
+    written, is never what the user meant. Every error is raised at once."""
+    reader = _ListReader(groups, groups_key)
+    if entries is not None and not isinstance(entries, list):
+        reader.errors.append(f"{key}: expected a list of protocol names or numbers, "
+                             f"PROTO/PORT entries or groups, got {quote_value(entries)}")
+        entries = []
+    selected: _Selection = {}
+    plain_at: dict[int, int] = {}  # protocol -> the first entry exporting its every port
+    chosen: list[tuple[int, object, _Selection]] = []
+    for index, entry in enumerate(entries or []):
+        selection = reader.entry(entry, f"{key}[{index}]", strict=False)
+        if selection is None:
+            continue
+        chosen.append((index, entry, selection))
+        for protocol, ports in selection.items():
+            if ports is None:
+                plain_at.setdefault(protocol, index)
+            _add(selected, protocol, ports)
+    for index, entry, selection in chosen:
+        if any(ports is not None for ports in selection.values()) and all(
+                plain_at.get(protocol, index) != index for protocol in selection):
+            names = ", ".join(protocol_name(n) for n in sorted(selection))
+            reader.warnings.append(
+                f"{key}[{index}]: {quote_value(entry)} adds nothing: every port of {names} "
+                "is exported already (a protocol without a port means every port)")
+    reader.warnings.extend(f"{where}: defined but not named in {key}"
+                           for name, (where, _) in reader.definitions.items()
+                           if name not in reader.used)
+    groups = reader.normalized()  # every group read, the unnamed ones too: their errors
+    if reader.errors:
+        raise ProtocolListError("", tuple(reader.errors))
     if not entries:
-        return ParsedProtocols(ALL_PROTOCOLS, ())
-
-    numbers: set[int] = set()
-    warnings: list[str] = []
-    for index, entry in enumerate(entries):
-        where = f"{key}[{index}]"
-        group = PROTOCOL_GROUPS.get(entry.strip().lower()) if isinstance(entry, str) else None
-        if group is not None:
-            numbers |= group
-            continue
-        number, problem = _parse_entry(entry)
-        if problem:
-            warnings.append(f"{where}: ignoring {quote_value(entry)}: {problem}")
-            continue
-        if number not in CONNTRACK_TRACKED and number not in numbers:
-            warnings.append(
-                f"{where}: {quote_value(entry)} is {protocol_name(number)} ({number}); "
-                "conntrack tracks it only generically (addresses, no ports or state)"
-            )
-        numbers.add(number)
-    if not numbers:
+        return ParsedProtocols(ALL_PROTOCOLS, tuple(reader.warnings), groups)
+    if not selected:
         raise ProtocolListError(
-            f"{key}: none of the {len(entries)} entries is a valid protocol, so nothing would "
-            "be exported; fix the entries, or remove the list to export every protocol",
-            tuple(warnings),
-        )
-    return ParsedProtocols(ProtocolSet(frozenset(numbers)), tuple(warnings))
+            f"{key}: none of the {len(entries)} entries is a valid protocol, port or group, "
+            "so nothing would be exported; fix the entries, or remove the list to export "
+            "every protocol", tuple(reader.warnings))
+    ports = tuple((protocol, _merged(ranges)) for protocol, ranges in sorted(selected.items())
+                  if ranges is not None)
+    return ParsedProtocols(ProtocolSet(frozenset(selected), ports), tuple(reader.warnings),
+                           groups)
+
+
+def _add(selected: _Selection, protocol: int, ports: list[tuple[int, int]] | None) -> None:
+    """Every port wins over some."""
+    if ports is None or selected.get(protocol, []) is None:
+        selected[protocol] = None
+    else:
+        selected.setdefault(protocol, []).extend(ports)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> PortRanges:
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+_GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*", re.ASCII)
+
+
+class _ListReader:
+    """Reads entries (the list's and the groups') into selections, collecting errors and
+    warnings. Groups are read once each, when first named; a group met again while it is
+    being read is a cycle."""
+
+    def __init__(self, groups: object, groups_key: str):
+        self.groups_key = groups_key
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.generic_warned: set[int] = set()
+        self.definitions: dict[str, tuple[str, list]] = {}  # name -> (where, members)
+        self.read: dict[str, _Selection] = {}
+        self.reading: list[str] = []  # the user groups being read, outermost first
+        self.used: set[str] = set()
+        self.members: dict[str, list[str]] = {}  # user group -> members, normalized
+        if groups is None:
+            return
+        if not isinstance(groups, dict):
+            self.errors.append(f"{groups_key}: expected a mapping of group names to lists of "
+                               "entries (e.g. {db: [tcp/5432, tcp/3306]}), got "
+                               f"{quote_value(groups)}")
+            return
+        for name, members in groups.items():
+            self._define(name, members)
+
+    def _define(self, name: object, members: object) -> None:
+        where = f"{self.groups_key}.{name}" if isinstance(name, str) else \
+            f"{self.groups_key}: {quote_value(name)}"
+        text = name.strip().lower() if isinstance(name, str) else ""
+        problem = None
+        if not _GROUP_NAME.fullmatch(text) or text.isdigit():
+            problem = ("a group name is a word of letters, digits and - _ . (not a number), "
+                       f"got {quote_value(name)}")
+            text = ""  # not a name to know it by
+        elif text in PROTOCOL_NUMBERS:
+            number = PROTOCOL_NUMBERS[text]
+            problem = f"{quote_value(name)} is the protocol {protocol_name(number)} ({number})"
+        elif text in PROTOCOL_GROUPS:
+            problem = (f"{quote_value(name)} is a predefined group ("
+                       f"{', '.join(PROTOCOL_GROUPS[text])}); give yours another name")
+        elif text in self.definitions:
+            problem = f"{quote_value(name)} is defined twice (names ignore case and spaces)"
+        elif not isinstance(members, list):
+            problem = f"expected a list of entries, got {quote_value(members)}"
+        if problem:
+            self.errors.append(f"{where}: {problem}")
+            if text and text not in self.definitions and text not in PROTOCOL_NUMBERS \
+                    and text not in PROTOCOL_GROUPS:
+                self.definitions[text] = (where, [])  # known: naming it is no second error
+            return
+        if not members:
+            self.warnings.append(f"{where}: an empty group adds nothing where it is named")
+        self.definitions[text] = (where, members)
+
+    def entry(self, value: object, where: str, strict: bool) -> _Selection | None:
+        """One entry as a selection; None (a problem recorded) if it selects nothing.
+        `strict`: an invalid plain entry is an error (in a group), not a warning."""
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in PROTOCOL_GROUPS or text in self.definitions:
+                return self.group(text, where)
+            if "/" in text and text not in PROTOCOL_NUMBERS:  # "a/n" is a protocol's name
+                return self._port_entry(value, text, where)
+        number, problem = _parse_entry(value)
+        if problem:
+            if problem == _UNKNOWN_NAME:
+                problem = ("not a known protocol name (names are IANA keywords such as tcp, "
+                           "udp, icmp), PROTO/PORT entry (tcp/443) or group ("
+                           f"{', '.join([*PROTOCOL_GROUPS, *self.definitions])})")
+            if strict:
+                self.errors.append(f"{where}: {quote_value(value)}: {problem}")
+            else:
+                self.warnings.append(f"{where}: ignoring {quote_value(value)}: {problem}")
+            return None
+        if number not in CONNTRACK_TRACKED and number not in self.generic_warned:
+            self.generic_warned.add(number)
+            self.warnings.append(
+                f"{where}: {quote_value(value)} is {protocol_name(number)} ({number}); "
+                "conntrack tracks it only generically (addresses, no ports or state)")
+        return {number: None}
+
+    def group(self, name: str, where: str) -> _Selection | None:
+        self.used.add(name)
+        if name in self.read:
+            return self.read[name]
+        if name in self.reading:
+            cycle = " -> ".join(self.reading[self.reading.index(name):] + [name])
+            self.errors.append(f"{where}: {quote_value(name)} names its own group" if
+                               self.reading[-1] == name else
+                               f"{where}: {quote_value(name)} makes a cycle of groups "
+                               f"({cycle})")
+            return None
+        selected: _Selection = {}
+        if name in PROTOCOL_GROUPS:
+            for entry in PROTOCOL_GROUPS[name]:
+                for protocol, ports in self.entry(entry, where, strict=True).items():
+                    _add(selected, protocol, ports)
+        else:
+            group_where, members = self.definitions[name]
+            self.reading.append(name)
+            normalized = []
+            for index, member in enumerate(members):
+                selection = self.entry(member, f"{group_where}[{index}]", strict=True)
+                for protocol, ports in (selection or {}).items():
+                    _add(selected, protocol, ports)
+                normalized.append(member.strip().lower() if isinstance(member, str)
+                                  else member)
+            self.reading.pop()
+            self.members[name] = normalized
+        self.read[name] = selected
+        return selected
+
+    def _port_entry(self, value: str, text: str, where: str) -> _Selection | None:
+        """`PROTO/PORT` or `PROTO/LOW-HIGH`."""
+        protocol_text, _, ports_text = (part.strip() for part in text.partition("/"))
+        number, problem = _parse_entry(protocol_text)
+        low_text, dash, high_text = (part.strip() for part in ports_text.partition("-"))
+        low, high = _port(low_text), _port(high_text) if dash else _port(low_text)
+        if problem:
+            problem = f"{quote_value(protocol_text)} is not a protocol name or number"
+        elif number not in PORT_PROTOCOLS:
+            problem = (f"{protocol_name(number)} has no ports (a port needs tcp, udp, sctp, "
+                       f"dccp or udplite); write {protocol_name(number)} for all of it")
+        elif isinstance(low, str) or isinstance(high, str):
+            problem = low if isinstance(low, str) else high
+        elif low > high:
+            problem = (f"the range is the wrong way round; write "
+                       f"{protocol_name(number)}/{high}-{low}")
+        if problem:
+            self.errors.append(f"{where}: {quote_value(value)}: {problem}")
+            return None
+        return {number: [(low, high)]}
+
+    def normalized(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The user's groups as read (names and string entries lower-cased, stripped)."""
+        for name in self.definitions:
+            if name not in self.read:  # unused: read for its errors and its normal form
+                self.group(name, self.definitions[name][0])
+        return tuple((name, tuple(self.members.get(name, ()))) for name in self.definitions)
+
+
+def _port(text: str) -> int | str:
+    """A service port, or the reason it is not one."""
+    if not (text.isascii() and text.isdigit()):
+        return (f"{quote_value(text)} is not a port: write PROTO/PORT or PROTO/LOW-HIGH "
+                "with ports 1-65535 (a protocol alone means every port)")
+    if len(text) > 5 or not 1 <= int(text) <= 65535:
+        return f"port {text[:12]} is out of range: ports are 1-65535"
+    return int(text)
+
+
+_UNKNOWN_NAME = "not a known protocol name"
 
 
 def _parse_entry(entry: object) -> tuple[int, str | None]:
@@ -150,7 +394,8 @@ def _parse_entry(entry: object) -> tuple[int, str | None]:
     if isinstance(entry, int):
         if 0 <= entry <= 255:
             return entry, None
-        return -1, "protocol numbers are 0-255"
+        hint = f" (a port? write tcp/{entry} or udp/{entry})" if 0 < entry <= 65535 else ""
+        return -1, "protocol numbers are 0-255" + hint
     if isinstance(entry, str):
         text = entry.strip().lower()
         if text.isascii() and text.isdigit():
@@ -160,8 +405,7 @@ def _parse_entry(entry: object) -> tuple[int, str | None]:
             return int(digits), None
         if text in PROTOCOL_NUMBERS:
             return PROTOCOL_NUMBERS[text], None
-        return -1, ("not a known protocol name (names are IANA keywords such as tcp, udp, "
-                    "icmp, or a group: " + ", ".join(PROTOCOL_GROUPS) + ")")
+        return -1, _UNKNOWN_NAME
     if entry is None:
         return -1, "an empty entry (null)"
     return -1, f"a {_kind(entry)}, not a protocol name or number"

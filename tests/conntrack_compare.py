@@ -1,5 +1,6 @@
 """Fill this network namespace's conntrack (zones 0, 7, 100, 65510 and 65520; eight
-protocols; IPv4 and IPv6), then for each of CASES run `ovsflow conntrack` and list the table
+protocols; IPv4 and IPv6; a destination port per zone), then for each of CASES run
+`ovsflow conntrack` and list the table
 with `conntrack -L`; write both, with the filter probe's answer, to a JSON report.
 
 It runs where the kernel under test runs: inside `kernel-vm` on Debian 12's 6.1 kernel
@@ -43,6 +44,11 @@ CASES = (
     ([], []),
     ([65520, 100], ["tcp", "udp", "icmp", "ipv6-icmp", "sctp", "gre", "dccp", "udplite",
                     103]),  # too many filtered dumps: the plan falls back to fewer
+    # service ports (the original destination port, 2000 + zone % 1000 here): TCP and UDP
+    # by the kernel's port filter, a dump per port; SCTP's in userspace (kernels ignore it)
+    ([], ["tcp/2520", "udp/2007", "udp/2100", "sctp/2510", "icmp"]),
+    ([65520, 100], ["tcp/2000-2600", "udp/2520"]),  # a range: in userspace
+    ([], ["dccp/2100", "udplite/2520", "gre"]),  # ports the kernel does not filter
 )
 # The reference filter's own protocol names (not ovsflow's table).
 NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "sctp": 132, "gre": 47,
@@ -106,12 +112,18 @@ def conntrack_list() -> list[list]:
 
 
 def reference(report: dict, case: dict) -> Counter:
-    """What `conntrack -L` listed, filtered by the case's zones and protocols."""
+    """What `conntrack -L` listed, filtered by the case's zones, protocols and destination
+    ports (`PROTO/PORT`, `PROTO/LOW-HIGH`)."""
     zones = set(case["zones"])
-    protocols = {NUMBERS.get(p, p) for p in case["protocols"]}
+    wanted = []  # (protocol, lowest port, highest port)
+    for entry in case["protocols"]:
+        name, _, ports = str(entry).partition("/")
+        low, _, high = ports.partition("-")
+        wanted.append((NUMBERS.get(name) or int(name), int(low or 0), int(high or low or 65535)))
     return Counter(tuple(entry) for entry in report["conntrack"]
                    if (not zones or entry[-1] in zones) and
-                   (not protocols or entry[1] in protocols))
+                   (not wanted or any(entry[1] == protocol and low <= entry[5] <= high
+                                      for protocol, low, high in wanted)))
 
 
 def sysctls() -> dict[str, str]:
@@ -127,7 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         cases = [ovsflow_conntrack(Path(directory), zones, protocols)
                  for zones, protocols in CASES]
-    report = {"kernel": platform.release(), "probe": vars(probe), "created": created,
+    report = {"kernel": platform.release(), "probe": probe.to_json(), "created": created,
               "cases": cases, "conntrack": conntrack_list(), "sysctls": sysctls()}
     Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
 

@@ -203,8 +203,9 @@ def test_yaml_booleans_in_the_protocol_list(tmp_path):
     assert config.warnings == ("flowExporter.protocols[1]: ignoring true: a boolean (YAML reads "
                                "yes/no/on/off as booleans; quote the name)",
                                "flowExporter.protocols[2]: ignoring 'on': not a known protocol "
-                               "name (names are IANA keywords such as tcp, udp, icmp, or a "
-                               "group: transport, icmp-all)")
+                               "name (names are IANA keywords such as tcp, udp, icmp), "
+                               "PROTO/PORT entry (tcp/443) or group (transport, icmp-all, web, "
+                               "dns, ssh, ntp, mail)")
 
 
 def test_default_config_equals_parsed_empty():

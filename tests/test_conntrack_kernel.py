@@ -213,8 +213,19 @@ def compared(tmp_path_factory):
 
 def test_the_probe_finds_the_filters_this_kernel_applies(compared):
     release = tuple(map(int, re.match(r"(\d+)\.(\d+)", compared["kernel"]).groups()))
-    # zone-filtered dumps since Linux 6.8; the family and CTA_FILTER's protocol long before
-    assert compared["probe"] == {"family": True, "protocol": True, "zone": release >= (6, 8)}
+    # zone-filtered dumps since Linux 6.8; the family and CTA_FILTER's protocol long before,
+    # and its destination port of TCP and UDP (not of SCTP, DCCP, UDP-Lite)
+    assert compared["probe"] == {"family": True, "protocol": True, "zone": release >= (6, 8),
+                                 "ports": [6, 17]}
+
+
+def test_a_few_tcp_and_udp_ports_are_dumped_one_port_at_a_time(compared):
+    """tcp/2520, udp/2007, udp/2100, sctp/2510 and icmp, every zone: a dump per family and
+    TCP or UDP port (6), one per family for SCTP, whose ports the kernel does not filter
+    (2), one for ICMP: 9, where a dump per protocol would be 7."""
+    case = compared["cases"][6]
+    assert case["protocols"][:4] == ["tcp/2520", "udp/2007", "udp/2100", "sctp/2510"]
+    assert case["dumps"] == 9
 
 
 @pytest.mark.parametrize("case", range(len(conntrack_compare.CASES)),

@@ -471,7 +471,7 @@ def test_structured_garbage_raises_only_clear_errors(data):
         return
     assert all(isinstance(c.source, bytes) and isinstance(c.ended, bool) for c in found)
     count_dump(data, counts)
-    assert counts == Counter((c.zone, c.protocol) for c in found)
+    assert counts == Counter((c.zone, c.protocol, c.destination_port) for c in found)
     decoder = ColumnDecoder()
     try:
         decoder.feed(data)
@@ -482,17 +482,18 @@ def test_structured_garbage_raises_only_clear_errors(data):
     same_columns(columns, found)
 
 
-def test_count_reads_zone_and_protocol_on_the_walk_and_the_learned_layout():
+def test_count_reads_zone_protocol_and_port_on_the_walk_and_the_learned_layout():
     """The first message of a shape is walked, the next ones counted through its layout:
-    zone and protocol read at the layout's offsets, zone 0 where the entry has none."""
+    zone, protocol and destination port read at the layout's offsets, zone 0 where the
+    entry has none."""
     zoned = [padded_entry(p, 1, 1) for p in (1, 2, 3)]
-    unzoned = [ct_message(udp_tuple(1, "10.1.0.1", "10.1.0.2", p, 53),
-                          udp_tuple(2, "10.1.0.2", "10.1.0.1", 53, p),
+    unzoned = [ct_message(udp_tuple(1, "10.1.0.1", "10.1.0.2", p, 5300 + p),
+                          udp_tuple(2, "10.1.0.2", "10.1.0.1", 5300 + p, p),
                           nla(3, struct.pack(">I", 8)), nla(12, struct.pack(">I", p)))
-               for p in (4, 5)]
+               for p in (4, 5, 5)]
     counts = {}
     assert count_dump(b"".join(zoned + unzoned) + DONE, counts) is True
-    assert counts == {(65520, 17): 3, (0, 17): 2}
+    assert counts == {(65520, 17, 53): 3, (0, 17, 5304): 1, (0, 17, 5305): 2}
 
 
 @pytest.mark.fuzz

@@ -55,7 +55,7 @@ def table_rows(text: str, header: str) -> list[list[str]]:
 def flat_keys(tree: dict, prefix: str = "") -> set[str]:
     keys = set()
     for key, value in tree.items():
-        if isinstance(value, dict) and key != "tls":
+        if isinstance(value, dict) and key not in ("tls", "protocolGroups"):  # user's names
             keys |= flat_keys(value, f"{prefix}{key}.")
         else:
             keys.add(f"{prefix}{key}")

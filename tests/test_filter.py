@@ -16,7 +16,7 @@ def test_zones_and_protocols_and_what_was_dropped():
     kept = f.apply(given)
     assert [(c.protocol, c.zone) for c in kept] == [(6, 0), (1, 7), (6, 7)]
     assert f.rejected == {6: 1, 17: 2}
-    assert f.accepts(0, 6) and not f.accepts(9, 6) and not f.accepts(0, 17)
+    assert f.accepts(0, 6, 0) and not f.accepts(9, 6, 0) and not f.accepts(0, 17, 0)
     assert f.accepts_protocol(1) and not f.accepts_protocol(17)
 
 

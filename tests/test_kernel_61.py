@@ -41,12 +41,22 @@ def test_the_vm_runs_debian_12s_kernel(report):
 
 
 def test_the_probe_finds_the_zone_filter_ignored(report):
-    assert report["probe"] == {"family": True, "protocol": True, "zone": False}
+    # the destination port of TCP and UDP filtered, not of SCTP, DCCP or UDP-Lite
+    assert report["probe"] == {"family": True, "protocol": True, "zone": False,
+                               "ports": [6, 17]}
 
 
 def test_no_dump_per_zone_where_the_kernel_ignores_zones(report):
     # zones [65520, 100], protocols tcp and udp: one dump per family and protocol, no more
     assert report["cases"][0]["dumps"] == 4
+    # zones [65520, 100], tcp/2000-2600 (in userspace) and udp/2520: one dump per family
+    # for TCP, one per family for UDP's port
+    assert report["cases"][7]["dumps"] == 4
+
+
+def test_tcp_and_udp_ports_are_dumped_one_port_at_a_time(report):
+    # every zone, tcp/2520, udp/2007, udp/2100, sctp/2510 and icmp: as on the host's kernel
+    assert report["cases"][6]["dumps"] == 9
 
 
 @pytest.mark.parametrize("case", range(len(conntrack_compare.CASES)),

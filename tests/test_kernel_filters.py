@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,29 +24,40 @@ from ovsflow.state import network_namespace
 
 ZONES = (0, 7, 100, 65510, 65520)
 PROTOCOLS = {socket.AF_INET: (1, 6, 17, 47, 132), socket.AF_INET6: (6, 17, 47, 58, 132)}
-TABLE = [(family, protocol, zone) for family, protocols in PROTOCOLS.items()
-         for protocol in protocols for zone in ZONES]
-ANSWERS = [KernelFilters(*flags) for flags in itertools.product((False, True), repeat=3)]
+PORTS = (22, 53, 80, 443, 8080)  # of each protocol with ports; 0 for the others
+TABLE = [(family, protocol, zone, port) for family, protocols in PROTOCOLS.items()
+         for protocol in protocols for zone in ZONES
+         for port in (PORTS if protocol in (6, 17, 132) else (0,))]
+# the flags, and the protocols whose ports are filtered: none, or what Linux 5.8-6.18 does
+ANSWERS = [KernelFilters(*flags, ports=ports)
+           for flags in itertools.product((False, True), repeat=3)
+           for ports in (frozenset(), frozenset({6, 17}))]
+ENTRIES = ["tcp", "udp", "icmp", "icmpv6", "gre", "sctp", "tcp/80", "tcp/443", "udp/53",
+           "udp/53-80", "sctp/80", "sctp/443", "tcp/1-100", "tcp/22", "udp/8080"]
 
 
-def returns(dump: Dump, kernel: KernelFilters, family: int, protocol: int, zone: int) -> bool:
-    """Whether `kernel` puts the entry into the dump: filters it ignores let everything by."""
+def returns(dump: Dump, kernel: KernelFilters, family: int, protocol: int, zone: int,
+            port: int) -> bool:
+    """Whether `kernel` puts the entry into the dump: filters it ignores let everything by
+    (a port filter is one of CTA_FILTER's, beside the protocol)."""
     return ((not kernel.family or dump.family in (0, family))
             and (not kernel.protocol or dump.protocol in (None, protocol))
-            and (not kernel.zone or dump.zone in (None, zone)))
+            and (not kernel.zone or dump.zone in (None, zone))
+            and (not kernel.protocol or protocol not in kernel.ports
+                 or dump.port in (None, port)))
 
 
 @given(zones=st.sets(st.sampled_from(ZONES)),
-       protocols=st.none() | st.sets(st.sampled_from([1, 6, 17, 47, 58, 132]), min_size=1),
+       protocols=st.none() | st.sets(st.sampled_from(ENTRIES), min_size=1),
        kernel=st.sampled_from(ANSWERS))
 def test_every_wanted_entry_comes_in_exactly_one_dump(zones, protocols, kernel):
     connection_filter = ConnectionFilter(frozenset(zones), parse_protocol_list(
         None if protocols is None else sorted(protocols)).protocols)
     plan = plan_dumps(connection_filter, kernel)
-    for family, protocol, zone in TABLE:
-        if connection_filter.accepts(zone, protocol):
-            count = sum(returns(dump, kernel, family, protocol, zone) for dump in plan)
-            assert count == 1, (family, protocol, zone, plan)
+    for family, protocol, zone, port in TABLE:
+        if connection_filter.accepts(zone, protocol, port):
+            count = sum(returns(dump, kernel, family, protocol, zone, port) for dump in plan)
+            assert count == 1, (family, protocol, zone, port, plan)
 
 
 def filtered(zones, protocols) -> ConnectionFilter:
@@ -94,7 +104,7 @@ def test_the_first_start_probes_and_keeps_the_answer(tmp_path):
     filters = kept_filters(str(directory))
     assert filters == probe_filters()
     kept = json.loads(kept_file(directory).read_text())
-    assert kept == {"origin": origin(), "filters": asdict(filters)}
+    assert kept == {"origin": origin(), "filters": filters.to_json()}
     assert kept["origin"]["netns"] > 0 and len(kept["origin"]["boot_id"]) == 36
     assert [path.name for path in directory.iterdir()] == [kept_file(directory).name]
 
@@ -103,16 +113,18 @@ def test_a_kept_answer_of_this_boot_kernel_and_namespace_is_used_without_probing
     """The file says what no probe of this kernel says (every filter ignored): the answer
     read back is the file's."""
     kept_file(tmp_path).write_text(json.dumps({
-        "origin": origin(), "filters": {"family": False, "protocol": True, "zone": False}}))
+        "origin": origin(),
+        "filters": {"family": False, "protocol": True, "zone": False, "ports": [132]}}))
     assert kept_filters(str(tmp_path)) == KernelFilters(family=False, protocol=True,
-                                                        zone=False)
+                                                        zone=False, ports=frozenset({132}))
 
 
 @pytest.mark.parametrize("change", ["boot_id", "kernel", "netns"])
 def test_another_boot_kernel_or_namespace_answer_is_probed_again(tmp_path, caplog, change):
     foreign = origin() | {change: 1 if change == "netns" else "something else"}
     kept_file(tmp_path).write_text(json.dumps({
-        "origin": foreign, "filters": {"family": False, "protocol": False, "zone": False}}))
+        "origin": foreign,
+        "filters": {"family": False, "protocol": False, "zone": False, "ports": []}}))
     with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel"):
         filters = kept_filters(str(tmp_path))
     assert filters == probe_filters()
@@ -123,16 +135,22 @@ def test_another_boot_kernel_or_namespace_answer_is_probed_again(tmp_path, caplo
 
 @pytest.mark.parametrize("text", [
     "", "\x00\xff garbage", "[]", '{"origin": 5}', json.dumps({"filters": {}}),
-    "ORIGIN"])  # ORIGIN: this machine's origin, with an answer that is not one
+    {"family": 1, "protocol": True}, {"family": True, "protocol": True, "zone": True},
+    {"family": True, "protocol": True, "zone": True, "ports": [6, "x"]},
+    {"family": True, "protocol": True, "zone": True, "ports": [[6]]}],
+    ids=["empty", "garbage", "list", "origin", "no origin", "not flags", "before ports",
+         "not a protocol", "unhashable"])
 def test_a_corrupt_file_is_set_aside_with_one_debug_line(tmp_path, caplog, text):
-    if text == "ORIGIN":
-        text = json.dumps({"origin": origin(), "filters": {"family": 1, "protocol": True}})
+    """Dicts: this machine's origin with an answer that is not one (or one written before
+    the port filter was probed: probed again)."""
+    if isinstance(text, dict):
+        text = json.dumps({"origin": origin(), "filters": text})
     kept_file(tmp_path).write_text(text, errors="surrogateescape")
     with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel"):
         filters = kept_filters(str(tmp_path))
     assert filters == probe_filters()
     assert len([r for r in caplog.records if "not used" in r.getMessage()]) == 1
-    assert json.loads(kept_file(tmp_path).read_text())["filters"] == asdict(filters)
+    assert json.loads(kept_file(tmp_path).read_text())["filters"] == filters.to_json()
 
 
 def test_no_state_directory_keeps_nothing(tmp_path, monkeypatch):

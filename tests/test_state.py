@@ -146,7 +146,8 @@ def test_narrowing_the_filter_forgets_connections_without_ending_them():
     s = ConnectionStore(5.0, 15.0)
     records(s, [conn(1, 1, protocol=6), conn(2, 1, protocol=17), conn(3, 1, zone=7)], 0.0)
     narrowed = ConnectionFilter(frozenset({65520}), ProtocolSet(frozenset({6})))
-    assert s.forget(lambda keys: narrowed.accepts_columns(keys["zone"], keys["protocol"])) == 2
+    assert s.forget(lambda keys: narrowed.accepts_columns(
+        keys["zone"], keys["protocol"], keys["destination_port"])) == 2
     assert len(s) == 1
     # the next poll no longer brings them: no end record for the two still alive
     assert summary(records(s, [conn(1, 1, protocol=6)], 1.0)) == []

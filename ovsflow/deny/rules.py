@@ -3,7 +3,9 @@
 For each configured protocol, one IPv4 and one IPv6 flow `ip_proto=P -> meter, controller`
 (one per family without ip_proto when every protocol is exported; no meter where the switch
 refuses one), and a lowest-priority drop: packets of other protocols die in the datapath and
-never cost a packet-in.
+never cost a packet-in. A TCP, UDP or SCTP protocol exported on some ports only gets a flow
+per port instead, matching the destination port too (a range as a few masked matches), so
+packets to other ports die in the datapath as well.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ CONTROLLER_ID = 0x6F66  # packet-ins of our controller() actions come to us alon
 PACKET_IN_BYTES = 128  # enough for Ethernet, IP (with options) and the L4 ports
 EXPORT_PRIORITY, DROP_PRIORITY = 200, 0
 ICMP_ONLY = {1: 0x0800, 58: 0x86DD}  # a family-specific protocol: one flow, not two
+# The destination port fields OpenFlow has; it has none for DCCP and UDP-Lite, whose flows
+# match every port (the userspace filter checks their packets' ports).
+PORT_FIELDS = {6: "tcp_dst", 17: "udp_dst", 132: "sctp_dst"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,29 @@ def deny_flows(protocols: ProtocolSet) -> frozenset[DenyFlow]:
         for protocol in protocols.numbers:
             if ICMP_ONLY.get(protocol, ethertype) != ethertype:
                 continue
-            flows.add(DenyFlow(EXPORT_PRIORITY, (field("eth_type", ethertype),
-                                                 field("ip_proto", protocol)), export=True))
+            match = (field("eth_type", ethertype), field("ip_proto", protocol))
+            ranges = protocols.port_ranges(protocol)
+            if ranges is None or protocol not in PORT_FIELDS:
+                flows.add(DenyFlow(EXPORT_PRIORITY, match, export=True))
+                continue
+            for low, high in ranges:
+                flows.update(DenyFlow(EXPORT_PRIORITY, match + (
+                    field(PORT_FIELDS[protocol], port, None if mask == 0xFFFF else mask,
+                          width=2),), export=True) for port, mask in port_prefixes(low, high))
     return frozenset(flows)
+
+
+def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
+    """The range low-high as (port, mask) pairs that match it together, each a block of
+    ports aligned on its size: 30000-32767 is 5 of them, any range at most 30."""
+    prefixes = []
+    while low <= high:
+        size = low & -low or 0x10000  # the largest block that starts at `low`...
+        while size > high - low + 1:  # ...and ends within the range
+            size //= 2
+        prefixes.append((low, 0xFFFF & ~(size - 1)))
+        low += size
+    return prefixes
 
 
 def delete_all(xid: int, table: int) -> bytes:

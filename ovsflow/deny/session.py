@@ -176,7 +176,7 @@ class BridgeSession:
             self.malformed += 1
             log.debug("deny path: packet-in not understood: %s", err)
             return None
-        if not self.filter.accepts_protocol(packet.protocol):
+        if not self.filter.accepts_packet(packet.protocol, packet.destination_port):
             self.unwanted += 1
             self.unwanted_by_protocol[packet.protocol] += 1
             return None

@@ -46,6 +46,7 @@ CTA_PROTOINFO_TCP, CTA_PROTOINFO_DCCP, CTA_PROTOINFO_SCTP = 1, 2, 3
 CTA_PROTOINFO_STATE = 1  # the first attribute of each of the three nests
 CTA_FILTER_ORIG_FLAGS = 1
 CTA_FILTER_F_CTA_PROTO_NUM = 1 << 3  # net/netfilter/nf_internals.h
+CTA_FILTER_F_CTA_PROTO_DST_PORT = 1 << 5
 
 IPS_DYING = 1 << 9
 
@@ -89,20 +90,26 @@ def _message(kind: int, flags: int, sequence: int, family: int, attrs: bytes) ->
 
 
 def dump_request(sequence: int, family: int, zone: int | None = None,
-                 protocol: int | None = None) -> bytes:
-    """IPCTNL_MSG_CT_GET dump of `family` (AF_INET, AF_INET6; 0 = both), filtered to one zone
-    and one original-direction protocol when given. Kernels honour what they know and
-    ignore the rest silently: the zone since Linux 6.8 (not zone 0), the protocol
-    (CTA_FILTER, which needs a real address family) since 5.8. `kernel.probe_filters`
-    finds out which."""
+                 protocol: int | None = None, port: int | None = None) -> bytes:
+    """IPCTNL_MSG_CT_GET dump of `family` (AF_INET, AF_INET6; 0 = both), filtered to one zone,
+    one original-direction protocol and that protocol's one original-direction destination
+    port when given. Kernels honour what they know and ignore the rest silently: the zone
+    since Linux 6.8 (not zone 0), the protocol (CTA_FILTER, which needs a real address
+    family) since 5.8, and the port of TCP and UDP only (5.8 to 6.18 at least; SCTP,
+    DCCP and UDP-Lite entries come back on every port). `kernel.probe_filters` finds out
+    which."""
     attrs = b""
     if zone is not None:
         attrs += _attr(CTA_ZONE, struct.pack(">H", zone))
     if protocol is not None:
+        flags, proto = CTA_FILTER_F_CTA_PROTO_NUM, _attr(CTA_PROTO_NUM, bytes((protocol,)))
+        if port is not None:
+            flags |= CTA_FILTER_F_CTA_PROTO_DST_PORT
+            proto += _attr(CTA_PROTO_DST_PORT, struct.pack(">H", port))
         attrs += _attr(CTA_FILTER | NLA_F_NESTED, _attr(
-            CTA_FILTER_ORIG_FLAGS, struct.pack("=I", CTA_FILTER_F_CTA_PROTO_NUM)))
-        attrs += _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, _attr(
-            CTA_TUPLE_PROTO | NLA_F_NESTED, _attr(CTA_PROTO_NUM, bytes((protocol,)))))
+            CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flags)))
+        attrs += _attr(CTA_TUPLE_ORIG | NLA_F_NESTED,
+                       _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto))
     return _message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, sequence, family, attrs)
 
 
@@ -184,7 +191,7 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         start = pos + NLMSGHDR.size + NFGENMSG.size
         # the fast path (see _learn), inlined: this loop runs once per connection
         for (mask, expected, unpack, arguments, names, state_at, status_at, pack_key,
-             key_values, _, _, _) in layouts.get(length, ()):
+             key_values, _, _, _, _) in layouts.get(length, ()):
             if from_bytes(data[start:pos + length], "big") & mask == expected:
                 values = unpack(data, start)
                 state = names[values[state_at]] if names is not None else ""
@@ -218,12 +225,12 @@ def _entries(data: bytes) -> tuple[list[int], list[int], bool]:
     return starts, lengths, False
 
 
-def count_dump(data: bytes, counts: dict[tuple[int, int], int]) -> bool:
+def count_dump(data: bytes, counts: dict[tuple[int, int, int], int]) -> bool:
     """`parse_dump` for a count: add one receive buffer's entries to `counts` by (zone,
-    protocol), what the filter needs, without building a Connection each. Returns True
-    when the dump is complete. (The message walk is `_entries`', repeated rather than
-    shared: the count is timed against `conntrack -L`, and a walk before the count costs
-    each entry another loop turn.)"""
+    protocol, destination port), what the filter needs, without building a Connection
+    each. Returns True when the dump is complete. (The message walk is `_entries`',
+    repeated rather than shared: the count is timed against `conntrack -L`, and a walk
+    before the count costs each entry another loop turn.)"""
     pos, end = 0, len(data)
     layouts, from_bytes, get = _LAYOUTS, int.from_bytes, counts.get
     while pos < end:
@@ -236,13 +243,14 @@ def count_dump(data: bytes, counts: dict[tuple[int, int], int]) -> bool:
             start = pos + NLMSGHDR.size + NFGENMSG.size
             for layout in layouts.get(length, ()):
                 if from_bytes(data[start:pos + length], "big") & layout[0] == layout[1]:
-                    zone_at = start + layout[9]
+                    zone_at, port_at = start + layout[9], start + layout[12]
                     found = (data[zone_at] << 8 | data[zone_at + 1] if zone_at > start else 0,
-                             data[start + layout[10]])
+                             data[start + layout[10]],
+                             data[port_at] << 8 | data[port_at + 1] if port_at > start else 0)
                     break
             else:
                 connection = _walk(data, pos, start, length)
-                found = connection.zone, connection.protocol
+                found = connection.zone, connection.protocol, connection.destination_port
             counts[found] = get(found, 0) + 1
         elif _control(data, pos, length, message_type):
             return True
@@ -454,7 +462,8 @@ _MAX_LAYOUTS_PER_LENGTH = 4
 # message length -> layouts: (header mask, expected headers, unpack of the values, Connection
 # arguments getter, state names by number or None, where in the values the state number and
 # the status are, the key's packer and the getter of its values, offsets of the zone (0: none)
-# and of the protocol in the message, and the headers and leaves found, for `ColumnDecoder`)
+# and of the protocol in the message, the headers and leaves found, for `ColumnDecoder`, and
+# the offset of the original destination port (0: none), for `count_dump`)
 _LAYOUTS: dict[int, list[tuple]] = {}
 
 
@@ -583,7 +592,7 @@ def _learn(data: bytes, start: int, end: int) -> None:
               _numbered(state_names[0]) if state_names else None, fields.get("state"),
               fields["status"], struct.Struct("".join(key_codes)).pack,
               operator.itemgetter(*key_fields), offsets.get("zone", 0), offsets["protocol"],
-              (tuple(headers), tuple(leaves)))
+              (tuple(headers), tuple(leaves)), offsets.get("destination_port", 0))
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]
@@ -600,9 +609,10 @@ def _learn(data: bytes, start: int, end: int) -> None:
 
 # The values a Polled takes from a message, big-endian as on the wire (the key aside).
 _NUMPY = {"B": "u1", "H": "u2", "I": "u4", "Q": "u8"}
-_VALUES = (("protocol", "B"), ("zone", "H"), ("start_ns", "Q"), ("id", "I"),
-           ("packets", "Q"), ("octets", "Q"), ("reply_packets", "Q"), ("reply_octets", "Q"),
-           ("timeout", "I"), ("status", "I"), ("state", "B"), ("labels", "16s"))
+_VALUES = (("protocol", "B"), ("zone", "H"), ("destination_port", "H"), ("start_ns", "Q"),
+           ("id", "I"), ("packets", "Q"), ("octets", "Q"), ("reply_packets", "Q"),
+           ("reply_octets", "Q"), ("timeout", "I"), ("status", "I"), ("state", "B"),
+           ("labels", "16s"))
 _COLUMNS: dict[tuple, tuple] = {}  # layout description -> its gathers (see _columns)
 
 
@@ -770,7 +780,8 @@ def _decoded(buffer, bodies, gathers):
     state = values["state"]
     return Polled(
         keys.view(f"V{keys.shape[1]}").ravel().tolist(), values["protocol"],
-        values["zone"].astype(np.uint16), values["id"].astype(np.uint32),
+        values["zone"].astype(np.uint16), values["destination_port"].astype(np.uint16),
+        values["id"].astype(np.uint32),
         *(values[name].astype(np.uint64) for name in (
             "packets", "octets", "reply_packets", "reply_octets")),
         np.ones(len(bodies), bool), values["start_ns"].astype(np.uint64),

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 from collections.abc import Callable, Iterator
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from ..filter import ConnectionFilter
 from ..connection import Connection
 from ..host import network_namespace
+from ..protocols import PORT_PROTOCOLS, ProtocolSet, protocol_name
 from .ctnetlink import (
     NETLINK_NETFILTER, ColumnDecoder, count_dump, delete_request, dump_request, new_request,
     parse_dump,
@@ -44,6 +45,16 @@ SOCKET_BUFFER = 8 << 20
 # shared by thousands of entries, and a poll holds a run's bytes, not the table's.
 DECODE_RUN = 1 << 20
 MAX_FILTERED_DUMPS = 16  # beyond this many table walks, one walk + userspace filtering wins
+# The kernel filters a dump by one destination port: a protocol's ports dumped one by one
+# cost a walk of the whole table each (~0.17 ms per 1000 entries), where one dump of the
+# protocol costs one walk and each of its entries crossing into userspace (~2.2 ms per 1000,
+# decoded and filtered there). bench/bench_ports.py, 100k entries, N TCP ports a dump each
+# against one TCP dump, CPU: with 90% of the table TCP, 3 ports 0.50x, 4 0.60x, 6 0.78x,
+# 8 1.02x; with 30% TCP, 2 ports 0.67x, 3 0.90x, 4 1.14x, 6 1.64x. So the port dumps may add
+# at most this many walks to a plan of a dump per protocol, fewest ports first: 4 ports of
+# one protocol (3 more per family), or web and dns's 3 TCP and 2 UDP ports; a protocol with
+# one port always has its dump. Worst case measured: 1.14x; best, 0.19x.
+MAX_EXTRA_PORT_DUMPS = 6
 DUMP_RETRIES = 3
 # The probe's own entry: IPv4 UDP in zone 0 between TEST-NET-1 addresses (RFC 5737), a
 # random source port so that two probes at once do not collide, and a short timeout so it
@@ -51,6 +62,7 @@ DUMP_RETRIES = 3
 PROBE_SOURCE, PROBE_DESTINATION = socket.inet_aton("192.0.2.1"), socket.inet_aton("192.0.2.2")
 PROBE_ENTRY_PROTOCOL, PROBE_ENTRY_PORT, PROBE_ENTRY_TIMEOUT = 17, 9, 10
 PROBE_DUMP_ZONE, PROBE_DUMP_PROTOCOL = 65535, 255
+PROBE_OTHER_PORT = 10  # the port probe's second entry, which a dump of port 9 leaves out
 
 
 class SourceError(RuntimeError):
@@ -65,6 +77,32 @@ class KernelFilters:
     family: bool
     protocol: bool
     zone: bool
+    ports: frozenset[int] = frozenset()  # protocols whose destination port it filters
+
+    def describe(self) -> str:
+        said = [f"{kind} {'applied' if getattr(self, kind) else 'ignored'}"
+                for kind in ("family", "protocol", "zone")]
+        ports = ", ".join(protocol_name(n) for n in sorted(self.ports)) or "none"
+        return f"{', '.join(said)}, destination port of {ports} (the rest in userspace)"
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "protocol": self.protocol, "zone": self.zone,
+                "ports": sorted(self.ports)}
+
+    @classmethod
+    def from_json(cls, answer: object) -> KernelFilters:
+        if not isinstance(answer, dict) or set(answer) != {"family", "protocol", "zone",
+                                                          "ports"}:
+            raise ValueError(f"not an answer: {answer!r}")
+        flags = [answer[kind] for kind in ("family", "protocol", "zone")]
+        ports = answer["ports"]
+        if not all(isinstance(flag, bool) for flag in flags) or not isinstance(ports, list) \
+                or not set(ports) <= PORT_PROTOCOLS:
+            raise ValueError(f"not an answer: {answer!r}")
+        return cls(*flags, frozenset(ports))
+
+
+NO_FILTERS = KernelFilters(family=False, protocol=False, zone=False)
 
 
 @dataclass(frozen=True)
@@ -72,27 +110,54 @@ class Dump:
     family: int  # 0 = IPv4 and IPv6
     zone: int | None
     protocol: int | None
+    port: int | None = None  # the original direction's destination port
 
 
 def plan_dumps(connection_filter: ConnectionFilter, kernel: KernelFilters) -> list[Dump]:
     """The dumps that fetch what the filter accepts with the least crossing into userspace,
     using only the filters the kernel applies, so that no two dumps return the same entry:
-    one per zone (the kernel cannot select zone 0), and one per address family and protocol.
-    The userspace filter always runs after them."""
+    one per zone (the kernel cannot select zone 0), one per address family and protocol,
+    and for a protocol exported on a few ports only, one per port (`_dumped_by_port`).
+    Each dump walks the whole table in the kernel: past MAX_FILTERED_DUMPS, one dump (per
+    zone) and the userspace filter. The userspace filter always runs after them."""
     zones = sorted(connection_filter.zones)
     zone_choices: list[int | None] = (zones if kernel.zone and zones and 0 not in zones
                                       else [None])
-    numbers = connection_filter.protocols.numbers
-    if numbers is None or not (kernel.protocol and kernel.family):
+    protocols = connection_filter.protocols
+    if protocols.numbers is None or not (kernel.protocol and kernel.family):
         return [Dump(0, zone, None) for zone in zone_choices]
     pairs = [(family, protocol) for family in (socket.AF_INET, socket.AF_INET6)
-             for protocol in sorted(numbers)
+             for protocol in sorted(protocols.numbers)
              if not (protocol == 1 and family == socket.AF_INET6)
              and not (protocol == 58 and family == socket.AF_INET)]
     if len(pairs) * len(zone_choices) > MAX_FILTERED_DUMPS:
         return [Dump(0, zone, None) for zone in zone_choices]
-    return [Dump(family, zone, protocol)
-            for zone, (family, protocol) in itertools.product(zone_choices, pairs)]
+    by_port = _dumped_by_port(protocols, kernel, len(pairs) * len(zone_choices),
+                              len(zone_choices))
+    return [Dump(family, zone, protocol, port)
+            for zone, (family, protocol) in itertools.product(zone_choices, pairs)
+            for port in by_port.get(protocol, [None])]
+
+
+def _dumped_by_port(protocols: ProtocolSet, kernel: KernelFilters, planned: int,
+                    zones: int) -> dict[int, list[int]]:
+    """The protocols to dump port by port, with their ports: those exported on some ports
+    whose ports the kernel filters, fewest ports first, while the walks they add to the
+    `planned` dumps (one per family, protocol and zone) stay within MAX_EXTRA_PORT_DUMPS,
+    and the plan within MAX_FILTERED_DUMPS. A port is a dump per family (protocols with
+    ports have both) and zone."""
+    by_port: dict[int, list[int]] = {}
+    extra = 0
+    for count, protocol, ranges in sorted(
+            (sum(high - low + 1 for low, high in ranges), protocol, ranges)
+            for protocol, ranges in protocols.ports if protocol in kernel.ports):
+        added = (count - 1) * 2 * zones
+        if extra + added > MAX_EXTRA_PORT_DUMPS or planned + extra + added > \
+                MAX_FILTERED_DUMPS:
+            break  # the next ones have as many ports or more
+        by_port[protocol] = [port for low, high in ranges for port in range(low, high + 1)]
+        extra += added
+    return by_port
 
 
 def enable_accounting() -> None:
@@ -127,24 +192,22 @@ def kept_filters(state_directory: str) -> KernelFilters:
             kept = json.load(file)
         if kept["origin"] != origin:
             raise ValueError(f"written for {kept['origin']}, this is {origin}")
-        answer = kept["filters"]
-        if set(answer) != {"family", "protocol", "zone"} or not all(
-                isinstance(value, bool) for value in answer.values()):
-            raise ValueError(f"not an answer: {answer!r}")
-        log.debug("kernel dump filters: as probed earlier in this boot (%s): %s", path, answer)
-        return KernelFilters(**answer)
+        filters = KernelFilters.from_json(kept["filters"])
+        log.debug("kernel dump filters: as probed earlier in this boot (%s): %s", path,
+                  filters.describe())
+        return filters
     except FileNotFoundError:
         pass
     except (OSError, ValueError, TypeError, KeyError) as err:
         log.debug("kernel dump filters: %s not used (%s); probing", path, err)
     filters = _probe()
     if filters is None:  # not kept: the next start tries again
-        return KernelFilters(family=False, protocol=False, zone=False)
+        return NO_FILTERS
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(state_directory, exist_ok=True)
         with open(temporary, "w") as file:
-            json.dump({"origin": origin, "filters": asdict(filters)}, file)
+            json.dump({"origin": origin, "filters": filters.to_json()}, file)
         os.replace(temporary, path)
     except OSError as err:
         log.debug("kernel dump filters: cannot keep the answer in %s (%s)", path,
@@ -158,17 +221,20 @@ def probe_filters() -> KernelFilters:
     """Which filters the kernel applies, judged by what it returns: each kind is tried on
     its own, with a dump that must leave out an entry of our own (IPv4, UDP, zone 0) — an
     IPv6 dump, a dump of protocol 255 (without a zone: some builds refuse CTA_ZONE beside
-    CTA_FILTER), a dump of zone 65535. A filter counts only if the entry stayed out; when
-    the probe cannot run, none counts (one dump, filtered in userspace, is always right)."""
-    return _probe() or KernelFilters(family=False, protocol=False, zone=False)
+    CTA_FILTER), a dump of zone 65535 — and, per protocol with ports, a dump of port 9 that
+    must return our entry to port 9 and leave out our entry to port 10. A filter counts
+    only if the kernel did so; when the probe cannot run, none counts (one dump, filtered
+    in userspace, is always right)."""
+    return _probe() or NO_FILTERS
 
 
 def _probe() -> KernelFilters | None:
     """probe_filters' answer; None when the probe could not run."""
     import random  # here: with the probe's answer kept, `ovsflow conntrack` never probes
 
-    entry = (PROBE_ENTRY_PROTOCOL, PROBE_SOURCE, PROBE_DESTINATION,
-             random.randrange(1024, 65536), PROBE_ENTRY_PORT)
+    source_port = random.randrange(1024, 65535)  # and the next one for the port probe
+    entry = (PROBE_ENTRY_PROTOCOL, PROBE_SOURCE, PROBE_DESTINATION, source_port,
+             PROBE_ENTRY_PORT)
     with _netlink_socket() as sock:
         try:
             _request(sock, new_request(1, *entry, timeout=PROBE_ENTRY_TIMEOUT))
@@ -178,19 +244,46 @@ def _probe() -> KernelFilters | None:
             return None
         try:
             filters = KernelFilters(
-                family=_leaves_out(entry, socket.AF_INET6),
-                protocol=_leaves_out(entry, socket.AF_INET, protocol=PROBE_DUMP_PROTOCOL),
-                zone=_leaves_out(entry, 0, zone=PROBE_DUMP_ZONE))
+                family=_filtered_out(entry, socket.AF_INET6),
+                protocol=_filtered_out(entry, socket.AF_INET, protocol=PROBE_DUMP_PROTOCOL),
+                zone=_filtered_out(entry, 0, zone=PROBE_DUMP_ZONE),
+                ports=frozenset(protocol for protocol in sorted(PORT_PROTOCOLS)
+                                if _filters_ports(sock, protocol, source_port + 1)))
         finally:
-            try:
-                _request(sock, delete_request(2, *entry))
-            except OSError as err:
-                log.warning("conntrack filter probe entry not deleted (%s): it expires in "
-                            "%d s", err.strerror, PROBE_ENTRY_TIMEOUT)
-    log.info("kernel conntrack dump filters: %s", ", ".join(
-        f"{kind} {'applied' if applied else 'ignored (checked in userspace)'}"
-        for kind, applied in vars(filters).items()))
+            _delete(sock, entry)
+    log.info("kernel conntrack dump filters: %s", filters.describe())
     return filters
+
+
+def _filters_ports(sock: socket.socket, protocol: int, source_port: int) -> bool:
+    """Whether a dump of `protocol` and destination port 9 returns our entry to port 9 and
+    leaves out our entry to port 10. A kernel that tracks the protocol without ports (DCCP
+    is tracked generically since Linux 6.16) refuses the second entry as the same as the
+    first: not filtered."""
+    wanted, other = ((protocol, PROBE_SOURCE, PROBE_DESTINATION, source_port, port)
+                     for port in (PROBE_ENTRY_PORT, PROBE_OTHER_PORT))
+    inserted = []
+    try:
+        for entry in (wanted, other):
+            _request(sock, new_request(1, *entry, timeout=PROBE_ENTRY_TIMEOUT))
+            inserted.append(entry)
+        return _filtered_out(other, socket.AF_INET, protocol=protocol, port=PROBE_ENTRY_PORT,
+                             returning=wanted)
+    except OSError as err:
+        log.debug("conntrack port filter probe of %s: %s", protocol_name(protocol),
+                  err.strerror)
+        return False
+    finally:
+        for entry in inserted:
+            _delete(sock, entry)
+
+
+def _delete(sock: socket.socket, entry: tuple) -> None:
+    try:
+        _request(sock, delete_request(2, *entry))
+    except OSError as err:
+        log.warning("conntrack filter probe entry not deleted (%s): it expires in %d s",
+                    err.strerror, PROBE_ENTRY_TIMEOUT)
 
 
 def _netlink_socket() -> socket.socket:
@@ -205,24 +298,28 @@ def _request(sock: socket.socket, message: bytes) -> None:
     parse_dump(sock.recv(RECEIVE_SIZE), [])
 
 
-def _leaves_out(entry: tuple, family: int, *, zone: int | None = None,
-                protocol: int | None = None) -> bool:
-    """Whether a dump filtered so leaves out `entry`. On its own socket: closing it ends
-    the dump as soon as the entry shows up."""
+def _filtered_out(entry: tuple, family: int, *, zone: int | None = None,
+                  protocol: int | None = None, port: int | None = None,
+                  returning: tuple | None = None) -> bool:
+    """Whether a dump filtered so leaves out `entry` (and returns `returning`, when given).
+    On its own socket: closing it ends the dump as soon as the entry shows up."""
+    returned = returning is None
     with _netlink_socket() as sock:
-        sock.send(dump_request(1, family, zone, protocol))
+        sock.send(dump_request(1, family, zone, protocol, port))
         try:
             while True:
                 found: list[Connection] = []
                 done = parse_dump(sock.recv(RECEIVE_SIZE), found)
-                if any((c.protocol, c.source, c.destination, c.source_port,
-                        c.destination_port) == entry for c in found):
+                tuples = {(c.protocol, c.source, c.destination, c.source_port,
+                           c.destination_port) for c in found}
+                if entry in tuples:
                     return False
+                returned = returned or returning in tuples
                 if done:
-                    return True
+                    return returned
         except OSError as err:  # EOPNOTSUPP, EINVAL: the kernel refuses the filter
-            log.info("conntrack dump filter family=%d zone=%s protocol=%s not usable (%s)",
-                     family, zone, protocol, err.strerror)
+            log.info("conntrack dump filter family=%d zone=%s protocol=%s port=%s not usable "
+                     "(%s)", family, zone, protocol, port, err.strerror)
             return False
 
 
@@ -285,17 +382,17 @@ class KernelSource:
                 gc.enable()
 
     def count(self) -> int:
-        """How many connections the filter accepts (blocking), counted by zone and protocol
-        without a Connection per entry: `ovsflow conntrack --count`."""
+        """How many connections the filter accepts (blocking), counted by zone, protocol and
+        destination port without a Connection per entry: `ovsflow conntrack --count`."""
         total = 0
-        counts: dict[tuple[int, int], int] = {}
+        counts: dict[tuple[int, int, int], int] = {}
         with self._socket() as sock:
             for dump in self.dumps:
                 for restarted in self._receive(sock, dump, partial(count_dump, counts=counts)):
                     if restarted:
                         counts.clear()
-                total += sum(number for (zone, protocol), number in counts.items()
-                             if self.filter.accepts(zone, protocol))
+                total += sum(number for (zone, protocol, port), number in counts.items()
+                             if self.filter.accepts(zone, protocol, port))
                 counts.clear()
         return total
 
@@ -323,7 +420,7 @@ class KernelSource:
         attempt = 1
         while True:
             sock.send(dump_request(next(self._sequence), dump.family, dump.zone,
-                                   dump.protocol))
+                                   dump.protocol, dump.port))
             try:
                 while True:
                     done = decode(sock.recv(RECEIVE_SIZE))

@@ -124,7 +124,10 @@ class OvsSource:
         """How many connections the filter accepts (`ovsflow conntrack --count`): each
         dump's lines counted by protocol, not parsed. The zones need no check here: each
         dump is of one configured zone (ovs-vswitchd's `zone=` filter), or of every zone
-        when none is configured."""
+        when none is configured. With ports configured, the lines are parsed (their ports
+        are read) and counted as the poll keeps them."""
+        if self.filter.protocols.ports:
+            return sum(map(len, self._pieces(self._texts())))
         return sum(lines for text in self._texts()
                    for protocol, lines in count_entries(text).items()
                    if self.filter.accepts_protocol(protocol))
