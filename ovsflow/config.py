@@ -266,16 +266,19 @@ _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCI
 
 
 def parse_collector_address(value: object) -> CollectorAddress:
-    """`HOST:PORT[:PROTO]`, an IPv6 host in brackets. As in Antrea, PROTO defaults to tls."""
+    """Antrea's grammar (`ParseFlowCollectorAddr` in its pkg/util/flowexport): `HOST`,
+    `HOST:PORT`, `HOST:PORT:PROTO` or `HOST::PROTO`, an IPv6 host in brackets; an omitted
+    PORT is 4739 (IANA's IPFIX port), an omitted PROTO tls, as in Antrea."""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected 'HOST:PORT:PROTO' (e.g. '127.0.0.1:4739:udp'), got "
+        raise ValueError(f"expected 'HOST[:PORT][:PROTO]' (e.g. '127.0.0.1:4739:udp'), got "
                          f"{quote_value(value)}")
     text = value.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"{quote_value(value)}: an IPv6 host needs a closing ']' then ':PORT'")
-        parts = rest[1:].split(":")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{quote_value(value)}: an IPv6 host needs a closing ']', then "
+                             "':PORT' or nothing")
+        parts = rest[1:].split(":") if rest else []
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -289,9 +292,9 @@ def parse_collector_address(value: object) -> CollectorAddress:
         if not _is_host(host):
             raise ValueError(f"{quote_value(value)}: {quote_value(host)} is not an IP address "
                              "or host name")
-    if not parts or len(parts) > 2:
-        raise ValueError(f"{quote_value(value)}: expected HOST:PORT:PROTO")
-    port_text = parts[0]
+    if len(parts) > 2:
+        raise ValueError(f"{quote_value(value)}: expected HOST[:PORT][:PROTO]")
+    port_text = parts[0] if parts and parts[0] else str(DEFAULT_IPFIX_PORT)
     if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
             and 1 <= int(port_text) <= 65535):
         raise ValueError(f"{quote_value(value)}: port {quote_value(port_text)} is not a number "

@@ -89,6 +89,12 @@ def test_duration_format_round_trips(milliseconds):
     ("collector.example:4739:TCP", CollectorAddress("collector.example", 4739, "tcp")),
     ("[::1]:4739:tls", CollectorAddress("::1", 4739, "tls")),
     ("10.0.0.1:4739", CollectorAddress("10.0.0.1", 4739, "tls")),
+    # Antrea's grammar: PORT and PROTO may be left out (4739, tls), PORT alone left empty
+    ("10.0.0.5", CollectorAddress("10.0.0.5", 4739, "tls")),
+    ("10.0.0.5::udp", CollectorAddress("10.0.0.5", 4739, "udp")),
+    ("collector.example:4740", CollectorAddress("collector.example", 4740, "tls")),
+    ("[fd00::5]", CollectorAddress("fd00::5", 4739, "tls")),
+    ("[fd00::5]::tcp", CollectorAddress("fd00::5", 4739, "tcp")),
 ])
 def test_collector_addresses(text, address):
     assert parse_collector_address(text) == address
@@ -101,7 +107,9 @@ def test_collector_addresses(text, address):
     ("::1:4739:udp", "IPv6 host in brackets"), ("[::1:4739:udp", "closing ']'"),
     ("[nope]:4739:udp", "not an IPv6 address"), ("bad_host:4739:udp", "not an IP address"),
     ("flow-aggregator/flow-aggregator:4739:tls", "not an IP address or host name"),
-    ("999.1.1.1:4739:udp", "not an IP address"), ("127.0.0.1", "HOST:PORT:PROTO"),
+    ("999.1.1.1:4739:udp", "not an IP address"), ("[::1]4739", "closing ']'"),
+    ("10.0.0.5::sctp", "transport 'sctp'"), ("[::1]:1:udp:x", "HOST[:PORT][:PROTO]"),
+    ("", "HOST[:PORT][:PROTO]"),
 ])
 def test_bad_collector_addresses(text, fragment):
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
