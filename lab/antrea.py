@@ -189,25 +189,28 @@ class AntreaAgent:
         temporary.replace(path)
 
     async def run(self) -> None:
-        connection = await OpenFlowConnection.open_unix(self.mgmt)
+        connection = await OpenFlowConnection.open_unix(self.mgmt, versions=(m.OFP13,))
+        v = connection.version
         await connection.transact([
-            lambda xid: m.set_config(xid, miss_send_len=128),
-            lambda xid: m.set_controller_id(xid, self.controller_id),
-            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2)])
+            lambda xid: m.set_config(xid, miss_send_len=128, version=v),
+            lambda xid: m.set_controller_id(xid, self.controller_id, version=v),
+            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2, version=v)])
         saved = self.vsctl("--if-exists", "get", "Bridge", self.args.bridge,
                            "external_ids:roundNum").strip('"')
         previous = int(saved) if saved else 0
         self.round = previous % 0xFFFF + 1
         await connection.transact([  # Initialize: this round's flows, if any, go first
-            lambda xid: m.flow_mod(xid, command=m.OFPFC_DELETE, table_id=m.OFPTT_ALL,
-                                   cookie=self.round << 48, cookie_mask=ROUND_MASK)])
+            lambda xid: m.flow_mod(xid, version=v, command=m.OFPFC_DELETE,
+                                   table_id=m.OFPTT_ALL, cookie=self.round << 48,
+                                   cookie_mask=ROUND_MASK)])
         await connection.transact([  # initialize: DeleteGroupAll, DeleteMeterAll
-            lambda xid: m.group_mod(xid, command=m.OFPGC_DELETE, group_id=m.OFPG_ALL),
-            lambda xid: m.meter_mod(xid, command=m.OFPMC_DELETE, meter_id=m.OFPM_ALL,
-                                    flags=0, bands=[])])
+            lambda xid: m.group_mod(xid, version=v, command=m.OFPGC_DELETE,
+                                    group_id=m.OFPG_ALL),
+            lambda xid: m.meter_mod(xid, version=v, command=m.OFPMC_DELETE,
+                                    meter_id=m.OFPM_ALL, flags=0, bands=[])])
         await self.name_tables(connection)
         await connection.transact([  # client.go initialize: the packet-in meters
-            lambda xid: m.meter_mod(xid, command=m.OFPMC_ADD, meter_id=NP_METER,
+            lambda xid: m.meter_mod(xid, version=v, command=m.OFPMC_ADD, meter_id=NP_METER,
                                     flags=m.OFPMF_PKTPS | m.OFPMF_BURST,
                                     bands=[(m.OFPMBT_DROP, NP_RATE, 2 * NP_RATE)])])
         groups, flows = pipeline(self.controller_id, self.round, self.args.rule_id,
@@ -235,19 +238,22 @@ class AntreaAgent:
         """agent.go: the previous round's flows go, then the round is saved."""
         if previous:
             await connection.transact([
-                lambda xid: m.flow_mod(xid, command=m.OFPFC_DELETE, table_id=m.OFPTT_ALL,
+                lambda xid: m.flow_mod(xid, version=connection.version,
+                                       command=m.OFPFC_DELETE, table_id=m.OFPTT_ALL,
                                        cookie=previous << 48, cookie_mask=ROUND_MASK)])
         self.vsctl("set", "Bridge", self.args.bridge, f"external_ids:roundNum={self.round}")
 
     async def name_tables(self, connection: OpenFlowConnection) -> None:
         """ofctrl_bridge.go processTableFeatures: every table's features back, Antrea's
         tables renamed, each part with its reply's flags, all under one xid."""
-        parts = await connection.request_all(m.table_features_request)
+        v = connection.version
+        parts = await connection.request_all(
+            lambda xid: m.table_features_request(xid, version=v))
         xid = connection.next_xid()
         for part in parts:
             connection.send(m.table_features_request(
                 xid, [t.renamed(TABLES[t.table_id]) if t.table_id in TABLES else t.raw
-                      for t in part.tables], m.OFPMPF_MORE if part.more else 0))
+                      for t in part.tables], m.OFPMPF_MORE if part.more else 0, version=v))
         await connection.transact([])  # the barrier: OVS has taken them (or said why not)
 
 

@@ -229,9 +229,11 @@ def test_a_listener_that_reads_nothing_costs_antrea_no_packet_in(lab, tmp_path):
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(f"{lab.run_dir}/{lab.bridge}.mgmt")
     try:
-        stalled.sendall(m.hello(1) + m.set_config(2, miss_send_len=128)
-                        + m.set_controller_id(3, lab.antrea.status()["controller_id"])
-                        + m.set_packet_in_format(4, m.NXPIF_NXT_PACKET_IN2))
+        v = m.OFP13  # the bridge's (the HELLO offers only it)
+        stalled.sendall(m.hello(1, (v,)) + m.set_config(2, miss_send_len=128, version=v)
+                        + m.set_controller_id(3, lab.antrea.status()["controller_id"],
+                                              version=v)
+                        + m.set_packet_in_format(4, m.NXPIF_NXT_PACKET_IN2, version=v))
         time.sleep(0.5)
         got_before, sent_before = lab.antrea.status()["packet_ins"], controller_packets(lab)
         for _ in range(3):

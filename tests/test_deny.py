@@ -299,7 +299,8 @@ async def use_up_the_meters(lab):
     try:
         for base in range(1000, 1000 + METERS, 16384):
             await connection.transact(
-                [lambda xid, i=i: m.meter_mod(xid, command=m.OFPMC_ADD, meter_id=i,
+                [lambda xid, i=i: m.meter_mod(xid, version=connection.version,
+                                              command=m.OFPMC_ADD, meter_id=i,
                                               flags=m.OFPMF_PKTPS,
                                               bands=[(m.OFPMBT_DROP, 10, 0)])
                  for i in range(base, base + 16384)], timeout=60)

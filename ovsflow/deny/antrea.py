@@ -82,11 +82,13 @@ class AntreaDenySource(BridgeSession):
 
     async def _session(self) -> None:
         connection = await self._open()
-        config = await connection.request(m.get_config_request)
+        v = connection.version
+        config = await connection.request(lambda xid: m.get_config_request(xid, version=v))
         # The switch's fragment handling is kept as it is (SET_CONFIG carries it too).
         await connection.transact([
-            lambda xid: m.set_config(xid, miss_send_len=MISS_SEND_LEN, flags=config.flags),
-            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2)])
+            lambda xid: m.set_config(xid, miss_send_len=MISS_SEND_LEN, flags=config.flags,
+                                     version=v),
+            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2, version=v)])
         self.controller_id = None  # a new connection has id 0 until we set it
         self.table_names = None  # a restarted switch may hold other names
         await self._check(connection)
@@ -97,9 +99,11 @@ class AntreaDenySource(BridgeSession):
         changed (Antrea restarted: its table ids may have changed too)."""
         if self.table_names is None:
             await self._read_table_names(connection)
+        v = connection.version
         replies = await connection.request_all(
             lambda xid: m.flow_stats_request(
-                xid, m.OFPTT_ALL if self._output_table is None else self._output_table))
+                xid, m.OFPTT_ALL if self._output_table is None else self._output_table,
+                version=v))
         found = network_policy_controller_ids([f for reply in replies for f in reply.flows])
         if not found:
             # Antrea is away or between two starts; a new start may number tables anew
@@ -115,7 +119,8 @@ class AntreaDenySource(BridgeSession):
         if controller_id != self.controller_id:
             if self.controller_id is not None:
                 await self._read_table_names(connection)
-            await connection.transact([lambda xid: m.set_controller_id(xid, controller_id)])
+            await connection.transact(
+                [lambda xid: m.set_controller_id(xid, controller_id, version=v)])
             log.info("deny path: Antrea's controller id is %d%s; listening to its NetworkPolicy"
                      " packet-ins on %s", controller_id,
                      "" if self.controller_id is None else f" (was {self.controller_id})",
@@ -127,7 +132,9 @@ class AntreaDenySource(BridgeSession):
                 time.monotonic(), None, ""
 
     async def _read_table_names(self, connection: OpenFlowConnection) -> None:
-        replies = await connection.request_all(m.table_features_request)
+        v = connection.version
+        replies = await connection.request_all(
+            lambda xid: m.table_features_request(xid, version=v))
         self.table_names = {t.table_id: t.name for reply in replies for t in reply.tables
                             if t.name}
         self._output_table = next((table for table, name in self.table_names.items()
@@ -142,8 +149,7 @@ class AntreaDenySource(BridgeSession):
         if message.userdata[:1] != bytes((NETWORK_POLICY,)):
             self.ignored += 1  # Traceflow, DNS, IGMP, Service reject: not a policy's
             return
-        reg0 = message.field("reg0")
-        disposition = (reg0.int() >> 11) & 0b11 if reg0 is not None else 0
+        disposition = message.register(0) >> 11 & 0b11
         action = ACTIONS.get(disposition)
         if action is None:
             self.allowed += 1  # an allowed (logged) packet: its connection is in conntrack
@@ -151,8 +157,7 @@ class AntreaDenySource(BridgeSession):
         packet = self._denied_packet(message)
         if packet is None:
             return
-        reg2, reg3 = message.field("reg2"), message.field("reg3")
-        table = reg2.int() & 0xFF if reg2 is not None else message.table_id
-        self.store.add(packet, reg3.int() if reg3 is not None else 0, time.time(),
+        table = message.register(2) & 0xFF or message.table_id
+        self.store.add(packet, message.register(3), time.time(),
                        ingress=direction((self.table_names or {}).get(table)),
                        action=action)

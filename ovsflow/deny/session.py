@@ -191,11 +191,12 @@ class BridgeSession:
         connection, meter_id = self.connection, self.stats_meter_id
         if connection is None or connection.closed or not self.healthy or meter_id is None:
             return
+        v = connection.version
         try:
             reply = await connection.request(
-                lambda xid: m.meter_stats_request(xid, meter_id), timeout=2.0)
+                lambda xid: m.meter_stats_request(xid, meter_id, version=v), timeout=2.0)
         except SESSION_ERRORS as err:
             log.debug("deny path: meter stats unavailable: %s", err)
             return
         if isinstance(reply, m.MeterStats) and meter_id in reply.meters:
-            self.meter_drops = reply.meters[meter_id]["packets_dropped"]
+            self.meter_drops = reply.meters[meter_id].packets_dropped
