@@ -189,19 +189,35 @@ def test_sighup_changes_the_protocols_at_both_layers_live(lab, tmp_path):
 
 
 def test_the_meter_caps_packet_ins_and_its_drops_are_a_metric(lab, tmp_path):
+    """The meter's drops, also across a meter deleted (as Antrea's DeleteMeterAll does at
+    each of its connects) and put back: the new meter counts from 0 at the switch, the
+    metric goes on from what the first one had dropped."""
+    def metric(text, name):
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    def read():
+        return urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read().decode()
+
     with agent_session(tmp_path, lab, rate=1, metrics="127.0.0.1:9497") as session:
         wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
         lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
         time.sleep(2.5)  # polls ask the switch for the meter's statistics
-        text = urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read().decode()
-    dropped = float(re.search(r"^ovsflow_packet_ins_dropped_by_meter_total (\S+)$", text,
-                              re.M).group(1))
-    taken = float(re.search(r'^ovsflow_packet_ins_total{outcome="taken"} (\S+)$', text,
-                            re.M).group(1))
+        first = read()
+        lab.ofctl("del-meters")
+        wait_for(lambda: len(deny_flows(lab)) == 3 and "meter=250" in lab.ofctl("dump-meters"),
+                 what="ovsflow's meter and flows back")
+        lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
+        time.sleep(2.5)
+        second = read()
+    dropped = metric(first, "ovsflow_packet_ins_dropped_by_meter_total")
+    taken = metric(first, 'ovsflow_packet_ins_total{outcome="taken"}')
     assert taken + dropped == 40 and dropped >= 30
+    dropped_in_all = metric(second, "ovsflow_packet_ins_dropped_by_meter_total")
+    taken_in_all = metric(second, 'ovsflow_packet_ins_total{outcome="taken"}')
+    assert taken_in_all + dropped_in_all == 80 and dropped_in_all >= 60
     deny = [r for r in session.records if r["_templateId"] == 260]
-    assert sum(r["packetDeltaCount"] for r in deny) == taken
-    assert f"deny path: {int(taken)} packet-ins taken" in session.log
+    assert sum(r["packetDeltaCount"] for r in deny) == taken_in_all
+    assert f"deny path: {int(taken_in_all)} packet-ins taken" in session.log
 
 
 def test_deny_records_come_only_while_packets_come_then_one_idle_record(lab, tmp_path):
