@@ -204,13 +204,13 @@ def test_default_mode_beside_antrea_gets_its_flows_back_after_antrea_restarts(la
         lab.client.traffic("udp", lab.server.address, "7000", "2", "10")
         lab.antrea.restart()  # ovsflow may have put them back before it returns
         wait_for(lambda: len(deny_flows(lab)) == 3
-                 and "meter=250" in lab.ofctl("dump-meters"), timeout=2.5,
+                 and "meter=28518" in lab.ofctl("dump-meters"), timeout=2.5,
                  what="ovsflow's flows and meter back")
         lab.client.traffic("udp", lab.server.address, "7000", "3", "10")
         time.sleep(1.0)
         restored = value(metrics(9543), "ovsflow_deny_flows_restored_total")
     assert restored == 1
-    assert "meter 250 gone; put back in table 250" in session.log
+    assert "meter 28518 gone; put back in table 250" in session.log
     packets = sum(r["packetDeltaCount"] for r in session.records
                   if r["_templateId"] == DENY and r["destinationTransportPort"] == 7000)
     assert packets == 5

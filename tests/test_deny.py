@@ -110,8 +110,8 @@ def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
                          what="ovsflow's deny flows")
         assert sorted(re.sub(r".*priority=(\d+),?(\S*) actions=(\S+)", r"\1 \2 \3", f)
                       for f in flows) == [
-            "0  drop", "200 udp meter:250,controller(max_len=128,id=28518)",
-            "200 udp6 meter:250,controller(max_len=128,id=28518)"]
+            "0  drop", "200 udp meter:28518,controller(max_len=128,id=28518)",
+            "200 udp6 meter:28518,controller(max_len=128,id=28518)"]
         deny_traffic(lab)
         time.sleep(1.5)
         flows = deny_flows(lab)
@@ -204,7 +204,7 @@ def test_the_meter_caps_packet_ins_and_its_drops_are_a_metric(lab, tmp_path):
         time.sleep(2.5)  # polls ask the switch for the meter's statistics
         first = read()
         lab.ofctl("del-meters")
-        wait_for(lambda: len(deny_flows(lab)) == 3 and "meter=250" in lab.ofctl("dump-meters"),
+        wait_for(lambda: len(deny_flows(lab)) == 3 and "meter=28518" in lab.ofctl("dump-meters"),
                  what="ovsflow's meter and flows back")
         lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
         time.sleep(2.5)
@@ -243,7 +243,7 @@ def in_process_source(run_dir, bridge, protocols=("udp",)):
     """The agent's deny path alone, in this process, with short backoffs (0.1 s to 1 s)."""
     connection_filter = ConnectionFilter(frozenset(), parse_protocol_list(
         list(protocols)).protocols)
-    return DenySource(str(run_dir), bridge, TABLE, 250, 5000, connection_filter,
+    return DenySource(str(run_dir), bridge, TABLE, 300, 5000, connection_filter,
                       DenyStore(1, 2, 1000), initial_backoff=0.1, max_backoff=1.0)
 
 
@@ -310,7 +310,7 @@ METERS = 262144  # OVS 3.1's userspace datapath: `ovs-ofctl meter-features` says
 
 async def use_up_the_meters(lab):
     """OVS's real OUT_OF_METERS refusal, the same answer a datapath without meter support
-    gives every METER_MOD; ids from 1000 leave ovsflow's meter 250 not yet added."""
+    gives every METER_MOD; ids from 1000 leave ovsflow's meter 300 not yet added."""
     connection = await OpenFlowConnection.open_unix(f"{lab.run_dir}/{lab.bridge}.mgmt")
     try:
         for base in range(1000, 1000 + METERS, 16384):
@@ -353,7 +353,7 @@ def test_without_meters_the_flows_go_without_one_and_it_is_said_once(lab, caplog
         "200 udp6 controller(max_len=128,id=28518)"]
     assert [(r.destination_port, r.packets) for r in records] == [(5353, 5)]
     refusals = [r.getMessage() for r in caplog.records if "refused meter" in r.getMessage()]
-    assert refusals == ["deny path: the switch refused meter 250 (OpenFlow error "
+    assert refusals == ["deny path: the switch refused meter 300 (OpenFlow error "
                         "METER_MOD_FAILED/OUT_OF_METERS (type 12, code 10) for the request "
                         "with xid 5); installing the deny flows without it, so packet-ins "
                         "are not rate-limited"]

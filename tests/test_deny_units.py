@@ -389,3 +389,22 @@ def test_antreas_controller_id_is_read_from_its_network_policy_controller_action
     found = network_policy_controller_ids(flows)
     assert found == [(1 << 48, 111, 28), (2 << 48, 222, 28)]
     assert max(found)[1] == 222
+
+
+def test_a_meter_in_antreas_range_is_warned_about(caplog):
+    """Antrea's meters are 1-255 (Egress QoS) and 256-258 (its packet-ins): a deny meter
+    there would be taken over or fought over beside Antrea."""
+    from ovsflow.config import OvsConfig
+    from ovsflow.deny.source import DenySource
+
+    def warned(meter_id):
+        caplog.clear()
+        DenySource("/nonexistent", "br-int", 250, meter_id, 5000, ConnectionFilter(
+            frozenset(), parse_protocol_list(["udp"]).protocols), DenyStore(1, 5, 100))
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warned(OvsConfig().deny_meter_id) == [] and warned(259) == []
+    assert warned(256) == ["deny path: meter 256 is in Antrea's range (1-255 Egress QoS, "
+                           "256-258 packet-ins): beside Antrea, choose ovs.denyMeterId "
+                           "outside it"]
+    assert len(warned(1)) == 1 and len(warned(258)) == 1

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 METER_EXISTS = (12, 1)  # OFPET_METER_MOD_FAILED / OFPMMFC_METER_EXISTS
 UNKNOWN_METER = (12, 3)  # OFPMMFC_UNKNOWN_METER
+# Antrea's meters on br-int: 1-255 Egress QoS, 256-258 its packet-in meters (antrea-io/antrea
+# pkg/agent/openflow/packetin.go, PacketInMeterIDNP/TF/DNS). Antrea deletes every meter at
+# each connect, and a meter of ours in its range would be replaced by one of Antrea's.
+ANTREA_METERS = range(1, 259)
 
 
 class DenySource(BridgeSession):
@@ -44,6 +48,10 @@ class DenySource(BridgeSession):
         self.installed_event = asyncio.Event()  # set while our flows are in place
         self._flows_lock = asyncio.Lock()  # a check never sees a reconcile half done
         self.restorations = 0  # flows or meter put back after someone deleted or changed them
+        if meter_id in ANTREA_METERS:
+            log.warning("deny path: meter %d is in Antrea's range (1-255 Egress QoS, 256-258 "
+                        "packet-ins): beside Antrea, choose ovs.denyMeterId outside it",
+                        meter_id)
 
     @property
     def stats_meter_id(self) -> int | None:
