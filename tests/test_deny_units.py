@@ -408,3 +408,32 @@ def test_a_meter_in_antreas_range_is_warned_about(caplog):
                            "256-258 packet-ins): beside Antrea, choose ovs.denyMeterId "
                            "outside it"]
     assert len(warned(1)) == 1 and len(warned(258)) == 1
+
+
+@pytest.mark.parametrize("version", [m.OFP13, m.OFP15])
+def test_the_deny_flows_are_byte_for_byte_what_ovs_ofctl_sends(tmp_path, version):
+    """Our flows and meter as ovs-ofctl itself encodes them for the session's version (in
+    1.5 the meter is an action, in 1.3 an instruction)."""
+    from ofctl import OPENFLOW, ofctl_sends
+    from ovsflow.deny.rules import delete_all, meter_mod
+
+    def sends(*args):
+        return ofctl_sends(tmp_path, "-O", OPENFLOW[version], *args)[1]
+
+    flows = {tuple(x.int() for x in f.match): f
+             for f in deny_flows(parse_protocol_list(["udp"]).protocols)}
+    assert flows[(0x0800, 17)].add(2, 250, 28518, version=version) == sends(
+        "add-flow", "SWITCH", "table=250,priority=200,cookie=0x6f7673666c6f7700,udp,"
+                              "actions=meter:28518,controller(max_len=128,id=28518)")
+    assert flows[(0x86DD, 17)].add(2, 250, None, version=version) == sends(
+        "add-flow", "SWITCH", "table=250,priority=200,cookie=0x6f7673666c6f7700,udp6,"
+                              "actions=controller(max_len=128,id=28518)")
+    assert flows[()].add(2, 250, 28518, version=version) == sends(
+        "add-flow", "SWITCH", "table=250,priority=0,cookie=0x6f7673666c6f7700,actions=drop")
+    # a non-strict delete ignores the priority: ovs-ofctl writes its default, 0x8000, there
+    theirs = sends("del-flows", "SWITCH", "table=250,cookie=0x6f7673666c6f7700/-1")
+    assert delete_all(2, 250, version=version) == theirs[:30] + b"\0\0" + theirs[32:]
+    assert theirs[30:32] == b"\x80\0"
+    assert meter_mod(2, m.OFPMC_ADD, 28518, 5000, version=version) == sends(
+        "add-meter", "SWITCH", "meter=28518,pktps,burst,stats,band=type=drop,rate=5000,"
+                               "burst_size=500")
