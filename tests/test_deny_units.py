@@ -319,13 +319,22 @@ def test_packet_ins_wait_for_their_tables_name():
     source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg2=12, reg3=5))
     source._packet_in(antrea_packet_in(reg0=DROP, reg2=25, reg3=ENDPOINT))
     assert len(source.store) == 0 and source.packet_ins == 2
+    source._name_held_packets(final=False)  # no names yet: still held
+    assert len(source.store) == 0
+    source.table_names = {12: "AntreaPolicyEgressRule"}
+    source._name_held_packets(final=False)  # named: stored; unnamed: held still
+    assert taken(source) == [("", 0, "5", RULE_DROP)]
     source.table_names = dict(TABLE_NAMES)
-    source._name_held_packets()
-    assert sorted(taken(source)) == [("", 0, "5", RULE_DROP), ("", RULE_DROP, "", 0)]
-    source.table_names = {}
+    source._name_held_packets(final=False)
+    assert taken(source) == [("", RULE_DROP, "", 0)]
+    source.table_names = {28: "Output"}  # Antrea named its tables, but not this one
     source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg2=12, reg3=5))
-    source._name_held_packets()  # still no names: said, not guessed
+    source._name_held_packets(final=True)  # said, not guessed
     assert taken(source) == [("", 0, "", 0)] and source.directionless == 1
+    source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg2=12, reg3=5))
+    source._unnamed = [(*held[:4], held[4] - 10) for held in source._unnamed]  # 10 s ago
+    source._name_held_packets(final=False)  # held long enough: no name is coming
+    assert taken(source) == [("", 0, "", 0)] and source.directionless == 2
 
 
 @pytest.mark.parametrize("reg0, operations, expected", [

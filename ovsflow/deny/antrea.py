@@ -63,6 +63,7 @@ EGRESS_TABLES = frozenset({"AntreaPolicyEgressRule", "EgressRule", "EgressDefaul
 NP_METER = 256  # PacketInMeterIDNP: Antrea's meter of NetworkPolicy packet-ins
 MISS_SEND_LEN = 128  # as ofnet sets it; a service connection gets no packet-in without one
 MAX_UNNAMED = 10_000  # packet-ins held while their table has no name yet
+HOLD_SECONDS = 10.0  # at most, when Antrea names no table at all
 
 
 def direction(table_name: str | None) -> int:
@@ -104,6 +105,7 @@ class AntreaDenySource(BridgeSession):
         self.controller_id: int | None = None  # Antrea's, on our connection (None: none)
         self.controller_id_changes = 0  # ids taken (the first, then one per Antrea restart)
         self.table_names: dict[int, str] = {}  # as OVS last said: named tables only
+        self._output_table: int | None = None  # where Antrea's controller flows are
         self.directionless = 0  # denied packets whose table tells no direction
         self._last_id: int | None = None  # the id of the previous session too, for the log
         self._unnamed: list[tuple[DeniedPacket, int, int, int, float]] = []
@@ -122,8 +124,8 @@ class AntreaDenySource(BridgeSession):
         await self._receive(connection)
 
     async def _end_session(self) -> float:
-        self._name_held_packets()  # as far as the names go: the switch is gone
-        self.controller_id = None  # a new connection has id 0 until we set it
+        self._name_held_packets(final=True)  # as far as the names go: the switch is gone
+        self.controller_id = self._output_table = None  # a new connection has id 0
         self.table_names = {}  # a restarted switch may hold other names
         return await super()._end_session()
 
@@ -144,7 +146,7 @@ class AntreaDenySource(BridgeSession):
             return
         # The newest round's flows (the round is the cookie's top 16 bits) are the running
         # agent's; an older round's linger until Antrea deletes its stale flows.
-        _, controller_id, output_table = max(found)
+        _, controller_id, self._output_table = max(found)
         if controller_id != self.controller_id:
             # names first: no packet-in of the new id meets the previous agent's names
             await self._read_table_names(connection)
@@ -157,7 +159,7 @@ class AntreaDenySource(BridgeSession):
             if controller_id != self._last_id:
                 self.controller_id_changes += 1
             self.controller_id = self._last_id = controller_id
-        elif self._unnamed or output_table not in self.table_names:
+        elif self._unnamed or self._output_table not in self.table_names:
             # Antrea names its tables after it connects: we may have read before it did
             await self._read_table_names(connection)
         if self.connected_since is None:
@@ -170,7 +172,7 @@ class AntreaDenySource(BridgeSession):
             lambda xid: m.table_features_request(xid, version=v))
         self.table_names = {t.table_id: t.name for reply in replies for t in reply.tables
                             if t.name}
-        self._name_held_packets()
+        self._name_held_packets(final=self._output_table in self.table_names)
 
     def _packet_in(self, message: m.PacketIn) -> None:
         if message.userdata[:1] != bytes((NETWORK_POLICY,)):
@@ -191,10 +193,15 @@ class AntreaDenySource(BridgeSession):
             return  # until the next read of the names (the next check)
         self._store(packet, rule_id, table, action, time.time())
 
-    def _name_held_packets(self) -> None:
-        held, self._unnamed = self._unnamed, []
+    def _name_held_packets(self, final: bool) -> None:
+        """Store the held packets whose table now has a name; `final` (Antrea has named its
+        tables: one without a name keeps none), or held for HOLD_SECONDS: all of them."""
+        held, self._unnamed, now = self._unnamed, [], time.time()
         for packet, rule_id, table, action, when in held:
-            self._store(packet, rule_id, table, action, when)
+            if table in self.table_names or final or now - when >= HOLD_SECONDS:
+                self._store(packet, rule_id, table, action, when)
+            else:
+                self._unnamed.append((packet, rule_id, table, action, when))
 
     def _store(self, packet: DeniedPacket, rule_id: int, table: int, action: int,
                when: float) -> None:
