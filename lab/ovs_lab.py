@@ -27,10 +27,10 @@ class OvsLab:
     one namespace collide on the `ovs-netdev` tap)."""
 
     def __init__(self, run_dir: Path, bridge: str = "br0", switch: bool = True,
-                 protocols: tuple[str, ...] = ("OpenFlow10", "OpenFlow13")):
+                 protocols: tuple[str, ...] = ANTREA_PROTOCOLS):
         """`switch=False`: ovsdb-server and the bridge's row only, no ovs-vswitchd (for
         tests of OVSDB readers with more ports than a datapath could open). `protocols`:
-        the OpenFlow versions the bridge allows."""
+        the OpenFlow versions the bridge allows, by default a real Antrea node's."""
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         Path(run_dir, "conf.db").unlink(missing_ok=True)  # a fresh database every time
         self.run_dir = str(run_dir)
@@ -119,7 +119,9 @@ class OvsLab:
         inner = "eth0"
         self.host.run("ip", "link", "add", port, "type", "veth", "peer", "name", inner,
                       "netns", netns.name)
-        netns.run("ip", "addr", "add", address, "dev", inner)
+        # an IPv6 address without duplicate address detection: usable at once
+        netns.run("ip", "addr", "add", address, "dev", inner, *(["nodad"] if ":" in address
+                                                                 else []))
         netns.run("ip", "link", "set", inner, "up")
         netns.run("ethtool", "-K", inner, "tx", "off")
         self.host.run("ip", "link", "set", port, "up")
