@@ -116,6 +116,24 @@ SERVICE_CIDR = "10.96.0.0/12"
 # network_policy.go initGroups: one group per table a logged packet goes on to, from 1
 GROUPS = {"EgressRule": 1, "EgressMetric": 2, "IngressRule": 3, "IngressMetric": 4}
 FIRST_SERVICE_GROUP = 10
+SERVICE_IP = "10.96.0.10"  # a ClusterIP, as kube-dns's
+# The demo's and the tests' node: an Application-tier policy's rules by priority, a
+# Kubernetes NetworkPolicy isolating shop/client for egress in a Namespace annotated for
+# logging, and a DNS Service whose Endpoint is kube-system/dns
+SCENARIO = {
+    "rules": [
+        {"id": 7, "direction": "egress", "action": "allow", "from": ["client"], "to": ["web"]},
+        {"id": 5, "direction": "egress", "action": "drop", "from": ["client"],
+         "to": ["server"], "logging": True},
+        {"id": 9, "direction": "egress", "action": "reject", "from": ["client"],
+         "to": ["vault"]},
+        {"id": 6, "direction": "egress", "action": "drop", "from": ["client6"],
+         "to": ["server6"], "logging": True},
+        {"id": 4, "direction": "ingress", "action": "drop", "from": ["client"],
+         "to": ["web"], "logging": True}],
+    "isolated": [{"pod": "client", "direction": "egress", "logging": True}],
+    "services": [{"ip": SERVICE_IP, "protocol": "udp", "port": 53, "endpoints": ["dns"]}],
+}
 
 
 @dataclass(frozen=True)

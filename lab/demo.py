@@ -38,7 +38,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .antrea import AntreaStandIn, route_services_via_gateway
+from .antrea import SCENARIO, SERVICE_IP, AntreaStandIn, route_services_via_gateway
 from .netns import LAB, PYTHON, Netns, veth_pair
 from .ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 
@@ -58,24 +58,6 @@ ANTREA_PODS = [("10.62.0.1/24", "client", "shop"), ("10.62.0.2/24", "server", "s
                ("10.62.0.3/24", "web", "shop"), ("10.62.0.4/24", "dns", "kube-system"),
                ("10.62.0.5/24", "vault", "vault"), ("fd00:62::1/64", "client6", "shop"),
                ("fd00:62::2/64", "server6", "shop")]
-ANTREA_SERVICE = "10.96.0.10"  # kube-dns's ClusterIP, udp/53
-# The stand-in's policies (lab/antrea.py): an Application-tier policy's rules by priority,
-# and a Kubernetes NetworkPolicy isolating shop/client for egress in a Namespace annotated
-# networkpolicy.antrea.io/enable-logging
-ANTREA_SCENARIO = {
-    "rules": [
-        {"id": 7, "direction": "egress", "action": "allow", "from": ["client"], "to": ["web"]},
-        {"id": 5, "direction": "egress", "action": "drop", "from": ["client"],
-         "to": ["server"], "logging": True},
-        {"id": 9, "direction": "egress", "action": "reject", "from": ["client"],
-         "to": ["vault"]},
-        {"id": 6, "direction": "egress", "action": "drop", "from": ["client6"],
-         "to": ["server6"], "logging": True},
-        {"id": 4, "direction": "ingress", "action": "drop", "from": ["client"],
-         "to": ["web"], "logging": True}],
-    "isolated": [{"pod": "client", "direction": "egress", "logging": True}],
-    "services": [{"ip": ANTREA_SERVICE, "protocol": "udp", "port": 53, "endpoints": ["dns"]}],
-}
 
 
 def agent_config(directory: Path, name: str, source: str, bridge: str, run_dir: str,
@@ -267,7 +249,7 @@ def antrea_mode(workdir: Path) -> bool:
                            text=True)
         time.sleep(1)  # ovsflow is connected first, as at a node's boot
         antrea = AntreaStandIn(lab.run_dir, lab.bridge, workdir / "antrea.json",
-                               ANTREA_SCENARIO, name_tables_after=2)
+                               SCENARIO, name_tables_after=2)
         first = antrea.wait_until("named")
         time.sleep(1.5)  # ovsflow learns Antrea's id from its flows, then the names
         antrea_traffic(pods, 5353)
@@ -328,7 +310,7 @@ def antrea_mode(workdir: Path) -> bool:
     print(f"Protocols configured: {ANTREA_PROTOCOLS}: the icmp pings were denied too, and "
           "filtered out in userspace. Rule ids are Antrea's conjunction ids; k8s-default: "
           "a Kubernetes NetworkPolicy's default drop, here of traffic to the DNS Service "
-          f"{ANTREA_SERVICE} (recorded with its Endpoint, kube-system/dns: the packet was "
+          f"{SERVICE_IP} (recorded with its Endpoint, kube-system/dns: the packet was "
           "DNAT-ed before the policy stages); 9 is a Reject without logging, 4 an ingress "
           "drop after the egress rule 7 allowed and committed the connection.")
     return bool(records) and followed and not installed
@@ -338,7 +320,7 @@ def antrea_traffic(pods: dict, port: int) -> None:
     client = pods["client"]
     client.traffic("udp", pods["server"].address, str(port), "3", "100")  # egress drop
     client.traffic("udp", pods["web"].address, "8080", "2", "100")  # allowed, then ingress
-    client.traffic("udp", ANTREA_SERVICE, "53", "2", "100")  # K8s default drop
+    client.traffic("udp", SERVICE_IP, "53", "2", "100")  # K8s default drop
     client.traffic("udp", pods["vault"].address, "5355", "2", "100")  # reject
     client.run("ping", "-c", "2", "-i", "0.2", "-W", "1", pods["server"].address,
                check=False)
