@@ -190,7 +190,7 @@ class AntreaDenySource(BridgeSession):
         table = message.register(2) & 0xFF or message.table_id
         if table not in self.table_names and len(self._unnamed) < MAX_UNNAMED:
             self._unnamed.append((packet, rule_id, table, action, time.time()))
-            return  # until the next read of the names (the next check)
+            return  # until its table has a name (`_name_held_packets`)
         self._store(packet, rule_id, table, action, time.time())
 
     def _name_held_packets(self, final: bool) -> None:
