@@ -100,7 +100,8 @@ CATEGORY_DEFAULT, CATEGORY_POD, CATEGORY_NETWORK_POLICY, CATEGORY_SERVICE = 0, 1
 FROM_POD = "0x3/0xf"  # FromPodRegMark, reg0[0..3]
 FROM_LOCAL = "0x10000000/0x10000000"  # FromLocalRegMark, reg4[28]
 REWRITE_MAC = "0x200/0x200"  # RewriteMACRegMark, reg0[9]
-DENY_MARK = "0x400/0x400"  # APDenyRegMark, reg0[10]
+DENY_BIT = 1 << 10  # APDenyRegMark, reg0[10]
+DENY_MARK = f"{DENY_BIT:#x}/{DENY_BIT:#x}"
 DISPOSITIONS = {"drop": "0x800/0x1800", "reject": "0x1000/0x1800"}  # APDispositionField
 OUTPUT_TO_PORT = "0x200000/0x600000"  # OutputToOFPortRegMark, reg0[21..22] = 1
 OUTPUT_TO_CONTROLLER = "0x400000/0x600000"  # OutputToControllerRegMark, reg0[21..22] = 2
@@ -473,6 +474,7 @@ class AntreaAgent:
         self.packet_ins = 0  # NetworkPolicy packet-ins received, on every connection
         self.endpoint_in_reg3 = 0  # of them, with reg3 set and no deny mark (a Service's)
         self.connections = 0
+        self.connection: OpenFlowConnection | None = None  # the current one
         self.ready = self.named = False  # on the current connection
         self._pending: asyncio.TimerHandle | None = None
 
@@ -564,7 +566,7 @@ class AntreaAgent:
             if isinstance(message, m.PacketIn) and message.userdata[:1] == bytes(
                     (NETWORK_POLICY,)):
                 self.packet_ins += 1
-                if message.register(3) and not message.register(0) & 0x400:
+                if message.register(3) and not message.register(0) & DENY_BIT:
                     self.endpoint_in_reg3 += 1
                 if self._pending is None or self._pending.when() < loop.time():
                     # the count is written 50 ms after a packet-in, not for each one
@@ -572,7 +574,7 @@ class AntreaAgent:
 
     async def delete_stale_flows(self) -> None:
         """agent.go: the previous round's flows go, then the round is saved."""
-        connection = getattr(self, "connection", None)
+        connection = self.connection
         if self.previous_round and connection is not None and not connection.closed:
             await connection.transact([
                 lambda xid: m.flow_mod(xid, version=connection.version,
