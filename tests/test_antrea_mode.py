@@ -5,7 +5,6 @@ meters 256-258, and a controller with a random id). ovsflow installs nothing; An
 controller keeps every packet-in. Records are read with the PyPI `ipfix` package, not with
 ovsflow's own decoder."""
 
-import ipaddress
 import re
 import signal
 import socket
