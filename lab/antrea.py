@@ -1,43 +1,67 @@
-"""A stand-in for Antrea's agent in the lab: the part of Antrea's pipeline a denied packet
-passes, and a small controller process playing the agent's OpenFlow side.
+"""A stand-in for Antrea's agent in the lab: its OpenFlow side and the flows its pipeline
+installs for the Pods on the bridge and a few policies and Services.
 
-    python -m lab.antrea --run-dir R --bridge br0 --status FILE --egress-deny SRC DST \
-        --isolated ADDR [--stale-after SECONDS]
+    python -m lab.antrea --run-dir R --bridge br0 --status FILE --scenario JSON \
+        [--name-tables-after SECONDS] [--stale-after SECONDS]
 
 Built from antrea-io/antrea at fc70f2bb7037f398196fd42210d34800cb6aa398 (v2.8 development;
-the layout is the same in v2.x): docs/design/ovs-pipeline.md (the flows, as "md:LINE"
-below), pkg/agent/openflow/ (fields.go: registers; pipeline.go: tables, dispositions;
-network_policy.go: logging flows and groups; client.go: initialize; cookie/allocator.go) and
-antrea-io/ofnet (ofctrl: the controller id).
+v2.7.0 and v2.6.3 agree on all of it): the flows are docs/design/ovs-pipeline.md's dumps
+("md:LINE" below) with this lab's addresses, ports and ids; pkg/agent/openflow/ (fields.go:
+registers; pipeline.go: tables, dispositions, conjunctionActionDenyFlow, defaultDropFlow,
+ipv6Flows; network_policy.go: logging flows and groups; client.go: initialize, ReplayFlows;
+cookie/allocator.go), pkg/ovs/ (ovsconfig/ovs_client.go: the bridge's protocols;
+openflow/ofctrl_bridge.go: SwitchConnected, table names) and antrea-io/ofnet (ofctrl: the
+controller id, OpenFlow 1.5, reconnecting every second).
 
-What the controller does at start, as the agent does at each connect:
-  - draws a random 16-bit controller id (ofnet ofctrl.go NewController), sets it with
-    NXT_SET_CONTROLLER_ID, miss_send_len 128 and NXT_PACKET_IN2 (ofctrl_bridge.go
-    SwitchConnected, setPacketInFormatTo2);
+What the agent does, as antrea-agent does:
+  - at start, sets the bridge's protocols to OpenFlow10,OpenFlow15 (ovs_client.go) and
+    draws a random 16-bit controller id (ofnet ofctrl.go NewController);
+  - connects speaking OpenFlow 1.5 only (ofnet NewHello(6)), sets miss_send_len 128, the
+    controller id and NXT_PACKET_IN2 (ofSwitch.go switchConnected, SwitchConnected);
   - takes the next round number from Bridge external_ids:roundNum (agent.go), deletes the
-    flows of that round (client.go Initialize), then every group and meter (client.go
-    initialize: DeleteGroupAll, DeleteMeterAll: OVS deletes the flows that use them);
-  - names its tables through OpenFlow table features: reads every table's features and
-    sends them all back with its names, each part as it came (ofctrl_bridge.go
-    queryTableFeatures, processTableFeatures);
-  - adds meter 256, the logging groups and the flows, with cookies round<<48 | category<<40;
-  - after `--stale-after` seconds deletes the previous round's flows (DeleteStaleFlows) and
-    saves the round.
-It counts the NetworkPolicy packet-ins it receives and writes its state (pid, controller
-id, round, packet-ins) as JSON to the status file. "Restarting" it is a new process: a new
-id, a new round, its flows replaced.
+    flows of that round (client.go Initialize);
+  - names its tables through OpenFlow table features, each part as it came
+    (ofctrl_bridge.go queryTableFeatures, processTableFeatures); `--name-tables-after`
+    names them that many seconds after its flows are in, to play the race in which a
+    listener reads the names before Antrea has set them;
+  - deletes every group and meter, adds meters 256-258, then its groups and flows
+    (client.go initialize, ReplayFlows), with cookies round<<48 | category<<40;
+  - when the connection is lost (ovs-vswitchd restarted) connects again every second with
+    the same id and replays all of it (ofnet, client.go ReplayFlows);
+  - after `--stale-after` seconds deletes the previous round's flows (DeleteStaleFlows)
+    and saves the round.
+It counts the NetworkPolicy packet-ins it receives and writes its state as JSON to the
+status file. "Restarting" it is a new process: a new id, a new round, its flows replaced.
 
-Differences from Antrea, for the lab: OpenFlow 1.3 (Antrea speaks 1.5), the table ids of a
-default IPv4 agent with AntreaPolicy on (client.go generatePipelines: other features shift
-them), and the tables between the root and the policy stages reduced to goto_table: Pods are
-matched by address where Antrea matches reg1 (their OpenFlow port, from L2ForwardingCalc),
-and allowed packets end with NORMAL where Antrea outputs to reg1's port.
+The Pods are the bridge's Ports with Antrea's external_ids (pod-name, ip-address,
+attached-mac; pkg/agent/cniserver) and their Interfaces' ofport, as the agent's interface
+store holds them. The scenario (JSON) says which policies and Services exist:
+  {"rules": [{"id": 5, "direction": "egress", "action": "drop", "from": ["client"],
+              "to": ["server"], "logging": true}, ...],   # Antrea-native, by priority
+   "isolated": [{"pod": "client", "direction": "egress", "logging": true}, ...],
+   "services": [{"ip": "10.96.0.10", "protocol": "udp", "port": 53,
+                 "endpoints": ["dns"]}],
+   "denyTracking": false}
+Rule actions: allow, drop, reject. "isolated" is a Kubernetes NetworkPolicy's default
+drop for the Pod; its "logging" stands for the Namespace annotation
+networkpolicy.antrea.io/enable-logging (pkg/controller/networkpolicy/
+networkpolicy_controller.go EnableNPLoggingAnnotationKey). "denyTracking" is Antrea's
+FlowExporter on (client.go enableDenyTracking).
+
+The tables are those of a dual-stack Linux agent with AntreaPolicy and AntreaProxy (no
+proxyAll), numbered as client.go generatePipelines does. Differences from Antrea, for the
+lab: ARP is switched NORMAL at the root (Antrea's ARP pipeline ends in NORMAL too,
+md:729); there is no gateway, tunnel or uplink port, so the routing tables between
+L3Forwarding and L2ForwardingCalc are skipped and Pods reach a Service through a static
+neighbour for the gateway's MAC (`route_services_via_gateway`); Services are IPv4 only;
+the agent itself sends no reject responses.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import random
@@ -46,6 +70,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -54,29 +80,73 @@ if __package__ in (None, ""):
 from openflow import messages as m  # noqa: E402
 from openflow.connection import OpenFlowConnection  # noqa: E402
 
-# A default IPv4 Linux agent's tables (pipeline.go:111-196, numbered by generatePipelines)
+# A dual-stack Linux agent's tables (pipeline.go:111-196, numbered by generatePipelines):
+# IPv6 follows SpoofGuard when IPv6 is on (pipeline.go IPv6Table, ipv6Flows)
 TABLES = dict(enumerate([
     "PipelineRootClassifier", "ARPSpoofGuard", "ARPResponder", "Classifier", "SpoofGuard",
-    "UnSNAT", "ConntrackZone", "ConntrackState", "PreRoutingClassifier", "SessionAffinity",
-    "ServiceLB", "EndpointDNAT", "AntreaPolicyEgressRule", "EgressRule", "EgressDefaultRule",
-    "EgressMetric", "L3Forwarding", "EgressMark", "L3DecTTL", "SNATMark", "SNAT",
-    "L2ForwardingCalc", "IngressSecurityClassifier", "AntreaPolicyIngressRule", "IngressRule",
-    "IngressDefaultRule", "IngressMetric", "ConntrackCommit", "Output"]))
+    "IPv6", "UnSNAT", "ConntrackZone", "ConntrackState", "PreRoutingClassifier",
+    "SessionAffinity", "ServiceLB", "EndpointDNAT", "AntreaPolicyEgressRule", "EgressRule",
+    "EgressDefaultRule", "EgressMetric", "L3Forwarding", "EgressMark", "L3DecTTL", "SNATMark",
+    "SNAT", "L2ForwardingCalc", "IngressSecurityClassifier", "AntreaPolicyIngressRule",
+    "IngressRule", "IngressDefaultRule", "IngressMetric", "ConntrackCommit", "Output"]))
 TABLE = {name: table for table, name in TABLES.items()}
+PROTOCOLS = "OpenFlow10,OpenFlow15"  # ovs_client.go: the bridge's Protocols
 
 # cookie/allocator.go: round (16 bits) | category (8 bits) | reserved | object id
 ROUND_MASK = 0xFFFF << 48
-CATEGORY_DEFAULT, CATEGORY_NETWORK_POLICY = 0, 2
+CATEGORY_DEFAULT, CATEGORY_POD, CATEGORY_NETWORK_POLICY, CATEGORY_SERVICE = 0, 1, 2, 3
 
 # fields.go and pipeline.go
-DENY_MARK = "0x400/0x400"  # APDenyRegMark, reg0[10]
-DISPOSITION_DROP = "0x800/0x1800"  # APDispositionField reg0[11..12] = 0b01
+FROM_POD = "0x3/0xf"  # FromPodRegMark, reg0[0..3]
+FROM_LOCAL = "0x10000000/0x10000000"  # FromLocalRegMark, reg4[28]
+REWRITE_MAC = "0x200/0x200"  # RewriteMACRegMark, reg0[9]
+DENY_BIT = 1 << 10  # APDenyRegMark, reg0[10]
+DENY_MARK = f"{DENY_BIT:#x}/{DENY_BIT:#x}"
+DISPOSITIONS = {"drop": "0x800/0x1800", "reject": "0x1000/0x1800"}  # APDispositionField
+OUTPUT_TO_PORT = "0x200000/0x600000"  # OutputToOFPortRegMark, reg0[21..22] = 1
 OUTPUT_TO_CONTROLLER = "0x400000/0x600000"  # OutputToControllerRegMark, reg0[21..22] = 2
-LOGGING = 0b1  # PacketInNPLoggingOperation (packetin.go); StoreDeny 0b100, Reject 0b10
-NP_METER, NP_RATE = 256, 5000  # PacketInMeterIDNP; packetInRate (options.go)
+EP_TO_SELECT, EP_SELECTED = "0x10000/0x70000", "0x20000/0x70000"  # ServiceEPStateField
+SERVICE_CT_MARK = "0x10/0x10"  # ServiceCTMark
+CT_ZONES = {4: 65520, 6: 65510}  # CtZone, CtZoneV6
+# packetin.go: the operations in userdata byte 1 and reg0[25..31]
+LOGGING, REJECT, STORE_DENY = 0b1, 0b10, 0b100
 NETWORK_POLICY = 1  # packet-in category (userdata byte 0)
-# initGroups: one group per table a logged packet goes on to, allocated from 1
+NP_METER, TF_METER, DNS_METER, PACKET_IN_RATE = 256, 257, 258, 5000  # client.go:906-914
+GATEWAY_MAC = "ba:5e:d1:55:aa:c0"  # the local gateway's in md's dumps (md:1342)
+SERVICE_CIDR = "10.96.0.0/12"
+# network_policy.go initGroups: one group per table a logged packet goes on to, from 1
 GROUPS = {"EgressRule": 1, "EgressMetric": 2, "IngressRule": 3, "IngressMetric": 4}
+FIRST_SERVICE_GROUP = 10
+SERVICE_IP = "10.96.0.10"  # a ClusterIP, as kube-dns's
+# The demo's and the tests' node: an Application-tier policy's rules by priority, a
+# Kubernetes NetworkPolicy isolating shop/client for egress in a Namespace annotated for
+# logging, and a DNS Service whose Endpoint is kube-system/dns
+SCENARIO = {
+    "rules": [
+        {"id": 7, "direction": "egress", "action": "allow", "from": ["client"], "to": ["web"]},
+        {"id": 5, "direction": "egress", "action": "drop", "from": ["client"],
+         "to": ["server"], "logging": True},
+        {"id": 9, "direction": "egress", "action": "reject", "from": ["client"],
+         "to": ["vault"]},
+        {"id": 6, "direction": "egress", "action": "drop", "from": ["client6"],
+         "to": ["server6"], "logging": True},
+        {"id": 4, "direction": "ingress", "action": "drop", "from": ["client"],
+         "to": ["web"], "logging": True}],
+    "isolated": [{"pod": "client", "direction": "egress", "logging": True}],
+    "services": [{"ip": SERVICE_IP, "protocol": "udp", "port": 53, "endpoints": ["dns"]}],
+}
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    addresses: tuple[str, ...]
+    mac: str
+    ofport: int
+
+    def of_family(self, family: int) -> list[str]:
+        return [a for a in self.addresses if ipaddress.ip_address(a).version == family]
 
 
 def operations(ops: int) -> str:
@@ -84,77 +154,311 @@ def operations(ops: int) -> str:
     return f"{ops << 25:#x}/0xfe000000"
 
 
-def pipeline(controller_id: int, round_number: int, rule_id: int, source: str,
-             destination: str, isolated: list[str]) -> tuple[list[str], list[str]]:
-    """(groups, flows) as ovs-ofctl -O OpenFlow13 text: an Antrea-native egress rule with
-    logging that drops `source` -> `destination` (conjunction `rule_id`), and a Kubernetes
-    NetworkPolicy isolating each address of `isolated` for ingress, with logging (a
-    namespace annotated policy.antrea.io/enable-np-logging)."""
-    np_cookie = f"{round_number << 48 | CATEGORY_NETWORK_POLICY << 40 | 1:#x}"
-    default_cookie = f"{round_number << 48 | CATEGORY_DEFAULT << 40:#x}"
-    t = TABLE
+def ip_match(family: int, end: str, address: str) -> str:
+    return (f"ip,nw_{end}={address}" if family == 4 else f"ipv6,ipv6_{end}={address}")
 
-    def flow(table: str, rest: str, cookie: str = default_cookie) -> str:
-        return f"cookie={cookie},table={t[table]},{rest}"
 
-    groups = [  # network_policy.go initGroups: bucket 0 goes on, bucket 1 to the controller
-        f"group_id={group},type=all,bucket=actions=resubmit(,{t[table]}),"
-        f"bucket=actions=set_field:{OUTPUT_TO_CONTROLLER}->reg0,resubmit(,{t['Output']})"
-        for table, group in GROUPS.items()]
-    flows = [
-        # md:PipelineRootClassifier "priority=200,ip actions=goto_table:Classifier"; the
-        # lab skips Classifier .. EndpointDNAT. ARP: Antrea's ARP pipeline, here NORMAL.
-        flow("PipelineRootClassifier", f"priority=200,ip,actions=goto_table:"
-                                       f"{t['AntreaPolicyEgressRule']}"),
-        flow("PipelineRootClassifier", "priority=0,actions=NORMAL"),
-        # md:1193-1195 (priority 14499, conj 5), with logging on: pipeline.go
-        # conjunctionActionDenyFlow loads reg3, the deny mark, the disposition, the
-        # packet-in operations and PacketInTableField (reg2[0..7]), then the group of
-        # EgressMetric (client_test.go:2947 shows the same for IngressRule)
-        flow("AntreaPolicyEgressRule", f"priority=14499,ip,nw_src={source},"
-                                       f"actions=conjunction({rule_id},1/2)", np_cookie),
-        flow("AntreaPolicyEgressRule", f"priority=14499,ip,nw_dst={destination},"
-                                       f"actions=conjunction({rule_id},2/2)", np_cookie),
-        flow("AntreaPolicyEgressRule",
-             f"priority=14499,conj_id={rule_id},ip,actions=set_field:{rule_id:#x}->reg3,"
-             f"set_field:{DENY_MARK}->reg0,set_field:{DISPOSITION_DROP}->reg0,"
-             f"set_field:{operations(LOGGING)}->reg0,"
-             f"set_field:{t['AntreaPolicyEgressRule']:#x}/0xff->reg2,"
-             f"group:{GROUPS['EgressMetric']}", np_cookie),
-        flow("AntreaPolicyEgressRule", f"priority=0,actions=goto_table:{t['EgressRule']}"),
-        flow("EgressRule", f"priority=0,actions=goto_table:{t['EgressDefaultRule']}"),
-        flow("EgressDefaultRule", f"priority=0,actions=goto_table:{t['EgressMetric']}"),
-        # md:1309 the rule's metric flow drops what the rule denied
-        flow("EgressMetric", f"priority=200,reg0={DENY_MARK},reg3={rule_id:#x},actions=drop",
-             np_cookie),
-        # md:1310 goes on to L3Forwarding; the lab skips to the ingress stage
-        flow("EgressMetric", f"priority=0,actions=goto_table:{t['AntreaPolicyIngressRule']}"),
-        flow("AntreaPolicyIngressRule", f"priority=0,actions=goto_table:{t['IngressRule']}"),
-        flow("IngressRule", f"priority=0,actions=goto_table:{t['IngressDefaultRule']}"),
-        flow("IngressDefaultRule", f"priority=0,actions=goto_table:{t['IngressMetric']}"),
-        flow("IngressMetric", f"priority=0,actions=goto_table:{t['ConntrackCommit']}"),
-        flow("ConntrackCommit", f"priority=0,actions=goto_table:{t['Output']}"),
-        # md:1891 "priority=0 actions=drop"; md:1887 outputs to reg1's port: here NORMAL
-        flow("Output", "priority=0,actions=NORMAL"),
-    ]
-    for address in isolated:
-        # md:1806 "priority=200,reg1=0x25 actions=drop", with logging: client_test.go:2948
-        # (disposition, operations, OutputToController, PacketInTableField, Output). No
-        # deny mark and no reg3: a K8s NetworkPolicy default drop has no rule id.
-        flows.append(flow(
-            "IngressDefaultRule",
-            f"priority=200,ip,nw_dst={address},actions=set_field:{DISPOSITION_DROP}->reg0,"
-            f"set_field:{operations(LOGGING)}->reg0,set_field:{OUTPUT_TO_CONTROLLER}->reg0,"
-            f"set_field:{t['IngressDefaultRule']:#x}/0xff->reg2,goto_table:{t['Output']}",
-            np_cookie))
-    # network_policy.go initLoggingFlows / loggingNPPacketFlowWithOperations, md:1888-1889:
-    # one flow per operations value 1..7, meter 256 then the controller with userdata 01.ops
-    for ops in range(1, 8):
-        flows.append(flow(
-            "Output", f"priority=200,reg0={ops << 25 | 0x400000:#x}/0xfe600000,actions="
-            f"meter:{NP_METER},controller(reason=no_match,id={controller_id},"
-            f"userdata={NETWORK_POLICY:02x}.{ops:02x})", np_cookie))
-    return groups, flows
+class Pipeline:
+    """The groups and flows (ovs-ofctl -O OpenFlow15 text) of one round of the agent."""
+
+    def __init__(self, controller_id: int, round_number: int, pods: dict[str, Pod],
+                 scenario: dict):
+        self.controller_id, self.round, self.pods = controller_id, round_number, pods
+        self.scenario = scenario
+        self.deny_tracking = bool(scenario.get("denyTracking"))
+        self.groups: list[str] = []
+        self.flows: list[str] = []
+
+    def flow(self, table: str, rest: str, category: int = CATEGORY_DEFAULT,
+             object_id: int = 0) -> None:
+        cookie = self.round << 48 | category << 40 | object_id
+        self.flows.append(f"cookie={cookie:#x},table={TABLE[table]},{rest}")
+
+    def build(self) -> Pipeline:
+        self.root_and_validation()
+        self.conntrack_and_services()
+        self.network_policy()
+        self.forwarding()
+        self.output()
+        return self
+
+    def root_and_validation(self) -> None:
+        t = TABLE
+        # md:684-686; ARP: md:729 (the lab skips ARPSpoofGuard and ARPResponder)
+        self.flow("PipelineRootClassifier", "priority=200,arp,actions=NORMAL")
+        for proto in ("ip", "ipv6"):
+            self.flow("PipelineRootClassifier",
+                      f"priority=200,{proto},actions=goto_table:{t['Classifier']}")
+        self.flow("PipelineRootClassifier", "priority=0,actions=drop")
+        for pod in self.pods.values():
+            # md:779-781 Pods' ports; md:844-846 their addresses
+            self.flow("Classifier", f"priority=190,in_port={pod.ofport},actions=set_field:"
+                      f"{FROM_POD}->reg0,set_field:{FROM_LOCAL}->reg4,"
+                      f"goto_table:{t['SpoofGuard']}", CATEGORY_POD)
+            for address in pod.addresses:
+                family = ipaddress.ip_address(address).version
+                self.flow("SpoofGuard", f"priority=200,{ip_match(family, 'src', address)},"
+                          f"in_port={pod.ofport},dl_src={pod.mac},actions=goto_table:"
+                          f"{t['IPv6'] if family == 6 else t['UnSNAT']}", CATEGORY_POD)
+        self.flow("Classifier", "priority=0,actions=drop")  # md:782
+        self.flow("SpoofGuard", "priority=0,actions=drop")  # md:847
+        # pipeline.go ipv6Flows: link-local sources, neighbour discovery and multicast
+        self.flow("SpoofGuard", f"priority=200,ipv6,ipv6_src=fe80::/10,"
+                                f"actions=goto_table:{t['IPv6']}", CATEGORY_POD)
+        for icmp_type in (135, 136):
+            self.flow("IPv6", f"priority=200,icmp6,icmp_type={icmp_type},icmp_code=0,"
+                              "actions=NORMAL", CATEGORY_POD)
+        self.flow("IPv6", "priority=200,ipv6,ipv6_dst=ff00::/8,actions=NORMAL", CATEGORY_POD)
+        self.flow("IPv6", f"priority=0,actions=goto_table:{t['UnSNAT']}")
+
+    def conntrack_and_services(self) -> None:
+        t = TABLE
+        self.flow("UnSNAT", f"priority=0,actions=goto_table:{t['ConntrackZone']}")  # md:883
+        for family, proto in ((4, "ip"), (6, "ipv6")):
+            zone = CT_ZONES[family]
+            # md:912; md:937-939
+            self.flow("ConntrackZone", f"priority=200,{proto},actions=ct(table="
+                                       f"{t['ConntrackState']},zone={zone},nat)")
+            self.flow("ConntrackState", f"priority=200,ct_state=+inv+trk,{proto},actions=drop")
+            self.flow("ConntrackState", f"priority=190,ct_state=-new+trk,ct_mark=0/0x10,{proto},"
+                                        f"actions=goto_table:{t['AntreaPolicyEgressRule']}")
+            self.flow("ConntrackState", f"priority=190,ct_state=-new+trk,ct_mark=0x10/0x10,"
+                                        f"{proto},actions=set_field:{REWRITE_MAC}->reg0,"
+                                        f"goto_table:{t['AntreaPolicyEgressRule']}")
+        self.flow("ConntrackZone", f"priority=0,actions=goto_table:{t['ConntrackState']}")
+        self.flow("ConntrackState", f"priority=0,actions=goto_table:{t['PreRoutingClassifier']}")
+        # md:966-967 without NodePortMark (proxyAll off)
+        for proto in ("ip", "ipv6"):
+            self.flow("PreRoutingClassifier", f"priority=200,{proto},actions=resubmit(,"
+                      f"{t['SessionAffinity']}),resubmit(,{t['ServiceLB']})")
+        self.flow("PreRoutingClassifier", f"priority=0,actions=goto_table:"
+                                          f"{t['SessionAffinity']}")
+        # md:1013
+        self.flow("SessionAffinity", f"priority=0,actions=set_field:{EP_TO_SELECT}->reg4")
+        for index, service in enumerate(self.scenario.get("services", [])):
+            self.service(FIRST_SERVICE_GROUP + index, service)
+        self.flow("ServiceLB", f"priority=0,actions=goto_table:{t['EndpointDNAT']}")  # md:1061
+        # md:1142-1143
+        self.flow("EndpointDNAT", f"priority=190,reg4={EP_SELECTED},actions=set_field:"
+                                  f"{EP_TO_SELECT}->reg4,resubmit(,{t['ServiceLB']})")
+        self.flow("EndpointDNAT", f"priority=0,actions=goto_table:"
+                                  f"{t['AntreaPolicyEgressRule']}")
+
+    def service(self, group: int, service: dict) -> None:
+        """A ClusterIP Service: ServiceLB picks an Endpoint in a select group that loads its
+        address into reg3 (EndpointIPField) and its port into reg4; EndpointDNAT commits
+        the connection with the Endpoint as destination (md:1051, md:1108-1110,
+        md:1140-1141)."""
+        t, proto, port = TABLE, service["protocol"], service["port"]
+        target = service.get("targetPort", port)
+        buckets = []
+        for index, name in enumerate(service["endpoints"]):
+            [address] = self.pods[name].of_family(4)
+            endpoint = int(ipaddress.ip_address(address))
+            buckets.append(f"bucket=bucket_id:{index},weight:100,actions=set_field:"
+                           f"{endpoint:#x}->reg3,set_field:{target:#x}/0xffff->reg4,"
+                           f"resubmit(,{t['EndpointDNAT']})")
+            self.flow("EndpointDNAT", f"priority=200,{proto},reg3={endpoint:#x},"
+                      f"reg4={0x20000 | target:#x}/0x7ffff,actions=ct(commit,table="
+                      f"{t['AntreaPolicyEgressRule']},zone={CT_ZONES[4]},nat(dst={address}:"
+                      f"{target}),exec(set_field:{SERVICE_CT_MARK}->ct_mark))", CATEGORY_SERVICE)
+        self.groups.append(f"group_id={group},type=select,{','.join(buckets)}")
+        self.flow("ServiceLB", f"priority=200,{proto},reg4={EP_TO_SELECT},nw_dst={service['ip']},"
+                  f"tp_dst={port},actions=set_field:{REWRITE_MAC}->reg0,set_field:{EP_SELECTED}"
+                  f"->reg4,set_field:{group:#x}->reg7,group:{group}", CATEGORY_SERVICE)
+
+    def network_policy(self) -> None:
+        t = TABLE
+        for direction in ("Egress", "Ingress"):  # md:1188-1189, md:1691-1692
+            for state in ("-new+est", "-new+rel"):
+                for proto in ("ip", "ipv6"):
+                    self.flow(f"AntreaPolicy{direction}Rule", f"priority=64990,ct_state={state},"
+                              f"{proto},actions=goto_table:{t[f'{direction}Metric']}")
+        priorities = {"egress": 14500, "ingress": 14600}
+        for rule in self.scenario.get("rules", []):
+            priorities[rule["direction"]] -= 1
+            self.rule(rule, priorities[rule["direction"]])
+        for isolated in self.scenario.get("isolated", []):
+            self.default_drop(isolated)
+        for table, following in (("AntreaPolicyEgressRule", "EgressRule"),
+                                 ("EgressRule", "EgressDefaultRule"),
+                                 ("EgressDefaultRule", "EgressMetric"),
+                                 ("EgressMetric", "L3Forwarding"),
+                                 ("AntreaPolicyIngressRule", "IngressRule"),
+                                 ("IngressRule", "IngressDefaultRule"),
+                                 ("IngressDefaultRule", "IngressMetric"),
+                                 ("IngressMetric", "ConntrackCommit")):
+            # md:1197, 1255, 1283, 1309, 1704, 1779, 1808, 1833
+            self.flow(table, f"priority=0,actions=goto_table:{t[following]}")
+        for table, group in GROUPS.items():
+            # network_policy.go initGroups: bucket 0 goes on, bucket 1 to the controller
+            self.groups.append(
+                f"group_id={group},type=all,bucket=bucket_id:0,actions=resubmit(,{t[table]}),"
+                f"bucket=bucket_id:1,actions=set_field:{OUTPUT_TO_CONTROLLER}->reg0,"
+                f"resubmit(,{t['Output']})")
+
+    def rule(self, rule: dict, priority: int) -> None:
+        """An Antrea-native rule of an Application-tier policy, a conjunction of its
+        sources and destinations (md:1190-1196 egress, md:1697-1703 ingress: the
+        destination there is the Pod's port in reg1)."""
+        t, conj, action = TABLE, rule["id"], rule["action"]
+        direction = rule["direction"].capitalize()
+        table, metric = f"AntreaPolicy{direction}Rule", f"{direction}Metric"
+        families = set()
+        for name in rule["from"]:
+            for address in self.pods[name].addresses:
+                family = ipaddress.ip_address(address).version
+                families.add(family)
+                self.flow(table, f"priority={priority},{ip_match(family, 'src', address)},"
+                          f"actions=conjunction({conj},1/2)", CATEGORY_NETWORK_POLICY, conj)
+        for name in rule["to"]:
+            pod = self.pods[name]
+            if direction == "Ingress":
+                self.flow(table, f"priority={priority},reg1={pod.ofport:#x},actions="
+                          f"conjunction({conj},2/2)", CATEGORY_NETWORK_POLICY, conj)
+                continue
+            for address in pod.addresses:
+                self.flow(table, f"priority={priority},"
+                          f"{ip_match(ipaddress.ip_address(address).version, 'dst', address)},"
+                          f"actions=conjunction({conj},2/2)", CATEGORY_NETWORK_POLICY, conj)
+        if action == "allow":
+            # md:1193 (egress) and md:1700 (ingress): the rule id in reg5/reg6 and ct_label
+            register, label = (("reg5", f"{conj << 32:#x}/0xffffffff00000000")
+                               if direction == "Egress" else ("reg6", f"{conj:#x}/0xffffffff"))
+            for family in sorted(families):
+                proto = "ip" if family == 4 else "ipv6"
+                self.flow(table, f"priority={priority},conj_id={conj},{proto},actions=set_field:"
+                          f"{conj:#x}->{register},ct(commit,table={t[metric]},zone="
+                          f"{CT_ZONES[family]},exec(set_field:{label}->ct_label))",
+                          CATEGORY_NETWORK_POLICY, conj)
+                for state in ("+new", "-new"):  # md:1306-1307, md:1830-1831
+                    self.flow(metric, f"priority=200,ct_state={state},ct_label={label},{proto},"
+                              f"actions=goto_table:{t[following(metric)]}",
+                              CATEGORY_NETWORK_POLICY, conj)
+            return
+        # pipeline.go conjunctionActionDenyFlow: md:1196 with what logging, reject and deny
+        # tracking add (client_test.go:2947)
+        loads = f"set_field:{conj:#x}->reg3,set_field:{DENY_MARK}->reg0"
+        ops = (STORE_DENY if self.deny_tracking else 0) | (
+            LOGGING if rule.get("logging") else 0) | (REJECT if action == "reject" else 0)
+        if ops & (STORE_DENY | LOGGING):
+            loads += f",set_field:{DISPOSITIONS[action]}->reg0"
+        if ops:
+            actions = (f"{loads},set_field:{operations(ops)}->reg0,set_field:{t[table]:#x}/0xff"
+                       f"->reg2,group:{GROUPS[metric]}")
+        else:
+            actions = f"{loads},goto_table:{t[metric]}"
+        self.flow(table, f"priority={priority},conj_id={conj},actions={actions}",
+                  CATEGORY_NETWORK_POLICY, conj)
+        # md:1308, md:1832: the metric table drops what the rule denied
+        self.flow(metric, f"priority=200,reg0={DENY_MARK},reg3={conj:#x},actions=drop",
+                  CATEGORY_NETWORK_POLICY, conj)
+
+    def default_drop(self, isolated: dict) -> None:
+        """A Kubernetes NetworkPolicy's default drop for a Pod (md:1282 egress, md:1807
+        ingress), as pipeline.go defaultDropFlow builds it: with logging or deny tracking it
+        goes to the controller, with no deny mark and no reg3."""
+        t, pod = TABLE, self.pods[isolated["pod"]]
+        table = "EgressDefaultRule" if isolated["direction"] == "egress" else \
+            "IngressDefaultRule"
+        ops = (STORE_DENY if self.deny_tracking else 0) | (
+            LOGGING if isolated.get("logging") else 0)
+        actions = "drop"
+        if ops:
+            actions = (f"set_field:{DISPOSITIONS['drop']}->reg0,set_field:{operations(ops)}"
+                       f"->reg0,set_field:{OUTPUT_TO_CONTROLLER}->reg0,set_field:"
+                       f"{t[table]:#x}/0xff->reg2,goto_table:{t['Output']}")
+        if table == "IngressDefaultRule":
+            matches = [f"reg1={pod.ofport:#x}"]
+        else:
+            matches = [ip_match(ipaddress.ip_address(a).version, "src", a)
+                       for a in pod.addresses]
+        for match in matches:
+            self.flow(table, f"priority=200,{match},actions={actions}",
+                      CATEGORY_NETWORK_POLICY, pod.ofport)
+
+    def forwarding(self) -> None:
+        t = TABLE
+        for pod in self.pods.values():
+            for address in pod.addresses:
+                family = ipaddress.ip_address(address).version
+                # md:1344 (the Pod subnet, here each Pod's address) and md:1346-1348: a
+                # Service's packet gets the gateway's and the Pod's MACs; the lab skips
+                # L3DecTTL .. SNAT (no gateway, tunnel or uplink here)
+                self.flow("L3Forwarding", f"priority=200,{ip_match(family, 'dst', address)},"
+                          f"reg0=0/0x200,actions=goto_table:{t['L2ForwardingCalc']}",
+                          CATEGORY_POD)
+                self.flow("L3Forwarding", f"priority=200,{ip_match(family, 'dst', address)},"
+                          f"reg0={REWRITE_MAC},actions=set_field:{GATEWAY_MAC}->eth_src,"
+                          f"set_field:{pod.mac}->eth_dst,goto_table:{t['L2ForwardingCalc']}",
+                          CATEGORY_POD)
+            # md:1586-1588, to IngressSecurityClassifier (no TrafficControl table)
+            self.flow("L2ForwardingCalc", f"priority=200,dl_dst={pod.mac},actions=set_field:"
+                      f"{pod.ofport:#x}->reg1,set_field:{OUTPUT_TO_PORT}->reg0,"
+                      f"goto_table:{t['IngressSecurityClassifier']}", CATEGORY_POD)
+        self.flow("L3Forwarding", f"priority=0,actions=goto_table:{t['L2ForwardingCalc']}")
+        self.flow("L2ForwardingCalc", f"priority=0,actions=goto_table:"
+                                      f"{t['IngressSecurityClassifier']}")
+        self.flow("IngressSecurityClassifier", f"priority=0,actions=goto_table:"
+                                               f"{t['AntreaPolicyIngressRule']}")  # md:1652
+
+    def output(self) -> None:
+        t = TABLE
+        for family, proto in ((4, "ip"), (6, "ipv6")):  # md:1856
+            self.flow("ConntrackCommit", f"priority=200,ct_state=+new+trk,ct_mark=0x0/0x20,"
+                      f"{proto},actions=ct(commit,table={t['Output']},zone={CT_ZONES[family]},"
+                      "exec(move:NXM_NX_REG0[0..3]->NXM_NX_CT_MARK[0..3]))")
+        self.flow("ConntrackCommit", f"priority=0,actions=goto_table:{t['Output']}")  # md:1857
+        self.flow("Output", f"priority=200,reg0={OUTPUT_TO_PORT},"
+                            "actions=output:NXM_NX_REG1[]")  # md:1887
+        # network_policy.go initLoggingFlows / loggingNPPacketFlowWithOperations, md:1888-1889:
+        # one flow per operations value 1..7, meter 256 then the controller with userdata
+        for ops in range(1, 8):
+            self.flow("Output", f"priority=200,reg0={ops << 25 | 0x400000:#x}/0xfe600000,"
+                      f"actions=meter:{NP_METER},controller(reason=no_match,id="
+                      f"{self.controller_id},userdata={NETWORK_POLICY:02x}.{ops:02x})",
+                      CATEGORY_NETWORK_POLICY, 1)
+        self.flow("Output", "priority=0,actions=drop")  # md:1890
+
+
+def following(metric: str) -> str:
+    """Where a metric table's allowed packets go on (md:1306, md:1830)."""
+    return "L3Forwarding" if metric == "EgressMetric" else "ConntrackCommit"
+
+
+def pods_of(run_dir: str, bridge: str) -> dict[str, Pod]:
+    """The bridge's Pods as the agent's interface store has them: Ports with Antrea's
+    external_ids (pkg/agent/cniserver/pod_configuration.go BuildOVSPortExternalIDs) and their
+    Interfaces' ofport."""
+    def rows(table: str, columns: str) -> list[list]:
+        text = subprocess.run(
+            ["ovs-vsctl", f"--db=unix:{run_dir}/db.sock", "--format=json", "--data=json",
+             f"--columns={columns}", "list", table], capture_output=True, text=True,
+            check=True).stdout
+        return json.loads(text)["data"]
+
+    ofports = {name: ofport for name, ofport in rows("Interface", "name,ofport")
+               if isinstance(ofport, int)}
+    bridge_ports = set(subprocess.run(
+        ["ovs-vsctl", f"--db=unix:{run_dir}/db.sock", "list-ports", bridge],
+        capture_output=True, text=True, check=True).stdout.split())
+    pods = {}
+    for name, external_ids in rows("Port", "name,external_ids"):
+        ids = dict(external_ids[1])
+        if name in bridge_ports and ids.get("pod-name") and name in ofports:
+            pods[ids["pod-name"]] = Pod(ids["pod-name"], ids.get("pod-namespace", ""),
+                                        tuple(ids["ip-address"].split(",")),
+                                        ids["attached-mac"], ofports[name])
+    return pods
+
+
+def route_services_via_gateway(pod) -> None:
+    """The Pod reaches Services through the gateway's MAC, as an Antrea Pod does through its
+    default route to antrea-gw0 (the lab has no gateway port: a static neighbour)."""
+    pod.run("ip", "neigh", "replace", "169.254.0.1", "lladdr", GATEWAY_MAC, "dev", "eth0",
+            "nud", "permanent")
+    pod.run("ip", "route", "replace", SERVICE_CIDR, "via", "169.254.0.1", "dev", "eth0",
+            "onlink")
 
 
 class AntreaAgent:
@@ -162,12 +466,17 @@ class AntreaAgent:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.scenario = json.loads(args.scenario)
         self.mgmt = f"{args.run_dir}/{args.bridge}.mgmt"
         self.controller_id = random.choice(
             [i for i in range(1, 0x10000) if i != 0x6F66])  # not ovsflow's own id
-        self.round = 0
-        self.packet_ins = 0
-        self.ready = False
+        self.round = self.previous_round = 0
+        self.packet_ins = 0  # NetworkPolicy packet-ins received, on every connection
+        self.endpoint_in_reg3 = 0  # of them, with reg3 set and no deny mark (a Service's)
+        self.connections = 0
+        self.connection: OpenFlowConnection | None = None  # the current one
+        self.ready = self.named = False  # on the current connection
+        self._pending: asyncio.TimerHandle | None = None
 
     def vsctl(self, *words: str) -> str:
         return subprocess.run(["ovs-vsctl", f"--db=unix:{self.args.run_dir}/db.sock", *words],
@@ -177,7 +486,7 @@ class AntreaAgent:
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as file:
             file.write("\n".join(lines) + "\n")
             file.flush()
-            subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", command, self.mgmt, file.name],
+            subprocess.run(["ovs-ofctl", "-O", "OpenFlow15", command, self.mgmt, file.name],
                            capture_output=True, text=True, check=True)
 
     def write_status(self) -> None:
@@ -185,94 +494,140 @@ class AntreaAgent:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps({
             "pid": os.getpid(), "controller_id": self.controller_id, "round": self.round,
-            "packet_ins": self.packet_ins, "ready": self.ready}))
+            "packet_ins": self.packet_ins, "endpoint_in_reg3": self.endpoint_in_reg3,
+            "connections": self.connections, "ready": self.ready, "named": self.named}))
         temporary.replace(path)
 
     async def run(self) -> None:
-        connection = await OpenFlowConnection.open_unix(self.mgmt)
-        await connection.transact([
-            lambda xid: m.set_config(xid, miss_send_len=128),
-            lambda xid: m.set_controller_id(xid, self.controller_id),
-            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2)])
+        self.vsctl("set", "bridge", self.args.bridge, f"protocols={PROTOCOLS}")
         saved = self.vsctl("--if-exists", "get", "Bridge", self.args.bridge,
                            "external_ids:roundNum").strip('"')
-        previous = int(saved) if saved else 0
-        self.round = previous % 0xFFFF + 1
+        self.previous_round = int(saved) if saved else 0
+        self.round = self.previous_round % 0xFFFF + 1
+        asyncio.get_running_loop().call_later(
+            self.args.stale_after, lambda: asyncio.ensure_future(self.delete_stale_flows()))
+        while True:  # ofnet: reconnect every second, with the same id
+            try:
+                connection = await OpenFlowConnection.open_unix(self.mgmt, versions=(m.OFP15,))
+            except (OSError, ConnectionError, TimeoutError):
+                await asyncio.sleep(1)
+                continue
+            self.connections += 1
+            try:
+                await self.switch_connected(connection)
+                await self.receive(connection)
+            except (OSError, ConnectionError, TimeoutError, m.OpenFlowError) as err:
+                print(f"antrea stand-in: connection lost: {err}", file=sys.stderr)
+            finally:
+                self.ready = self.named = False
+                self.write_status()
+                await connection.close()
+            await asyncio.sleep(1)
+
+    async def switch_connected(self, connection: OpenFlowConnection) -> None:
+        v = connection.version
+        self.connection = connection
+        await connection.transact([
+            lambda xid: m.set_config(xid, miss_send_len=128, version=v),
+            lambda xid: m.set_controller_id(xid, self.controller_id, version=v),
+            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2, version=v)])
         await connection.transact([  # Initialize: this round's flows, if any, go first
-            lambda xid: m.flow_mod(xid, command=m.OFPFC_DELETE, table_id=m.OFPTT_ALL,
-                                   cookie=self.round << 48, cookie_mask=ROUND_MASK)])
+            lambda xid: m.flow_mod(xid, version=v, command=m.OFPFC_DELETE,
+                                   table_id=m.OFPTT_ALL, cookie=self.round << 48,
+                                   cookie_mask=ROUND_MASK)])
+        if not self.args.name_tables_after:
+            await self.name_tables(connection)
         await connection.transact([  # initialize: DeleteGroupAll, DeleteMeterAll
-            lambda xid: m.group_mod(xid, command=m.OFPGC_DELETE, group_id=m.OFPG_ALL),
-            lambda xid: m.meter_mod(xid, command=m.OFPMC_DELETE, meter_id=m.OFPM_ALL,
-                                    flags=0, bands=[])])
-        await self.name_tables(connection)
+            lambda xid: m.group_mod(xid, version=v, command=m.OFPGC_DELETE,
+                                    group_id=m.OFPG_ALL),
+            lambda xid: m.meter_mod(xid, version=v, command=m.OFPMC_DELETE,
+                                    meter_id=m.OFPM_ALL, flags=0, bands=[])])
         await connection.transact([  # client.go initialize: the packet-in meters
-            lambda xid: m.meter_mod(xid, command=m.OFPMC_ADD, meter_id=NP_METER,
-                                    flags=m.OFPMF_PKTPS | m.OFPMF_BURST,
-                                    bands=[(m.OFPMBT_DROP, NP_RATE, 2 * NP_RATE)])])
-        groups, flows = pipeline(self.controller_id, self.round, self.args.rule_id,
-                                 *self.args.egress_deny, self.args.isolated)
-        self.ofctl("add-groups", groups)
-        self.ofctl("add-flows", flows)
+            lambda xid, meter=meter: m.meter_mod(
+                xid, version=v, command=m.OFPMC_ADD, meter_id=meter,
+                flags=m.OFPMF_PKTPS | m.OFPMF_BURST,
+                bands=[(m.OFPMBT_DROP, PACKET_IN_RATE, 2 * PACKET_IN_RATE)])
+            for meter in (NP_METER, TF_METER, DNS_METER)])
+        pipeline = Pipeline(self.controller_id, self.round,
+                            pods_of(self.args.run_dir, self.args.bridge),
+                            self.scenario).build()
+        await asyncio.to_thread(self.ofctl, "add-groups", pipeline.groups)
+        await asyncio.to_thread(self.ofctl, "add-flows", pipeline.flows)
         self.ready = True
         self.write_status()
-        stale = asyncio.get_running_loop().call_later(
-            self.args.stale_after, lambda: asyncio.ensure_future(
-                self.delete_stale_flows(connection, previous)))
-        loop, pending = asyncio.get_running_loop(), None
-        try:
-            while (message := await connection.events.get()) is not None:
-                if isinstance(message, m.PacketIn) and message.userdata[:1] == bytes(
-                        (NETWORK_POLICY,)):
-                    self.packet_ins += 1
-                    if pending is None or pending.cancelled() or pending.when() < loop.time():
-                        # the count is written 50 ms after a packet-in, not for each one
-                        pending = loop.call_later(0.05, self.write_status)
-        finally:
-            stale.cancel()
+        if self.args.name_tables_after:
+            await asyncio.sleep(self.args.name_tables_after)
+            await self.name_tables(connection)
+        self.write_status()
 
-    async def delete_stale_flows(self, connection: OpenFlowConnection, previous: int) -> None:
+    async def receive(self, connection: OpenFlowConnection) -> None:
+        loop = asyncio.get_running_loop()
+        while (message := await connection.events.get()) is not None:
+            if isinstance(message, m.PacketIn) and message.userdata[:1] == bytes(
+                    (NETWORK_POLICY,)):
+                self.packet_ins += 1
+                if message.register(3) and not message.register(0) & DENY_BIT:
+                    self.endpoint_in_reg3 += 1
+                if self._pending is None or self._pending.when() < loop.time():
+                    # the count is written 50 ms after a packet-in, not for each one
+                    self._pending = loop.call_later(0.05, self.write_status)
+
+    async def delete_stale_flows(self) -> None:
         """agent.go: the previous round's flows go, then the round is saved."""
-        if previous:
+        connection = self.connection
+        if self.previous_round and connection is not None and not connection.closed:
             await connection.transact([
-                lambda xid: m.flow_mod(xid, command=m.OFPFC_DELETE, table_id=m.OFPTT_ALL,
-                                       cookie=previous << 48, cookie_mask=ROUND_MASK)])
+                lambda xid: m.flow_mod(xid, version=connection.version,
+                                       command=m.OFPFC_DELETE, table_id=m.OFPTT_ALL,
+                                       cookie=self.previous_round << 48,
+                                       cookie_mask=ROUND_MASK)])
         self.vsctl("set", "Bridge", self.args.bridge, f"external_ids:roundNum={self.round}")
 
     async def name_tables(self, connection: OpenFlowConnection) -> None:
         """ofctrl_bridge.go processTableFeatures: every table's features back, Antrea's
         tables renamed, each part with its reply's flags, all under one xid."""
-        parts = await connection.request_all(m.table_features_request)
+        v = connection.version
+        parts = await connection.request_all(
+            lambda xid: m.table_features_request(xid, version=v))
         xid = connection.next_xid()
         for part in parts:
             connection.send(m.table_features_request(
                 xid, [t.renamed(TABLES[t.table_id]) if t.table_id in TABLES else t.raw
-                      for t in part.tables], m.OFPMPF_MORE if part.more else 0))
+                      for t in part.tables], m.OFPMPF_MORE if part.more else 0, version=v))
         await connection.transact([])  # the barrier: OVS has taken them (or said why not)
+        self.named = True
 
 
 class AntreaStandIn:
-    """The stand-in's process, for tests and the demo; `restart()` plays an agent restart."""
+    """The stand-in's process, for tests and the demo; `restart()` plays an agent restart
+    (a new process: a new controller id and round)."""
 
-    def __init__(self, run_dir: str, bridge: str, status: Path, rule_id: int, source: str,
-                 destination: str, isolated: list[str], stale_after: float = 0.0):
+    def __init__(self, run_dir: str, bridge: str, status: Path, scenario: dict,
+                 name_tables_after: float = 0.0, stale_after: float = 0.0):
         self.status_path = status
         self.command = [sys.executable, "-m", "lab.antrea", "--run-dir", run_dir, "--bridge",
-                        bridge, "--status", str(status), "--rule-id", str(rule_id),
-                        "--egress-deny", source, destination, "--stale-after",
-                        str(stale_after), "--isolated", *isolated]
+                        bridge, "--status", str(status), "--scenario", json.dumps(scenario),
+                        "--name-tables-after", str(name_tables_after), "--stale-after",
+                        str(stale_after)]
         self.process: subprocess.Popen | None = None
         self.start()
 
-    def start(self, timeout: float = 20.0) -> dict:
+    def start(self, timeout: float = 30.0) -> dict:
         self.status_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(self.command, cwd=Path(__file__).resolve().parent.parent,
                                         stderr=subprocess.PIPE, text=True)
+        return self.wait_until("ready", timeout)
+
+    def wait_until(self, condition: str | Callable[[dict], bool],
+                   timeout: float = 30.0) -> dict:
+        """Until the status says `condition` (ready: its flows are in; named: its tables on
+        the current connection), or meets it; the status then."""
+        met = condition if callable(condition) else (lambda status: status[condition])
         deadline = time.monotonic() + timeout
-        while not (self.status_path.exists() and self.status()["ready"]):
+        while not (self.status_path.exists() and met(self.status())):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the Antrea stand-in did not start: "
+                raise RuntimeError(f"the Antrea stand-in is not {condition}: "
                                    f"{self.process.stderr.read()}")
             time.sleep(0.05)
         return self.status()
@@ -299,10 +654,9 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--bridge", required=True)
     parser.add_argument("--status", required=True, help="JSON state written here")
-    parser.add_argument("--rule-id", type=int, default=5, help="the egress rule's conj_id")
-    parser.add_argument("--egress-deny", nargs=2, metavar=("SRC", "DST"), required=True)
-    parser.add_argument("--isolated", nargs="*", default=[],
-                        help="addresses a K8s NetworkPolicy isolates for ingress")
+    parser.add_argument("--scenario", required=True, help="policies and Services, as JSON")
+    parser.add_argument("--name-tables-after", type=float, default=0.0,
+                        help="seconds after its flows to name the tables (0: before them)")
     parser.add_argument("--stale-after", type=float, default=0.0,
                         help="seconds until the previous round's flows go (Antrea: >= 10)")
     args = parser.parse_args()

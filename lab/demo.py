@@ -18,9 +18,11 @@ The world it builds, all in network namespaces it deletes at the end:
   - Two agents (one per conntrack source; the first also runs the deny path) and
     `ovsflow collect`, all exporting to and listening on the node's loopback.
 Then, briefly, the Antrea mode (`ovs.denySource: antrea`, docs/antrea.md): a second Open
-vSwitch with lab/antrea.py's stand-in for Antrea's agent (an egress rule with logging,
-conjunction 5, denies shop/client > shop/server; a Kubernetes NetworkPolicy isolates
-vault/isolated), and an agent that installs nothing and reads Antrea's own packet-ins.
+vSwitch whose bridge speaks OpenFlow 1.0 and 1.5 only, as a real Antrea node's, an agent
+that installs nothing and reads Antrea's own packet-ins, started first, and lab/antrea.py's
+stand-in for Antrea's agent, which names its tables late and restarts once: Antrea-native
+egress drops (IPv4 and IPv6, logged), a Reject without logging, an ingress drop after an
+egress allow, and a Kubernetes NetworkPolicy's default drop of traffic to a DNS Service.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .antrea import AntreaStandIn
+from .antrea import SCENARIO, SERVICE_IP, AntreaStandIn, route_services_via_gateway
 from .netns import LAB, PYTHON, Netns, veth_pair
 from .ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 
@@ -52,6 +54,10 @@ ALLOWING_RULES = [("pod1", "pod2", 12, 11), ("pod1", "remote", 0, 11),
                   ("pod1", "external", 0, 13), ("external", "pod2", 12, 0)]
 KERNEL_EGRESS_RULE = 21
 ANTREA_PROTOCOLS = "[web, udp]"  # web, a predefined group: tcp/80, tcp/443, udp/443
+ANTREA_PODS = [("10.62.0.1/24", "client", "shop"), ("10.62.0.2/24", "server", "shop"),
+               ("10.62.0.3/24", "web", "shop"), ("10.62.0.4/24", "dns", "kube-system"),
+               ("10.62.0.5/24", "vault", "vault"), ("fd00:62::1/64", "client6", "shop"),
+               ("fd00:62::2/64", "server6", "shop")]
 
 
 def agent_config(directory: Path, name: str, source: str, bridge: str, run_dir: str,
@@ -223,58 +229,62 @@ def show(records: list[dict], domains: dict[int, str], drops: int,
 
 
 def antrea_mode(workdir: Path) -> bool:
-    """The second act: ovsflow beside the stand-in for Antrea; True if records came."""
+    """The second act: ovsflow beside the stand-in for Antrea on a node's bridge (OpenFlow
+    1.0 and 1.5 only); ovsflow starts first, Antrea names its tables late and later
+    restarts; True if the records came and ovsflow did its part."""
     lab = antrea = None
     try:
-        lab = OvsLab(workdir / "antrea")
-        client = lab.add_pod("10.62.0.1/24", name="client", namespace="shop")
-        server = lab.add_pod("10.62.0.2/24", name="server", namespace="shop")
-        isolated = lab.add_pod("10.62.0.3/24", name="isolated", namespace="vault")
-        antrea = AntreaStandIn(lab.run_dir, lab.bridge, workdir / "antrea.json", 5,
-                               client.address, server.address, [isolated.address])
+        lab = OvsLab(workdir / "antrea")  # OpenFlow10,OpenFlow15, as antrea-agent sets br-int
+        pods = {name: lab.add_pod(address, name=name, namespace=namespace)
+                for address, name, namespace in ANTREA_PODS}
+        route_services_via_gateway(pods["client"])
         node = lab.host
         collector = node.popen(OVSFLOW, "collect", "--listen", "udp://127.0.0.1:4739",
-                               "--timeout", "60", stdout=subprocess.PIPE,
+                               "--timeout", "90", stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         collector.stderr.readline()
         config = agent_config(workdir, "node-antrea", "ovs", lab.bridge, lab.run_dir,
                               deny_source="antrea", protocols=ANTREA_PROTOCOLS)
         agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE,
                            text=True)
-        time.sleep(2)  # ovsflow learns Antrea's controller id from its flows
-        client.traffic("udp", server.address, "5353", "3", "100")
-        client.traffic("tcp-syn", server.address, "80")
-        client.traffic("udp", isolated.address, "53", "2", "100")
-        client.run("ping", "-c", "2", "-i", "0.2", "-W", "1", isolated.address, check=False)
+        time.sleep(1)  # ovsflow is connected first, as at a node's boot
+        antrea = AntreaStandIn(lab.run_dir, lab.bridge, workdir / "antrea.json",
+                               SCENARIO, name_tables_after=2)
+        first = antrea.wait_until("named")
+        time.sleep(1.5)  # ovsflow learns Antrea's id from its flows, then the names
+        antrea_traffic(pods, 5353)
         time.sleep(0.5)
-        first = antrea.status()
+        counted = antrea.status()
         lab.appctl("revalidator/wait")  # the datapath's counters reach the flows
         sent = sum(int(n) for n in re.findall(r"n_packets=(\d+),.*userdata=01\.",
                                                lab.ofctl("dump-flows")))
         restarted = antrea.restart()
+        antrea.wait_until("named")
         time.sleep(2)
-        client.traffic("udp", server.address, "5354", "1", "100")
+        pods["client"].traffic("udp", pods["server"].address, "5354", "1", "100")
         time.sleep(0.5)
         installed = "cookie=0x6f7673666c6f7700" in lab.ofctl("dump-flows")
         agent.send_signal(signal.SIGTERM)
         log = agent.communicate(timeout=30)[1]
         time.sleep(0.5)
         collector.terminate()
-        records = [json.loads(line) for line in collector.communicate(timeout=30)[0]
-                   .splitlines()]
+        records = [record for line in collector.communicate(timeout=30)[0].splitlines()
+                   if (record := json.loads(line))["_templateId"] in (260, 261)]  # denied
     finally:
         if antrea is not None:
             antrea.stop()
         if lab is not None:
             lab.stop()
-    print("\nAntrea mode (ovs.denySource: antrea), beside a stand-in for Antrea's agent:")
+    print("\nAntrea mode (ovs.denySource: antrea), beside a stand-in for Antrea's agent on a "
+          "bridge at OpenFlow 1.0+1.5:")
     header = ("proto", "addresses", "ports", "packets", "ingress", "egress", "source-pod",
               "destination-pod")
     rows = [header]
     action = {2: "drop", 3: "reject"}
     for r in records:
-        rows.append((NAMES.get(r["protocolIdentifier"], "?"),
-                     f"{r['sourceIPv4Address']} > {r['destinationIPv4Address']}",
+        source = r.get("sourceIPv4Address") or r.get("sourceIPv6Address")
+        destination = r.get("destinationIPv4Address") or r.get("destinationIPv6Address")
+        rows.append((NAMES.get(r["protocolIdentifier"], "?"), f"{source} > {destination}",
                      f"{r['sourceTransportPort']} > {r['destinationTransportPort']}",
                      str(r["packetTotalCount"]),
                      *(f"{action[r[f'{d}NetworkPolicyRuleAction']]}:"
@@ -288,17 +298,35 @@ def antrea_mode(workdir: Path) -> bool:
     followed = (f"Antrea's controller id is {restarted['controller_id']} (was "
                 f"{first['controller_id']})") in log
     taken = re.search(r"deny path: (\d+) packet-ins taken", log)
-    print(f"Antrea's controller took {first['packet_ins']} NetworkPolicy packet-ins in its "
-          f"first run, every one its flows sent ({sent}); ovsflow took its own copies "
-          f"({taken.group(1) if taken else '?'} denied packets in both runs), "
+    print(f"ovsflow started first and spoke OpenFlow "
+          f"{'1.5' if '(OpenFlow 1.5)' in log else '?'}; Antrea named its tables 2 s after "
+          f"its flows. Antrea's controller took {counted['packet_ins']} NetworkPolicy "
+          f"packet-ins in its first run, every one its flows sent ({sent}); ovsflow took its "
+          f"own copies ({taken.group(1) if taken else '?'} denied packets in both runs), "
           + ("installed flows (it should not)" if installed else "installed nothing")
           + ", and " + (f"followed the restarted agent to controller id "
                         f"{restarted['controller_id']}." if followed
                         else "did NOT follow the restarted agent."))
     print(f"Protocols configured: {ANTREA_PROTOCOLS}: the icmp pings were denied too, and "
           "filtered out in userspace. Rule ids are Antrea's conjunction ids; k8s-default: "
-          "a Kubernetes NetworkPolicy's default drop.")
+          "a Kubernetes NetworkPolicy's default drop, here of traffic to the DNS Service "
+          f"{SERVICE_IP} (recorded with its Endpoint, kube-system/dns: the packet was "
+          "DNAT-ed before the policy stages); 9 is a Reject without logging, 4 an ingress "
+          "drop after the egress rule 7 allowed and committed the connection.")
     return bool(records) and followed and not installed
+
+
+def antrea_traffic(pods: dict, port: int) -> None:
+    client = pods["client"]
+    client.traffic("udp", pods["server"].address, str(port), "3", "100")  # egress drop
+    client.traffic("udp", pods["web"].address, "8080", "2", "100")  # allowed, then ingress
+    client.traffic("udp", SERVICE_IP, "53", "2", "100")  # K8s default drop
+    client.traffic("udp", pods["vault"].address, "5355", "2", "100")  # reject
+    client.run("ping", "-c", "2", "-i", "0.2", "-W", "1", pods["server"].address,
+               check=False)
+    pods["client6"].run(PYTHON, "-c", "import socket; s = socket.socket(socket.AF_INET6, "
+                        "socket.SOCK_DGRAM); [s.sendto(b'u' * 100, ('fd00:62::2', 5356)) "
+                        "for _ in range(2)]")
 
 
 def main() -> int:

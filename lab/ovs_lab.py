@@ -16,6 +16,9 @@ from pathlib import Path
 from .netns import Netns, sh
 
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+# What antrea-agent sets on br-int at every start (antrea-io/antrea
+# pkg/ovs/ovsconfig/ovs_client.go, the bridge's Protocols): OpenFlow 1.0 and 1.5, no 1.3.
+ANTREA_PROTOCOLS = ("OpenFlow10", "OpenFlow15")
 
 
 class OvsLab:
@@ -23,13 +26,18 @@ class OvsLab:
     lab never meets an Open vSwitch the machine may already run (two netdev datapaths in
     one namespace collide on the `ovs-netdev` tap)."""
 
-    def __init__(self, run_dir: Path, bridge: str = "br0", switch: bool = True):
+    def __init__(self, run_dir: Path, bridge: str = "br0", switch: bool = True,
+                 protocols: tuple[str, ...] = ANTREA_PROTOCOLS):
         """`switch=False`: ovsdb-server and the bridge's row only, no ovs-vswitchd (for
-        tests of OVSDB readers with more ports than a datapath could open)."""
+        tests of OVSDB readers with more ports than a datapath could open). `protocols`:
+        the OpenFlow versions the bridge allows, by default a real Antrea node's."""
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         Path(run_dir, "conf.db").unlink(missing_ok=True)  # a fresh database every time
         self.run_dir = str(run_dir)
         self.bridge = bridge
+        # ovs-ofctl speaks the newest version the bridge allows
+        self.openflow = max((p for p in protocols if p in ("OpenFlow13", "OpenFlow15")),
+                            default="OpenFlow10")
         self.env = {**os.environ, "OVS_RUNDIR": self.run_dir, "OVS_LOGDIR": self.run_dir,
                     "OVS_DBDIR": self.run_dir}
         self.pods: list[Netns] = []
@@ -42,7 +50,7 @@ class OvsLab:
                 self.start_vswitchd()
             self.vsctl(*([] if switch else ["--no-wait"]), "add-br", bridge, "--", "set",
                        "bridge", bridge, "datapath_type=netdev",
-                       "protocols=OpenFlow10,OpenFlow13", "fail_mode=secure")
+                       f"protocols={','.join(protocols)}", "fail_mode=secure")
             if switch:
                 self.wait_for_bridge()
         except BaseException:
@@ -93,7 +101,7 @@ class OvsLab:
 
     def ofctl(self, *args: str) -> str:
         command, *rest = args
-        return self._ovs("ovs-ofctl", "-O", "OpenFlow13", command,
+        return self._ovs("ovs-ofctl", "-O", self.openflow, command,
                          f"{self.run_dir}/{self.bridge}.mgmt", *rest).stdout
 
     def appctl(self, *args: str) -> str:
@@ -111,7 +119,9 @@ class OvsLab:
         inner = "eth0"
         self.host.run("ip", "link", "add", port, "type", "veth", "peer", "name", inner,
                       "netns", netns.name)
-        netns.run("ip", "addr", "add", address, "dev", inner)
+        # an IPv6 address without duplicate address detection: usable at once
+        netns.run("ip", "addr", "add", address, "dev", inner, *(["nodad"] if ":" in address
+                                                                 else []))
         netns.run("ip", "link", "set", inner, "up")
         netns.run("ethtool", "-K", inner, "tx", "off")
         self.host.run("ip", "link", "set", port, "up")

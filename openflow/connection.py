@@ -1,7 +1,8 @@
-"""A thin asyncio OpenFlow 1.3 connection over the sans-IO codec in `messages`.
+"""A thin asyncio OpenFlow connection over the sans-IO codec in `messages`.
 
-It negotiates the version, answers echo requests, matches replies and errors to requests
-by transaction id, and queues everything else (packet-ins) for the caller. A malformed
+It negotiates the version (offering 1.3 and 1.5 by default, taking the highest the switch
+also offers: `version`), answers echo requests, matches replies and errors to requests by
+transaction id, and queues everything else (packet-ins) for the caller. A malformed
 message is logged and skipped: one bad message must not end the session.
 """
 
@@ -21,8 +22,11 @@ class ConnectionClosed(ConnectionError):
 
 
 class OpenFlowConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 versions: tuple[int, ...] = m.VERSIONS):
         self._reader, self._writer = reader, writer
+        self.offered = versions
+        self.version = 0  # negotiated in the handshake
         self._xids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._errors: dict[int, m.OpenFlowError] = {}  # of running transactions only
@@ -33,10 +37,12 @@ class OpenFlowConnection:
         self._task: asyncio.Task | None = None
 
     @classmethod
-    async def open_unix(cls, path: str, timeout: float = 10.0) -> OpenFlowConnection:
-        """Connect to a switch's unix socket (e.g. OVS's `<bridge>.mgmt`) and handshake."""
+    async def open_unix(cls, path: str, timeout: float = 10.0,
+                        versions: tuple[int, ...] = m.VERSIONS) -> OpenFlowConnection:
+        """Connect to a switch's unix socket (e.g. OVS's `<bridge>.mgmt`) and handshake,
+        offering `versions`."""
         reader, writer = await asyncio.open_unix_connection(path)
-        connection = cls(reader, writer)
+        connection = cls(reader, writer, versions)
         try:
             async with asyncio.timeout(timeout):
                 await connection._handshake()
@@ -49,7 +55,7 @@ class OpenFlowConnection:
         return next(self._xids)
 
     async def _handshake(self) -> None:
-        self._writer.write(m.hello(self.next_xid()))
+        self._writer.write(m.hello(self.next_xid(), self.offered))
         reader = m.MessageReader()
         while True:
             data = await self._reader.read(65536)
@@ -59,10 +65,15 @@ class OpenFlowConnection:
             if frames:
                 break
         hello = m.decode(frames[0])
-        if not isinstance(hello, m.Hello) or m.OFP_VERSION not in hello.versions:
-            raise ConnectionClosed(f"the switch does not speak OpenFlow 1.3 (it offered "
-                                   f"{getattr(hello, 'versions', '?')}); add OpenFlow13 to "
-                                   "the bridge's protocols")
+        if not isinstance(hello, m.Hello):
+            raise ConnectionClosed(f"the switch began with {type(hello).__name__}, not HELLO")
+        version = m.negotiate(self.offered, hello)
+        if version is None:
+            raise ConnectionClosed(
+                f"no OpenFlow version in common: the switch offers "
+                f"{_names(hello.versions or (hello.version,))}, this connection "
+                f"{_names(self.offered)}")
+        self.version = version
         self._task = asyncio.create_task(self._read_loop(reader, frames[1:]))
 
     async def _read_loop(self, reader: m.MessageReader, pending: list[bytes]) -> None:
@@ -88,7 +99,7 @@ class OpenFlowConnection:
             log.warning("malformed OpenFlow message skipped: %s", err)
             return
         if isinstance(message, m.EchoRequest):
-            self.send(m.echo_reply(message.xid, message.data))
+            self.send(m.echo_reply(message.xid, message.data, version=self.version))
         elif isinstance(message, m.Error):
             future = self._waiting.pop(message.xid, None)
             if future is not None and not future.done():
@@ -150,7 +161,8 @@ class OpenFlowConnection:
             self._pending_xids.add(xid)
             self.send(build(xid))
         try:
-            await self.request(m.barrier_request, timeout)
+            await self.request(
+                lambda xid: m.barrier_request(xid, version=self.version), timeout)
         finally:
             self._pending_xids.difference_update(xids)
             errors = [self._errors.pop(xid) for xid in xids if xid in self._errors]
@@ -172,3 +184,7 @@ class OpenFlowConnection:
                 await self._task
             except asyncio.CancelledError:
                 pass
+
+
+def _names(versions: tuple[int, ...]) -> str:
+    return ", ".join(m.VERSION_NAMES.get(v, f"{v:#04x}") for v in sorted(versions))

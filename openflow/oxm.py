@@ -1,8 +1,13 @@
-"""OXM/NXM match fields (OpenFlow 1.3 §7.2.3, and Open vSwitch's Nicira classes).
+"""OXM/NXM match fields (OpenFlow 1.3 §7.2.3, 1.5 §7.2.3, and Open vSwitch's Nicira classes).
 
 A match is a list of `Field`s; each field is (class, field number, value bytes, mask bytes).
 The named constructors cover what a controller commonly matches on; decoding keeps unknown
 fields (OVS sends many) instead of failing on them.
+
+Registers come in two shapes: over OpenFlow 1.3 Open vSwitch sends 32-bit NXM_NX_REG<n>;
+over 1.5 it sends them in pairs as 64-bit OXM_OF_PKT_REG<n/2> (class OFPXMC_PACKET_REGS,
+OVS lib/nx-match.c `nx_put_raw`: "if (oxm < OFP15_VERSION) ... MFF_REG0 + i ... else ...
+MFF_XREG0 + i"), reg<2k> in the high half, zero halves masked out. `register` reads either.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 OFPXMC_NXM_0, OFPXMC_NXM_1, OFPXMC_OPENFLOW_BASIC = 0x0000, 0x0001, 0x8000
-OFPXMC_EXPERIMENTER = 0xFFFF
+OFPXMC_PACKET_REGS, OFPXMC_EXPERIMENTER = 0x8001, 0xFFFF
 
 # (class, field) -> name, for the fields ovsflow and most controllers read
 _NAMES = {
@@ -26,6 +31,7 @@ _NAMES = {
     (OFPXMC_OPENFLOW_BASIC, 26): "ipv6_src", (OFPXMC_OPENFLOW_BASIC, 27): "ipv6_dst",
     (OFPXMC_OPENFLOW_BASIC, 29): "icmpv6_type", (OFPXMC_OPENFLOW_BASIC, 30): "icmpv6_code",
     **{(OFPXMC_NXM_1, n): f"reg{n}" for n in range(16)},
+    **{(OFPXMC_PACKET_REGS, n): f"xreg{n}" for n in range(8)},
     (OFPXMC_NXM_1, 105): "ct_state", (OFPXMC_NXM_1, 106): "ct_zone",
     (OFPXMC_NXM_1, 107): "ct_mark", (OFPXMC_NXM_1, 108): "ct_label",
     (OFPXMC_NXM_1, 119): "ct_nw_proto", (OFPXMC_NXM_1, 120): "ct_nw_src",
@@ -74,7 +80,33 @@ def field(name: str, value: int | bytes, mask: int | bytes | None = None,
 
 _WIDTHS = {"in_port": 4, "eth_type": 2, "ip_proto": 1, "ipv4_src": 4, "ipv4_dst": 4,
            "tcp_src": 2, "tcp_dst": 2, "udp_src": 2, "udp_dst": 2, "ipv6_src": 16,
-           "ipv6_dst": 16, "ct_zone": 2, "metadata": 8}
+           "ipv6_dst": 16, "ct_zone": 2, "metadata": 8, **{f"xreg{n}": 8 for n in range(8)}}
+
+
+def register_field(number: int, value: int, mask: int | None = None, *,
+                   version: int) -> Field:
+    """A match on reg<number> (0-15) as Open vSwitch itself encodes it for `version` (an
+    OpenFlow wire version): NXM_NX_REG<n> before 1.5, the half of OXM_OF_PKT_REG<n/2> from
+    1.5 on (OVS accepts either in both)."""
+    if version < 6:
+        return field(f"reg{number}", value, mask)
+    shift = 32 if number % 2 == 0 else 0
+    return Field(OFPXMC_PACKET_REGS, number // 2, (value << shift).to_bytes(8, "big"),
+                 ((0xFFFFFFFF if mask is None else mask) << shift).to_bytes(8, "big"))
+
+
+def register(fields: list[Field], number: int) -> int:
+    """Register `number` (0-15) as the fields carry it, in either shape; 0 when absent (Open
+    vSwitch leaves zero registers out of a packet-in) or masked out."""
+    for f in fields:
+        if f.oxm_class == OFPXMC_NXM_1 and f.field == number and len(f.value) == 4:
+            mask = int.from_bytes(f.mask, "big") if f.mask else 0xFFFFFFFF
+            return f.int() & mask
+        if f.oxm_class == OFPXMC_PACKET_REGS and f.field == number // 2 and len(f.value) == 8:
+            mask = int.from_bytes(f.mask, "big") if f.mask else (1 << 64) - 1
+            shift = 32 if number % 2 == 0 else 0
+            return (f.int() & mask) >> shift & 0xFFFFFFFF
+    return 0
 
 
 def encode_match(fields: list[Field]) -> bytes:

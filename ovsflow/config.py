@@ -81,7 +81,7 @@ class OvsConfig:
     run_dir: str = "/var/run/openvswitch"
     bridge: str = "br-int"  # "": no bridge, no deny path
     deny_table: int = 250
-    deny_meter_id: int = 250
+    deny_meter_id: int = 28518  # 0x6f66, as the controller id: beyond Antrea's 1-258
     deny_packet_in_rate: int = 5000  # packets/s, as Antrea's packet-in meters
     max_deny_connections: int = 100_000
     # table: the pipeline resubmits denied packets to deny_table, where ovsflow's flows are;

@@ -203,6 +203,12 @@ class AgentMetrics(Collector):
                 yield CounterMetricFamily("ovsflow_deny_flows_restored", "Times the deny "
                                           "flows or meter, deleted or changed by someone "
                                           "else, were put back", value=restorations)
+            directionless = getattr(deny, "directionless", None)
+            if directionless is not None:
+                yield CounterMetricFamily("ovsflow_deny_direction_unknown", "Denied packets "
+                                          "whose table tells no direction: their records "
+                                          "name the rule in neither element",
+                                          value=directionless)
             controller_id = getattr(deny, "controller_id", None)
             if controller_id is not None:
                 yield GaugeMetricFamily("ovsflow_antrea_controller_id", "Antrea's controller "

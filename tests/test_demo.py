@@ -84,14 +84,19 @@ def test_demo_shows_the_antrea_mode(demo):
     rows = {(w[0], w[3], w[6], w[7], w[8], w[9], w[10], w[11])
             for w in (line.split() for line in part.splitlines())
             if w and w[0] in ("udp", "tcp", "icmp")}
-    client = "shop/client@node-antrea"
+    client, server = "shop/client@node-antrea", "shop/server@node-antrea"
     assert rows == {
-        ("udp", "10.62.0.2", "5353", "3", "-", "drop:5", client, "shop/server@node-antrea"),
-        ("tcp", "10.62.0.2", "80", "2", "-", "drop:5", client, "shop/server@node-antrea"),
-        ("udp", "10.62.0.3", "53", "2", "drop:k8s-default", "-", client,
-         "vault/isolated@node-antrea"),
-        ("udp", "10.62.0.2", "5354", "1", "-", "drop:5", client, "shop/server@node-antrea"),
+        ("udp", "10.62.0.2", "5353", "3", "-", "drop:5", client, server),
+        ("udp", "10.62.0.3", "8080", "2", "drop:4", "-", client, "shop/web@node-antrea"),
+        # the ClusterIP's packets, DNAT-ed to its Endpoint, dropped by the K8s policy
+        ("udp", "10.62.0.4", "53", "2", "-", "drop:k8s-default", client,
+         "kube-system/dns@node-antrea"),
+        ("udp", "10.62.0.5", "5355", "2", "-", "reject:9", client, "vault/vault@node-antrea"),
+        ("udp", "10.62.0.2", "5354", "1", "-", "drop:5", client, server),
+        ("udp", "fd00:62::2", "5356", "2", "-", "drop:6", "shop/client6@node-antrea",
+         "shop/server6@node-antrea"),
     }, out
+    assert "ovsflow started first and spoke OpenFlow 1.5" in part
     took = re.search(r"Antrea's controller took (\d+) NetworkPolicy packet-ins in its first "
                      r"run, every one its flows sent \((\d+)\)", part)
     assert took and took.group(1) == took.group(2), part

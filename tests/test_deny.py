@@ -37,8 +37,10 @@ def pipeline(lab):
 
 
 @pytest.fixture
-def lab(tmp_path):
-    lab = OvsLab(tmp_path / "ovs")
+def lab(tmp_path, request):
+    """A bridge at a real Antrea node's protocols (OpenFlow 1.0 and 1.5), or those the test
+    asks for."""
+    lab = OvsLab(tmp_path / "ovs", **getattr(request, "param", {}))
     try:
         lab.pod1 = lab.add_pod("10.55.0.1/24")
         lab.pod2 = lab.add_pod("10.55.0.2/24")
@@ -103,6 +105,8 @@ def deny_traffic(lab, udp_count=5):
     lab.pod1.run("ping", "-c", "2", "-i", "0.2", "-W", "1", lab.pod2.address, check=False)
 
 
+@pytest.mark.parametrize("lab", [{}, {"protocols": ("OpenFlow10", "OpenFlow13")}],
+                         indirect=True, ids=["OpenFlow10,15", "OpenFlow10,13"])
 def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
     other_before = lab.ofctl("dump-flows", "table=7")
     with agent_session(tmp_path, lab) as session:
@@ -110,8 +114,8 @@ def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
                          what="ovsflow's deny flows")
         assert sorted(re.sub(r".*priority=(\d+),?(\S*) actions=(\S+)", r"\1 \2 \3", f)
                       for f in flows) == [
-            "0  drop", "200 udp meter:250,controller(max_len=128,id=28518)",
-            "200 udp6 meter:250,controller(max_len=128,id=28518)"]
+            "0  drop", "200 udp meter:28518,controller(max_len=128,id=28518)",
+            "200 udp6 meter:28518,controller(max_len=128,id=28518)"]
         deny_traffic(lab)
         time.sleep(1.5)
         flows = deny_flows(lab)
@@ -119,6 +123,8 @@ def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
     assert n_packets(flows, "priority=0") >= 3  # TCP SYNs and pings, dropped in the datapath
     assert "deny path: 5 packet-ins taken, 0 of other flows ignored, 0 of unwanted" in \
         session.log
+    version = "1.3" if lab.openflow == "OpenFlow13" else "1.5"
+    assert f"(OpenFlow {version}) for protocols udp (17)" in session.log
 
     deny = [r for r in session.records if r["_templateId"] == 260]
     assert deny and {r["protocolIdentifier"] for r in deny} == {17}
@@ -140,8 +146,9 @@ def test_only_configured_protocols_leave_the_datapath(lab, tmp_path):
 
 
 def _without_stats(dump: str) -> list[str]:
-    return [re.sub(r"duration=[^,]*, |n_packets=\d+, |n_bytes=\d+, ", "", line).strip()
-            for line in dump.splitlines() if "cookie=" in line]
+    """A dump's flows without what changes as packets pass (OpenFlow 1.5 adds idle_age)."""
+    return [re.sub(r"duration=[^,]*, |n_packets=\d+, |n_bytes=\d+, |idle_age=\d+, ", "",
+                   line).strip() for line in dump.splitlines() if "cookie=" in line]
 
 
 def test_rules_and_records_come_back_after_ovs_vswitchd_restarts(lab, tmp_path):
@@ -189,19 +196,35 @@ def test_sighup_changes_the_protocols_at_both_layers_live(lab, tmp_path):
 
 
 def test_the_meter_caps_packet_ins_and_its_drops_are_a_metric(lab, tmp_path):
+    """The meter's drops, also across a meter deleted (as Antrea's DeleteMeterAll does at
+    each of its connects) and put back: the new meter counts from 0 at the switch, the
+    metric goes on from what the first one had dropped."""
+    def metric(text, name):
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    def read():
+        return urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read().decode()
+
     with agent_session(tmp_path, lab, rate=1, metrics="127.0.0.1:9497") as session:
         wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
         lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
         time.sleep(2.5)  # polls ask the switch for the meter's statistics
-        text = urllib.request.urlopen("http://127.0.0.1:9497/metrics", timeout=5).read().decode()
-    dropped = float(re.search(r"^ovsflow_packet_ins_dropped_by_meter_total (\S+)$", text,
-                              re.M).group(1))
-    taken = float(re.search(r'^ovsflow_packet_ins_total{outcome="taken"} (\S+)$', text,
-                            re.M).group(1))
+        first = read()
+        lab.ofctl("del-meters")
+        wait_for(lambda: len(deny_flows(lab)) == 3 and "meter=28518" in lab.ofctl("dump-meters"),
+                 what="ovsflow's meter and flows back")
+        lab.pod1.traffic("udp", lab.pod2.address, "5353", "40", "10")
+        time.sleep(2.5)
+        second = read()
+    dropped = metric(first, "ovsflow_packet_ins_dropped_by_meter_total")
+    taken = metric(first, 'ovsflow_packet_ins_total{outcome="taken"}')
     assert taken + dropped == 40 and dropped >= 30
+    dropped_in_all = metric(second, "ovsflow_packet_ins_dropped_by_meter_total")
+    taken_in_all = metric(second, 'ovsflow_packet_ins_total{outcome="taken"}')
+    assert taken_in_all + dropped_in_all == 80 and dropped_in_all >= 60
     deny = [r for r in session.records if r["_templateId"] == 260]
-    assert sum(r["packetDeltaCount"] for r in deny) == taken
-    assert f"deny path: {int(taken)} packet-ins taken" in session.log
+    assert sum(r["packetDeltaCount"] for r in deny) == taken_in_all
+    assert f"deny path: {int(taken_in_all)} packet-ins taken" in session.log
 
 
 def test_deny_records_come_only_while_packets_come_then_one_idle_record(lab, tmp_path):
@@ -227,7 +250,7 @@ def in_process_source(run_dir, bridge, protocols=("udp",)):
     """The agent's deny path alone, in this process, with short backoffs (0.1 s to 1 s)."""
     connection_filter = ConnectionFilter(frozenset(), parse_protocol_list(
         list(protocols)).protocols)
-    return DenySource(str(run_dir), bridge, TABLE, 250, 5000, connection_filter,
+    return DenySource(str(run_dir), bridge, TABLE, 300, 5000, connection_filter,
                       DenyStore(1, 2, 1000), initial_backoff=0.1, max_backoff=1.0)
 
 
@@ -294,12 +317,13 @@ METERS = 262144  # OVS 3.1's userspace datapath: `ovs-ofctl meter-features` says
 
 async def use_up_the_meters(lab):
     """OVS's real OUT_OF_METERS refusal, the same answer a datapath without meter support
-    gives every METER_MOD; ids from 1000 leave ovsflow's meter 250 not yet added."""
+    gives every METER_MOD; ids from 1000 leave ovsflow's meter 300 not yet added."""
     connection = await OpenFlowConnection.open_unix(f"{lab.run_dir}/{lab.bridge}.mgmt")
     try:
         for base in range(1000, 1000 + METERS, 16384):
             await connection.transact(
-                [lambda xid, i=i: m.meter_mod(xid, command=m.OFPMC_ADD, meter_id=i,
+                [lambda xid, i=i: m.meter_mod(xid, version=connection.version,
+                                              command=m.OFPMC_ADD, meter_id=i,
                                               flags=m.OFPMF_PKTPS,
                                               bands=[(m.OFPMBT_DROP, 10, 0)])
                  for i in range(base, base + 16384)], timeout=60)
@@ -336,7 +360,7 @@ def test_without_meters_the_flows_go_without_one_and_it_is_said_once(lab, caplog
         "200 udp6 controller(max_len=128,id=28518)"]
     assert [(r.destination_port, r.packets) for r in records] == [(5353, 5)]
     refusals = [r.getMessage() for r in caplog.records if "refused meter" in r.getMessage()]
-    assert refusals == ["deny path: the switch refused meter 250 (OpenFlow error "
+    assert refusals == ["deny path: the switch refused meter 300 (OpenFlow error "
                         "METER_MOD_FAILED/OUT_OF_METERS (type 12, code 10) for the request "
                         "with xid 5); installing the deny flows without it, so packet-ins "
                         "are not rate-limited"]

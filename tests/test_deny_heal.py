@@ -70,7 +70,7 @@ def test_flows_and_meter_come_back_within_two_seconds_while_traffic_runs(lab, tm
             act()  # (a check may come at once: the log below says what each one saw)
             took[what] = restored_within(lab, installed)
             lab.pod1.traffic("udp", lab.pod2.address, str(port), "3", "50")
-        assert "meter=250 pktps burst stats bands=" in lab.ofctl("dump-meters")
+        assert "meter=28518 pktps burst stats bands=" in lab.ofctl("dump-meters")
         time.sleep(1.5)
         metrics = urllib.request.urlopen("http://127.0.0.1:9531/metrics",
                                          timeout=5).read().decode()
@@ -83,7 +83,7 @@ def test_flows_and_meter_come_back_within_two_seconds_while_traffic_runs(lab, tm
     lines = [line for line in session.log.splitlines() if "put back in table" in line]
     assert len(lines) == 4, session.log
     # the drop flow uses no meter: OVS keeps it when the meter goes
-    assert "3 of our 4 flows gone; meter 250 gone" in lines[0]
+    assert "3 of our 4 flows gone; meter 28518 gone" in lines[0]
     assert "4 of our 4 flows gone" in lines[1]
     assert "1 of our 4 flows gone" in lines[2]
     assert "1 of our 4 flows gone; 1 flows with our cookie changed" in lines[3]

@@ -215,15 +215,19 @@ def test_a_flow_read_back_is_ours_only_exactly_as_installed():
 
 # --- Antrea's packet-ins (denySource: antrea)
 
+from openflow import oxm  # noqa: E402
 from ovsflow.deny.antrea import (  # noqa: E402
-    AntreaDenySource, direction, network_policy_controller_ids,
+    AntreaDenySource, direction, network_policy_controller_ids, verdict,
 )
+from ovsflow.deny.store import BOTH, EGRESS, INGRESS, NEITHER  # noqa: E402
 from ovsflow.filter import ConnectionFilter  # noqa: E402
 from ovsflow.record import RULE_DROP, RULE_REJECT  # noqa: E402
 
 TABLE_NAMES = {12: "AntreaPolicyEgressRule", 13: "EgressRule", 14: "EgressDefaultRule",
                15: "EgressMetric", 23: "AntreaPolicyIngressRule", 24: "IngressRule",
                25: "IngressDefaultRule", 26: "IngressMetric", 28: "Output"}
+DENY_MARK, DROP, REJECT, PASS = 0x400, 0b01 << 11, 0b10 << 11, 0b11 << 11
+ENDPOINT = 0x0A3A0001  # 10.58.0.1, a Service Endpoint's address as ServiceLB loads it
 
 
 def antrea_source(protocols=("udp", "tcp")):
@@ -233,16 +237,31 @@ def antrea_source(protocols=("udp", "tcp")):
     return source
 
 
-def antrea_packet_in(userdata=b"\x01\x01", disposition=0b01, reg2=None, reg3=None,
-                     frame=None):
-    """An NXT_PACKET_IN2 from Antrea's Output table (28), as decoded. Zero registers are
-    left out, as OVS does."""
-    reg0 = disposition << 11 | 1 << 25 | 2 << 21
-    fields = [field("reg0", reg0)] if reg0 else []
-    fields += [field(name, value) for name, value in (("reg2", reg2), ("reg3", reg3))
-               if value]
+def registers(values: dict[int, int], version: int) -> list:
+    """Registers as OVS puts them in a packet-in's metadata: zero ones left out; over 1.5 in
+    OXM_OF_PKT_REG pairs, a zero half masked out (lib/nx-match.c)."""
+    if version == m.OFP13:
+        return [field(f"reg{n}", value) for n, value in sorted(values.items()) if value]
+    fields = []
+    for pair in range(8):
+        high, low = values.get(2 * pair, 0), values.get(2 * pair + 1, 0)
+        if high or low:
+            mask = (0xFFFFFFFF if high else 0) << 32 | (0xFFFFFFFF if low else 0)
+            fields.append(oxm.Field(oxm.OFPXMC_PACKET_REGS, pair,
+                                    (high << 32 | low).to_bytes(8, "big"),
+                                    None if mask == (1 << 64) - 1 else mask.to_bytes(8, "big")))
+    return fields
+
+
+def antrea_packet_in(userdata=b"\x01\x01", reg0=DROP, reg2=0, reg3=0, frame=None,
+                     version=m.OFP15):
+    """An NXT_PACKET_IN2 from Antrea's Output table (28), as decoded: reg0 also carries
+    OutputToControllerRegMark and the operations of `userdata`, as Antrea loads them."""
+    operations = userdata[1] if len(userdata) > 1 else 0
+    reg0 |= operations << 25 | 2 << 21
     data = frame or ipv4(17, struct.pack("!HHHH", 4000, 53, 8, 0))
-    return m.PacketIn(0, m.OFPR_NO_MATCH, 28, 0x1020000000001, fields, data, len(data),
+    return m.PacketIn(0, m.OFPR_NO_MATCH, 28, 0x1020000000001,
+                      registers({0: reg0, 2: reg2, 3: reg3}, version), data, len(data),
                       userdata=userdata)
 
 
@@ -253,26 +272,86 @@ def taken(source):
              r.egress_rule_action) for r in records]
 
 
-def test_antrea_rule_ids_directions_and_actions_as_antreas_handler_reads_them():
+@pytest.mark.parametrize("version", [m.OFP13, m.OFP15])
+def test_antrea_rule_ids_directions_and_actions_as_antrea_means_them(version):
     source = antrea_source()
-    source._packet_in(antrea_packet_in(reg2=12, reg3=5))  # Antrea-native egress drop
+
+    def one(**packet_in):
+        source._packet_in(antrea_packet_in(version=version, **packet_in))
+        return taken(source)
+
+    # Antrea-native egress drop with logging: the deny mark, reg3 is the rule
+    assert one(reg0=DENY_MARK | DROP, reg2=12, reg3=5) == [("", 0, "5", RULE_DROP)]
+    # ingress reject with logging (conjunctionActionDenyFlow: disposition and ops)
+    assert one(userdata=b"\x01\x03", reg0=DENY_MARK | REJECT, reg2=23, reg3=9) == [
+        ("9", RULE_REJECT, "", 0)]
+    # Reject without logging or deny tracking: no disposition loaded, only the ops byte
+    assert one(userdata=b"\x01\x02", reg0=DENY_MARK, reg2=23, reg3=9) == [
+        ("9", RULE_REJECT, "", 0)]
+    # ... and after an earlier Pass with logging left 0b11 in the disposition
+    assert one(userdata=b"\x01\x02", reg0=DENY_MARK | PASS, reg2=12, reg3=4) == [
+        ("", 0, "4", RULE_REJECT)]
+    # K8s default drop of a Service's packet: ServiceLB left the Endpoint in reg3, no mark
+    assert one(reg0=DROP, reg2=14, reg3=ENDPOINT) == [("", 0, "", RULE_DROP)]
+    assert one(userdata=b"\x01\x05", reg0=DROP, reg2=25) == [("", RULE_DROP, "", 0)]
+    assert (source.packet_ins, source.ignored, source.allowed) == (6, 0, 0)
+    assert source.directionless == 0
+
+
+def test_a_direction_is_never_guessed_and_said_once(caplog):
+    source = antrea_source()
+    for _ in range(2):  # no reg2: the packet-in's own table, Output, tells no direction
+        source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg3=7))
+    assert taken(source) == [("", 0, "", 0)]  # the rule in neither element
+    assert source.directionless == 2
+    said = [r.getMessage() for r in caplog.records if "tells no direction" in r.getMessage()]
+    assert said == ["deny path: a packet denied in table 28 (named Output) of "
+                    "/nonexistent/br-int.mgmt: that table tells no direction, so its records "
+                    "name the rule (7) in neither element; counted in "
+                    "ovsflow_deny_direction_unknown_total (said once)"]
+
+
+def test_packet_ins_wait_for_their_tables_name():
+    """Names not yet set (ovsflow read them before Antrea named its tables): the packet is
+    held until the names are read again, then takes its direction."""
+    source = antrea_source()
+    source.table_names = {}
+    source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg2=12, reg3=5))
+    source._packet_in(antrea_packet_in(reg0=DROP, reg2=25, reg3=ENDPOINT))
+    assert len(source.store) == 0 and source.packet_ins == 2
+    source._name_held_packets(final=False)  # no names yet: still held
+    assert len(source.store) == 0
+    source.table_names = {12: "AntreaPolicyEgressRule"}
+    source._name_held_packets(final=False)  # named: stored; unnamed: held still
     assert taken(source) == [("", 0, "5", RULE_DROP)]
-    source._packet_in(antrea_packet_in(disposition=0b10, reg2=23, reg3=9,
-                                       userdata=b"\x01\x03"))  # ingress reject, logged
-    assert taken(source) == [("9", RULE_REJECT, "", 0)]
-    source._packet_in(antrea_packet_in(reg2=25))  # K8s NetworkPolicy default drop
+    source.table_names = dict(TABLE_NAMES)
+    source._name_held_packets(final=False)
     assert taken(source) == [("", RULE_DROP, "", 0)]
-    source._packet_in(antrea_packet_in(reg2=14))
-    assert taken(source) == [("", 0, "", RULE_DROP)]
-    source._packet_in(antrea_packet_in(reg2=0, reg3=7))  # no reg2: the packet-in's table
-    assert taken(source) == [("7", RULE_DROP, "7", RULE_DROP)]  # Output: direction unknown
-    assert (source.packet_ins, source.ignored, source.allowed) == (5, 0, 0)
+    source.table_names = {28: "Output"}  # Antrea named its tables, but not this one
+    source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg2=12, reg3=5))
+    source._name_held_packets(final=True)  # said, not guessed
+    assert taken(source) == [("", 0, "", 0)] and source.directionless == 1
+    source._packet_in(antrea_packet_in(reg0=DENY_MARK | DROP, reg2=12, reg3=5))
+    source._unnamed = [(*held[:4], held[4] - 10) for held in source._unnamed]  # 10 s ago
+    source._name_held_packets(final=False)  # held long enough: no name is coming
+    assert taken(source) == [("", 0, "", 0)] and source.directionless == 2
+
+
+@pytest.mark.parametrize("reg0, operations, expected", [
+    (DROP, 0b1, RULE_DROP), (DENY_MARK | DROP, 0b1, RULE_DROP),
+    (DENY_MARK | REJECT, 0b11, RULE_REJECT), (DENY_MARK, 0b10, RULE_REJECT),
+    (DENY_MARK | PASS, 0b10, RULE_REJECT), (DENY_MARK | DROP, 0b100, RULE_DROP),
+    (DROP, 0b100, RULE_DROP), (0, 0b1, None), (PASS, 0b1, None),
+])
+def test_verdicts_from_the_disposition_the_operations_and_the_deny_mark(reg0, operations,
+                                                                         expected):
+    assert verdict(reg0, operations) == expected
 
 
 def test_antrea_packet_ins_that_are_not_denied_packets_are_counted_not_taken():
     source = antrea_source(protocols=["tcp"])
-    source._packet_in(antrea_packet_in(disposition=0b00, reg2=23))  # allowed, logged
-    source._packet_in(antrea_packet_in(disposition=0b11, reg2=12))  # pass, logged
+    source._packet_in(antrea_packet_in(reg0=0, reg2=23))  # allowed, logged
+    source._packet_in(antrea_packet_in(reg0=PASS, reg2=12))  # pass, logged
     source._packet_in(antrea_packet_in(userdata=b"\x00\x01"))  # Traceflow
     source._packet_in(antrea_packet_in(userdata=b""))  # no userdata: not Antrea's action
     source._packet_in(antrea_packet_in(reg2=12, reg3=5))  # udp: not exported
@@ -286,7 +365,23 @@ def test_directions_of_antreas_tables():
     assert [direction(name) for name in (
         "AntreaPolicyIngressRule", "IngressRule", "IngressDefaultRule", "IngressMetric",
         "AntreaPolicyEgressRule", "EgressRule", "EgressDefaultRule", "EgressMetric",
-        "Output", None)] == [True] * 4 + [False] * 4 + [None, None]
+        "Output", None)] == [INGRESS] * 4 + [EGRESS] * 4 + [NEITHER, NEITHER]
+
+
+def test_the_store_names_the_rule_in_the_elements_of_its_direction():
+    store = DenyStore(active_timeout=1, idle_timeout=10, max_entries=10)
+    for rule_direction in (INGRESS, EGRESS, BOTH, NEITHER):
+        store.add(packet(sport=10 + rule_direction), 7, 0.0, rule_direction, RULE_REJECT)
+    records = sorted(store.flush(1.0), key=lambda r: r.source_port)
+    assert [(r.ingress_rule_name, r.ingress_rule_action, r.egress_rule_name,
+             r.egress_rule_action) for r in records] == [
+        ("", 0, "", 0), ("7", 3, "7", 3), ("", 0, "7", 3), ("7", 3, "", 0)]
+    keys, rows = store.snapshot()
+    restored = DenyStore(active_timeout=1, idle_timeout=10, max_entries=10)
+    assert restored.restore(keys, rows) == 4
+    assert sorted((r.ingress_rule_action, r.egress_rule_action)
+                  for r in restored.flush(2.0)) == sorted(
+        (r.ingress_rule_action, r.egress_rule_action) for r in records)
 
 
 def test_antreas_controller_id_is_read_from_its_network_policy_controller_actions():
@@ -303,3 +398,51 @@ def test_antreas_controller_id_is_read_from_its_network_policy_controller_action
     found = network_policy_controller_ids(flows)
     assert found == [(1 << 48, 111, 28), (2 << 48, 222, 28)]
     assert max(found)[1] == 222
+
+
+def test_a_meter_in_antreas_range_is_warned_about(caplog):
+    """Antrea's meters are 1-255 (Egress QoS) and 256-258 (its packet-ins): a deny meter
+    there would be taken over or fought over beside Antrea."""
+    from ovsflow.config import OvsConfig
+    from ovsflow.deny.source import DenySource
+
+    def warned(meter_id):
+        caplog.clear()
+        DenySource("/nonexistent", "br-int", 250, meter_id, 5000, ConnectionFilter(
+            frozenset(), parse_protocol_list(["udp"]).protocols), DenyStore(1, 5, 100))
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warned(OvsConfig().deny_meter_id) == [] and warned(259) == []
+    assert warned(256) == ["deny path: meter 256 is in Antrea's range (1-255 Egress QoS, "
+                           "256-258 packet-ins): beside Antrea, choose ovs.denyMeterId "
+                           "outside it"]
+    assert len(warned(1)) == 1 and len(warned(258)) == 1
+
+
+@pytest.mark.parametrize("version", [m.OFP13, m.OFP15])
+def test_the_deny_flows_are_byte_for_byte_what_ovs_ofctl_sends(tmp_path, version):
+    """Our flows and meter as ovs-ofctl itself encodes them for the session's version (in
+    1.5 the meter is an action, in 1.3 an instruction)."""
+    from ofctl import OPENFLOW, ofctl_sends
+    from ovsflow.deny.rules import delete_all, meter_mod
+
+    def sends(*args):
+        return ofctl_sends(tmp_path, "-O", OPENFLOW[version], *args)[1]
+
+    flows = {tuple(x.int() for x in f.match): f
+             for f in deny_flows(parse_protocol_list(["udp"]).protocols)}
+    assert flows[(0x0800, 17)].add(2, 250, 28518, version=version) == sends(
+        "add-flow", "SWITCH", "table=250,priority=200,cookie=0x6f7673666c6f7700,udp,"
+                              "actions=meter:28518,controller(max_len=128,id=28518)")
+    assert flows[(0x86DD, 17)].add(2, 250, None, version=version) == sends(
+        "add-flow", "SWITCH", "table=250,priority=200,cookie=0x6f7673666c6f7700,udp6,"
+                              "actions=controller(max_len=128,id=28518)")
+    assert flows[()].add(2, 250, 28518, version=version) == sends(
+        "add-flow", "SWITCH", "table=250,priority=0,cookie=0x6f7673666c6f7700,actions=drop")
+    # a non-strict delete ignores the priority: ovs-ofctl writes its default, 0x8000, there
+    theirs = sends("del-flows", "SWITCH", "table=250,cookie=0x6f7673666c6f7700/-1")
+    assert delete_all(2, 250, version=version) == theirs[:30] + b"\0\0" + theirs[32:]
+    assert theirs[30:32] == b"\x80\0"
+    assert meter_mod(2, m.OFPMC_ADD, 28518, 5000, version=version) == sends(
+        "add-meter", "SWITCH", "meter=28518,pktps,burst,stats,band=type=drop,rate=5000,"
+                               "burst_size=500")

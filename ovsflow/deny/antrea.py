@@ -4,18 +4,25 @@ with nothing installed or changed on the bridge.
 OVS sends a `controller(id=N)` packet-in to every connection whose controller id is N, so
 ovsflow's service connection sets the id Antrea's agent uses (ofnet draws it at random when
 the agent starts) and receives a copy of each; Antrea's own connection still gets all of
-them. The id is learned from the NXAST_CONTROLLER2 actions with NetworkPolicy userdata in
-Antrea's Output table (flow stats) and followed every `check_interval`, so a restarted
+them. The id is learned from the NXAST_CONTROLLER2 actions with NetworkPolicy userdata of
+Antrea's flows that send to the agent, and followed every `check_interval`, so a restarted
 agent's new id is taken within a few seconds. Table names come from OVS (Antrea sets them
-through OpenFlow table features): they tell which table denied a packet, hence the rule's
-direction.
+through OpenFlow table features, after it connects): they tell which table denied a
+packet, hence the rule's direction.
 
 What is read, from antrea-io/antrea (docs/antrea.md pins the version):
-  - userdata byte 0 = packet-in category, NetworkPolicy = 1 (pkg/agent/openflow/packetin.go)
-  - reg0[11..12] = disposition: drop 0b01, reject 0b10 (fields.go APDispositionField,
-    pipeline.go DispositionDrop/DispositionRej)
-  - reg3 = the rule's conjunction id (fields.go APConjIDField); absent for a Kubernetes
-    NetworkPolicy default drop (OVS leaves zero registers out of the packet-in)
+  - userdata byte 0 = packet-in category, NetworkPolicy = 1; byte 1 = the operations:
+    logging 0b1, reject 0b10, store-deny 0b100 (pkg/agent/openflow/packetin.go)
+  - reg0[10] = the deny mark, loaded by every Antrea-native drop or reject and by nothing
+    else (fields.go APDenyRegMark; pipeline.go conjunctionActionDenyFlow); K8s default
+    drops have none (pipeline.go defaultDropFlow)
+  - reg0[11..12] = disposition: drop 0b01, reject 0b10 (fields.go APDispositionField),
+    loaded only with logging or deny tracking: a Reject without either says so only in
+    the operations, and may carry an earlier stage's disposition (Pass 0b11)
+  - reg3 = the rule's conjunction id (fields.go APConjIDField) only under the deny mark:
+    ServiceLB loads a Service Endpoint's IPv4 address into the same register
+    (EndpointIPField; docs/design/ovs-pipeline.md, ServiceLB groups), which a default drop
+    leaves there
   - reg2[0..7] = the table that sent the packet to the controller (PacketInTableField);
     the packet-in's own table is Output
   - direction: pkg/agent/controller/networkpolicy/packetin.go storeDenyConnectionParsed
@@ -28,16 +35,24 @@ import time
 
 from openflow import messages as m
 from openflow.connection import OpenFlowConnection
+from openflow.oxm import register_field
 
 from ..filter import ConnectionFilter
 from ..record import RULE_DROP, RULE_REJECT
+from .packet import DeniedPacket
 from .session import BridgeSession
-from .store import DenyStore
+from .store import EGRESS, INGRESS, NEITHER, DenyStore
 
 log = logging.getLogger(__name__)
 
 NETWORK_POLICY = 1  # userdata byte 0: PacketInCategoryNP
-ACTIONS = {0b01: RULE_DROP, 0b10: RULE_REJECT}  # disposition -> the record's rule action
+REJECT_OPERATION, STORE_DENY_OPERATION = 0b10, 0b100  # userdata byte 1 (packetin.go)
+DENY_MARK = 1 << 10  # APDenyRegMark, reg0[10]
+DISPOSITION_DROP, DISPOSITION_REJECT = 0b01, 0b10  # APDispositionField, reg0[11..12]
+# OutputToControllerRegMark, reg0[21..22] = 2: every flow that sends a NetworkPolicy
+# packet-in to the agent matches it (network_policy.go initLoggingFlows); OVS returns the
+# flows at least as specific, from the few classifier subtables whose mask has these bits
+TO_CONTROLLER = (0x400000, 0x600000)
 # Antrea's handler takes a rule's direction from AntreaPolicy{Ingress,Egress}Rule and the
 # default-rule tables (pipeline.go GetAntreaPolicy{Ingress,Egress}Tables); the K8s rule and
 # metric tables are of one direction as plainly.
@@ -45,17 +60,30 @@ INGRESS_TABLES = frozenset({"AntreaPolicyIngressRule", "IngressRule", "IngressDe
                             "IngressMetric"})
 EGRESS_TABLES = frozenset({"AntreaPolicyEgressRule", "EgressRule", "EgressDefaultRule",
                            "EgressMetric"})
-OUTPUT_TABLE = "Output"  # where every NetworkPolicy packet-in leaves (pipeline.go)
 NP_METER = 256  # PacketInMeterIDNP: Antrea's meter of NetworkPolicy packet-ins
 MISS_SEND_LEN = 128  # as ofnet sets it; a service connection gets no packet-in without one
+MAX_UNNAMED = 10_000  # packet-ins held while their table has no name yet
+HOLD_SECONDS = 10.0  # at most, when Antrea names no table at all
 
 
-def direction(table_name: str | None) -> bool | None:
-    """True: ingress, False: egress, None: a table that does not say."""
+def direction(table_name: str | None) -> int:
+    """INGRESS, EGRESS, or NEITHER for a table that does not say."""
     if table_name in INGRESS_TABLES:
-        return True
+        return INGRESS
     if table_name in EGRESS_TABLES:
-        return False
+        return EGRESS
+    return NEITHER
+
+
+def verdict(reg0: int, operations: int) -> int | None:
+    """RULE_REJECT or RULE_DROP for a denied packet; None for one a rule allowed or passed
+    (Antrea logs those; their connections are in conntrack)."""
+    disposition = reg0 >> 11 & 0b11
+    if operations & REJECT_OPERATION or disposition == DISPOSITION_REJECT:
+        return RULE_REJECT
+    if disposition == DISPOSITION_DROP or reg0 & DENY_MARK or \
+            operations & STORE_DENY_OPERATION:
+        return RULE_DROP
     return None
 
 
@@ -74,36 +102,43 @@ class AntreaDenySource(BridgeSession):
                  store: DenyStore, check_interval: float = 1.0, **backoff):
         super().__init__(run_dir, bridge, connection_filter, store, **backoff)
         self.check_interval = check_interval  # seconds between reads of Antrea's flows
-        self.controller_id: int | None = None  # Antrea's, shared by our connection
+        self.controller_id: int | None = None  # Antrea's, on our connection (None: none)
         self.controller_id_changes = 0  # ids taken (the first, then one per Antrea restart)
-        self.table_names: dict[int, str] | None = None  # None: to be read
-        self._output_table: int | None = None  # where Antrea's logging flows are; None: all
-        self._said_unnamed = False
+        self.table_names: dict[int, str] = {}  # as OVS last said: named tables only
+        self._output_table: int | None = None  # where Antrea's controller flows are
+        self.directionless = 0  # denied packets whose table tells no direction
+        self._last_id: int | None = None  # the id of the previous session too, for the log
+        self._unnamed: list[tuple[DeniedPacket, int, int, int, float]] = []
+        self._said_directionless = False
 
     async def _session(self) -> None:
         connection = await self._open()
-        config = await connection.request(m.get_config_request)
+        v = connection.version
+        config = await connection.request(lambda xid: m.get_config_request(xid, version=v))
         # The switch's fragment handling is kept as it is (SET_CONFIG carries it too).
         await connection.transact([
-            lambda xid: m.set_config(xid, miss_send_len=MISS_SEND_LEN, flags=config.flags),
-            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2)])
-        self.controller_id = None  # a new connection has id 0 until we set it
-        self.table_names = None  # a restarted switch may hold other names
+            lambda xid: m.set_config(xid, miss_send_len=MISS_SEND_LEN, flags=config.flags,
+                                     version=v),
+            lambda xid: m.set_packet_in_format(xid, m.NXPIF_NXT_PACKET_IN2, version=v)])
         await self._check(connection)
         await self._receive(connection)
 
+    async def _end_session(self) -> float:
+        self._name_held_packets(final=True)  # as far as the names go: the switch is gone
+        self.controller_id = self._output_table = None  # a new connection has id 0
+        self.table_names = {}  # a restarted switch may hold other names
+        return await super()._end_session()
+
     async def _check(self, connection: OpenFlowConnection) -> None:
         """Learn Antrea's controller id from its flows; set it on our connection when it
-        changed (Antrea restarted: its table ids may have changed too)."""
-        if self.table_names is None:
-            await self._read_table_names(connection)
-        replies = await connection.request_all(
-            lambda xid: m.flow_stats_request(
-                xid, m.OFPTT_ALL if self._output_table is None else self._output_table))
+        changed (Antrea restarted: its table ids may have changed too); read the table
+        names whenever they are missing."""
+        v = connection.version
+        replies = await connection.request_all(lambda xid: m.flow_stats_request(
+            xid, match=[register_field(0, *TO_CONTROLLER, version=v)], version=v))
         found = network_policy_controller_ids([f for reply in replies for f in reply.flows])
         if not found:
-            # Antrea is away or between two starts; a new start may number tables anew
-            self._output_table = None
+            # Antrea is away or between two starts
             self.connected_since = None
             self.failing_since = self.failing_since or time.monotonic()
             self.last_error = (f"no NetworkPolicy packet-in action (controller userdata 01.xx)"
@@ -113,46 +148,72 @@ class AntreaDenySource(BridgeSession):
         # agent's; an older round's linger until Antrea deletes its stale flows.
         _, controller_id, self._output_table = max(found)
         if controller_id != self.controller_id:
-            if self.controller_id is not None:
-                await self._read_table_names(connection)
-            await connection.transact([lambda xid: m.set_controller_id(xid, controller_id)])
+            # names first: no packet-in of the new id meets the previous agent's names
+            await self._read_table_names(connection)
+            await connection.transact(
+                [lambda xid: m.set_controller_id(xid, controller_id, version=v)])
             log.info("deny path: Antrea's controller id is %d%s; listening to its NetworkPolicy"
-                     " packet-ins on %s", controller_id,
-                     "" if self.controller_id is None else f" (was {self.controller_id})",
-                     self.socket_path)
-            self.controller_id = controller_id
-            self.controller_id_changes += 1
+                     " packet-ins on %s (OpenFlow %s)", controller_id,
+                     "" if self._last_id in (None, controller_id) else f" (was {self._last_id})",
+                     self.socket_path, m.VERSION_NAMES[v])
+            if controller_id != self._last_id:
+                self.controller_id_changes += 1
+            self.controller_id = self._last_id = controller_id
+        elif self._unnamed or self._output_table not in self.table_names:
+            # Antrea names its tables after it connects: we may have read before it did
+            await self._read_table_names(connection)
         if self.connected_since is None:
             self.connected_since, self.failing_since, self.last_error = \
                 time.monotonic(), None, ""
 
     async def _read_table_names(self, connection: OpenFlowConnection) -> None:
-        replies = await connection.request_all(m.table_features_request)
+        v = connection.version
+        replies = await connection.request_all(
+            lambda xid: m.table_features_request(xid, version=v))
         self.table_names = {t.table_id: t.name for reply in replies for t in reply.tables
                             if t.name}
-        self._output_table = next((table for table, name in self.table_names.items()
-                                   if name == OUTPUT_TABLE), None)
-        if self._output_table is None and not self._said_unnamed:
-            self._said_unnamed = True
-            log.warning("deny path: no table of %s is named %s (Antrea names its tables "
-                        "through OpenFlow table features): rule directions are unknown",
-                        self.socket_path, OUTPUT_TABLE)
+        self._name_held_packets(final=self._output_table in self.table_names)
 
     def _packet_in(self, message: m.PacketIn) -> None:
         if message.userdata[:1] != bytes((NETWORK_POLICY,)):
             self.ignored += 1  # Traceflow, DNS, IGMP, Service reject: not a policy's
             return
-        reg0 = message.field("reg0")
-        disposition = (reg0.int() >> 11) & 0b11 if reg0 is not None else 0
-        action = ACTIONS.get(disposition)
+        reg0 = message.register(0)
+        action = verdict(reg0, message.userdata[1] if len(message.userdata) > 1 else 0)
         if action is None:
             self.allowed += 1  # an allowed (logged) packet: its connection is in conntrack
             return
         packet = self._denied_packet(message)
         if packet is None:
             return
-        reg2, reg3 = message.field("reg2"), message.field("reg3")
-        table = reg2.int() & 0xFF if reg2 is not None else message.table_id
-        self.store.add(packet, reg3.int() if reg3 is not None else 0, time.time(),
-                       ingress=direction((self.table_names or {}).get(table)),
-                       action=action)
+        rule_id = message.register(3) if reg0 & DENY_MARK else 0
+        table = message.register(2) & 0xFF or message.table_id
+        if table not in self.table_names and len(self._unnamed) < MAX_UNNAMED:
+            self._unnamed.append((packet, rule_id, table, action, time.time()))
+            return  # until its table has a name (`_name_held_packets`)
+        self._store(packet, rule_id, table, action, time.time())
+
+    def _name_held_packets(self, final: bool) -> None:
+        """Store the held packets whose table now has a name; `final` (Antrea has named its
+        tables: one without a name keeps none), or held for HOLD_SECONDS: all of them."""
+        held, self._unnamed, now = self._unnamed, [], time.time()
+        for packet, rule_id, table, action, when in held:
+            if table in self.table_names or final or now - when >= HOLD_SECONDS:
+                self._store(packet, rule_id, table, action, when)
+            else:
+                self._unnamed.append((packet, rule_id, table, action, when))
+
+    def _store(self, packet: DeniedPacket, rule_id: int, table: int, action: int,
+               when: float) -> None:
+        name = self.table_names.get(table)
+        rule_direction = direction(name)
+        if rule_direction == NEITHER:
+            self.directionless += 1
+            if not self._said_directionless:
+                self._said_directionless = True
+                log.warning("deny path: a packet denied in table %d (%s) of %s: that table "
+                            "tells no direction, so its records name the rule (%s) in "
+                            "neither element; counted in ovsflow_deny_direction_unknown_total "
+                            "(said once)", table, f"named {name}" if name else "no name",
+                            self.socket_path, rule_id or "none")
+        self.store.add(packet, rule_id, when, direction=rule_direction, action=action)

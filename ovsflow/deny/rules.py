@@ -34,17 +34,22 @@ class DenyFlow:
     match: tuple[Field, ...]
     export: bool  # to the controller (through the meter), or drop
 
-    def add(self, xid: int, table: int, meter_id: int | None) -> bytes:
-        """`meter_id` None: no meter (the switch refused ours), packet-ins unlimited."""
-        instructions = b""
-        if self.export:
-            instructions = (m.meter(meter_id) if meter_id is not None else b"") + \
-                m.apply_actions(m.nx_controller(PACKET_IN_BYTES, CONTROLLER_ID))
-        return m.flow_mod(xid, command=m.OFPFC_ADD, table_id=table, priority=self.priority,
-                          cookie=COOKIE, match=list(self.match), instructions=instructions)
+    def instructions(self, meter_id: int | None) -> m.Instructions:
+        """What the flow does: the meter (None: the switch refused ours, packet-ins not
+        rate-limited) then our controller, or nothing (drop). `openflow` encodes it for
+        the session's version (the meter is an instruction in 1.3, an action in 1.5)."""
+        if not self.export:
+            return m.Instructions()
+        return m.Instructions(meter_id, (m.ControllerAction(CONTROLLER_ID, PACKET_IN_BYTES,
+                                                            m.OFPR_ACTION),))
 
-    def delete(self, xid: int, table: int) -> bytes:
-        return m.flow_mod(xid, command=m.OFPFC_DELETE_STRICT, table_id=table,
+    def add(self, xid: int, table: int, meter_id: int | None, *, version: int) -> bytes:
+        return m.flow_mod(xid, version=version, command=m.OFPFC_ADD, table_id=table,
+                          priority=self.priority, cookie=COOKIE, match=list(self.match),
+                          instructions=self.instructions(meter_id))
+
+    def delete(self, xid: int, table: int, *, version: int) -> bytes:
+        return m.flow_mod(xid, version=version, command=m.OFPFC_DELETE_STRICT, table_id=table,
                           priority=self.priority, cookie=COOKIE, cookie_mask=ALL_COOKIE_BITS,
                           match=list(self.match))
 
@@ -83,10 +88,10 @@ def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
     return prefixes
 
 
-def delete_all(xid: int, table: int) -> bytes:
+def delete_all(xid: int, table: int, *, version: int) -> bytes:
     """Every flow with our cookie in our table; flows of others are untouched."""
-    return m.flow_mod(xid, command=m.OFPFC_DELETE, table_id=table, cookie=COOKIE,
-                      cookie_mask=ALL_COOKIE_BITS)
+    return m.flow_mod(xid, version=version, command=m.OFPFC_DELETE, table_id=table,
+                      cookie=COOKIE, cookie_mask=ALL_COOKIE_BITS)
 
 
 def installed_flow(entry: m.FlowEntry, meter_id: int | None) -> DenyFlow | None:
@@ -94,12 +99,10 @@ def installed_flow(entry: m.FlowEntry, meter_id: int | None) -> DenyFlow | None:
     `DenyFlow.add` wrote it; None when it is anything else: changed by someone, or added
     under our cookie by someone."""
     match = tuple(sorted(entry.match, key=lambda f: (f.oxm_class, f.field)))
-    if entry.instructions == m.Instructions():
-        return DenyFlow(entry.priority, match, export=False)
-    exported = m.Instructions(meter_id, (m.ControllerAction(CONTROLLER_ID, PACKET_IN_BYTES,
-                                                            m.OFPR_ACTION),))
-    if entry.instructions == exported:
-        return DenyFlow(entry.priority, match, export=True)
+    for export in (False, True):
+        flow = DenyFlow(entry.priority, match, export)
+        if entry.instructions == flow.instructions(meter_id):
+            return flow
     return None
 
 
@@ -111,6 +114,6 @@ def meter_bands(rate: int) -> tuple[tuple[int, int, int], ...]:
     return ((m.OFPMBT_DROP, rate, max(rate // 10, 1)),)
 
 
-def meter_mod(xid: int, command: int, meter_id: int, rate: int) -> bytes:
-    return m.meter_mod(xid, command=command, meter_id=meter_id, flags=METER_FLAGS,
-                       bands=list(meter_bands(rate)))
+def meter_mod(xid: int, command: int, meter_id: int, rate: int, *, version: int) -> bytes:
+    return m.meter_mod(xid, version=version, command=command, meter_id=meter_id,
+                       flags=METER_FLAGS, bands=list(meter_bands(rate)))

@@ -71,7 +71,9 @@ class BridgeSession:
         self.malformed = 0
         self.connections = 0
         self.attempts = 0  # sessions started
-        self.meter_drops = 0  # packet-ins the meter dropped, as the switch last reported
+        self.meter_drops = 0  # packet-ins the meter dropped, across the meter's lifetimes
+        self._meter_seen: m.MeterStat | None = None  # the switch's last answer
+        self._meter_drops_before = 0  # what earlier lifetimes of the meter dropped
         # None until a switch answered (or no meter of ours); False: it refused the meter
         self.meter_supported: bool | None = None
         # Health, on the monotonic clock: /healthz reads these through `problem()`.
@@ -187,15 +189,24 @@ class BridgeSession:
         read for every packet-in)."""
 
     async def refresh_meter_stats(self) -> None:
-        """Ask the switch how many packet-ins the meter dropped (shown as a metric)."""
+        """Ask the switch how many packet-ins the meter dropped (shown as a counter). A
+        meter deleted and added again (Antrea deletes every meter at each connect) or a
+        restarted switch counts from 0 again: seen as a count or an age that went back, what
+        the earlier meter had dropped is kept (less what it dropped since the last read)."""
         connection, meter_id = self.connection, self.stats_meter_id
         if connection is None or connection.closed or not self.healthy or meter_id is None:
             return
+        v = connection.version
         try:
             reply = await connection.request(
-                lambda xid: m.meter_stats_request(xid, meter_id), timeout=2.0)
+                lambda xid: m.meter_stats_request(xid, meter_id, version=v), timeout=2.0)
         except SESSION_ERRORS as err:
             log.debug("deny path: meter stats unavailable: %s", err)
             return
         if isinstance(reply, m.MeterStats) and meter_id in reply.meters:
-            self.meter_drops = reply.meters[meter_id]["packets_dropped"]
+            stat, seen = reply.meters[meter_id], self._meter_seen
+            if seen is not None and (stat.packets_dropped < seen.packets_dropped
+                                     or stat.duration_sec < seen.duration_sec):
+                self._meter_drops_before += seen.packets_dropped
+            self._meter_seen = stat
+            self.meter_drops = self._meter_drops_before + stat.packets_dropped

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 METER_EXISTS = (12, 1)  # OFPET_METER_MOD_FAILED / OFPMMFC_METER_EXISTS
 UNKNOWN_METER = (12, 3)  # OFPMMFC_UNKNOWN_METER
+# Antrea's meters on br-int: 1-255 Egress QoS, 256-258 its packet-in meters (antrea-io/antrea
+# pkg/agent/openflow/packetin.go, PacketInMeterIDNP/TF/DNS). Antrea deletes every meter at
+# each connect, and a meter of ours in its range would be replaced by one of Antrea's.
+ANTREA_METERS = range(1, 259)
 
 
 class DenySource(BridgeSession):
@@ -44,6 +48,10 @@ class DenySource(BridgeSession):
         self.installed_event = asyncio.Event()  # set while our flows are in place
         self._flows_lock = asyncio.Lock()  # a check never sees a reconcile half done
         self.restorations = 0  # flows or meter put back after someone deleted or changed them
+        if meter_id in ANTREA_METERS:
+            log.warning("deny path: meter %d is in Antrea's range (1-255 Egress QoS, 256-258 "
+                        "packet-ins): beside Antrea, choose ovs.denyMeterId outside it",
+                        meter_id)
 
     @property
     def stats_meter_id(self) -> int | None:
@@ -58,23 +66,25 @@ class DenySource(BridgeSession):
         connection = await self._open()
         await self._install()
         self.connected_since, self.failing_since = time.monotonic(), None
-        log.info("deny path: flows installed in table %d of %s for protocols %s%s",
-                 self.table, self.socket_path, self.filter.protocols.describe(),
+        log.info("deny path: flows installed in table %d of %s (OpenFlow %s) for protocols "
+                 "%s%s", self.table, self.socket_path, m.VERSION_NAMES[connection.version],
+                 self.filter.protocols.describe(),
                  "" if self.meter_supported else " (no meter: packet-ins not rate-limited)")
         await self._receive(connection)
 
     async def _install(self) -> None:
         connection = self.connection
         assert connection is not None
+        v = connection.version
         await connection.transact([
-            lambda xid: m.set_controller_id(xid, CONTROLLER_ID),
-            lambda xid: m.set_config(xid, miss_send_len=PACKET_IN_BYTES)])
+            lambda xid: m.set_controller_id(xid, CONTROLLER_ID, version=v),
+            lambda xid: m.set_config(xid, miss_send_len=PACKET_IN_BYTES, version=v)])
         await self._install_meter(connection)
         meter_id = self.meter_id if self.meter_supported else None
         flows = deny_flows(self.filter.protocols)
         await connection.transact(
-            [lambda xid: delete_all(xid, self.table)]
-            + [lambda xid, f=f: f.add(xid, self.table, meter_id) for f in flows])
+            [lambda xid: delete_all(xid, self.table, version=v)]
+            + [lambda xid, f=f: f.add(xid, self.table, meter_id, version=v) for f in flows])
         self.installed = flows
         self.installed_event.set()
 
@@ -82,15 +92,18 @@ class DenySource(BridgeSession):
         """Add (or update) our meter. A switch that refuses it (no meter support in its
         datapath, no meters left) gets the flows without one: denied packets are still
         exported, only not rate-limited. Said once in the log, always in `meter_supported`."""
+        v = connection.version
         try:
             try:
                 await connection.transact([
-                    lambda xid: meter_mod(xid, m.OFPMC_ADD, self.meter_id, self.rate)])
+                    lambda xid: meter_mod(xid, m.OFPMC_ADD, self.meter_id, self.rate,
+                                          version=v)])
             except m.OpenFlowError as err:
                 if (err.type, err.code) != METER_EXISTS:
                     raise
                 await connection.transact([
-                    lambda xid: meter_mod(xid, m.OFPMC_MODIFY, self.meter_id, self.rate)])
+                    lambda xid: meter_mod(xid, m.OFPMC_MODIFY, self.meter_id, self.rate,
+                                          version=v)])
         except m.OpenFlowError as err:
             if self.meter_supported is not False:
                 log.warning("deny path: the switch refused meter %d (%s); installing the deny "
@@ -119,9 +132,10 @@ class DenySource(BridgeSession):
     async def _damage(self, connection: OpenFlowConnection) -> str:
         """What is not as installed ("" when all is): flows of our cookie gone, changed or
         added by someone else; our meter gone or changed."""
+        v = connection.version
         replies = await connection.request_all(
-            lambda xid: m.flow_stats_request(xid, self.table, COOKIE, ALL_COOKIE_BITS),
-            timeout=2.0)
+            lambda xid: m.flow_stats_request(xid, self.table, COOKIE, ALL_COOKIE_BITS,
+                                             version=v), timeout=2.0)
         meter_id = self.meter_id if self.meter_supported else None
         found = [installed_flow(entry, meter_id) for reply in replies for entry in reply.flows]
         damage = []
@@ -134,7 +148,8 @@ class DenySource(BridgeSession):
         if self.meter_supported:
             try:
                 replies = await connection.request_all(
-                    lambda xid: m.meter_config_request(xid, self.meter_id), timeout=2.0)
+                    lambda xid: m.meter_config_request(xid, self.meter_id, version=v),
+                    timeout=2.0)
                 meters = {k: v for reply in replies for k, v in reply.meters.items()}
             except m.OpenFlowError as err:
                 if (err.type, err.code) != UNKNOWN_METER:
@@ -156,12 +171,13 @@ class DenySource(BridgeSession):
             return  # the next session installs the current set
         wanted = deny_flows(self.filter.protocols)
         meter_id = self.meter_id if self.meter_supported else None
+        v = connection.version
         async with self._flows_lock:
             try:
                 await connection.transact(
-                    [lambda xid, f=f: f.add(xid, self.table, meter_id)
+                    [lambda xid, f=f: f.add(xid, self.table, meter_id, version=v)
                      for f in wanted - self.installed]
-                    + [lambda xid, f=f: f.delete(xid, self.table)
+                    + [lambda xid, f=f: f.delete(xid, self.table, version=v)
                        for f in self.installed - wanted])
             except SESSION_ERRORS as err:
                 self._abandoned = err  # the session ends with this error
@@ -178,5 +194,4 @@ class DenySource(BridgeSession):
         packet = self._denied_packet(message)
         if packet is None:
             return
-        reg3 = message.field("reg3")
-        self.store.add(packet, reg3.int() if reg3 is not None else 0, time.time())
+        self.store.add(packet, message.register(3), time.time())

@@ -20,21 +20,26 @@ from .packet import DeniedPacket
 
 log = logging.getLogger(__name__)
 
+# Which elements of a record name the rule: the rule's direction, when the pipeline tells it
+INGRESS, EGRESS = 1, 0
+BOTH = -1  # denySource table: the pipeline tells the rule (reg3), not its direction
+NEITHER = -2  # denySource antrea, a table that tells no direction: never guessed
+
 # An entry in the export state: its key (`_STATE_KEY` then the two addresses) and a row.
-_STATE_KEY = struct.Struct(">BHHBBIbB")  # protocol, ports, ICMP, rule id, ingress, action
+_STATE_KEY = struct.Struct(">BHHBBIbB")  # protocol, ports, ICMP, rule id, direction, action
 STATE_ROW = np.dtype([("first", "<f8"), ("last", "<f8"), ("last_export", "<f8"),
                       ("last_end", "<f8"), ("packets", "<u8"), ("octets", "<u8"),
                       ("exported_packets", "<u8"), ("exported_octets", "<u8")])
-_INGRESS = {None: -1, False: 0, True: 1}
 
 
 class _Denied:
-    __slots__ = ("packet", "rule_id", "ingress", "action", "first", "last", "last_export",
+    __slots__ = ("packet", "rule_id", "direction", "action", "first", "last", "last_export",
                  "last_end", "packets", "octets", "exported_packets", "exported_octets", "pods")
 
-    def __init__(self, packet: DeniedPacket, rule_id: int, ingress: bool | None, action: int,
+    def __init__(self, packet: DeniedPacket, rule_id: int, direction: int, action: int,
                  now: float):
-        self.packet, self.rule_id, self.ingress, self.action = packet, rule_id, ingress, action
+        self.packet, self.rule_id, self.direction = packet, rule_id, direction
+        self.action = action
         self.first = self.last = self.last_export = self.last_end = now
         self.packets = self.octets = self.exported_packets = self.exported_octets = 0
         self.pods = NO_PODS  # as last known (Enricher)
@@ -52,14 +57,14 @@ class DenyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, packet: DeniedPacket, rule_id: int, now: float, ingress: bool | None = None,
+    def add(self, packet: DeniedPacket, rule_id: int, now: float, direction: int = BOTH,
             action: int = RULE_DROP) -> None:
-        """One denied packet. `ingress`: the direction of the rule that denied it, when the
-        pipeline tells it (None: unknown, both the ingress and egress elements carry the
-        rule); `action`: RULE_DROP or RULE_REJECT."""
+        """One denied packet. `direction`: INGRESS or EGRESS, the direction of the rule that
+        denied it, when the pipeline tells it; BOTH (the ingress and egress elements carry
+        the rule) or NEITHER; `action`: RULE_DROP or RULE_REJECT. `rule_id` 0: none."""
         key = (packet.source, packet.destination, packet.protocol, packet.source_port,
-               packet.destination_port, packet.icmp_type, packet.icmp_code, rule_id, ingress,
-               action)
+               packet.destination_port, packet.icmp_type, packet.icmp_code, rule_id,
+               direction, action)
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= self.max_entries:
@@ -68,7 +73,7 @@ class DenyStore:
                     log.warning("deny store full (%d): %d denied packets not aggregated so far;"
                                 " raise ovs.maxDenyConnections", self.max_entries, self.rejected)
                 return
-            entry = self._entries[key] = _Denied(packet, rule_id, ingress, action, now)
+            entry = self._entries[key] = _Denied(packet, rule_id, direction, action, now)
             if self.enricher is not None:  # the Pods as first seen (see Enricher.pods)
                 entry.pods = self.enricher.pods(packet.source, packet.destination)
         entry.packets += 1
@@ -106,34 +111,33 @@ class DenyStore:
                           e.exported_packets, e.exported_octets) for e in entries], STATE_ROW)
         keys = [_STATE_KEY.pack(e.packet.protocol, e.packet.source_port,
                                 e.packet.destination_port, e.packet.icmp_type,
-                                e.packet.icmp_code, e.rule_id, _INGRESS[e.ingress], e.action)
+                                e.packet.icmp_code, e.rule_id, e.direction, e.action)
                 + e.packet.source + e.packet.destination for e in entries]
         return keys, rows
 
     def restore(self, keys: Sequence[bytes], rows: np.ndarray) -> int:
         """Continue a previous agent's entries (`snapshot`): same start, the packets it
         had not exported yet still to be exported. Returns how many."""
-        ingress_of = {value: ingress for ingress, value in _INGRESS.items()}
         restored = 0
         for key, row in zip(keys, rows.tolist()):
             if len(self._entries) >= self.max_entries:
                 break
-            (protocol, source_port, destination_port, icmp_type, icmp_code, rule_id, ingress,
+            (protocol, source_port, destination_port, icmp_type, icmp_code, rule_id, direction,
              action) = _STATE_KEY.unpack_from(key)
             length = (len(key) - _STATE_KEY.size) // 2
-            if length not in (4, 16):
+            if length not in (4, 16) or direction not in (INGRESS, EGRESS, BOTH, NEITHER):
                 continue
             source = key[_STATE_KEY.size:_STATE_KEY.size + length]
             destination = key[_STATE_KEY.size + length:]
             packet = DeniedPacket(source, destination, protocol, source_port, destination_port,
                                   icmp_type, icmp_code, 0)
-            entry = _Denied(packet, rule_id, ingress_of.get(ingress), action, row[0])
+            entry = _Denied(packet, rule_id, direction, action, row[0])
             (entry.first, entry.last, entry.last_export, entry.last_end, entry.packets,
              entry.octets, entry.exported_packets, entry.exported_octets) = row
             if self.enricher is not None:
                 entry.pods = self.enricher.pods(source, destination)
             self._entries[(source, destination, protocol, source_port, destination_port,
-                           icmp_type, icmp_code, rule_id, entry.ingress, action)] = entry
+                           icmp_type, icmp_code, rule_id, direction, action)] = entry
             restored += 1
         return restored
 
@@ -142,10 +146,8 @@ class DenyStore:
         entry.last_end = end = max(entry.last, entry.last_end)
         start_ms, end_ms = int(entry.first * 1000), int(end * 1000)
         rule = str(entry.rule_id) if entry.rule_id else ""
-        # The table path's pipeline tells the rule (reg3), not its direction: then both
-        # elements say it.
-        ingress = entry.ingress is None or entry.ingress
-        egress = entry.ingress is None or not entry.ingress
+        ingress = entry.direction in (INGRESS, BOTH)
+        egress = entry.direction in (EGRESS, BOTH)
         record = FlowRecord(
             DENY, p.source, p.destination, p.protocol, p.source_port, p.destination_port,
             p.icmp_type, p.icmp_code, start_ms, end_ms, start_ms // 1000, end_ms // 1000,
