@@ -274,8 +274,10 @@ def test_antrea_mode_filters_antreas_packet_ins_by_port_in_userspace(tmp_path):
         client = lab.add_pod("10.59.0.1/24", name="client", namespace="shop")
         server = lab.add_pod("10.59.0.2/24", name="server", namespace="shop")
         isolated = lab.add_pod("10.59.0.3/24", name="isolated", namespace="vault")
-        antrea = AntreaStandIn(lab.run_dir, lab.bridge, tmp_path / "antrea.json", 5,
-                               client.address, server.address, [isolated.address])
+        antrea = AntreaStandIn(lab.run_dir, lab.bridge, tmp_path / "antrea.json", {
+            "rules": [{"id": 5, "direction": "egress", "action": "drop", "from": ["client"],
+                       "to": ["server"], "logging": True}],
+            "isolated": [{"pod": "isolated", "direction": "ingress", "logging": True}]})
         config = lambda port: agent_config(  # noqa: E731
             tmp_path, port, ["dns", "tcp/80"],
             ovs={"runDir": lab.run_dir, "bridge": lab.bridge, "denySource": "antrea"})
