@@ -38,7 +38,7 @@ from .pods import PodMap
 from .protocols import ProtocolSet
 from .record import BATCH, EncodedRecords
 from .source import open_source
-from .state import ExportState, Origin, Section, conntrack_source_name
+from .state import ExportState, Origin, Section
 from .store import ConnectionStore
 from .supervisor import Supervisor
 
@@ -393,7 +393,7 @@ class Agent:
         """In the poll's worker thread, once the source is open: its kind says whose
         connections the state may continue."""
         assert self.export_state is not None
-        section = self.export_state.take("conntrack", conntrack_source_name(source))
+        section = self.export_state.take("conntrack", source.state_name)
         if section is not None:
             parts = section.parts
             while parts:  # each part freed once restored: never the whole table beside the store
@@ -410,7 +410,7 @@ class Agent:
         def save() -> None:
             sections = {"deny": deny}
             if source is not None and not self._restoring:
-                sections["conntrack"] = self.store.snapshot(conntrack_source_name(source))
+                sections["conntrack"] = self.store.snapshot(source.state_name)
             elif (carried := self.export_state.untaken("conntrack")) is not None:
                 sections["conntrack"] = carried
             self.export_state.save(sections, now)
