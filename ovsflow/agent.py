@@ -30,13 +30,12 @@ from .config import Config, ConfigError, IpfixConfig, load_config
 from .deny import open_deny_source
 from .deny.store import DenyStore
 from .enrich import Enricher, PodNetworks
-from .exporter import encode_in_batches
-from .exporters import Exporters
+from .exporter import IN_FLIGHT, Exporters, encode_in_batches
 from .filter import ConnectionFilter
 from .metrics import POLL_BUCKETS, serve
 from .pods import PodMap
 from .protocols import ProtocolSet
-from .record import BATCH, EncodedRecords
+from .record import EncodedRecords
 from .source import open_source
 from .state import ExportState, Origin, Section
 from .store import ConnectionStore
@@ -45,7 +44,6 @@ from .supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 SHUTDOWN_FLUSH_SECONDS = 10.0  # without progress: the collector is away
-IN_FLIGHT = 2 * BATCH  # records a poll lets wait for the collector before it waits itself
 HEALTH_POLLS = 3  # a layer failing for this many poll intervals makes /healthz answer 503
 HEALTH_MIN_SECONDS = 5.0  # ... and at least this long
 # What building a reloaded configuration can raise besides ConfigError: unreadable TLS files

@@ -24,6 +24,7 @@ from ..connection import Connection
 from ..enrich import Enricher
 from ..polled import Polled
 from ..record import EncodedRecords
+from ..rooms import room_attribute
 from ..state import Parts
 from . import state_parts
 from .due import DueRecords
@@ -31,15 +32,6 @@ from .poll import PollComparer
 from .records import RecordMaker
 from .spans import Spans
 from .table import ConnectionTable
-
-
-def _room_attribute(room: str, name: str) -> property:
-    def get(store: ConnectionStore):
-        return getattr(getattr(store, room), name)
-
-    def set_(store: ConnectionStore, value) -> None:
-        setattr(getattr(store, room), name, value)
-    return property(get, set_)
 
 
 class ConnectionStore:
@@ -56,15 +48,15 @@ class ConnectionStore:
 
     # The rooms' settings and counters that the agent, a reload and the metrics know by
     # the store's names
-    active_timeout = _room_attribute("due", "active_timeout")
-    idle_timeout = _room_attribute("due", "idle_timeout")
+    active_timeout = room_attribute("due", "active_timeout")
+    idle_timeout = room_attribute("due", "idle_timeout")
     # Where each batch of records goes as soon as it is encoded; None: `update` and `flush`
     # return them.
-    hand_over = _room_attribute("records", "hand_over")
+    hand_over = room_attribute("records", "hand_over")
     # Connections not tracked because the store was full, or because a value was out of its
     # column's range: each counted once, however many polls bring it again.
-    rejected = _room_attribute("poll", "rejected")
-    malformed = _room_attribute("poll", "malformed")
+    rejected = room_attribute("poll", "rejected")
+    malformed = room_attribute("poll", "malformed")
 
     def update(self, connections: Iterable[Connection], now: float) -> list[EncodedRecords]:
         """`update_polled` for connections as objects (the OVS source's parser, tests)."""
