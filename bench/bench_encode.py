@@ -29,7 +29,7 @@ import numpy as np
 
 from ovsflow.connection import Connection, identity, labels_bytes
 from ovsflow.enrich import Enricher, PodNetworks
-from ovsflow.ipfix.codec import MessageEncoder
+from ovsflow.ipfix.messages import MessageEncoder
 from ovsflow.ipfix.templates import template_for
 from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.record import ACTIVE_TIMEOUT, CONNTRACK, RULE_ALLOW, FlowRecord

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import Collector, free_port
 from ovsflow.config import TlsSettings, client_tls_context
 from ovsflow.exporter import Exporter, RecordEncoder, encode_records
-from ovsflow.ipfix.codec import HEADER, MessageDecoder, MessageEncoder, MessageStream
+from ovsflow.ipfix.messages import HEADER, MessageDecoder, MessageEncoder, MessageStream
 from ovsflow.ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES
 from ovsflow.record import BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
 from ovsflow.transport import StreamTransport, UdpTransport

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
 
-from ..ipfix.codec import HEADER
+from ..ipfix.messages import HEADER
 from ..record import EncodedRecords
 
 

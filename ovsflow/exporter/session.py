@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..ipfix.codec import HEADER, SET_HEADER, MessageEncoder, Template
+from ..ipfix.codec import Template
+from ..ipfix.messages import HEADER, SET_HEADER, MessageEncoder
 from ..ipfix.templates import ALL_TEMPLATES
 from ..record import EncodedRecords
 
