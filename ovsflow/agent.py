@@ -126,7 +126,7 @@ class Agent:
                  ", ".join(self.exporters.by_collector),
                  self.config.ipfix.observation_domain_id)
         if self.config.metrics.host:  # bound here: a taken address stops the start
-            await self._serve_metrics_at_start()
+            await self._start_metrics_server()
         if self.pods is not None:
             self.pods.start()  # loads in its own thread, reconnects by itself
         if self.state_keeper is not None:
@@ -179,13 +179,13 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
-    async def _serve_metrics_at_start(self) -> None:
+    async def _start_metrics_server(self) -> None:
         self._metrics_server = await serve(AgentMetrics(self), self.health,
                                            self.config.metrics.host, self.config.metrics.port)
 
     async def _serve_metrics(self) -> None:
         if self._metrics_server is None or not self._metrics_server.is_serving():
-            await self._serve_metrics_at_start()
+            await self._start_metrics_server()
         await self._metrics_server.serve_forever()
 
     async def _poll_loop(self) -> None:
