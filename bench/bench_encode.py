@@ -2,7 +2,7 @@
 states that repeat; a quarter with Pod names, some with rule names).
 
 The conntrack path (the target's): the connection store writes due records straight from
-its columns as template rows (`ConnectionStore._emit`, timed here on a store holding the
+its columns as template rows (`RecordMaker.emit`, timed here on a store holding the
 mix, every connection due: deltas, times, the cached runs of strings, the rows), alone and
 then cut into messages of at most 1472 bytes (UDP over a 1500-byte MTU) or 65535 (TCP), as
 the exporter cuts them at send time. The FlowRecord path (deny records): the records of each
@@ -29,7 +29,7 @@ import numpy as np
 
 from ovsflow.connection import Connection, identity, labels_bytes
 from ovsflow.enrich import Enricher, PodNetworks
-from ovsflow.ipfix.codec import MessageEncoder
+from ovsflow.ipfix.messages import MessageEncoder
 from ovsflow.ipfix.templates import template_for
 from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.record import ACTIVE_TIMEOUT, CONNTRACK, RULE_ALLOW, FlowRecord
@@ -90,7 +90,7 @@ def make_store(records: list[FlowRecord]) -> ConnectionStore:
 def encode_from_columns(store: ConnectionStore, max_size: int) -> None:
     made: list = []
     slots = np.arange(len(store))
-    store._emit(slots, ACTIVE_TIMEOUT, 5.0, made)
+    store.records.emit(slots, ACTIVE_TIMEOUT, 5.0, made)
     if max_size:
         encoder = MessageEncoder(1, max_size)
         for batch in made:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ovsflow.ipfix.codec import MessageDecoder, MessageStream  # noqa: E402
+from ovsflow.ipfix.messages import MessageDecoder, MessageStream  # noqa: E402
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from .ipfix.codec import DecodeError, MessageDecoder, MessageStream
+from .ipfix.codec import DecodeError
+from .ipfix.messages import MessageDecoder, MessageStream
 
 log = logging.getLogger(__name__)
 

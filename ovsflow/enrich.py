@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .connection import labels_value
 from .pods import PodMap, PodRef
 from .record import RULE_ALLOW, FlowRecord
+
+if TYPE_CHECKING:
+    from .config import IpfixConfig
 
 # Antrea's flowType values (pkg/apis/flow/v1alpha1/flow.proto, FlowType)
 FLOW_TYPE_UNKNOWN, INTRA_NODE, INTER_NODE, TO_EXTERNAL, FROM_EXTERNAL = 0, 1, 2, 3, 4
@@ -54,6 +58,11 @@ class PodNetworks:
             if value & mask == network:
                 return True
         return False
+
+
+def configured_pod_networks(ipfix: IpfixConfig) -> PodNetworks:
+    """The Pod networks `ipfix.clusterPodCIDRs` names."""
+    return PodNetworks(str(network) for network in ipfix.cluster_pod_cidrs)
 
 
 def flow_type(source_pod: PodRef | None, destination_pod: PodRef | None,

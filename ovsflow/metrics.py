@@ -1,22 +1,15 @@
-"""Prometheus metrics and health endpoints, read from the components' own counters.
+"""Prometheus metrics and the probes' HTTP endpoints, read from the components' own counters.
 
 The components count in plain integers (cheap on the hot path, easy to assert on in tests);
 this module only presents them, over a small HTTP server on the agent's event loop:
-`/metrics`; `/livez` (503 only when the process is stuck: the liveness probe, which a
-collector outage must not fail, or the kubelet would restart every agent and drop their
-queues); `/readyz` (a poll has completed and something reached the collector: over UDP, a
-datagram went out); `/healthz` (503 while a layer — poll, exporter, deny path, a supervised
-task — has been unable to do its job for a few poll intervals; the body says which and why:
-for people and alerts, not for restarts).
+`/metrics`, and the probes `health.py` answers: `/livez`, `/readyz`, `/healthz`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -25,20 +18,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .exporter import Exporter
+from .health import POLL_BUCKETS, PROBES, Health
 from .ipfix import codec
 from .protocols import protocol_name
 from .state import ExportState
 
-if TYPE_CHECKING:
-    from .agent import Agent
-
 log = logging.getLogger(__name__)
-
-# /livez: the poll loop counts as stuck when no poll has ended for this many intervals, and
-# at least this long (a 500k-entry table takes seconds; backpressure up to the stall timeout)
-LIVENESS_POLLS = 10
-LIVENESS_MIN_SECONDS = 120.0
-POLL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, cumulative
 
 
 class ExporterMetrics(Collector):
@@ -102,23 +87,27 @@ def export_state_metrics(state: ExportState):
 
 
 class AgentMetrics(Collector):
-    def __init__(self, agent: Agent):
+    """The running agent's parts (its store, filter, exporters, deny path...) and its
+    `Health`, read at each scrape. The agent hands itself over: this module does not import
+    it."""
+
+    def __init__(self, agent):
         self.agent = agent
 
     def collect(self):
         agent = self.agent
+        health = agent.health
         yield from ExporterMetrics(agent.exporters.by_collector).collect()
         yield CounterMetricFamily("ovsflow_polls", "Conntrack polls completed",
-                                  value=agent.polls)
+                                  value=health.polls)
         yield CounterMetricFamily("ovsflow_poll_errors", "Conntrack polls that failed",
-                                  value=agent.poll_errors)
+                                  value=health.poll_errors)
         yield GaugeMetricFamily("ovsflow_poll_seconds", "Duration of the last poll cycle "
                                 "(dump, decode, filter, store update)",
-                                value=agent.last_poll_seconds)
+                                value=health.last_poll_seconds)
         yield GaugeMetricFamily("ovsflow_poll_interval_seconds", "The configured poll "
                                 "interval (flowExporter.flowPollInterval), for comparing "
-                                "poll durations with it",
-                                value=agent.config.flow_exporter.poll_interval)
+                                "poll durations with it", value=health.poll_interval)
         yield GaugeMetricFamily("ovsflow_connections_tracked", "Connections in the store",
                                 value=len(agent.store))
         yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
@@ -135,14 +124,14 @@ class AgentMetrics(Collector):
         histogram = HistogramMetricFamily("ovsflow_poll_duration_seconds", "Poll cycles (dump, "
                                           "decode, filter, store update)")
         buckets = [(str(bound), count) for bound, count in zip(POLL_BUCKETS,
-                                                                agent.poll_buckets)]
-        histogram.add_metric([], buckets + [("+Inf", agent.polls)],
-                             sum_value=agent.poll_seconds_sum)
+                                                                health.poll_buckets)]
+        histogram.add_metric([], buckets + [("+Inf", health.polls)],
+                             sum_value=health.poll_seconds_sum)
         yield histogram
         yield CounterMetricFamily("ovsflow_reloads", "Configurations reloaded (SIGHUP or a "
                                   "changed file)", value=agent.reloads)
-        if agent.export_state is not None:
-            yield from export_state_metrics(agent.export_state)
+        if agent.state_keeper is not None:
+            yield from export_state_metrics(agent.state_keeper.export_state)
         if agent.pods is not None:
             yield CounterMetricFamily("ovsflow_ovsdb_values_cut", "OVSDB Port external_ids "
                                       "values left out for being over their bound (pod-name "
@@ -156,7 +145,7 @@ class AgentMetrics(Collector):
         for task, count in sorted(agent.supervisor.restarts.items()):
             restarts.add_metric([task], count)
         yield restarts
-        problems = agent.problems()
+        problems = health.problems()
         healthy = GaugeMetricFamily("ovsflow_healthy", "1 when the layer does its job, 0 when "
                                     "it has been unable to for a few poll intervals (/healthz "
                                     "says why)", labels=["layer"])
@@ -167,7 +156,7 @@ class AgentMetrics(Collector):
         yield healthy
         by_protocol = CounterMetricFamily("ovsflow_records_by_protocol", "Flow records made, "
                                           "by layer and protocol", labels=["layer", "protocol"])
-        for (layer, protocol), count in sorted(agent.records_by_protocol.items()):
+        for (layer, protocol), count in sorted(health.records_by_protocol.items()):
             by_protocol.add_metric([layer, protocol_name(protocol)], count)
         yield by_protocol
         source = agent.source
@@ -227,49 +216,17 @@ class AgentMetrics(Collector):
                                         value=int(deny.meter_supported))
 
 
-def health(agent: Agent) -> tuple[int, str]:
-    problems = agent.problems()
-    if problems:
-        return 503, "".join(f"{layer}: {why}\n" for layer, why in sorted(problems.items()))
-    return 200, "ok\n"
-
-
-def liveness(agent: Agent) -> tuple[int, str]:
-    """Whether restarting the process could help: only when it is stuck. That this answer is
-    served at all shows the event loop turns; the poll loop must have ended a poll (a failed
-    one too: a failing source is a /healthz problem, not a stuck process) within a bound
-    generous enough for the largest table and for backpressure, which ends within the
-    exporter's stall timeout while the collector takes nothing. A collector outage never
-    fails it."""
-    bound = max(LIVENESS_POLLS * agent.config.flow_exporter.poll_interval,
-                LIVENESS_MIN_SECONDS)
-    idle = time.monotonic() - (agent.last_poll_ended_at or agent.started_at)
-    if idle > bound:
-        return 503, f"poll loop stuck: no poll ended for {idle:.0f}s (bound {bound:.0f}s)\n"
-    return 200, "alive\n"
-
-
-def readiness(agent: Agent) -> tuple[int, str]:
-    if not agent.polls:
-        return 503, "no conntrack poll has completed yet\n"
-    if not agent.exporters.delivered:
-        return 503, "nothing has reached the collector yet\n"
-    return 200, "ready\n"
-
-
-PROBES = {"/livez": liveness, "/readyz": readiness, "/healthz": health}
-
-
-async def serve(agent: Agent, host: str, port: int) -> asyncio.Server:
+async def serve(metrics: Collector, health: Health, host: str, port: int) -> asyncio.Server:
+    """`/metrics` from `metrics`, the probes from `health`."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(AgentMetrics(agent))
+    registry.register(metrics)
 
     def _answer(path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":
             return 200, generate_latest(registry), "text/plain; version=0.0.4"
         probe = PROBES.get(path)
         if probe is not None:
-            status, text = probe(agent)
+            status, text = probe(health)
             return status, text.encode(), "text/plain"
         return 404, b"not found\n", "text/plain"
 

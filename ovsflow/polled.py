@@ -1,7 +1,7 @@
 """A piece of a poll as columns: what the store compares and keeps of each polled connection.
 
 A poll brings 10k-500k connections, nearly all unchanged since the one before. As columns,
-the store matches them with its own in a few array operations (`ConnectionStore.update`)
+the store matches them with its own in a few array operations (`store/poll.py`)
 instead of a loop of Python statements per connection. The kernel decoder makes them
 straight from its receive buffers (`ctnetlink.ColumnDecoder`: a few gathers per learned layout,
 no object per entry); `from_connections` makes them from `Connection`s (the OVS source's

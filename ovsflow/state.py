@@ -198,17 +198,6 @@ def decode(data: bytes) -> Decoded:
     return Decoded(origin, sections)
 
 
-def conntrack_source_name(source) -> str:
-    """What a conntrack source's entries belong to: the kernel's conntrack (of this network
-    namespace), or one ovs-vswitchd process, whose userspace conntrack dies with it."""
-    run_dir = getattr(source, "run_dir", None)
-    if run_dir is None:
-        return "kernel"
-    from .source.ovs import vswitchd_control_socket
-
-    return f"ovs {vswitchd_control_socket(run_dir)}"
-
-
 class ExportState:
     """The agent's export state file, `<directory>/export-state-<netns>-<domain>`: one
     per network namespace and observation domain, so that two agents sharing a directory

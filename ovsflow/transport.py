@@ -25,7 +25,7 @@ import termios
 import time
 
 from .config import CollectorAddress, ConfigError, IpfixConfig, TlsSettings, client_tls_context
-from .ipfix.codec import MAX_MESSAGE_SIZE
+from .ipfix.messages import MAX_MESSAGE_SIZE
 
 log = logging.getLogger(__name__)
 

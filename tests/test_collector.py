@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from helpers import Collector
-from ovsflow.ipfix.codec import MessageEncoder
+from ovsflow.ipfix.messages import MessageEncoder
 from ovsflow.ipfix.templates import RECORD_TEMPLATES
 from ovsflow.record import CONNTRACK, FlowRecord
 

@@ -24,7 +24,7 @@ import pytest
 
 from helpers import free_port
 from ovsflow.exporter import Exporter
-from ovsflow.ipfix.codec import MessageEncoder
+from ovsflow.ipfix.messages import MessageEncoder
 from ovsflow.ipfix.templates import ALL_TEMPLATES, template_for
 from ovsflow.record import (
     ACTIVE_TIMEOUT, CONNTRACK, DENY, END_OF_FLOW, IDLE_TIMEOUT, RULE_DROP, FlowRecord,

@@ -96,8 +96,8 @@ async def reload_once(tmp_path: Path, change: dict, caplog) -> tuple[Agent, list
         changed[section] = {k: v for k, v in changed[section].items() if v is not None}
     agent = Agent(parse_config(base))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ovsflow.agent"):
-        await asyncio.wait_for(agent._reload(parse_config(changed)), 10)
+    with caplog.at_level(logging.WARNING, logger="ovsflow.reload"):
+        await asyncio.wait_for(agent.reloader.apply(parse_config(changed)), 10)
     return agent, [r.getMessage() for r in caplog.records if "next restart" in r.getMessage()]
 
 

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ovsflow.ipfix import codec
-from ovsflow.ipfix.codec import (
-    HEADER, SET_HEADER, MessageDecoder, MessageEncoder, Template, TemplateField,
-)
+from ovsflow.ipfix.codec import Template, TemplateField
+from ovsflow.ipfix.messages import HEADER, SET_HEADER, MessageDecoder, MessageEncoder
 from ovsflow.ipfix.elements import VARIABLE_LENGTH, element
 from ovsflow.ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES, template_fields
 from ovsflow.record import CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord

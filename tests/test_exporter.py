@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from helpers import Collector, free_port
 from ovsflow.config import TlsSettings, client_tls_context
-from ovsflow.exporter import BATCH, Exporter, RecordEncoder, encode_records
-from ovsflow.ipfix.codec import HEADER, MessageDecoder, MessageEncoder, MessageStream
+from ovsflow.exporter import Exporter, RecordEncoder, encode_records
+from ovsflow.ipfix.messages import HEADER, MessageDecoder, MessageEncoder, MessageStream
 from ovsflow.ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES
-from ovsflow.record import CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
+from ovsflow.record import BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
 from ovsflow.transport import StreamTransport, UdpTransport
 
 
@@ -526,7 +526,7 @@ def test_udp_to_a_host_name_is_sized_by_the_family_it_resolves_to(tmp_path):
 import asyncio, json, socket, sys
 sys.path[:0] = {sys.path!r}
 from test_exporter import records
-from ovsflow.exporter import BATCH, Exporter, RecordEncoder, encode_records
+from ovsflow.exporter import Exporter, RecordEncoder, encode_records
 from ovsflow.transport import UdpTransport
 sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 sink.bind(("::1", 0))

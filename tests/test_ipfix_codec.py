@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ovsflow.ipfix import codec
-from ovsflow.ipfix.codec import (
-    HEADER, NTP_EPOCH_OFFSET, DecodeError, MessageDecoder, MessageEncoder, MessageStream, Template, TemplateField,
-)
+from ovsflow.ipfix.codec import NTP_EPOCH_OFFSET, DecodeError, Template, TemplateField
+from ovsflow.ipfix.messages import HEADER, MessageDecoder, MessageEncoder, MessageStream
 from ovsflow.ipfix.elements import (
     ANTREA_PEN, DATA_TYPES, REVERSE_PEN, VARIABLE_LENGTH, InformationElement, element,
 )

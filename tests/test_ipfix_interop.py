@@ -18,7 +18,7 @@ from helpers import (
     OVSFLOW, Collector, free_port, tshark_capture, tshark_fields, use_antrea_information_model,
 )
 from ovsflow.exporter import Exporter
-from ovsflow.ipfix.codec import MessageEncoder
+from ovsflow.ipfix.messages import MessageEncoder
 from ovsflow.ipfix.templates import ALL_TEMPLATES, template_for
 from ovsflow.record import (
     ACTIVE_TIMEOUT, CONNTRACK, DENY, END_OF_FLOW, RULE_DROP, FlowRecord,

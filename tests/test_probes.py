@@ -18,7 +18,7 @@ import yaml
 from collecting import Output
 from helpers import OVSFLOW, Collector, agent_config, filled_namespace, free_port
 from lab.netns import PYTHON
-from ovsflow.metrics import LIVENESS_MIN_SECONDS, liveness
+from ovsflow.health import LIVENESS_MIN_SECONDS, liveness
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,11 +118,11 @@ def test_a_stuck_agent_fails_the_liveness_probe(agent):
 
 def agent_state(poll_interval: float, started_ago: float,
                 last_poll_ago: float | None) -> SimpleNamespace:
-    """What liveness() reads of an Agent, at times relative to now: when it started and
-    when a poll, failed or not, last ended."""
+    """What liveness() reads of the agent's Health, at times relative to now: when it
+    started and when a poll, failed or not, last ended."""
     now = time.monotonic()
     return SimpleNamespace(
-        config=SimpleNamespace(flow_exporter=SimpleNamespace(poll_interval=poll_interval)),
+        poll_interval=poll_interval,
         started_at=now - started_ago,
         last_poll_ended_at=0.0 if last_poll_ago is None else now - last_poll_ago)
 

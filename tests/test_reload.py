@@ -159,19 +159,19 @@ def test_a_reload_whose_parts_cannot_be_built_leaves_everything_as_it_was(
                 to_tls_config = load_config(str(path))
                 rotated.write_text("not a certificate yet\n")
                 with pytest.raises(ConfigError, match="rotated-ca.pem"):
-                    await agent._reload(to_tls_config)
+                    await agent.reloader.apply(to_tls_config)
                 assert agent.config is config and running(agent) == before
 
                 lab.vsctl("--", "--id=@ft", "create", "Flow_Table", f"flow_limit={len(flows)}",
                           "overflow_policy=refuse", "--", "set", "Bridge", lab.bridge,
                           f"flow_tables:{DENY_TABLE}=@ft")
                 path.write_text(yaml.safe_dump(changed))
-                assert await agent.reload() is False
+                assert await agent.reloader.reload() is False
                 assert agent.config is config and running(agent) == before
                 assert ovsflow_deny_flows(lab) == flows  # none of tcp's went in
 
                 lab.vsctl("clear", "Bridge", lab.bridge, "flow_tables")
-                assert await agent.reload() is True
+                assert await agent.reloader.reload() is True
                 after = running(agent)
                 for _ in range(200):  # reconciled now, or installed by the next session
                     if any(",tcp " in flow for flow in ovsflow_deny_flows(lab)):

@@ -201,7 +201,7 @@ def test_tuple_reuse_soak_keeps_one_slot_per_tuple():
                 conn_ids[port] += 1
         s.update([conn(sport=port, packets=t, conn_id=i) for port, i in conn_ids.items()],
                  float(t))
-        assert s._used == len(s) == 50
+        assert s.table.used == len(s) == 50
 
 
 def test_churn_soak_reuses_the_slots_of_gone_connections():
@@ -213,7 +213,7 @@ def test_churn_soak_reuses_the_slots_of_gone_connections():
         now = poll * 0.7 + (poll % 3) * 0.2
         s.update([conn(sport=port, packets=poll * (port % 2),
                        conn_id=1 + poll // 4 * (port % 3 == 0)) for port in window], now)
-        assert len(s) == 40 and s._used <= 45  # 40 live, and the 5 new before 5 gone left
+        assert len(s) == 40 and s.table.used <= 45  # 40 live, and the 5 new before 5 gone left
 
 
 def test_a_record_says_the_tcp_state_and_rules_of_its_time():
@@ -318,7 +318,7 @@ def test_the_table_of_encoded_spans_is_bounded():
                      labels=labels) for p, (state, labels) in enumerate(spans)]
     s.update(poll(1), 0.0)
     records = s.update(poll(2), 1.0)
-    assert len(s._spans) <= MAX_SPANS + BATCH  # checked before each batch
+    assert len(s.spans.encoded) <= MAX_SPANS + BATCH  # checked before each batch
     assert sorted(r.tcp_state for r in records) == sorted(state for state, _ in spans)
 
 

@@ -22,7 +22,7 @@ from collecting import Output
 from helpers import OVSFLOW, Collector, agent_config, filled_namespace
 from ovsflow.config import TlsSettings
 from ovsflow.exporter import Exporter
-from ovsflow.ipfix.codec import MessageDecoder, MessageStream
+from ovsflow.ipfix.messages import MessageDecoder, MessageStream
 from ovsflow.record import CONNTRACK, FlowRecord
 from ovsflow.transport import StreamTransport, TlsFiles
 

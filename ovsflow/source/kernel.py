@@ -325,6 +325,9 @@ def _filtered_out(entry: tuple, family: int, *, zone: int | None = None,
 
 class KernelSource:
     counted = True
+    # What its entries belong to in the export state: the kernel's conntrack (of this
+    # network namespace)
+    state_name = "kernel"
 
     def __init__(self, connection_filter: ConnectionFilter, kernel: KernelFilters):
         self.filter = connection_filter

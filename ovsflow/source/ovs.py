@@ -109,6 +109,12 @@ class OvsSource:
         self.run_dir = run_dir
         self.parse_errors = 0
 
+    @property
+    def state_name(self) -> str:
+        """What its entries belong to in the export state: one ovs-vswitchd process, whose
+        userspace conntrack dies with it."""
+        return f"ovs {vswitchd_control_socket(self.run_dir)}"
+
     async def update(self, store: ConnectionStore, now: float) -> list[EncodedRecords]:
         """One poll into the store, in a worker thread: each dump's reply decoded, parsed
         and handed to the store a piece at a time as it arrives, so a poll never holds the

@@ -16,13 +16,15 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 
-from .config import CollectorConfig, Config
-from .exporter import Exporter
-from .record import EncodedRecords
-from .supervisor import Supervisor
-from .transport import transport_for
+from ..config import CollectorConfig, Config
+from ..record import BATCH, EncodedRecords
+from ..supervisor import Supervisor
+from ..transport import transport_for
+from .sender import Exporter
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT = 2 * BATCH  # records a poll lets wait for the collectors before it waits itself
 
 
 def _transport(collector: CollectorConfig, config: Config):
