@@ -607,3 +607,57 @@ def test_header_look_alikes_inside_entries_never_move_the_message_starts(entries
     decoder = ColumnDecoder()
     decoder.feed(data)
     same_columns(decoder.take(), found)
+
+
+MARKS = {1: 0x13, 2: 0x10, 3: 0x0, 4: 0x3, 5: 0xF0, 6: 0x1}  # source port -> ct_mark
+
+
+def test_marks_reach_the_columns_and_the_filter_beside_antrea():
+    """The kernel's CTA_MARK, through the agent's path (the column decoder, the walk of a
+    first message and the layout it learns) and `--count`'s: beside Antrea, an entry
+    outside zone 0 whose mark has no source bits (ct_mark[0..3]) is left out, one in
+    zone 0 is kept whatever its mark."""
+    ns = Netns("ctmarks")
+    try:
+        ns.run("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1",
+               "net.netfilter.nf_conntrack_timestamp=1")
+        report = json.loads(in_netns(ns, f"""
+import json, socket
+from ovsflow.filter import ConnectionFilter
+from ovsflow.polled import key_bytes
+from ovsflow.protocols import ALL_PROTOCOLS
+from ovsflow.source import ctnetlink as ct
+from ovsflow.source.kernel import KernelSource, probe_filters
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ct.NETLINK_NETFILTER)
+s.bind((0, 0))
+marks = {MARKS!r}
+for sport, mark in marks.items():
+    for zone in (65520, 0):
+        s.send(ct.new_request(sport, 17, bytes((10, 9, 0, 1)), bytes((10, 9, 0, 2)), sport,
+                              53, zone=zone, mark=mark, timeout=60))
+        ct.parse_dump(s.recv(1 << 16), [])
+kernel = probe_filters()
+found = {{}}
+for antrea in (False, True):
+    source = KernelSource(ConnectionFilter(frozenset(), ALL_PROTOCOLS, antrea), kernel)
+    pieces = list(source.pieces())
+    found[antrea] = {{
+        "columns": sorted((int.from_bytes(k[1:3], "big"), z, m) for p in pieces
+                          for k, z, m in zip(key_bytes(p.keys), p.zones.tolist(),
+                                             p.marks.tolist())),
+        "objects": sorted((c.source_port, c.zone, c.mark) for c in source.dump_all()),
+        "count": source.count(), "left_out": dict(source.filter.rejected)}}
+print(json.dumps(found))
+"""))
+    finally:
+        ns.delete()
+    everything = sorted([sport, zone, mark] for sport, mark in MARKS.items()
+                        for zone in (65520, 0))
+    assert report["false"]["columns"] == report["false"]["objects"] == everything
+    assert report["false"]["count"] == 12 and report["false"]["left_out"] == {}
+    allowed = [[sport, zone, mark] for sport, zone, mark in everything
+               if zone == 0 or mark & 0xF]
+    assert report["true"]["columns"] == report["true"]["objects"] == allowed
+    assert report["true"]["count"] == len(allowed) == 9
+    # sports 2, 3 and 5 in zone 65520; counted by the column path and by the objects'
+    assert report["true"]["left_out"] == {"17": 2 * 3}

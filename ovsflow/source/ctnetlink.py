@@ -152,12 +152,15 @@ def _zone_attr(zone: int) -> bytes:
 
 
 def new_request(sequence: int, protocol: int, src: bytes, dst: bytes, sport: int, dport: int,
-                *, zone: int = 0, timeout: int = 600, tcp_state: str = "ESTABLISHED") -> bytes:
+                *, zone: int = 0, timeout: int = 600, tcp_state: str = "ESTABLISHED",
+                mark: int = 0) -> bytes:
     """IPCTNL_MSG_CT_NEW creating one entry and its reply tuple; for ICMP an echo with id
     `sport`. How tests and benchmarks fill conntrack fast, many messages per send
     (`conntrack -I` manages ~800/s), and how the filter probe makes its entry."""
     orig, reply = _tuples(protocol, src, dst, sport, dport)
     attrs = orig + reply + _attr(CTA_TIMEOUT, struct.pack(">I", timeout)) + _zone_attr(zone)
+    if mark:
+        attrs += _attr(CTA_MARK, struct.pack(">I", mark))
     if protocol == 6:
         attrs += _attr(CTA_PROTOINFO | NLA_F_NESTED, _attr(
             CTA_PROTOINFO_TCP | NLA_F_NESTED,
@@ -190,7 +193,7 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         start = pos + NLMSGHDR.size + NFGENMSG.size
         # the fast path (see _learn), inlined: this loop runs once per connection
         for (mask, expected, unpack, arguments, names, state_at, status_at, pack_key,
-             key_values, _, _, _, _) in layouts.get(length, ()):
+             key_values, _, _, _, _, _) in layouts.get(length, ()):
             if from_bytes(data[start:pos + length], "big") & mask == expected:
                 values = unpack(data, start)
                 state = names[values[state_at]] if names is not None else ""
@@ -224,12 +227,12 @@ def _entries(data: bytes) -> tuple[list[int], list[int], bool]:
     return starts, lengths, False
 
 
-def count_dump(data: bytes, counts: dict[tuple[int, int, int], int]) -> bool:
+def count_dump(data: bytes, counts: dict[tuple[int, ...], int], marks: bool = False) -> bool:
     """`parse_dump` for a count: add one receive buffer's entries to `counts` by (zone,
-    protocol, destination port), what the filter needs, without building a Connection
-    each. Returns True when the dump is complete. (The message walk is `_entries`',
-    repeated rather than shared: the count is timed against `conntrack -L`, and a walk
-    before the count costs each entry another loop turn.)"""
+    protocol, destination port), what the filter needs, and with `marks` the mark too,
+    without building a Connection each. Returns True when the dump is complete. (The
+    message walk is `_entries`', repeated rather than shared: the count is timed against
+    `conntrack -L`, and a walk before the count costs each entry another loop turn.)"""
     pos, end = 0, len(data)
     layouts, from_bytes, get = _LAYOUTS, int.from_bytes, counts.get
     while pos < end:
@@ -246,10 +249,16 @@ def count_dump(data: bytes, counts: dict[tuple[int, int, int], int]) -> bool:
                     found = (data[zone_at] << 8 | data[zone_at + 1] if zone_at > start else 0,
                              data[start + layout[10]],
                              data[port_at] << 8 | data[port_at + 1] if port_at > start else 0)
+                    if marks:
+                        mark_at = start + layout[13]
+                        found += (from_bytes(data[mark_at:mark_at + 4], "big")
+                                  if mark_at > start else 0,)
                     break
             else:
                 connection = _walk(data, pos, start, length)
                 found = connection.zone, connection.protocol, connection.destination_port
+                if marks:
+                    found += (connection.mark,)
             counts[found] = get(found, 0) + 1
         elif _control(data, pos, length, message_type):
             return True
@@ -462,7 +471,7 @@ _MAX_LAYOUTS_PER_LENGTH = 4
 # arguments getter, state names by number or None, where in the values the state number and
 # the status are, the key's packer and the getter of its values, offsets of the zone (0: none)
 # and of the protocol in the message, the headers and leaves found, for `columns.py`, and
-# the offset of the original destination port (0: none), for `count_dump`)
+# the offsets of the original destination port and of the mark (0: none), for `count_dump`)
 _LAYOUTS: dict[int, list[tuple]] = {}
 
 
@@ -591,7 +600,8 @@ def _learn(data: bytes, start: int, end: int) -> None:
               _numbered(state_names[0]) if state_names else None, fields.get("state"),
               fields["status"], struct.Struct("".join(key_codes)).pack,
               operator.itemgetter(*key_fields), offsets.get("zone", 0), offsets["protocol"],
-              (tuple(headers), tuple(leaves)), offsets.get("destination_port", 0))
+              (tuple(headers), tuple(leaves)), offsets.get("destination_port", 0),
+              offsets.get("mark", 0))
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]

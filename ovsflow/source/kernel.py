@@ -398,17 +398,18 @@ class KernelSource:
 
     def count(self) -> int:
         """How many connections the filter accepts (blocking), counted by zone, protocol and
-        destination port without a Connection per entry: `ovsflow conntrack --count`."""
+        destination port (and mark, beside Antrea) without a Connection per entry:
+        `ovsflow conntrack --count`."""
         total = 0
-        counts: dict[tuple[int, int, int], int] = {}
+        counts: dict[tuple[int, ...], int] = {}
+        count = partial(count_dump, counts=counts, marks=self.filter.antrea_allowed_only)
         with self._socket() as sock:
             for dump in self.dumps:
-                for restarted in self._receive(sock, dump, partial(
-                        _received, decode=partial(count_dump, counts=counts))):
+                for restarted in self._receive(sock, dump, partial(_received, decode=count)):
                     if restarted:
                         counts.clear()
-                total += sum(number for (zone, protocol, port), number in counts.items()
-                             if self.filter.accepts(zone, protocol, port))
+                total += sum(number for found, number in counts.items()
+                             if self.filter.accepts(*found))
                 counts.clear()
         return total
 
