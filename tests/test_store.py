@@ -14,6 +14,8 @@ from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.record import BATCH
 from ovsflow.store import MAX_SPANS, ConnectionStore
 
+import numpy as np
+
 from helpers import flow_records
 
 A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
@@ -470,3 +472,26 @@ def test_a_conntrack_id_over_32_bits_is_malformed_not_stored_wrapped():
     polled = [c._replace(packets=2) for c in (good, wrapped_to_0, wrapped_to_5)]
     assert [(r.source_port, r.flow_id) for r in s.update(polled, 1.0)] == [(1, 5)]
     assert [(r.source_port, r.flow_id) for r in s.flush(2.0)] == [(1, 5)]
+
+
+def test_the_previous_polls_order_guesses_slots_and_a_wrong_guess_is_never_taken():
+    """Rows come in the order of the poll before (store/order.py): the slot of each row is
+    guessed from it, and checked. After connections came and went (the rest shifted), in
+    another order altogether, or reversed, each row's counters still go to its own
+    connection: every record says the totals its own row brought."""
+    s = store(active=1, idle=1000)
+    ports = list(range(1, 3001))
+    s.update([conn(sport=p, packets=1, conn_id=p) for p in ports], 0.0)
+    rng = np.random.default_rng(5)
+    orders = [ports[:1000] + [5000, 5001, 5002] + ports[1005:],  # 3 new, 5 gone, a shift
+              [ports[i] for i in rng.permutation(len(ports))],
+              ports[::-1], ports]
+    before = set(ports)
+    for t, polled in enumerate(orders, 1):
+        totals = {p: 10 * t + p % 7 for p in polled}
+        records = s.update([conn(sport=p, packets=n, conn_id=p) for p, n in totals.items()],
+                           float(t))
+        moved = {r.source_port: r.packets for r in records if r.end_reason == ACTIVE_TIMEOUT}
+        # those new in this poll get their first record at the next
+        assert moved == {p: n for p, n in totals.items() if p in before}, t
+        before = set(polled)

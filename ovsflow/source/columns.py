@@ -39,19 +39,14 @@ _BODY = NLMSGHDR.size + NFGENMSG.size  # an entry's attributes start this far in
 _BODY_WORDS = _BODY // 4
 _DONE_SIZE = NLMSGHDR.size + 4  # NLMSG_DONE and its errno
 
-# The values a Polled takes from a message, each read as the whole words it lies in (every
-# attribute's payload starts on a word): name, struct code, words. A value's place in the
-# row of words is fixed, whatever the layout; one the message lacks reads as zero.
-_VALUES = (("protocol", "B", 1), ("zone", "H", 1), ("destination_port", "H", 1),
-           ("start_ns", "Q", 2), ("id", "I", 1), ("packets", "Q", 2), ("octets", "Q", 2),
-           ("reply_packets", "Q", 2), ("reply_octets", "Q", 2), ("timeout", "I", 1),
-           ("status", "I", 1), ("state", "B", 1), ("labels", "16s", 4), ("mark", "I", 1))
+# The values a Polled takes from a message: name and struct code. Each layout reads them as
+# the fields of a record over its messages' rows of words, where the layout has them (a
+# value the message lacks is 0).
+_VALUES = (("protocol", "B"), ("zone", "H"), ("destination_port", "H"), ("start_ns", "Q"),
+           ("id", "I"), ("packets", "Q"), ("octets", "Q"), ("reply_packets", "Q"),
+           ("reply_octets", "Q"), ("timeout", "I"), ("status", "I"), ("state", "B"),
+           ("labels", "16s"), ("mark", "I"))
 _NUMPY = {"B": "u1", "H": ">u2", "I": ">u4", "Q": ">u8", "16s": LABELS}
-_VALUE_ROW = np.dtype({"names": [name for name, _, _ in _VALUES],
-                       "formats": [_NUMPY[code] for _, code, _ in _VALUES],
-                       "offsets": [4 * sum(words for _, _, words in _VALUES[:i])
-                                   for i in range(len(_VALUES))],
-                       "itemsize": 4 * sum(words for _, _, words in _VALUES)})
 
 
 class _Gathers(NamedTuple):
@@ -59,10 +54,9 @@ class _Gathers(NamedTuple):
 
     header_words: np.ndarray  # where the attribute headers are (words into the body)
     headers: np.ndarray  # and what they must be
-    value_words: np.ndarray  # the words of _VALUE_ROW
-    value_zeros: np.ndarray  # its words the message does not have
+    values: np.dtype  # a message's row of words as a record of the _VALUES it has
     key_bytes: np.ndarray  # the identity's bytes (bytes into the body)
-    key_zeros: np.ndarray  # those of them that are none of the message's
+    key_zeros: np.ndarray  # those of them that are none of the message's (ICMP's ports)
     key_length: int  # of the identity (27 or 51)
     state_codes: np.ndarray  # polled.STATE_NAMES codes by the state's byte
     state_ended: np.ndarray  # and whether that state ends a connection
@@ -71,36 +65,37 @@ class _Gathers(NamedTuple):
 _GATHERS: dict[tuple, _Gathers | None] = {}  # layout description -> its gathers
 
 
-def _gathers(description: tuple, names: tuple[str, ...] | None) -> _Gathers | None:
-    """A layout's gathers, made once per layout. None for a layout the columns cannot
-    take (labels not 128 bits, an attribute off its word): the walk decodes those."""
+def _gathers(description: tuple, names: tuple[str, ...] | None, width: int
+             ) -> _Gathers | None:
+    """A layout's gathers (its messages' rows `width` words long), made once per layout.
+    None for a layout the columns cannot take (labels not 128 bits): the walk decodes
+    those."""
     if description in _GATHERS:
         return _GATHERS[description]
     headers, leaves = description
     at = {name: (offset, struct.calcsize(">" + code)) for offset, code, name in leaves}
     gathers = None
-    if at.get("labels", (0, 16))[1] == 16 and all(offset % 4 == 0 for offset, _ in at.values()):
-        value_words, value_zeros = [], []
-        for name, _, words in _VALUES:
-            offset = at.get(name, (None,))[0]
-            if offset is None:
-                value_zeros += range(len(value_words), len(value_words) + words)
-            value_words += [(offset or 0) // 4 + i for i in range(words)]
+    if at.get("labels", (0, 16))[1] == 16:
+        present = [(name, code) for name, code in _VALUES if name in at]
+        values = np.dtype({"names": [name for name, _ in present],
+                           "formats": [_NUMPY[code] for _, code in present],
+                           "offsets": [at[name][0] for name, _ in present],
+                           "itemsize": 4 * width})
         address = at["source"][1]
-        key_bytes: list[int] = []
+        key_bytes: list[int | None] = []
         for name, code in [*IDENTITY_FIELDS, ("source", f"{address}s"),
                            ("destination", f"{address}s")]:
             offset = at.get(name, (None,))[0]
-            key_bytes += [-1 if offset is None else offset + i
+            key_bytes += [None if offset is None else offset + i
                           for i in range(struct.calcsize(">" + code))]
         named = names or ("",) * 256
         gathers = _Gathers(
             np.array([offset // 4 for offset, _ in headers], np.intp),
             np.frombuffer(b"".join(value.to_bytes(4, "big") for _, value in headers),
                           np.uint32),
-            np.array(value_words, np.intp), np.array(value_zeros, np.intp),
-            np.maximum(np.array(key_bytes, np.intp), 0),
-            np.flatnonzero(np.array(key_bytes) < 0), len(key_bytes),
+            values, np.array([offset or 0 for offset in key_bytes], np.intp),
+            np.array([i for i, offset in enumerate(key_bytes) if offset is None], np.intp),
+            len(key_bytes),
             np.array([state_code(name) if names else 0 for name in named], np.uint16),
             np.array([name in ENDED_STATES for name in named], bool))
     if len(_GATHERS) > 64:  # layouts come and go with the kernel's: keep the recent ones
@@ -117,6 +112,7 @@ class ColumnDecoder:
     def __init__(self, run: int = 1 << 20, receive: int = 1 << 16):
         self._receive = receive
         self._buffer = bytearray(run + receive)
+        self._scratches: dict[str, np.ndarray] = {}
         self._clear()
 
     def _clear(self) -> None:
@@ -183,28 +179,34 @@ class ColumnDecoder:
         return self._decode(words, np.concatenate(starts), np.concatenate(lengths))
 
     def _decode(self, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Polled:
-        pieces: list[Polled] = []
+        """Each layout's messages written into one set of columns for the whole run; the
+        walk's (first messages of a layout, odd ones) as a piece of their own."""
+        out = _Columns(len(starts))
         walked: list[Connection] = []
         for length in np.flatnonzero(np.bincount(lengths)).tolist():
             pending = starts[lengths == length]
-            rows = sliding_window_view(words, (length - _BODY + 3) // 4)[
-                pending // 4 + _BODY_WORDS] if length > _BODY else None
+            rows = None
+            if length > _BODY:  # each message's words from its body on, one row each
+                # (np.take would first copy the whole window view: indexing does not)
+                rows = sliding_window_view(words, (length - _BODY + 3) // 4)[
+                    pending // 4 + _BODY_WORDS]
             tried: set[int] = set()
             while len(pending):
                 for layout in _LAYOUTS.get(length, ()) if rows is not None else ():
                     if id(layout) in tried or not len(pending):
                         continue
                     tried.add(id(layout))
-                    gathers = _gathers(layout[11], layout[4])
+                    gathers = _gathers(layout[11], layout[4], rows.shape[1])
                     if gathers is None:
                         continue
-                    matched = rows_equal(rows.take(gathers.header_words, axis=1),
-                                         gathers.headers)
+                    headers = np.take(rows, gathers.header_words, axis=1, out=self._scratch(
+                        "headers", (len(rows), len(gathers.header_words))))
+                    matched = rows_equal(headers, gathers.headers)
                     if matched.all():  # as usual: no copy
-                        pieces.append(_decoded(rows, gathers))
+                        out.write(rows, gathers, self._scratch)
                         pending = pending[:0]
                     elif matched.any():
-                        pieces.append(_decoded(rows[matched], gathers))
+                        out.write(rows[matched], gathers, self._scratch)
                         pending, rows = pending[~matched], rows[~matched]
                 if len(pending):  # of no layout known yet: the walk decodes it, and learns
                     first = int(pending[0])
@@ -212,13 +214,24 @@ class ColumnDecoder:
                     walked.append(_walk(message, 0, _BODY, length))
                     pending = pending[1:]  # the rest: with what it learned
                     rows = rows[1:] if rows is not None else None
+        decoded = out.polled()
         if walked:
             try:
-                pieces.append(Polled.from_connections(walked))
+                return Polled.joined([decoded, Polled.from_connections(walked)])
             except Malformed as err:
                 raise CtnetlinkError(f"conntrack entry with a value out of range: {err}"
                                      ) from None
-        return Polled.joined(pieces) if pieces else EMPTY
+        return decoded
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype=np.uint32) -> np.ndarray:
+        """A work array of the decoder's, kept from run to run: a run's temporaries cost no
+        allocation, and the process keeps no heap of freed ones."""
+        size = shape[0] * shape[1]
+        held = self._scratches.get(name)
+        if held is None or held.size < size or held.dtype != dtype:
+            held = self._scratches[name] = np.empty(max(size, 2 * (held.size if held is not
+                                                                  None else 0)), dtype)
+        return held[:size].reshape(shape)
 
 
 def _chain(words: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -240,22 +253,53 @@ def _chain(words: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     return 4 * starts, lengths
 
 
-def _decoded(rows: np.ndarray, gathers: _Gathers) -> Polled:
-    """The Polled of messages of one layout, a row of words (from the body on) each."""
-    values = rows.take(gathers.value_words, axis=1)  # C order, unlike rows[:, words]
-    values[:, gathers.value_zeros] = 0
-    values = values.view(_VALUE_ROW).ravel()
-    keys = np.zeros((len(rows), KEY_WIDTH), np.uint8)
-    keys[:, :gathers.key_length] = rows.view(np.uint8).take(gathers.key_bytes, axis=1)
-    keys[:, gathers.key_zeros] = 0  # fields the message has not (ports of ICMP, a zone)
-    keys[:, -1] = gathers.key_length
-    state = values["state"]
-    return Polled(
-        keys.view(KEY).ravel(), values["protocol"], values["zone"].astype(np.uint16),
-        values["destination_port"].astype(np.uint16), values["id"].astype(np.uint32),
-        *(values[name].astype(np.uint64) for name in (
-            "packets", "octets", "reply_packets", "reply_octets")),
-        np.ones(len(rows), bool), values["start_ns"].astype(np.uint64),
-        values["timeout"].astype(np.uint32), gathers.state_codes[state], values["labels"],
-        gathers.state_ended[state] | (values["status"] & IPS_DYING != 0),
-        values["mark"].astype(np.uint32))
+# The columns of a run, as `_Columns` fills them (the identities aside): the _VALUES as
+# the store takes them, then what the state's byte and the status say
+_OUTPUT = (("protocol", np.uint8), ("zone", np.uint16), ("destination_port", np.uint16),
+           ("start_ns", np.uint64), ("id", np.uint32), ("packets", np.uint64),
+           ("octets", np.uint64), ("reply_packets", np.uint64), ("reply_octets", np.uint64),
+           ("timeout", np.uint32), ("status", np.uint32), ("state_byte", np.uint8),
+           ("labels", LABELS), ("mark", np.uint32), ("state", np.uint16), ("ended", bool))
+
+
+class _Columns:
+    """A run's columns, filled layout by layout (`write`), then handed over as a Polled."""
+
+    def __init__(self, size: int):
+        self.filled = 0
+        self.keys = np.zeros((size, KEY_WIDTH), np.uint8)
+        self.values = {name: np.empty(size, dtype) for name, dtype in _OUTPUT}
+
+    def write(self, rows: np.ndarray, gathers: _Gathers, scratch) -> None:
+        """Messages of one layout at the next rows: their `rows` of words (from the body
+        on), read as records of the layout's values; `scratch(name, shape)` lends work
+        arrays."""
+        first = self.filled
+        self.filled = last = first + len(rows)
+        values = rows.view(gathers.values).ravel()
+        columns = {name: column[first:last] for name, column in self.values.items()}
+        for name, _ in _VALUES:  # from the wire's byte order
+            column = columns["state_byte" if name == "state" else name]
+            if name in values.dtype.names:
+                np.copyto(column, values[name])
+            else:
+                column.view(np.uint8).fill(0)
+        state = columns["state_byte"]
+        np.take(gathers.state_codes, state, out=columns["state"])
+        np.bitwise_and(columns["status"], IPS_DYING, out=columns["status"])
+        np.logical_or(gathers.state_ended[state], columns["status"], out=columns["ended"])
+        identities = np.take(rows.view(np.uint8), gathers.key_bytes, axis=1,
+                             out=scratch("keys", (len(rows), gathers.key_length), np.uint8))
+        identities[:, gathers.key_zeros] = 0
+        keys = self.keys[first:last]
+        keys[:, :gathers.key_length] = identities
+        keys[:, -1] = gathers.key_length
+
+    def polled(self) -> Polled:
+        last, v = self.filled, self.values
+        return Polled(
+            self.keys[:last].view(KEY).ravel(), v["protocol"][:last], v["zone"][:last],
+            v["destination_port"][:last], v["id"][:last], v["packets"][:last],
+            v["octets"][:last], v["reply_packets"][:last], v["reply_octets"][:last],
+            np.ones(last, bool), v["start_ns"][:last], v["timeout"][:last], v["state"][:last],
+            v["labels"][:last], v["ended"][:last], v["mark"][:last])

@@ -73,11 +73,13 @@ class PollComparer:
         self._polls = self._polls % 255 + 1
         if self._polls == 1:
             table.filled_in[:table.used] = 0
+        table.order.begin()
         return PollMarks(np.concatenate((np.asarray(table.occupied)[:table.used], _ZERO)),
                          self._polls)
 
     def finish(self, poll: PollMarks) -> None:
         """The connections left out by this poll, counted and logged once each."""
+        self.table.order.finish()
         if poll.rejected:
             first_time = len(poll.rejected - self._rejected_keys)
             self.rejected += first_time
@@ -122,9 +124,10 @@ class PollComparer:
             slots[new_rows] = new_slots
             taken = new_slots >= 0
             self._fill(new_slots[taken], piece, new_rows[taken], now, poll)
-            if not taken.all():  # rows left out (see take_new) go
-                tracked = slots >= 0
-                piece, slots, again = piece.select(tracked), slots[tracked], again[tracked]
+        table.order.saw(slots)
+        if len(new_rows) and not taken.all():  # rows left out (see take_new) go
+            tracked = slots >= 0
+            piece, slots, again = piece.select(tracked), slots[tracked], again[tracked]
         if again.any():  # the last sighting counts
             self._fill(slots[again], piece, again, now, poll)
         poll.unseen[np.minimum(slots, len(poll.unseen) - 1)] = 0

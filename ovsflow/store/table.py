@@ -22,8 +22,9 @@ import numpy as np
 
 from ..connection import IDENTITY_FIELDS
 from ..enrich import NO_PODS
-from ..polled import KEY, KEY_WIDTH, LABELS, Polled, key_bytes, key_rows
+from ..polled import KEY, KEY_WIDTH, LABELS, Polled, key_bytes, key_rows, rows_equal
 from .index import KeyIndex
+from .order import DumpOrder
 
 # Connection.key (see `identity`) as numpy reads it, IPv4 or IPv6
 _NUMPY_CODES = {"B": "u1", "H": "u2", "Q": "u8"}
@@ -80,7 +81,9 @@ class ConnectionTable:
         # The columns, indexed by slot.
         self.key_rows = np.zeros(capacity, KEY)  # the identity (Connection.key); see occupied
         self.key_octets = self.key_rows.view(np.uint8).reshape(capacity, KEY_WIDTH)
+        self._key_words = self.key_rows.view(np.uint64).reshape(capacity, -1)
         self.index = KeyIndex(self.key_rows, capacity)  # identity -> slot
+        self.order = DumpOrder(capacity)  # each slot's row in the last poll
         self.keys = Identities(self)
         self.protocols = column("u1")  # as the key says: for reads in bulk
         self.states = column("u2")  # codes in polled.STATE_NAMES
@@ -126,10 +129,21 @@ class ConnectionTable:
         return key_bytes(self.key_rows[slots])
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The slot of each key (`KEY` rows), -1 where none; and the keys' hashes, for
-        `take_new`."""
-        hashes = self.index.hashes(keys)
-        return self.index.find(keys, hashes), hashes
+        """The slot of each key of the poll's next rows (`KEY` rows), -1 where none; and
+        the hashes of those the index was asked for (the others' 0), for `take_new`. The
+        dump's order guesses most (`order.DumpOrder`); the index finds the rest."""
+        guessed = self.order.guess(len(keys))
+        right = guessed >= 0
+        if right.any():
+            right[right] = rows_equal(self._key_words.take(guessed[right], axis=0),
+                                      keys.view(np.uint64).reshape(len(keys), -1)[right])
+        found = np.where(right, guessed, -1)
+        hashes = np.zeros(len(keys), np.uint64)
+        rest = np.flatnonzero(~right)
+        if len(rest):
+            hashes[rest] = self.index.hashes(keys[rest])
+            found[rest] = self.index.find(keys[rest], hashes[rest])
+        return found, hashes
 
     def take_new(self, keys: np.ndarray | Sequence[bytes], rows: Iterable[int] | np.ndarray,
                  rejected: set[bytes], hashes: np.ndarray | None = None) -> np.ndarray:
