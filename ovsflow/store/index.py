@@ -37,6 +37,7 @@ REMOVED = np.uint64(1 << 32)  # a tag, no slot
 _SLOT = np.uint64(0xFFFFFFFF)
 _SMALLEST = 1 << 12  # buckets at first
 _FEW = 16  # keys looked up one at a time rather than in another round
+_PART = 16384  # keys placed at once when the buckets are rebuilt
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -170,7 +171,9 @@ class KeyIndex:
             self._windows = sliding_window_view(self._buckets, WINDOW)
             self._shift = np.uint64(64 - (size.bit_length() - 1))
             self._removed = 0
-            if not len(self._place(held, self._hashes(self._rows[held]))):
+            # a part at a time: what placing takes beside the buckets stays small (~2 MB)
+            if not any(len(self._place(part, self._hashes(self._rows[part])))
+                       for part in np.array_split(held, len(held) // _PART + 1)):
                 return
             size *= 2
 

@@ -21,9 +21,10 @@ import numpy as np
 
 class DumpOrder:
     def __init__(self, capacity: int):
-        self._previous = np.zeros(0, np.int64)  # the slots, as the previous poll came
+        self._slot = np.int64 if capacity >= 2**31 else np.int32  # 4 bytes a row, usually
+        self._previous = np.zeros(0, self._slot)  # the slots, as the previous poll came
         # where each slot was in it (valid where _previous says so back)
-        self._position = np.zeros(capacity, np.int64 if capacity >= 2**31 else np.int32)
+        self._position = np.zeros(capacity, self._slot)
         self._seen: list[np.ndarray] = []  # this poll's, piece by piece
         self._rows = 0  # rows of this poll so far
         self._shift = 0  # where this poll's rows are in the previous poll's, minus their own
@@ -44,7 +45,7 @@ class DumpOrder:
 
     def saw(self, slots: np.ndarray) -> None:
         """The slots of the next rows (-1 for a row not tracked), as found."""
-        self._seen.append(slots)
+        self._seen.append(slots.astype(self._slot))
         found = np.flatnonzero(slots >= 0)
         for row in found[::-1][:4].tolist():  # the last row found that the previous poll had
             slot = int(slots[row])
@@ -56,7 +57,7 @@ class DumpOrder:
 
     def finish(self) -> None:
         """This poll's order, for the next one's guesses."""
-        order = np.concatenate(self._seen) if self._seen else np.zeros(0, np.int64)
+        order = np.concatenate(self._seen) if self._seen else np.zeros(0, self._slot)
         self._seen = []
         tracked = np.flatnonzero(order >= 0)
         self._position[order[tracked]] = tracked

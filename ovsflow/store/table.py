@@ -88,7 +88,7 @@ class ConnectionTable:
         self.protocols = column("u1")  # as the key says: for reads in bulk
         self.states = column("u2")  # codes in polled.STATE_NAMES
         self.labels = np.zeros(capacity, LABELS)
-        self.pods: list[tuple] = []  # the Pods at the two ends, as last known (Enricher)
+        self.pods = _Pods()  # the Pods at the two ends, as last known (Enricher), by slot
         self.ids = column("u4")  # conntrack id
         # counters as last polled, and as last exported
         self.packets, self.octets = column("u8"), column("u8")
@@ -169,7 +169,6 @@ class ConnectionTable:
         taken[:reused] = self.free[len(self.free) - reused:][::-1]
         del self.free[len(self.free) - reused:]
         taken[reused:] = np.arange(self.used, self.used + len(new) - reused)
-        self.pods += [NO_PODS] * (len(new) - reused)
         self.used += len(new) - reused
         self.key_rows[taken] = wanted[new]
         self.index.add(taken, hashes[new])
@@ -188,7 +187,8 @@ class ConnectionTable:
                                (self.protocols, piece.protocols)):
             np.asarray(column)[slots] = values[rows]
         self.labels[slots] = piece.labels[rows]
-        np.asarray(self.expiries)[slots] = piece.timeouts[rows] + now
+        if not piece.counted.all():  # (kernel entries never read it: its pages stay free)
+            np.asarray(self.expiries)[slots] = piece.timeouts[rows] + now
         start_ms = piece.starts_ns[rows] // 1_000_000
         start_ms[start_ms == 0] = int(now * 1000)
         np.asarray(self.start_ms)[slots] = start_ms
@@ -204,11 +204,25 @@ class ConnectionTable:
 
     def drop(self, slots: np.ndarray) -> None:
         self.index.remove(slots)
-        pods = self.pods
-        for slot in slots.tolist():
-            pods[slot] = NO_PODS
+        if self.pods:
+            for slot in slots.tolist():
+                self.pods[slot] = NO_PODS
         np.asarray(self.occupied)[slots] = 0
         self.free += slots.tolist()  # for the next new connections
+
+
+class _Pods(dict):
+    """Slot -> the Pods of its connection, NO_PODS where none are known: only connections
+    with a Pod take room (most nodes' tables: none but those of the node's own Pods)."""
+
+    def __missing__(self, slot: int) -> tuple:
+        return NO_PODS
+
+    def __setitem__(self, slot: int, pods: tuple) -> None:
+        if pods is NO_PODS or pods == NO_PODS:
+            self.pop(slot, None)
+        else:
+            super().__setitem__(slot, pods)
 
 
 def _last_of_each(keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
