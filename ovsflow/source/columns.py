@@ -38,6 +38,8 @@ from .ctnetlink import (
 _BODY = NLMSGHDR.size + NFGENMSG.size  # an entry's attributes start this far in
 _BODY_WORDS = _BODY // 4
 _DONE_SIZE = NLMSGHDR.size + 4  # NLMSG_DONE and its errno
+_DONE = (_DONE_SIZE, NLMSG_DONE)  # its length and type
+_TYPE = struct.Struct("=H").unpack_from
 
 # The values a Polled takes from a message: name and struct code. Each layout reads them as
 # the fields of a record over its messages' rows of words, where the layout has them (a
@@ -112,26 +114,33 @@ class ColumnDecoder:
     def __init__(self, run: int = 1 << 20, receive: int = 1 << 16):
         self._receive = receive
         self._buffer = bytearray(run + receive)
+        self._view = memoryview(self._buffer)
         self._scratches: dict[str, np.ndarray] = {}
         self._clear()
 
     def _clear(self) -> None:
         self.size = 0  # bytes received since the last take
         # (begin, end, starts, lengths): a part of the run and its entries, read in `take`
-        # (starts None) or already walked
+        # (starts None) or already walked; and where the part of entries being received
+        # began (None: none is)
         self._parts: list[tuple[int, int, np.ndarray | None, np.ndarray | None]] = []
+        self._plain: int | None = None
+
+    def _make_room(self, count: int) -> None:
+        if len(self._buffer) < self.size + count:
+            self._view.release()
+            self._buffer.extend(bytes(self.size + count - len(self._buffer)))
+            self._view = memoryview(self._buffer)
 
     def room(self) -> memoryview:
         """Where the next receive buffer goes: `receive` bytes (give it whole to recv_into:
         the kernel sizes its dump buffers by what is asked)."""
-        if len(self._buffer) < self.size + self._receive:
-            self._buffer.extend(bytes(self.size + self._receive - len(self._buffer)))
-        return memoryview(self._buffer)[self.size:self.size + self._receive]
+        self._make_room(self._receive)
+        return self._view[self.size:self.size + self._receive]
 
     def feed(self, data: bytes) -> bool:
         """`received` for a buffer at hand."""
-        if len(self._buffer) < self.size + len(data):
-            self._buffer.extend(bytes(self.size + len(data) - len(self._buffer)))
+        self._make_room(len(data))
         self._buffer[self.size:self.size + len(data)] = data
         return self.received(len(data))
 
@@ -141,26 +150,29 @@ class ColumnDecoder:
         error reply) is walked now. The dump's end comes last in its buffer (the kernel
         adds it after the entries it fits, or in a buffer of its own), so a buffer whose
         tail is not an NLMSG_DONE holds no end."""
-        begin, end = self.size, self.size + count
+        begin = self.size
+        end = begin + count
         self.size = (end + 3) & ~3  # the next buffer on a word
         data = self._buffer
-        plain = count >= NLMSGHDR.size and count % 4 == 0 \
-            and _LENGTH_TYPE(data, begin)[1] == _CT_NEW
-        if plain and not (count >= _DONE_SIZE and _LENGTH_TYPE(data, end - _DONE_SIZE)
-                          == (_DONE_SIZE, NLMSG_DONE)):
-            parts = self._parts
-            if parts and parts[-1][2] is None and parts[-1][1] == begin:
-                parts[-1] = (parts[-1][0], end, None, None)  # one part of many buffers
-            else:
-                parts.append((begin, end, None, None))
+        if (count >= _DONE_SIZE and not count & 3 and _TYPE(data, begin + 4)[0] == _CT_NEW
+                and _LENGTH_TYPE(data, end - _DONE_SIZE) != _DONE):
+            if self._plain is None:
+                self._plain = begin
             return False
+        self._end_plain(begin)
         starts, lengths, done = _entries(bytes(data[begin:end]))
         self._parts.append((begin, end, np.array(starts, np.intp) + begin,
                             np.array(lengths, np.intp)))
         return done
 
+    def _end_plain(self, end: int) -> None:
+        if self._plain is not None:
+            self._parts.append((self._plain, end, None, None))
+            self._plain = None
+
     def take(self) -> Polled:
         """The entries received since the last take, decoded."""
+        self._end_plain(self.size)
         parts, size = self._parts, self.size
         self._clear()
         words = np.frombuffer(self._buffer, np.uint32, size // 4)

@@ -18,7 +18,7 @@ open-addressing hash table written for numpy, with linear probing:
 
 A key's probe never wraps around: the buckets end with room for the last windows, and a
 key that would not fit before the end has the buckets rebuilt, as when keys take more than
-half of them (twice as many buckets then, or more) or removed slots an eighth (they make
+half of them (twice as many buckets then, or more) or removed slots a quarter (they make
 the probes of absent keys long).
 """
 
@@ -111,8 +111,8 @@ class KeyIndex:
 
     def add(self, slots: np.ndarray, hashes: np.ndarray) -> None:
         """Index `slots`, whose keys (distinct, none held yet) are in the rows, hashed."""
-        if 2 * (self.count + len(slots)) > self._size or 8 * self._removed > self._size:
-            size = self._size  # keys over half the buckets, or removed over an eighth:
+        if 2 * (self.count + len(slots)) > self._size or 4 * self._removed > self._size:
+            size = self._size  # keys over half the buckets, or removed over a quarter:
             while 3 * (self.count + len(slots)) > size:  # rebuilt, at most a third taken
                 size *= 2
             self._resize(size)

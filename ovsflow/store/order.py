@@ -11,7 +11,8 @@ guess misses (new connections, a shifted stretch) are looked up in the index. A 
 never trusted: only a key equal to the slot's own is taken.
 
 After each piece the guess is set again from the last row found: where that connection
-was in the previous poll says how far the order has shifted.
+was in the previous poll says how far the order has shifted; within a piece, once, from
+its first row the guess missed, when it missed many.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ class DumpOrder:
         elif first < 0 < first + count:
             guessed[-first:] = self._previous[:first + count]
         return guessed
+
+    def anchor(self, row: int, slot: int) -> bool:
+        """The next rows' `row` is `slot`'s connection (found in the index): the guesses
+        follow from where the previous poll had it, if it had it."""
+        if slot < 0:
+            return False
+        at = int(self._position[slot])
+        if at >= len(self._previous) or self._previous[at] != slot:
+            return False
+        self._shift = at - (self._rows + row)
+        return True
 
     def saw(self, slots: np.ndarray) -> None:
         """The slots of the next rows (-1 for a row not tracked), as found."""

@@ -132,31 +132,52 @@ class ConnectionTable:
         """The slot of each key of the poll's next rows (`KEY` rows), -1 where none; and
         the hashes of those the index was asked for (the others' 0), for `take_new`. The
         dump's order guesses most (`order.DumpOrder`); the index finds the rest."""
-        guessed = self.order.guess(len(keys))
-        right = guessed >= 0
-        if right.any():
-            right[right] = rows_equal(self._key_words.take(guessed[right], axis=0),
-                                      keys.view(np.uint64).reshape(len(keys), -1)[right])
-        found = np.where(right, guessed, -1)
+        words = keys.view(np.uint64).reshape(len(keys), -1)
+        found = self._guessed(self.order.guess(len(keys)), words)
+        missed = np.flatnonzero(found < 0)
+        if len(missed) > len(keys) // 8:  # a stretch shifted: the order again, from there
+            first = keys[missed[0]:missed[0] + 1]
+            slot = int(self.index.find(first, self.index.hashes(first))[0])
+            if self.order.anchor(int(missed[0]), slot):
+                found[missed] = self._guessed(self.order.guess(len(keys))[missed],
+                                              words[missed])
+                missed = np.flatnonzero(found < 0)
         hashes = np.zeros(len(keys), np.uint64)
-        rest = np.flatnonzero(~right)
-        if len(rest):
-            hashes[rest] = self.index.hashes(keys[rest])
-            found[rest] = self.index.find(keys[rest], hashes[rest])
+        if len(missed) == len(keys):
+            hashes = self.index.hashes(keys)
+            found = self.index.find(keys, hashes)
+        elif len(missed):
+            hashes[missed] = self.index.hashes(keys[missed])
+            found[missed] = self.index.find(keys[missed], hashes[missed])
         return found, hashes
+
+    def _guessed(self, guessed: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """The guessed slots whose keys are `words` (as 64-bit words), -1 for the others."""
+        right = guessed >= 0
+        if right.all():  # as usual: no selection
+            right = rows_equal(self._key_words.take(guessed, axis=0), words)
+        elif right.any():
+            right[right] = rows_equal(self._key_words.take(guessed[right], axis=0),
+                                      words[right])
+        return np.where(right, guessed, -1)
 
     def take_new(self, keys: np.ndarray | Sequence[bytes], rows: Iterable[int] | np.ndarray,
                  rejected: set[bytes], hashes: np.ndarray | None = None) -> np.ndarray:
         """Slots for the new connections whose keys (`KEY` rows, or identities) are at
-        `rows`, their columns to be filled (`hashes`: of all `keys`, when known); -1 for a
-        row left out: the table is full (its key goes to `rejected`), or its key comes
-        again in a later row (a retried dump: the last sighting counts)."""
+        `rows`, their columns to be filled; -1 for a row left out: the table is full (its
+        key goes to `rejected`), or its key comes again in a later row (a retried dump: the
+        last sighting counts). `hashes`: of all `keys`, given by a caller that found those
+        at `rows` not tracked (`find`); without them, a key already tracked keeps its slot
+        (a state naming a connection twice)."""
         if not isinstance(keys, np.ndarray):
             keys = key_rows(keys)
         rows = np.fromiter(rows, np.int64) if not isinstance(rows, np.ndarray) else rows
         wanted = keys[rows]
-        hashes = self.index.hashes(wanted) if hashes is None else hashes[rows]
-        slots = self.index.find(wanted, hashes)  # already tracked: a retried dump
+        if hashes is None:
+            hashes = self.index.hashes(wanted)
+            slots = self.index.find(wanted, hashes)
+        else:
+            hashes, slots = hashes[rows], np.full(len(rows), -1, np.int64)
         last = _last_of_each(wanted, hashes)
         new = np.flatnonzero(last & (slots < 0))
         slots[~last] = -1
