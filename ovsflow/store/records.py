@@ -39,16 +39,23 @@ class RecordMaker:
 
     def emit_together(self, due: list[DueGroup], made: list[EncodedRecords]) -> None:
         """A poll's records of every kind, made as one run: numpy's cost per call is paid
-        once per batch, not once per kind."""
+        once per batch, not once per kind. Each batch is put together from the groups it
+        spans (the whole run at once would cost as much memory again as a wave of due
+        records is long)."""
         due = [group for group in due if len(group[0])]
         if len(due) <= 1:
             for slots, reason, end in due:
                 self.emit(slots, reason, end, made)
             return
-        counts = [len(slots) for slots, _, _ in due]
-        self.emit(np.concatenate([slots for slots, _, _ in due]),
-                  np.repeat(np.array([reason for _, reason, _ in due], "u1"), counts),
-                  np.repeat([end for _, _, end in due], counts), made)
+        starts = np.cumsum([0] + [len(slots) for slots, _, _ in due])
+        for first in range(0, int(starts[-1]), BATCH):
+            parts = [(slots[max(first - start, 0):first + BATCH - start], reason, end)
+                     for (slots, reason, end), start in zip(due, starts.tolist())
+                     if start < first + BATCH and start + len(slots) > first]
+            counts = [len(slots) for slots, _, _ in parts]
+            self.emit(np.concatenate([slots for slots, _, _ in parts]),
+                      np.repeat(np.array([reason for _, reason, _ in parts], "u1"), counts),
+                      np.repeat([end for _, _, end in parts], counts), made)
 
     def emit(self, slots: np.ndarray, reason: int | np.ndarray, end: float | np.ndarray,
              made: list[EncodedRecords]) -> None:

@@ -45,7 +45,7 @@ def _parts(table: ConnectionTable, chunk: int = 16384
         rows["flags"] = (np.asarray(table.ended)[part] | np.asarray(table.quiet)[part] << 1
                          | np.asarray(table.counted)[part] << 2
                          | np.asarray(table.reported)[part] << 3)
-        yield list(pick(table.keys, part.tolist())), rows
+        yield table.key_bytes(part), rows
 
 
 def restore(table: ConnectionTable, keys: Sequence[bytes], rows: np.ndarray, seen: float
