@@ -10,19 +10,18 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTSocket
+from hypothesis import given, strategies as st
 
 from lab.ctfill import mixed_entry
 from lab.netns import Netns
 from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled, key_bytes
 from ovsflow.protocol_list import parse_protocol_list
-from ovsflow.source import ctnetlink
-from ovsflow.source import columns as column_decoder
-from ovsflow.source.columns import ColumnDecoder
+from ovsflow.source.ctnetlink import dump as ctnetlink_dump
+from ovsflow.source.ctnetlink import columns as column_decoder
+from ovsflow.source.ctnetlink.columns import ColumnDecoder
 from ovsflow.source.ctnetlink import (
-    NETLINK_NETFILTER, NLMSGHDR, CtnetlinkError, NetlinkError, count_dump, dump_request,
+    NLMSGHDR, CtnetlinkError, NetlinkError, count_dump, dump_request,
     new_request, parse_dump,
 )
 from ovsflow.source.kernel import KernelFilters, KernelSource, plan_dumps
@@ -231,6 +230,7 @@ def test_the_layout_fast_path_decodes_like_the_walk(table):
     report = in_netns(table, """
 import socket
 from ovsflow.source import ctnetlink as ct
+from ovsflow.source.ctnetlink import layouts, walk
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ct.NETLINK_NETFILTER)
 s.bind((0, 0))
 s.send(ct.dump_request(1, 0))
@@ -245,10 +245,10 @@ while not done:
             break
         fast = []
         ct.parse_dump(data[pos:pos + length], fast)
-        differ += fast[0] != ct._connection(data, pos + 20, pos + length)
+        differ += fast[0] != walk._connection(data, pos + 20, pos + length)
         checked += 1
         pos += (length + 3) & ~3
-print(checked, differ, sum(len(v) for v in ct._LAYOUTS.values()))
+print(checked, differ, sum(len(v) for v in layouts.LAYOUTS.values()))
 """).split()
     checked, differ, layouts = map(int, report)
     assert (checked, differ) == (10_000, 0)
@@ -321,6 +321,7 @@ def test_rule_ids_of_labelled_entries_on_the_fast_path():
 import json, socket
 from ovsflow.enrich import rule_ids
 from ovsflow.source import ctnetlink as ct
+from ovsflow.source.ctnetlink import layouts
 sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for port in {sorted(expected)}:
     sender.sendto(b"x", ("127.0.0.1", port))
@@ -340,7 +341,7 @@ while pos < len(data):
         lengths.append(length)
     pos += (length + 3) & ~3
 print(json.dumps({{"rules": {{c.destination_port: rule_ids(c.labels) for c in found}},
-                  "lengths": lengths, "learned": sorted(ct._LAYOUTS)}}))
+                  "lengths": lengths, "learned": sorted(layouts.LAYOUTS)}}))
 """))
     finally:
         ns.delete()
@@ -564,7 +565,7 @@ def entry_with_payload(sport: int, payload: bytes, tcp_state: int | None) -> byt
 def test_a_buffer_of_entries_of_several_lengths_is_read_without_the_walk():
     data = b"".join(entry_with_payload(port, b"x" * (port % 3 * 4), 3 if port % 2 else None)
                     for port in range(1, 40))
-    starts, lengths, done = ctnetlink._entries(data)
+    starts, lengths, done = ctnetlink_dump.entries(data)
     assert len(set(lengths)) > 2 and not done
     chained = chain(data)
     assert [values.tolist() for values in chained] == [starts, lengths]
@@ -577,7 +578,7 @@ def test_a_buffer_of_entries_of_several_lengths_is_read_without_the_walk():
     # port) breaks the chain: the walk reads that buffer
     planted = entry_with_payload(1, struct.pack("=IHHII", 20, 0x100, 2, 1, 0), None)
     assert chain(planted + data) == (None, None)
-    assert ctnetlink._entries(planted + data)[0][:2] == [0, len(planted)]
+    assert ctnetlink_dump.entries(planted + data)[0][:2] == [0, len(planted)]
 
 
 def chain(data: bytes):
@@ -598,7 +599,7 @@ def test_header_look_alikes_inside_entries_never_move_the_message_starts(entries
         messages.append(entry_with_payload(sport, b"\0" * 4 * words_before + fake,
                                            3 if tcp else None))
     data = b"".join(messages)
-    starts, lengths, _ = ctnetlink._entries(data)
+    starts, lengths, _ = ctnetlink_dump.entries(data)
     chained = chain(data)
     assert chained[0] is None or [values.tolist() for values in chained] == [starts,
                                                                                lengths]

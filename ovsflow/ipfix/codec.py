@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from itertools import starmap
 from operator import attrgetter
 
-from .elements import IANA, VARIABLE_LENGTH, InformationElement, lookup
+from .elements import IANA, VARIABLE_LENGTH, InformationElement
 
 MIN_DATA_SET_ID = 256  # set ids below are template sets (2, 3) or reserved
 MAX_VARIABLE_LENGTH = 0xFFFF  # RFC 7011 §7: a variable-length value's length has two bytes

@@ -359,7 +359,7 @@ class KernelSource:
         """The connections the filter accepts, as columns, a piece per run of receive
         buffers of about DECODE_RUN bytes (blocking). Each buffer is received where the
         decoder keeps its run: no copy of it, no allocation per buffer."""
-        from .columns import ColumnDecoder  # numpy: not for `ovsflow conntrack`
+        from .ctnetlink.columns import ColumnDecoder  # numpy: not for `ovsflow conntrack`
 
         decoder = ColumnDecoder(DECODE_RUN, RECEIVE_SIZE)
 

@@ -59,8 +59,8 @@ def traffic(lab: OvsLab) -> list[subprocess.Popen]:
     client.traffic("udp", server.address, "5353", "2", "50")
     client.traffic("udp", server.address, "7000", "2", "50")
     client.traffic("udp", server.address, "53", "1", "20")
-    client.run("sh", "-c", f"python3 -c \"import socket; s=socket.socket(socket.AF_INET6, "
-               f"socket.SOCK_DGRAM); [s.sendto(b'x', ('fd66::2', p)) for p in (53, 7000)]\"")
+    client.run("sh", "-c", "python3 -c \"import socket; s=socket.socket(socket.AF_INET6, "
+               "socket.SOCK_DGRAM); [s.sendto(b'x', ('fd66::2', p)) for p in (53, 7000)]\"")
     client.run("ping", "-c", "2", "-i", "0.2", "-W", "1", server.address)
     client.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", "fd66::2")
     client.traffic("sctp-init", client.address, server.address, "5000", "6000")

@@ -9,9 +9,9 @@ into one buffer (`room`, `received`; or `feed` for bytes at hand), then `take` d
    sequence number in the third word of its header: the words equal to it are the
    candidates, kept only if they chain exactly (each message starts where the one before
    ends, from the run's first byte to its last). A look-alike inside an entry breaks the
-   chain and the run is walked message by message instead (`ctnetlink._entries`).
+   chain and the run is walked message by message instead (`dump.entries`).
 2. **One layout at a time.** Entries of one kind come with the same attributes at the same
-   offsets: the layouts `ctnetlink._learn` described from the walk of a first message.
+   offsets: the layouts `layouts.learn` described from the walk of a first message.
    Each message of a layout's length is copied out as a row of words (one gather of whole
    rows), its attribute headers compared with the layout's at once, and its values and
    key read from the rows: the values as whole words, the key (`polled.KEY`) byte by byte.
@@ -28,12 +28,12 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..connection import ENDED_STATES, IDENTITY_FIELDS, Connection
-from ..polled import EMPTY, KEY, KEY_WIDTH, LABELS, Malformed, Polled, rows_equal, state_code
-from .ctnetlink import (
-    _CT_NEW, _LAYOUTS, _LENGTH_TYPE, IPS_DYING, NFGENMSG, NLMSG_DONE, NLMSGHDR, CtnetlinkError,
-    _entries, _walk,
-)
+from ...connection import ENDED_STATES, IDENTITY_FIELDS, Connection
+from ...polled import EMPTY, KEY, KEY_WIDTH, LABELS, Malformed, Polled, rows_equal, state_code
+from .dump import CT_NEW, LENGTH_TYPE, entries
+from .layouts import LAYOUTS
+from .walk import walk
+from .wire import IPS_DYING, NFGENMSG, NLMSG_DONE, NLMSGHDR, CtnetlinkError
 
 _BODY = NLMSGHDR.size + NFGENMSG.size  # an entry's attributes start this far in
 _BODY_WORDS = _BODY // 4
@@ -154,13 +154,13 @@ class ColumnDecoder:
         end = begin + count
         self.size = (end + 3) & ~3  # the next buffer on a word
         data = self._buffer
-        if (count >= _DONE_SIZE and not count & 3 and _TYPE(data, begin + 4)[0] == _CT_NEW
-                and _LENGTH_TYPE(data, end - _DONE_SIZE) != _DONE):
+        if (count >= _DONE_SIZE and not count & 3 and _TYPE(data, begin + 4)[0] == CT_NEW
+                and LENGTH_TYPE(data, end - _DONE_SIZE) != _DONE):
             if self._plain is None:
                 self._plain = begin
             return False
         self._end_plain(begin)
-        starts, lengths, done = _entries(bytes(data[begin:end]))
+        starts, lengths, done = entries(bytes(data[begin:end]))
         self._parts.append((begin, end, np.array(starts, np.intp) + begin,
                             np.array(lengths, np.intp)))
         return done
@@ -181,7 +181,7 @@ class ColumnDecoder:
             if part_starts is None:
                 part_starts, part_lengths = _chain(words[begin // 4:end // 4])
                 if part_starts is None:  # a look-alike: walked
-                    walked, sizes, _ = _entries(bytes(self._buffer[begin:end]))
+                    walked, sizes, _ = entries(bytes(self._buffer[begin:end]))
                     part_starts, part_lengths = np.array(walked, np.intp), np.array(sizes)
                 part_starts = part_starts + begin
             starts.append(part_starts)
@@ -204,7 +204,7 @@ class ColumnDecoder:
                     pending // 4 + _BODY_WORDS]
             tried: set[int] = set()
             while len(pending):
-                for layout in _LAYOUTS.get(length, ()) if rows is not None else ():
+                for layout in LAYOUTS.get(length, ()) if rows is not None else ():
                     if id(layout) in tried or not len(pending):
                         continue
                     tried.add(id(layout))
@@ -223,7 +223,7 @@ class ColumnDecoder:
                 if len(pending):  # of no layout known yet: the walk decodes it, and learns
                     first = int(pending[0])
                     message = bytes(self._buffer[first:first + length])
-                    walked.append(_walk(message, 0, _BODY, length))
+                    walked.append(walk(message, 0, _BODY, length))
                     pending = pending[1:]  # the rest: with what it learned
                     rows = rows[1:] if rows is not None else None
         decoded = out.polled()
@@ -241,8 +241,8 @@ class ColumnDecoder:
         size = shape[0] * shape[1]
         held = self._scratches.get(name)
         if held is None or held.size < size or held.dtype != dtype:
-            held = self._scratches[name] = np.empty(max(size, 2 * (held.size if held is not
-                                                                  None else 0)), dtype)
+            grown = 2 * held.size if held is not None else 0
+            held = self._scratches[name] = np.empty(max(size, grown), dtype)
         return held[:size].reshape(shape)
 
 
@@ -255,7 +255,7 @@ def _chain(words: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     starts = np.flatnonzero(words == words[2]) - 2
     starts = starts[(starts >= 0) & (starts + 4 <= len(words))]
     types = words.view(np.uint16)[2 * starts + 2]  # each header's type, as the host reads it
-    starts = starts[(types == _CT_NEW) & (words[starts + 3] == words[3])]
+    starts = starts[(types == CT_NEW) & (words[starts + 3] == words[3])]
     if not len(starts) or starts[0]:
         return None, None
     lengths = words[starts].astype(np.intp)
