@@ -76,7 +76,8 @@ import statistics, sys, time
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import ALL_PROTOCOLS
 from ovsflow.protocol_list import parse_protocol_list
-from ovsflow.source.kernel import KernelSource, probe_filters
+from ovsflow.source.kernel import KernelSource
+from ovsflow.source.kernel_filters import probe_filters
 from ovsflow.store import ConnectionStore
 protocols = {protocols!r}
 kernel = probe_filters()

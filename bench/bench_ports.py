@@ -68,7 +68,8 @@ def worker(runs: int) -> None:
     from ovsflow.protocols import ALL_PROTOCOLS
     from ovsflow.protocol_list import parse_protocol_list
     from ovsflow.source import kernel as kernel_module
-    from ovsflow.source.kernel import KernelSource, probe_filters
+    from ovsflow.source.kernel import KernelSource
+    from ovsflow.source.kernel_filters import probe_filters
     from ovsflow.store import ConnectionStore
 
     kernel = probe_filters()

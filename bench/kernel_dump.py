@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ovsflow.source.ctnetlink import NETLINK_NETFILTER, dump_request  # noqa: E402
-from ovsflow.source.kernel import RECEIVE_SIZE, SOCKET_BUFFER  # noqa: E402
+from ovsflow.source.ctnetlink.wire import RECEIVE_SIZE  # noqa: E402
+from ovsflow.source.kernel import SOCKET_BUFFER  # noqa: E402
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 _HEADER = struct.Struct("=IHHII")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))  # lab/ and ovsflow/ of this checkout, also inside
 import yaml  # noqa: E402
 
 from lab.ctfill import fill  # noqa: E402
-from ovsflow.source.kernel import probe_filters  # noqa: E402
+from ovsflow.source.kernel_filters import probe_filters  # noqa: E402
 
 OVSFLOW = str(Path(sys.executable).with_name("ovsflow"))
 ZONES = (0, 7, 100, 65510, 65520)

@@ -13,7 +13,8 @@ SCENARIO = """
 import asyncio, json, socket, subprocess, sys
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocol_list import parse_protocol_list
-from ovsflow.source.kernel import KernelSource, probe_filters
+from ovsflow.source.kernel import KernelSource
+from ovsflow.source.kernel_filters import probe_filters
 from ovsflow.store import ConnectionStore
 from helpers import flow_records
 

@@ -24,7 +24,8 @@ from ovsflow.source.ctnetlink import (
     NLMSGHDR, CtnetlinkError, NetlinkError, count_dump, dump_request,
     new_request, parse_dump,
 )
-from ovsflow.source.kernel import KernelFilters, KernelSource, plan_dumps
+from ovsflow.source.kernel import KernelSource, plan_dumps
+from ovsflow.source.kernel_filters import KernelFilters
 
 def fill(ns: Netns, count: int) -> None:
     ns.run(sys.executable, "-m", "lab.ctfill", "mixed", str(count))
@@ -100,13 +101,14 @@ for family in (0,):
 
 def test_kernel_filters_by_zone_and_protocol(table):
     supported = in_netns(table, """
-from ovsflow.source.kernel import probe_filters
+from ovsflow.source.kernel_filters import probe_filters
 print(probe_filters().protocol)""").strip()
     assert supported == "True"  # Linux >= 5.8; the machines we run on have it
     counts = in_netns(table, """
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocol_list import parse_protocol_list
-from ovsflow.source.kernel import KernelSource, probe_filters
+from ovsflow.source.kernel import KernelSource
+from ovsflow.source.kernel_filters import probe_filters
 filters = probe_filters()
 for protocols, zones in ((None, []), (["udp"], [65520]), (["icmp", "icmpv6"], [7]),
                          (["tcp"], [7, 65520]), (["udp"], [0, 7])):
@@ -135,7 +137,8 @@ def test_count_without_connections_matches_the_table(table):
     counts = in_netns(table, """
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocol_list import parse_protocol_list
-from ovsflow.source.kernel import KernelFilters, KernelSource, probe_filters
+from ovsflow.source.kernel import KernelSource
+from ovsflow.source.kernel_filters import KernelFilters, probe_filters
 for kernel in (probe_filters(), KernelFilters(family=False, protocol=False, zone=False)):
     for protocols, zones in ((None, []), (["udp"], [65520]), (["icmp", "icmpv6"], [7]),
                              (["tcp"], [7, 65520]), (["udp"], [0, 7])):
@@ -628,7 +631,8 @@ from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import key_bytes
 from ovsflow.protocols import ALL_PROTOCOLS
 from ovsflow.source import ctnetlink as ct
-from ovsflow.source.kernel import KernelSource, probe_filters
+from ovsflow.source.kernel import KernelSource
+from ovsflow.source.kernel_filters import probe_filters
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ct.NETLINK_NETFILTER)
 s.bind((0, 0))
 marks = {MARKS!r}

@@ -90,7 +90,8 @@ from test_faults import InterruptedSocket
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocols import ALL_PROTOCOLS
 from ovsflow.source.ctnetlink import NETLINK_NETFILTER
-from ovsflow.source.kernel import KernelSource, probe_filters
+from ovsflow.source.kernel import KernelSource
+from ovsflow.source.kernel_filters import probe_filters
 from ovsflow.store import ConnectionStore
 source = KernelSource(ConnectionFilter(frozenset({{65520}}), ALL_PROTOCOLS), probe_filters())
 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)

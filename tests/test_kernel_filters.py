@@ -17,9 +17,8 @@ from hypothesis import given, strategies as st
 
 from ovsflow.filter import ConnectionFilter
 from ovsflow.protocol_list import parse_protocol_list
-from ovsflow.source.kernel import (
-    Dump, KernelFilters, kept_filters, plan_dumps, probe_filters,
-)
+from ovsflow.source.kernel import Dump, plan_dumps
+from ovsflow.source.kernel_filters import KernelFilters, kept_filters, probe_filters
 from ovsflow.state import network_namespace
 
 ZONES = (0, 7, 100, 65510, 65520)
@@ -87,7 +86,7 @@ def test_protocol_dumps_need_the_family_filter_too():
     assert plan == [Dump(0, 65520, None)]
 
 
-# The probe's answer kept per boot, kernel and network namespace (kernel.kept_filters): run
+# The probe's answer kept per boot, kernel and network namespace (kernel_filters.kept_filters): run
 # against this machine's kernel, in the test process's own network namespace.
 
 def origin() -> dict:
@@ -125,7 +124,7 @@ def test_another_boot_kernel_or_namespace_answer_is_probed_again(tmp_path, caplo
     kept_file(tmp_path).write_text(json.dumps({
         "origin": foreign,
         "filters": {"family": False, "protocol": False, "zone": False, "ports": []}}))
-    with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel"):
+    with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel_filters"):
         filters = kept_filters(str(tmp_path))
     assert filters == probe_filters()
     assert json.loads(kept_file(tmp_path).read_text())["origin"] == origin()
@@ -146,7 +145,7 @@ def test_a_corrupt_file_is_set_aside_with_one_debug_line(tmp_path, caplog, text)
     if isinstance(text, dict):
         text = json.dumps({"origin": origin(), "filters": text})
     kept_file(tmp_path).write_text(text, errors="surrogateescape")
-    with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel"):
+    with caplog.at_level(logging.DEBUG, logger="ovsflow.source.kernel_filters"):
         filters = kept_filters(str(tmp_path))
     assert filters == probe_filters()
     assert len([r for r in caplog.records if "not used" in r.getMessage()]) == 1

@@ -18,7 +18,8 @@ from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled, key_bytes
 from ovsflow.protocols import PORT_PROTOCOLS, PROTOCOL_GROUPS
 from ovsflow.protocol_list import ProtocolListError, parse_protocol_list
-from ovsflow.source.kernel import MAX_EXTRA_PORT_DUMPS, Dump, KernelFilters, plan_dumps
+from ovsflow.source.kernel import MAX_EXTRA_PORT_DUMPS, Dump, plan_dumps
+from ovsflow.source.kernel_filters import KernelFilters
 from test_cli import config_file, ovsflow
 
 GROUPS_KEY = "flowExporter.protocolGroups"

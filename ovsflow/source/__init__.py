@@ -19,7 +19,7 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
     With `accounting`, the kernel's counters and timestamps are switched on (sysctls): the
     agent wants them, a diagnostic (`ovsflow conntrack`) must change nothing in the kernel.
     The kernel's dump filters are probed once per boot, kernel and network namespace, the
-    answer kept in the state directory (`kernel.kept_filters`; the diagnostic keeps and
+    answer kept in the state directory (`kernel_filters.kept_filters`; the diagnostic keeps and
     uses it too).
     Beside Antrea (`ovs.denySource: antrea`) the filter also leaves out, at both sources,
     the entries Antrea committed before its policy stages denied them (filter.py).
@@ -43,7 +43,8 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
         from .ovs import OvsSource
 
         return OvsSource(connection_filter, config.ovs.run_dir)
-    from .kernel import KernelSource, enable_accounting, kept_filters
+    from .kernel import KernelSource, enable_accounting
+    from .kernel_filters import kept_filters
 
     if accounting:
         enable_accounting()

@@ -39,7 +39,6 @@ _STATUS_BITS = {name: 1 << bit for bit, name in enumerate((
     "SRC_NAT_DONE", "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT", "TEMPLATE", "UNTRACKED"))}
 
 
-
 class DpctlParseError(ValueError):
     """A line that is not a conntrack entry; the text quotes it."""
 
@@ -171,14 +170,15 @@ def parse_entry(line: str) -> Connection:
 
 PIECE = 1 << 18  # characters of a text parsed at a time (~1,500 lines)
 
-# The layout ovs-vswitchd prints, field by field (ct_dpif_format_entry with -m -s). Numbers
-# as it prints them (decimal, no leading zeros, at most 10 digits: a longer one goes to the
-# general parser, which names it); the range of each is checked after the match.
+
 def _uncaptured(pattern: str) -> str:
     """The pattern with its groups made non-capturing."""
     return re.sub(r"(?<!\\)\((?!\?)", "(?:", pattern)
 
 
+# The layout ovs-vswitchd prints, field by field (ct_dpif_format_entry with -m -s). Numbers
+# as it prints them (decimal, no leading zeros, at most 10 digits: a longer one goes to the
+# general parser, which names it); the range of each is checked after the match.
 _NUMBER = r"(0|[1-9][0-9]{0,9})"
 _ADDRESS = r"([0-9a-fA-F.:]{2,45})"
 _PORTS = rf"src={_ADDRESS},dst={_ADDRESS},sport={_NUMBER},dport={_NUMBER}"

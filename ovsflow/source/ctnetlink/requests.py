@@ -37,7 +37,7 @@ def dump_request(sequence: int, family: int, zone: int | None = None,
     port when given. Kernels honour what they know and ignore the rest silently: the zone
     since Linux 6.8 (not zone 0), the protocol (CTA_FILTER, which needs a real address
     family) since 5.8, and the port of TCP and UDP only (5.8 to 6.18 at least; SCTP,
-    DCCP and UDP-Lite entries come back on every port). `kernel.probe_filters` finds out
+    DCCP and UDP-Lite entries come back on every port). `kernel_filters.probe_filters` finds out
     which."""
     attrs = b""
     if zone is not None:

@@ -62,3 +62,6 @@ class CtnetlinkError(ValueError):
 
 class NetlinkError(OSError):
     """The kernel answered the request with an error (errno)."""
+
+
+RECEIVE_SIZE = 1 << 16  # the kernel fills dump buffers up to the largest size we receive
