@@ -47,8 +47,11 @@ class Collector:
         self.port = int(line.rsplit(":", 1)[1])
 
     def records(self, timeout: float = 60) -> list[dict]:
+        """Its flow records; the options records it printed go to `options`."""
         out, self.errors = self.process.communicate(timeout=timeout)
-        return [json.loads(line) for line in out.splitlines()]
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.options = [line for line in lines if line.get("_options")]
+        return [line for line in lines if not line.get("_options")]
 
     def stop_and_read(self) -> list[dict]:
         """Stop it now (by PID) and parse what it printed: every line is flushed as printed."""

@@ -37,18 +37,27 @@ class DatagramSink:
         self.port = int(self.process.stdout.readline())
         use_antrea_information_model()
 
-    def records(self) -> list[dict]:
-        """Every data record received so far, as the `ipfix` package names its fields."""
-        data, pos, records = self.path.read_bytes(), 0, []
+    def records(self, options: bool = False) -> list[dict]:
+        """Every flow record received so far (with `options`, every options record), as
+        the `ipfix` package names their fields."""
+        records = []
         buffer = ipfix.message.MessageBuffer()
+        for datagram in self.datagrams():
+            buffer.from_bytes(datagram)
+            records += [dict(r) for r in buffer.record_iterator(
+                tmplaccept_fn=lambda template: bool(template.scopecount) == options)]
+        return records
+
+    def datagrams(self) -> list[bytes]:
+        """Every datagram received so far, in order."""
+        data, pos, datagrams = self.path.read_bytes(), 0, []
         while pos + 4 <= len(data):
             (length,) = struct.unpack_from("<I", data, pos)
             if pos + 4 + length > len(data):
                 break
-            buffer.from_bytes(data[pos + 4:pos + 4 + length])
-            records += [dict(r) for r in buffer.namedict_iterator()]
+            datagrams.append(data[pos + 4:pos + 4 + length])
             pos += 4 + length
-        return records
+        return datagrams
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -37,6 +37,12 @@ def flow_ids(received) -> list[int]:
     return [r["flowId"] for r in received]
 
 
+def flow_records_of(decoder: MessageDecoder, message: bytes) -> list[dict]:
+    """The message's flow records: its options records (the ledger) left out."""
+    decoded = decoder.decode(message)
+    return [r for template_id, r in decoded.records if template_id not in decoded.options_sets]
+
+
 async def wait_until(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -255,7 +261,10 @@ def test_a_collector_that_stops_reading_counts_as_unreachable():
     assert not delivered and closing < 6
 
 
-def test_udp_without_a_collector_neither_fails_nor_blocks():
+def test_udp_records_the_kernel_refuses_stay_queued_and_are_never_counted_as_exported():
+    """No collector on the port: the kernel refuses every datagram (ICMP port unreachable).
+    Nothing counts as exported, the records wait, the collector shows as unreachable, and
+    a close that cannot deliver them counts them as dropped, within its timeout."""
     port = free_port(socket.SOCK_DGRAM)
 
     async def scenario():
@@ -264,11 +273,19 @@ def test_udp_without_a_collector_neither_fails_nor_blocks():
         for batch in range(5):
             exporter.submit(records(batch * 10, 10))
             await asyncio.sleep(0.05)
-        assert await exporter.close(2)
-        return exporter
+        await asyncio.sleep(0.5)
+        seen = (exporter.reachable, exporter.queued, exporter.stats.records_exported,
+                exporter.problem(0.2))
+        started = time.monotonic()
+        closed = await exporter.close(1)
+        return exporter, seen, closed, time.monotonic() - started
 
-    exporter = asyncio.run(scenario())
-    assert exporter.stats.records_exported == 50 and exporter.stats.records_dropped == 0
+    exporter, (reachable, queued, exported, problem), closed, closing = asyncio.run(scenario())
+    assert (reachable, queued, exported) == (False, 50, 0)
+    assert "Connection refused" in problem
+    assert not closed and closing < 4
+    assert exporter.stats.records_exported == 0 and exporter.stats.records_dropped == 50
+    assert exporter.stats.messages_sent == 0  # not even the templates went out
 
 
 def test_udp_templates_are_sent_first_and_refreshed():
@@ -294,7 +311,7 @@ def test_udp_templates_are_sent_first_and_refreshed():
         pass
     finally:
         sink.close()
-    assert set_ids[:2] == [2, 256]  # templates, then the data
+    assert set_ids[:3] == [2, 270, 256]  # templates, the ledger, then the data
     assert set_ids.count(2) >= 4  # at start, then about every 0.3 s
 
 
@@ -414,8 +431,8 @@ def test_tcp_sends_templates_once_and_withdraws_them_before_closing():
     assert messages[0][0][0] == 2  # templates first
     assert messages[-1] == [(2, struct.pack("!HH", 2, 0))]  # the withdrawal comes last
     decoder = MessageDecoder()
-    data = [r for m in MessageStream().feed(bytes(received)) for r in decoder.decode(m).records]
-    assert [r["flowId"] for _, r in data] == list(range(50))
+    data = [r for m in MessageStream().feed(bytes(received)) for r in flow_records_of(decoder, m)]
+    assert [r["flowId"] for r in data] == list(range(50))
 
 
 def test_a_record_that_does_not_fit_is_rejected_and_the_rest_go_through(caplog):
@@ -659,7 +676,7 @@ class SlowCollector:
         decoder = MessageDecoder()
         # a message cut short by an abort is left out: the stream cuts only whole ones
         return Counter(record["flowId"] for message in MessageStream().feed(bytes(self.received))
-                       for _, record in decoder.decode(message).records)
+                       for record in flow_records_of(decoder, message))
 
 
 def server_tls_context(tls_files) -> ssl.SSLContext:

@@ -47,7 +47,7 @@ print(sock.getsockname()[1], flush=True)
 buffer = ipfix.message.MessageBuffer()
 while True:
     buffer.from_bytes(sock.recv(65535))
-    for record in buffer.namedict_iterator():
+    for record in buffer.record_iterator(tmplaccept_fn=lambda t: not t.scopecount):
         print(json.dumps(dict(record), default=str), flush=True)
 """
 
