@@ -18,7 +18,7 @@ _RECEIVER = """
 import signal, socket, struct, sys
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-sock.bind(("127.0.0.1", 0))
+sock.bind(("127.0.0.1", int(sys.argv[2])))
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 print(sock.getsockname()[1], flush=True)
 with open(sys.argv[1], "ab", buffering=0) as out:
@@ -29,11 +29,12 @@ with open(sys.argv[1], "ab", buffering=0) as out:
 
 
 class DatagramSink:
-    def __init__(self, path: Path, prefix: list[str] | None = None):
+    def __init__(self, path: Path, prefix: list[str] | None = None, port: int = 0):
         self.path = path
         path.touch()
         self.process = subprocess.Popen([*(prefix or []), sys.executable, "-c", _RECEIVER,
-                                         str(path)], stdout=subprocess.PIPE, text=True)
+                                         str(path), str(port)], stdout=subprocess.PIPE,
+                                        text=True)
         self.port = int(self.process.stdout.readline())
         use_antrea_information_model()
 
