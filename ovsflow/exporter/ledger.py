@@ -72,11 +72,13 @@ class Metering:
 
 
 class Ledger:
-    """One exporter's ledger records: its queue's counts, and the agent's `Metering`."""
+    """One exporter's ledger records: its queue's counts, and the agent's `Metering`. All
+    count since the agent's start (`systemInitTimeMilliseconds`, the IPFIX device's
+    initialisation); a collector a reload adds counts from 0 then."""
 
     def __init__(self, queue: ExportQueue, metering: Metering):
         self.queue, self.metering = queue, metering
-        self.started_ms = _now_ms()
+        self.started_ms = metering.started_ms
 
     def records(self, collector: CollectorAddress, domain: int) -> LedgerRecords:
         stats, observed = self.queue.stats, _now_ms()
