@@ -383,7 +383,7 @@ def test_sql_bytes_by_pod_pair_equal_conntrack(cluster, postgres, tmp_path):
 
     # docs/collectors.md's queries run as written, and find these rows.
     queries = re.findall(r"```sql\n(.*?)```", (ROOT / "docs/collectors.md").read_text(), re.S)
-    assert len(queries) == 2
+    assert len(queries) == 4  # two of the flows, two of the ledger
     for sql in queries:
         assert postgres.query(sql), sql
 

@@ -7,10 +7,12 @@ package, from the bytes the collector received (tests/ipfix_sink.py keeps every 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 import zlib
 from datetime import datetime
+from pathlib import Path
 
 import ipfix.message
 import pytest
@@ -154,6 +156,17 @@ def test_a_late_udp_collector_decodes_at_once_and_reads_what_it_missed_in_the_le
     assert first_records < PROBE_INTERVAL + PROBE_ANSWER + 1.0, first_records
 
 
+async def sent_to_a_new_collector(exporter: Exporter, tmp_path, port: int) -> DatagramSink:
+    """A collector starts on `port`; once the exporter has sent it everything, it closes."""
+    sink = await asyncio.to_thread(DatagramSink, tmp_path / "second", port=port)
+    deadline = time.monotonic() + 10
+    while exporter.queued and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await exporter.close(5)
+    sink.stop()
+    return sink
+
+
 def test_a_refusal_reported_while_idle_stops_the_data_until_the_templates_get_through(tmp_path):
     """From a remote collector the refusal comes a round trip after the send, when the
     exporter is idle: the socket's reader sees it, the collector counts as unreachable at
@@ -174,13 +187,7 @@ def test_a_refusal_reported_while_idle_stops_the_data_until_the_templates_get_th
         exporter.submit(records(3, 3))
         await asyncio.sleep(0.3)
         waiting = exporter.queued
-        second = await asyncio.to_thread(DatagramSink, tmp_path / "second", port=port)
-        deadline = time.monotonic() + 10
-        while exporter.queued and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await exporter.close(5)
-        second.stop()
-        return noticed, waiting, second
+        return noticed, waiting, await sent_to_a_new_collector(exporter, tmp_path, port)
 
     noticed, waiting, second = asyncio.run(scenario())
     assert noticed == (False, 1)
@@ -210,13 +217,7 @@ def test_refused_records_go_again_numbered_on_without_a_gap(tmp_path):
         while exporter.reachable:
             await asyncio.sleep(0.05)
         refused = (exporter.queued, exporter.stats.records_exported)
-        second = await asyncio.to_thread(DatagramSink, tmp_path / "second", port=port)
-        deadline = time.monotonic() + 10
-        while exporter.queued and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await exporter.close(5)
-        second.stop()
-        return exporter, refused, second
+        return exporter, refused, await sent_to_a_new_collector(exporter, tmp_path, port)
 
     exporter, refused, second = asyncio.run(scenario())
     assert refused == (20, 5)
@@ -231,3 +232,18 @@ def test_refused_records_go_again_numbered_on_without_a_gap(tmp_path):
                  for d in second.datagrams()]
     for (sequence, count), (following, _) in zip(numbered, numbered[1:]):
         assert following == sequence + count, numbered
+
+
+def test_ipfix_doc_lists_every_options_template_field_and_its_scope():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "ipfix.md").read_text()
+    documented = {}
+    for section in re.split(r"^### Options template ", text, flags=re.M)[1:]:
+        template_id = int(section.split(":", 1)[0])
+        rows = re.findall(r"^\| (\w+) \| (\d+) \| (\w+) \| (\d+) \| (.*) \|$", section, re.M)
+        documented[template_id] = [(name, int(i), data_type, int(length),
+                                    role.startswith("scope")) for name, i, data_type, length,
+                                   role in rows]
+    assert documented == {
+        t.template_id: [(f.element.name, f.element.element_id, f.element.data_type, f.length,
+                         index < t.scope_count) for index, f in enumerate(t.fields)]
+        for t in OPTIONS_TEMPLATES}

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import re
 import signal
-import socket
 import subprocess
 import time
 

@@ -26,7 +26,7 @@ from collecting import Output
 from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import PYTHON, CommandFailed, Netns
 from test_conntrack_kernel import http_get
-from test_restart import COUNTERS, LAB, SERVER_PORT, conntrack_totals
+from test_restart import COUNTERS, LAB, SERVER_PORT, conntrack_totals, steady_traffic
 
 COLLECTOR = "172.31.9.2"
 ADDRESS = f"{COLLECTOR}:4739:udp"
@@ -102,17 +102,9 @@ def test_a_restarted_udp_collector_decodes_within_seconds_and_every_byte_arrives
     node, collector_ns = site
     first = start_collector(collector_ns)
     agent = start_agent(node, tmp_path)
-    control = tmp_path / "control"
-    control.mkdir()
-    server = node.popen(PYTHON, str(LAB / "traffic.py"), "steady-server", str(SERVER_PORT),
-                        "300", stdout=subprocess.PIPE, text=True)
     second = None
     try:
-        assert "listening" in server.stdout.readline()
-        clients = node.popen(PYTHON, str(LAB / "traffic.py"), "steady-clients", "127.0.0.1",
-                             str(SERVER_PORT), "5", "700", "0.05", str(control),
-                             stdout=subprocess.PIPE, text=True)
-        clients.stdout.readline()
+        control, _ = steady_traffic(node, tmp_path, count=5)
         wait_for_polls(node)
         before = client_port(node)  # a short connection while the first collector runs
         wait_until(lambda: before in sums_by_port(first.records()), "its records")
@@ -232,17 +224,9 @@ def test_a_collector_that_lost_records_reads_it_in_the_ledger_as_the_metrics_cou
         conntrack={"source": "kernel", "zones": [65520], "maxConnections": 6},
         metrics={"bindAddress": "127.0.0.1:9495"}, ipfix={"maxBufferedRecords": 4})
     agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
-    control = tmp_path / "control"
-    control.mkdir()
-    server = node.popen(PYTHON, str(LAB / "traffic.py"), "steady-server", str(SERVER_PORT),
-                        "300", stdout=subprocess.PIPE, text=True)
     collector = None
     try:
-        assert "listening" in server.stdout.readline()
-        clients = node.popen(PYTHON, str(LAB / "traffic.py"), "steady-clients", "127.0.0.1",
-                             str(SERVER_PORT), "8", "700", "0.05", str(control),
-                             stdout=subprocess.PIPE, text=True)
-        clients.stdout.readline()
+        control, _ = steady_traffic(node, tmp_path, count=8)
         wait_for_polls(node)
         time.sleep(4)  # records every second, the queue holds 4: the rest are dropped
         (control / "stop").touch()

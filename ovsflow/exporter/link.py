@@ -163,13 +163,18 @@ class Link:
         one that was `numbered` (it holds data records) gives its numbers back."""
         for message in messages:
             self.transport.write(message)
-            try:
-                await self.transport.drain()
-            except DatagramRefused:
-                if numbered:
-                    self.session.rewind(message)
-                raise
+            await self._drain(message, numbered)
             self._count(message)
+
+    async def _drain(self, message: bytes, numbered: bool = True) -> None:
+        """Wait until `message`, written, is in the kernel. Over UDP a refused one that was
+        `numbered` gives its numbers back, and those of the messages after it."""
+        try:
+            await self.transport.drain()
+        except DatagramRefused:
+            if numbered:
+                self.session.rewind(message)
+            raise
 
     def _count(self, message: bytes) -> None:
         self.queue.stats.messages_sent += 1
@@ -183,17 +188,13 @@ class Link:
             flight = queue.take_off(self.session, int(time.time()))
         await asyncio.sleep(0)  # let the transport see a close that already arrived
         if flight.cut_short:  # while the kernel took it
-            await self.transport.drain()
+            await self._drain(flight.messages[flight.delivered])
             self._delivered(flight.messages[flight.delivered])
         while flight.written < len(flight.messages):
             message = flight.messages[flight.written]
             self.transport.write(message)
             flight.written += 1
-            try:
-                await self.transport.drain()
-            except DatagramRefused:
-                self.session.rewind(message)  # `refused` puts the rest of the flight back
-                raise
+            await self._drain(message)  # refused: `refused` puts the rest of the flight back
             self._delivered(message)
         queue.landed()
 
