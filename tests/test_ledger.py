@@ -21,12 +21,12 @@ from helpers import free_port, tshark_capture, tshark_fields, use_antrea_informa
 from ipfix_sink import DatagramSink
 from ovsflow.exporter import Exporter
 from ovsflow.exporter.link import PROBE_ANSWER, PROBE_INTERVAL
-from ovsflow.ipfix.messages import HEADER, SET_HEADER, MessageDecoder
+from ovsflow.ipfix.messages import HEADER, SET_HEADER, MessageDecoder, MessageStream
 from ovsflow.ipfix.templates import (
     CONNTRACK_LEDGER_ID, DENY_LEDGER_ID, EXPORTING_LEDGER_ID, OPTIONS_TEMPLATES,
 )
 from ovsflow.record import CONNTRACK, FlowRecord
-from ovsflow.transport import UdpTransport
+from ovsflow.transport import StreamTransport, UdpTransport
 
 DOMAIN = 42
 
@@ -247,3 +247,40 @@ def test_ipfix_doc_lists_every_options_template_field_and_its_scope():
         t.template_id: [(f.element.name, f.element.element_id, f.element.data_type, f.length,
                          index < t.scope_count) for index, f in enumerate(t.fields)]
         for t in OPTIONS_TEMPLATES}
+
+
+def test_a_tcp_collector_gets_the_ledger_after_the_templates_and_last_before_the_withdrawal():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    received = bytearray()
+
+    def read_all():
+        connection, _ = server.accept()
+        with connection:
+            while chunk := connection.recv(65536):
+                received.extend(chunk)
+
+    async def scenario():
+        reader = asyncio.create_task(asyncio.to_thread(read_all))
+        exporter = Exporter(StreamTransport("127.0.0.1", port), DOMAIN)
+        exporter.start()
+        exporter.submit(records(0, 50))
+        await asyncio.sleep(0.3)
+        assert await exporter.close(5)
+        await reader
+        return exporter
+
+    try:
+        exporter = asyncio.run(scenario())
+    finally:
+        server.close()
+    messages = MessageStream().feed(bytes(received))
+    assert [set_ids(m)[0] for m in messages] == [2, EXPORTING_LEDGER_ID, 256,
+                                                 EXPORTING_LEDGER_ID, 2]  # 2: withdrawal
+    decoded = ipfix_package_records(messages[:-1])  # (it cannot read a withdrawal)
+    ledgers = [(index, r) for index, r in decoded if "exportingProcessId" in r]
+    assert [(index, r["exportedMessageTotalCount"], r["exportedFlowRecordTotalCount"])
+            for index, r in ledgers] == [(1, 1, 0), (3, 3, 50)]
+    assert ledgers[1][1]["exportedOctetTotalCount"] == sum(map(len, messages[:3]))
+    assert ledgers[1][1]["exportingProcessId"] == zlib.crc32(f"127.0.0.1:{port}:tcp".encode())
+    assert exporter.stats.messages_sent == len(messages)
