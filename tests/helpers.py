@@ -162,6 +162,13 @@ def use_antrea_information_model() -> None:
         ipfix.ie.for_spec(spec)
 
 
+def ipfix_package_records(buffer, options: bool = False) -> list[dict]:
+    """The flow records (with `options`, the options records: ovsflow's ledger) of the
+    message last read into the PyPI `ipfix` package's MessageBuffer, by element name."""
+    return [dict(r) for r in buffer.record_iterator(
+        tmplaccept_fn=lambda template: bool(template.scopecount) == options)]
+
+
 def flow_records(batches) -> list:
     """The records of `EncodedRecords` batches as `FlowRecord`s, read back with ovsflow's
     IPFIX decoder (the interop tests check it against tshark, nfdump and others): how tests

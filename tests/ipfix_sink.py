@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ipfix.message
 
-from helpers import use_antrea_information_model
+from helpers import ipfix_package_records, use_antrea_information_model
 
 _RECEIVER = """
 import signal, socket, struct, sys
@@ -45,8 +45,7 @@ class DatagramSink:
         buffer = ipfix.message.MessageBuffer()
         for datagram in self.datagrams():
             buffer.from_bytes(datagram)
-            records += [dict(r) for r in buffer.record_iterator(
-                tmplaccept_fn=lambda template: bool(template.scopecount) == options)]
+            records += ipfix_package_records(buffer, options)
         return records
 
     def datagrams(self) -> list[bytes]:

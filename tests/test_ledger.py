@@ -57,7 +57,7 @@ def set_ids(datagram: bytes) -> list[int]:
     return ids
 
 
-def ipfix_package_records(datagrams: list[bytes]) -> list[tuple[int, dict]]:
+def decoded_by_ipfix_package(datagrams: list[bytes]) -> list[tuple[int, dict]]:
     """(index of the datagram, record) for every data record, options records included."""
     buffer, found = ipfix.message.MessageBuffer(), []
     for index, datagram in enumerate(datagrams):
@@ -112,7 +112,7 @@ def test_a_late_udp_collector_decodes_at_once_and_reads_what_it_missed_in_the_le
     assert set_ids(datagrams[1]) == [EXPORTING_LEDGER_ID, CONNTRACK_LEDGER_ID, DENY_LEDGER_ID]
 
     # The PyPI ipfix package: flow records and options records
-    decoded = ipfix_package_records(datagrams)
+    decoded = decoded_by_ipfix_package(datagrams)
     flows = [r for _, r in decoded if "flowId" in r]
     assert [r["flowId"] for r in flows] == [3, 4, 5, 6, 7]  # the oldest were dropped
     exporting = [(index, r) for index, r in decoded if "exportingProcessId" in r]
@@ -277,7 +277,7 @@ def test_a_tcp_collector_gets_the_ledger_after_the_templates_and_last_before_the
     messages = MessageStream().feed(bytes(received))
     assert [set_ids(m)[0] for m in messages] == [2, EXPORTING_LEDGER_ID, 256,
                                                  EXPORTING_LEDGER_ID, 2]  # 2: withdrawal
-    decoded = ipfix_package_records(messages[:-1])  # (it cannot read a withdrawal)
+    decoded = decoded_by_ipfix_package(messages[:-1])  # (it cannot read a withdrawal)
     ledgers = [(index, r) for index, r in decoded if "exportingProcessId" in r]
     assert [(index, r["exportedMessageTotalCount"], r["exportedFlowRecordTotalCount"])
             for index, r in ledgers] == [(1, 1, 0), (3, 3, 50)]
