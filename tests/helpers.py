@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,29 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class StreamReceiver:
+    """A TCP server of its own (a thread) that keeps every byte of the one connection it
+    takes; `stream()` returns them once that connection has ended."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        connection, _ = self.server.accept()
+        with connection:
+            while chunk := connection.recv(65536):
+                self.received.extend(chunk)
+
+    def stream(self, timeout: float = 30) -> bytes:
+        self._reader.join(timeout)
+        self.server.close()
+        return bytes(self.received)
 
 
 class Collector:

@@ -19,7 +19,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import Collector, free_port
+from helpers import Collector, StreamReceiver, free_port
 from ovsflow.config import TlsSettings, client_tls_context
 from ovsflow.exporter import Exporter, RecordEncoder, encode_records
 from ovsflow.ipfix.messages import HEADER, MessageDecoder, MessageEncoder, MessageStream
@@ -401,30 +401,19 @@ def read_stream_messages(data: bytes) -> list[list[tuple[int, bytes]]]:
 def test_tcp_sends_templates_once_and_withdraws_them_before_closing():
     """Over TCP the templates live as long as the session: no refresh (that is for UDP),
     and a clean close withdraws them all (RFC 7011 §8.1: template id 2, field count 0)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    received = bytearray()
-
-    def read_all():
-        connection, _ = server.accept()
-        with connection:
-            while chunk := connection.recv(65536):
-                received.extend(chunk)
+    receiver = StreamReceiver()
 
     async def scenario():
-        reader = asyncio.create_task(asyncio.to_thread(read_all))
-        exporter = Exporter(StreamTransport("127.0.0.1", server.getsockname()[1]), 1,
+        exporter = Exporter(StreamTransport("127.0.0.1", receiver.port), 1,
                             template_refresh=0.2)
         exporter.start()
         for batch in range(5):  # over a second: five refresh periods
             exporter.submit(records(batch * 10, 10))
             await asyncio.sleep(0.25)
         assert await exporter.close(5)
-        await reader
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.close()
+    asyncio.run(scenario())
+    received = receiver.stream()
     messages = read_stream_messages(bytes(received))
     template_sets = [body for sets in messages for set_id, body in sets if set_id == 2]
     assert len(template_sets) == 2  # the templates once, then the withdrawal

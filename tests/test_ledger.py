@@ -17,7 +17,9 @@ from pathlib import Path
 import ipfix.message
 import pytest
 
-from helpers import free_port, tshark_capture, tshark_fields, use_antrea_information_model
+from helpers import (
+    StreamReceiver, free_port, tshark_capture, tshark_fields, use_antrea_information_model,
+)
 from ipfix_sink import DatagramSink
 from ovsflow.exporter import Exporter
 from ovsflow.exporter.link import PROBE_ANSWER, PROBE_INTERVAL
@@ -46,6 +48,14 @@ def records(first: int, count: int) -> list[FlowRecord]:
     return [FlowRecord(CONNTRACK, socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"),
                        6, 1000 + i, 80, flow_id=i, packets=i) for i in range(first,
                                                                              first + count)]
+
+
+def exporting(transport, first: list[FlowRecord]) -> Exporter:
+    """An exporter started on `transport`, with `first` submitted (on a running loop)."""
+    exporter = Exporter(transport, DOMAIN)
+    exporter.start()
+    exporter.submit(first)
+    return exporter
 
 
 def set_ids(datagram: bytes) -> list[int]:
@@ -175,9 +185,7 @@ def test_a_refusal_reported_while_idle_stops_the_data_until_the_templates_get_th
     port = sink.port
 
     async def scenario():
-        exporter = Exporter(UdpTransport("127.0.0.1", port), DOMAIN)
-        exporter.start()
-        exporter.submit(records(0, 3))
+        exporter = exporting(UdpTransport("127.0.0.1", port), records(0, 3))
         await asyncio.sleep(0.3)
         sink.stop()
         # a datagram whose refusal the exporter does not wait for (as from afar)
@@ -206,9 +214,7 @@ def test_refused_records_go_again_numbered_on_without_a_gap(tmp_path):
     port = first.port
 
     async def scenario():
-        exporter = Exporter(UdpTransport("127.0.0.1", port, path_mtu=576), DOMAIN)
-        exporter.start()
-        exporter.submit(records(0, 5))
+        exporter = exporting(UdpTransport("127.0.0.1", port, path_mtu=576), records(0, 5))
         while exporter.stats.records_exported < 5:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
@@ -250,31 +256,17 @@ def test_ipfix_doc_lists_every_options_template_field_and_its_scope():
 
 
 def test_a_tcp_collector_gets_the_ledger_after_the_templates_and_last_before_the_withdrawal():
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    received = bytearray()
-
-    def read_all():
-        connection, _ = server.accept()
-        with connection:
-            while chunk := connection.recv(65536):
-                received.extend(chunk)
+    receiver = StreamReceiver()
+    port = receiver.port
 
     async def scenario():
-        reader = asyncio.create_task(asyncio.to_thread(read_all))
-        exporter = Exporter(StreamTransport("127.0.0.1", port), DOMAIN)
-        exporter.start()
-        exporter.submit(records(0, 50))
+        exporter = exporting(StreamTransport("127.0.0.1", port), records(0, 50))
         await asyncio.sleep(0.3)
         assert await exporter.close(5)
-        await reader
         return exporter
 
-    try:
-        exporter = asyncio.run(scenario())
-    finally:
-        server.close()
-    messages = MessageStream().feed(bytes(received))
+    exporter = asyncio.run(scenario())
+    messages = MessageStream().feed(receiver.stream())
     assert [set_ids(m)[0] for m in messages] == [2, EXPORTING_LEDGER_ID, 256,
                                                  EXPORTING_LEDGER_ID, 2]  # 2: withdrawal
     decoded = decoded_by_ipfix_package(messages[:-1])  # (it cannot read a withdrawal)
