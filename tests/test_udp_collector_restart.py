@@ -13,12 +13,14 @@ second, a burst of six), as a remote collector host does.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import time
 import zlib
 from collections import defaultdict
+from urllib.parse import urlencode
 
 import pytest
 
@@ -26,6 +28,7 @@ from collecting import Output
 from helpers import OVSFLOW, Collector, agent_config
 from lab.netns import PYTHON, CommandFailed, Netns
 from test_conntrack_kernel import http_get
+from test_prometheus import PROMETHEUS, fetch, prometheus_config
 from test_restart import COUNTERS, LAB, SERVER_PORT, conntrack_totals, steady_traffic
 
 COLLECTOR = "172.31.9.2"
@@ -261,3 +264,64 @@ def test_a_collector_that_lost_records_reads_it_in_the_ledger_as_the_metrics_cou
         "ovsflow_connections_rejected_total"] + now["ovsflow_connections_malformed_total"] == 2
     assert ledger["observationDomainId"] == ledger["_observationDomainId"]
     assert ledger["systemInitTimeMilliseconds"] <= ledger["observationTimeMilliseconds"]
+
+
+def test_a_udp_collector_outage_raises_the_unreachable_alert_in_a_real_prometheus(
+        site, tmp_path):
+    """Debian's Prometheus, with the shipped rules, scraping the agent every second: while
+    the UDP collector is away `OvsflowCollectorUnreachable` is pending for it (its `for: 2m`
+    is promtool's to check, deploy/prometheus/ovsflow-alerts.test.yaml), and it is gone
+    once the collector is back. Before the agent read ICMP refusals the expression could
+    never be true for a UDP collector."""
+    assert PROMETHEUS, "prometheus comes with Debian's prometheus package (scripts/setup)"
+    node, collector_ns = site
+    (tmp_path / "agent").mkdir()
+    first = start_collector(collector_ns)
+    agent = start_agent(node, tmp_path / "agent")
+    prometheus = node.popen(
+        PROMETHEUS, f"--config.file={prometheus_config(tmp_path, '127.0.0.1:9495')}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.listen-address=127.0.0.1:9496",
+        "--log.level=warn", stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("w"))
+    api, second = "http://127.0.0.1:9496/api/v1", None
+
+    def query(promql: str) -> list[dict]:
+        try:
+            answer = json.loads(fetch(node, f"{api}/query?" + urlencode({"query": promql})))
+        except CommandFailed:  # not listening yet
+            assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()
+            return []
+        return answer["data"]["result"]
+
+    def alert() -> list[tuple[str, str]]:
+        return [(s["metric"]["alertstate"], s["metric"]["collector"]) for s in query(
+            'ALERTS{alertname="OvsflowCollectorUnreachable"}')]
+
+    try:
+        control, _ = steady_traffic(node, tmp_path, count=3)
+        wait_for_polls(node)
+        wait_until(lambda: query(f'{of_collector("ovsflow_collector_reachable")} == 1'),
+                   "Prometheus scraping a reachable collector", 60)
+        assert alert() == []
+        first.stop()
+        stopped_at = time.monotonic()
+        client_port(node)  # records to send, refused
+        wait_until(lambda: alert() == [("pending", ADDRESS)], "the alert pending", 30)
+        pending_after = time.monotonic() - stopped_at
+        [refusals] = query(of_collector("ovsflow_collector_refusals_total"))
+        second = start_collector(collector_ns)
+        wait_until(lambda: alert() == [] and query(
+            f'{of_collector("ovsflow_collector_reachable")} == 1'), "the alert gone", 30)
+        (control / "stop").touch()
+        (control / "close").touch()
+        stop_agent(agent)
+    finally:
+        for process in (agent, prometheus):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+        first.stop()
+        if second is not None:
+            second.stop()
+    print(f"alert pending {pending_after:.1f}s after the collector stopped")
+    assert float(refusals["value"][1]) >= 1
