@@ -128,7 +128,7 @@ class IpfixConfig:
     # UDP: templates again every 30 s (RFC 7011 §8.4 leaves the interval to configuration;
     # RFC 6728 suggests 600 s). Templates already go again at once when a refused datagram
     # shows the collector away; this bounds what a collector that restarted unseen (between
-    # two sends, or with ICMP filtered) cannot decode to 30 s of records, for ~1.3 kB per
+    # two sends, or with ICMP filtered) cannot decode to 30 s of records, for 1,154 octets per
     # collector every 30 s.
     template_refresh: float = 30.0
     path_mtu: int = 1500
