@@ -370,7 +370,8 @@ def main() -> int:
         time.sleep(0.5)
         collector.terminate()
         output, _ = collector.communicate(timeout=30)
-        records = [json.loads(line) for line in output.splitlines()]
+        records = [record for line in output.splitlines()
+                   if not (record := json.loads(line)).get("_options")]  # flow records
         domains = {zlib.crc32(name.encode()): source for name, source in
                    (("node-ovs", "ovs"), ("node-kernel", "kernel"))}
         print()

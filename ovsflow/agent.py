@@ -65,6 +65,7 @@ class Agent:
         self.deny_store = DenyStore(fe.active_timeout, fe.idle_timeout, ovs.max_deny_connections,
                                     self.enricher)
         self.deny = open_deny_source(ovs, self.filter, self.deny_store)  # None: no bridge
+        self.exporters.metering.watch(self.store, self.deny)  # the collectors' ledgers
         self.health = Health(fe.poll_interval, self.exporters, self.supervisor, self.deny)
         # What the collector was told, kept across restarts
         self.state_keeper = StateKeeper(

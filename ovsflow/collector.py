@@ -1,5 +1,8 @@
 """`ovsflow collect`: a small IPFIX collector that prints one JSON object per data record.
 
+Options records (an exporter's statistics, such as ovsflow's ledger) are printed too, with
+`"_options": true`; `--count` counts flow records only.
+
 Meant for debugging, demos and tests: it keeps templates per exporter and transport session,
 decodes UDP datagrams and TCP/TLS streams with the same sans-IO decoder, and writes a line
 per record, flushed at once so that a pipe sees records as they come. SIGTERM and SIGINT
@@ -52,7 +55,8 @@ def parse_listen_url(url: str) -> tuple[str, str, int]:
 
 
 class RecordPrinter:
-    """Decodes messages and prints their data records; stops the collector after `count`."""
+    """Decodes messages and prints their data records; stops the collector after `count`
+    flow records (options records are printed, not counted)."""
 
     def __init__(self, out: TextIO, count: int | None, done: Callable[[], None]):
         self.out, self.count, self.done = out, count, done
@@ -68,9 +72,15 @@ class RecordPrinter:
                 return
             line = {"_exporter": exporter,
                     "_observationDomainId": decoded.observation_domain_id,
-                    "_templateId": template_id, "_exportTime": decoded.export_time, **record}
+                    "_templateId": template_id, "_exportTime": decoded.export_time}
+            options = template_id in decoded.options_sets
+            if options:
+                line["_options"] = True
+            line.update(record)
             self.out.write(json.dumps(line) + "\n")
             self.out.flush()
+            if options:
+                continue
             self.printed += 1
             if self.count is not None and self.printed >= self.count:
                 self.done()

@@ -67,6 +67,25 @@ class ExporterMetrics(Collector):
             for collector, exporter in exporters:
                 gauge.add_metric([collector], value(exporter))
             yield gauge
+        yield from ledger_metrics(exporters)
+
+
+def ledger_metrics(exporters):
+    """What each collector's ledger says and Prometheus had no name for yet (issue 28: the
+    ledger and UDP refusals; one block, kept apart)."""
+    octets = CounterMetricFamily("ovsflow_ipfix_octets_sent", "Octets of the IPFIX messages "
+                                 "sent (in the kernel whole; UDP: not refused), the ledger's "
+                                 "exportedOctetTotalCount", labels=["collector"])
+    refusals = CounterMetricFamily("ovsflow_collector_refusals", "UDP datagrams the kernel "
+                                   "refused (ICMP port or host unreachable: the collector "
+                                   "is not there), and refusals it reported while idle",
+                                   labels=["collector"])
+    for collector, exporter in exporters:
+        octets.add_metric([collector], exporter.stats.octets_sent)
+        if not exporter.transport.reliable:
+            refusals.add_metric([collector], exporter.transport.send_errors)
+    yield octets
+    yield refusals
 
 
 def export_state_metrics(state: ExportState):

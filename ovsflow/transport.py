@@ -18,6 +18,7 @@ import asyncio
 import fcntl
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -35,71 +36,134 @@ CLOSE_TIMEOUT = 2.0
 READ_SIZE = 65536
 
 
+class DatagramRefused(ConnectionError):
+    """A datagram did not reach the collector: the kernel refused it, or refused one just
+    before it (ICMP port unreachable, or host or network unreachable)."""
+
+
 class UdpTransport:
+    """A connected UDP socket of our own, not asyncio's datagram transport: on a connected
+    socket the kernel reports an ICMP port unreachable (or host, network unreachable) as an
+    error on the socket, and this adapter reads it after every datagram (`SO_ERROR`) and
+    while idle (the socket's reader), so that each message is known to have gone out or
+    been refused (`drain` raises `DatagramRefused`). On one host (loopback, veth) the
+    refusal of a datagram is there when its send returns; from farther away it comes a
+    round trip later, and is then charged to the next datagram, or noticed while idle."""
+
     reliable = False
 
     def __init__(self, host: str, port: int, path_mtu: int = 1500):
         self.host, self.port, self.path_mtu = host, port, path_mtu
+        self.address = CollectorAddress(host, port, "udp")
         self.max_message_size = self._message_size(socket.AF_INET)  # until connect resolves
-        self._transport: asyncio.DatagramTransport | None = None
-        self.send_errors = 0
-        self.datagrams_sent = 0  # handed to the kernel without an error
-        self.failing_since: float | None = None  # monotonic time of the first failed send
-        self.last_error = ""  # since the last datagram that went out
+        self._sock: socket.socket | None = None
+        self._pending: bytes | None = None  # written, for `drain` to send
+        self.send_errors = 0  # datagrams refused, and errors the kernel reported while idle
+        self.datagrams_sent = 0  # sent without a refusal
+        self.refused_since: float | None = None  # monotonic; None: not refused (`recovered`)
+        self.last_refusal = float("-inf")  # monotonic time of the last refusal
+        self.last_error = ""
+        self.on_refusal = lambda: None  # called when the kernel reports one while idle
 
     def _message_size(self, family: int) -> int:
         ip_header = IPV6_HEADER if family == socket.AF_INET6 else IPV4_HEADER
         return min(self.path_mtu - ip_header - UDP_HEADER, MAX_MESSAGE_SIZE)
 
     @property
+    def failing_since(self) -> float | None:
+        return self.refused_since
+
+    @property
     def connected(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
+        return self._sock is not None
 
     async def connect(self) -> None:
-        owner = self
-
-        class Protocol(asyncio.DatagramProtocol):
-            def error_received(self, exc: Exception) -> None:
-                # ICMP port unreachable and the like: the collector is not there right now.
-                # UDP gives no delivery guarantee; count it and carry on.
-                owner.send_errors += 1
-                owner.last_error = str(exc)
-                if owner.failing_since is None:
-                    owner.failing_since = time.monotonic()
-                log.debug("UDP send to %s:%s failed: %s", owner.host, owner.port, exc)
-
         loop = asyncio.get_running_loop()
         # Resolved here, not once at start: a name may move, and its family decides the
         # largest datagram that fits the path MTU.
         family, _, _, _, address = (await loop.getaddrinfo(
             self.host, self.port, type=socket.SOCK_DGRAM))[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(address)  # no packet: it only fixes the peer
+        except BaseException:
+            sock.close()
+            raise
         self.max_message_size = self._message_size(family)
-        self._transport, _ = await loop.create_datagram_endpoint(
-            Protocol, remote_addr=address[:2], family=family)  # asyncio takes (host, port)
+        self._sock = sock
+        loop.add_reader(sock.fileno(), self._read_error)
+
+    def _read_error(self) -> None:
+        """The collector sends nothing: what wakes the reader is an error the kernel holds
+        for the socket."""
+        try:
+            while self._sock is not None:
+                self._sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            self._refused(err)
+            self.on_refusal()
+
+    def _refused(self, err: OSError) -> None:
+        self.send_errors += 1
+        self.last_error = str(err) or type(err).__name__
+        self.last_refusal = time.monotonic()
+        if self.refused_since is None:
+            self.refused_since = self.last_refusal
+        log.debug("UDP to %s:%s refused: %s", self.host, self.port, self.last_error)
+
+    def recovered(self) -> None:
+        """A datagram went out and none was refused since: sends are no longer refused."""
+        self.refused_since, self.last_error = None, ""
 
     def write(self, message: bytes) -> None:
-        assert self._transport is not None
-        errors = self.send_errors
-        self._transport.sendto(message)  # an immediate failure calls error_received
-        if self.send_errors == errors:
-            self.datagrams_sent += 1
-            self.failing_since, self.last_error = None, ""
+        """Hand over one datagram; `drain` sends it."""
+        if self._sock is None:
+            raise ConnectionError(f"not connected to {self.host}:{self.port}")
+        self._pending = message
 
     async def drain(self) -> None:
-        """A datagram is in the kernel once written."""
+        """Send the datagram written. Raises `DatagramRefused` when the kernel refused it
+        (the error it returned, or one it holds for the socket once it is sent)."""
+        message, sock = self._pending, self._sock
+        if message is None:
+            return
+        if sock is None:
+            raise ConnectionError(f"not connected to {self.host}:{self.port}")
+        try:
+            try:
+                sock.send(message)
+            except BlockingIOError:  # the socket's send buffer is full: wait for room
+                await asyncio.get_running_loop().sock_sendall(sock, message)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+        except OSError as err:
+            self._pending = None
+            self._refused(err)
+            raise DatagramRefused(f"UDP to {self.host}:{self.port} refused: "
+                                  f"{self.last_error}") from err
+        self._pending = None
+        self.datagrams_sent += 1
 
     async def send(self, messages: list[bytes]) -> None:
         for message in messages:
             self.write(message)
+            await self.drain()
 
     def renew_tls(self) -> bool:
         return False
 
     async def close(self) -> bool:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-        return True
+        """True unless a datagram written was left unsent."""
+        sock, flushed = self._sock, self._pending is None
+        self._sock = self._pending = None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        return flushed
 
 
 class TlsFiles:
@@ -163,6 +227,7 @@ class StreamTransport:
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | TlsFiles | None = None,
                  server_name: str | None = None):
         self.host, self.port = host, port
+        self.address = CollectorAddress(host, port, "tcp" if tls is None else "tls")
         self.tls_files = tls if isinstance(tls, TlsFiles) else None
         self.tls = tls.context if isinstance(tls, TlsFiles) else tls
         self.server_name = server_name or (host if tls else None)

@@ -16,9 +16,10 @@ class Output:
             collector.process.stdout))
         self._reader.start()
 
-    def records(self) -> list[dict]:
-        """The records printed so far."""
-        return [json.loads(line) for line in list(self.lines)]
+    def records(self, options: bool = False) -> list[dict]:
+        """The flow records printed so far (with `options`, the options records)."""
+        lines = [json.loads(line) for line in list(self.lines)]
+        return [line for line in lines if line.get("_options", False) == options]
 
     def until_disconnected(self) -> list[dict]:
         """Every record, once the collector has read an exporter's connection to its end (it

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,29 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class StreamReceiver:
+    """A TCP server of its own (a thread) that keeps every byte of the one connection it
+    takes; `stream()` returns them once that connection has ended."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        connection, _ = self.server.accept()
+        with connection:
+            while chunk := connection.recv(65536):
+                self.received.extend(chunk)
+
+    def stream(self, timeout: float = 30) -> bytes:
+        self._reader.join(timeout)
+        self.server.close()
+        return bytes(self.received)
 
 
 class Collector:
@@ -47,8 +71,11 @@ class Collector:
         self.port = int(line.rsplit(":", 1)[1])
 
     def records(self, timeout: float = 60) -> list[dict]:
+        """Its flow records; the options records it printed go to `options`."""
         out, self.errors = self.process.communicate(timeout=timeout)
-        return [json.loads(line) for line in out.splitlines()]
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.options = [line for line in lines if line.get("_options")]
+        return [line for line in lines if not line.get("_options")]
 
     def stop_and_read(self) -> list[dict]:
         """Stop it now (by PID) and parse what it printed: every line is flushed as printed."""
@@ -157,6 +184,13 @@ def use_antrea_information_model() -> None:
     ipfix.ie.use_5103_default()
     for spec in ANTREA_SPECS:
         ipfix.ie.for_spec(spec)
+
+
+def ipfix_package_records(buffer, options: bool = False) -> list[dict]:
+    """The flow records (with `options`, the options records: ovsflow's ledger) of the
+    message last read into the PyPI `ipfix` package's MessageBuffer, by element name."""
+    return [dict(r) for r in buffer.record_iterator(
+        tmplaccept_fn=lambda template: bool(template.scopecount) == options)]
 
 
 def flow_records(batches) -> list:

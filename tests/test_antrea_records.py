@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import ipfix.message
 import pytest
 
-from helpers import OVSFLOW, agent_config, use_antrea_information_model
+from helpers import OVSFLOW, agent_config, ipfix_package_records, use_antrea_information_model
 from lab.ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 from ovsflow.enrich import FROM_EXTERNAL, INTRA_NODE, TO_EXTERNAL
 from ovsflow.record import RULE_ALLOW, RULE_DROP
@@ -48,7 +48,7 @@ class Datagrams:
             except BlockingIOError:
                 return self.decoded
             self.buffer.from_bytes(data)
-            self.decoded += [dict(r) for r in self.buffer.namedict_iterator()]
+            self.decoded += ipfix_package_records(self.buffer)
 
 
 def wait_for(condition, what: str, timeout: float = 30.0):

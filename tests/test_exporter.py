@@ -19,7 +19,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import Collector, free_port
+from helpers import Collector, StreamReceiver, free_port
 from ovsflow.config import TlsSettings, client_tls_context
 from ovsflow.exporter import Exporter, RecordEncoder, encode_records
 from ovsflow.ipfix.messages import HEADER, MessageDecoder, MessageEncoder, MessageStream
@@ -35,6 +35,12 @@ def records(first: int, count: int) -> list[FlowRecord]:
 
 def flow_ids(received) -> list[int]:
     return [r["flowId"] for r in received]
+
+
+def flow_records_of(decoder: MessageDecoder, message: bytes) -> list[dict]:
+    """The message's flow records: its options records (the ledger) left out."""
+    decoded = decoder.decode(message)
+    return [r for template_id, r in decoded.records if template_id not in decoded.options_sets]
 
 
 async def wait_until(condition, timeout=10.0):
@@ -255,7 +261,10 @@ def test_a_collector_that_stops_reading_counts_as_unreachable():
     assert not delivered and closing < 6
 
 
-def test_udp_without_a_collector_neither_fails_nor_blocks():
+def test_udp_records_the_kernel_refuses_stay_queued_and_are_never_counted_as_exported():
+    """No collector on the port: the kernel refuses every datagram (ICMP port unreachable).
+    Nothing counts as exported, the records wait, the collector shows as unreachable, and
+    a close that cannot deliver them counts them as dropped, within its timeout."""
     port = free_port(socket.SOCK_DGRAM)
 
     async def scenario():
@@ -264,11 +273,19 @@ def test_udp_without_a_collector_neither_fails_nor_blocks():
         for batch in range(5):
             exporter.submit(records(batch * 10, 10))
             await asyncio.sleep(0.05)
-        assert await exporter.close(2)
-        return exporter
+        await asyncio.sleep(0.5)
+        seen = (exporter.reachable, exporter.queued, exporter.stats.records_exported,
+                exporter.problem(0.2))
+        started = time.monotonic()
+        closed = await exporter.close(1)
+        return exporter, seen, closed, time.monotonic() - started
 
-    exporter = asyncio.run(scenario())
-    assert exporter.stats.records_exported == 50 and exporter.stats.records_dropped == 0
+    exporter, (reachable, queued, exported, problem), closed, closing = asyncio.run(scenario())
+    assert (reachable, queued, exported) == (False, 50, 0)
+    assert "Connection refused" in problem
+    assert not closed and closing < 4
+    assert exporter.stats.records_exported == 0 and exporter.stats.records_dropped == 50
+    assert exporter.stats.messages_sent == 0  # not even the templates went out
 
 
 def test_udp_templates_are_sent_first_and_refreshed():
@@ -294,7 +311,7 @@ def test_udp_templates_are_sent_first_and_refreshed():
         pass
     finally:
         sink.close()
-    assert set_ids[:2] == [2, 256]  # templates, then the data
+    assert set_ids[:3] == [2, 270, 256]  # templates, the ledger, then the data
     assert set_ids.count(2) >= 4  # at start, then about every 0.3 s
 
 
@@ -384,38 +401,27 @@ def read_stream_messages(data: bytes) -> list[list[tuple[int, bytes]]]:
 def test_tcp_sends_templates_once_and_withdraws_them_before_closing():
     """Over TCP the templates live as long as the session: no refresh (that is for UDP),
     and a clean close withdraws them all (RFC 7011 §8.1: template id 2, field count 0)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    received = bytearray()
-
-    def read_all():
-        connection, _ = server.accept()
-        with connection:
-            while chunk := connection.recv(65536):
-                received.extend(chunk)
+    receiver = StreamReceiver()
 
     async def scenario():
-        reader = asyncio.create_task(asyncio.to_thread(read_all))
-        exporter = Exporter(StreamTransport("127.0.0.1", server.getsockname()[1]), 1,
+        exporter = Exporter(StreamTransport("127.0.0.1", receiver.port), 1,
                             template_refresh=0.2)
         exporter.start()
         for batch in range(5):  # over a second: five refresh periods
             exporter.submit(records(batch * 10, 10))
             await asyncio.sleep(0.25)
         assert await exporter.close(5)
-        await reader
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.close()
+    asyncio.run(scenario())
+    received = receiver.stream()
     messages = read_stream_messages(bytes(received))
     template_sets = [body for sets in messages for set_id, body in sets if set_id == 2]
     assert len(template_sets) == 2  # the templates once, then the withdrawal
     assert messages[0][0][0] == 2  # templates first
     assert messages[-1] == [(2, struct.pack("!HH", 2, 0))]  # the withdrawal comes last
     decoder = MessageDecoder()
-    data = [r for m in MessageStream().feed(bytes(received)) for r in decoder.decode(m).records]
-    assert [r["flowId"] for _, r in data] == list(range(50))
+    data = [r for m in MessageStream().feed(bytes(received)) for r in flow_records_of(decoder, m)]
+    assert [r["flowId"] for r in data] == list(range(50))
 
 
 def test_a_record_that_does_not_fit_is_rejected_and_the_rest_go_through(caplog):
@@ -659,7 +665,7 @@ class SlowCollector:
         decoder = MessageDecoder()
         # a message cut short by an abort is left out: the stream cuts only whole ones
         return Counter(record["flowId"] for message in MessageStream().feed(bytes(self.received))
-                       for _, record in decoder.decode(message).records)
+                       for record in flow_records_of(decoder, message))
 
 
 def server_tls_context(tls_files) -> ssl.SSLContext:

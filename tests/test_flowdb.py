@@ -26,6 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import zlib
 import xml.etree.ElementTree as ElementTree
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -37,6 +38,7 @@ from test_antrea_records import wait_for
 from lab.netns import PYTHON, Netns, sh
 from lab.ovs_lab import OvsLab, pod_external_ids, set_external_ids
 from ovsflow.enrich import INTER_NODE, INTRA_NODE
+from ovsflow.ipfix.templates import OPTIONS_TEMPLATES
 from ovsflow.record import RULE_ALLOW
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +200,7 @@ def nfacctd_config(directory: Path, postgres: Postgres) -> Path:
     """deploy/pmacct/nfacctd-pgsql.conf with this test's paths, database socket and a 1 s
     refresh instead of 60 s; every other key as shipped."""
     overrides = {"aggregate_primitives": str(PMACCT / "primitives.lst"),
+                 "pre_tag_map": str(PMACCT / "pretag.map"),
                  "sql_host": str(postgres.directory), "sql_refresh_time": "1"}
     lines = []
     for line in (PMACCT / "nfacctd-pgsql.conf").read_text().splitlines():
@@ -224,19 +227,46 @@ def postgres():
         server.stop()
 
 
+class Nfacctd:
+    """nfacctd in the collector's namespace, with deploy/pmacct's configuration: started,
+    stopped (SIGINT: it writes what it holds first; it ignores SIGTERM), started again."""
+
+    def __init__(self, netns: Netns, config: Path, log: Path):
+        self.netns, self.config, self.log = netns, config, log
+        self.process = None
+
+    def start(self) -> None:
+        with open(self.log, "a") as log:
+            self.process = self.netns.popen("nfacctd", "-f", str(self.config), stdout=log,
+                                            stderr=subprocess.STDOUT)
+        wait_for(lambda: f":{COLLECTOR_PORT} " in self.netns.run("ss", "-uln").stdout,
+                 "nfacctd listening")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass  # Netns.delete kills it
+
+
+class Cluster(list):
+    """The nodes (a list), and the nfacctd they export to."""
+
+    def __init__(self, nodes: list[Node], nfacctd: Nfacctd):
+        super().__init__(nodes)
+        self.nfacctd = nfacctd
+
+
 @pytest.fixture
 def cluster(tmp_path, postgres):
     """nfacctd in the collector's namespace, and two nodes linked to each other and to it."""
     collector = Netns("collector")
-    nfacctd = None
+    nfacctd = Nfacctd(collector, nfacctd_config(tmp_path, postgres), tmp_path / "nfacctd.log")
     nodes: list[Node] = []
     try:
-        with open(tmp_path / "nfacctd.log", "w") as log:
-            nfacctd = collector.popen("nfacctd", "-f",
-                                      str(nfacctd_config(tmp_path, postgres)),
-                                      stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: f":{COLLECTOR_PORT} " in collector.run("ss", "-uln").stdout,
-                 "nfacctd listening")
+        nfacctd.start()
         for index in (1, 2):
             node = Node(index, tmp_path / f"ovs{index}")
             nodes.append(node)
@@ -254,16 +284,11 @@ def cluster(tmp_path, postgres):
             node.netns.run("ip", "link", "set", "nodes", "up")
             node.netns.run("ip", "route", "add", f"{peer.subnet}0/24", "via",
                            NODE_LINK.format(peer.index).split("/")[0])
-        yield nodes
+        yield Cluster(nodes, nfacctd)
     finally:
         for node in nodes:
             node.stop()  # the agents first: nfacctd takes their last records
-        if nfacctd is not None and nfacctd.poll() is None:
-            nfacctd.send_signal(signal.SIGINT)  # it ignores SIGTERM
-            try:
-                nfacctd.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass  # delete() kills it
+        nfacctd.stop()
         collector.delete()
         print((tmp_path / "nfacctd.log").read_text()[-3000:])  # shown when the test fails
 
@@ -358,9 +383,80 @@ def test_sql_bytes_by_pod_pair_equal_conntrack(cluster, postgres, tmp_path):
 
     # docs/collectors.md's queries run as written, and find these rows.
     queries = re.findall(r"```sql\n(.*?)```", (ROOT / "docs/collectors.md").read_text(), re.S)
-    assert len(queries) == 2
+    assert len(queries) == 4  # two of the flows, two of the ledger
     for sql in queries:
         assert postgres.query(sql), sql
+
+
+def test_nfacctd_restarted_mid_run_decodes_at_once_and_every_byte_reaches_the_table(
+        cluster, postgres, tmp_path):
+    """nfacctd stopped (SIGINT, as its unit should) and started again while the agents
+    export: connections made before, during and after the outage reach the table, each
+    node's bytes equal to its conntrack's, exactly; the records of the outage arrive within
+    seconds of nfacctd's return; each agent's ledger is in ovsflow_ledger."""
+    first, second = cluster
+    web = first.add_pod("web", "shop", ingress_rule=12, egress_rule=11)
+    cache = first.add_pod("cache", "shop", ingress_rule=21, egress_rule=22)
+    db = second.add_pod("db", "shop", ingress_rule=31, egress_rule=32)
+    api = second.add_pod("api", "backend", ingress_rule=41, egress_rule=42)
+    for index, node in enumerate(cluster, start=1):
+        node.start_agent(tmp_path / f"agent{index}", f"172.31.{index}.2")
+
+    def table() -> dict[tuple, int]:
+        """(source, destination, destination port, node) -> bytes, over every minute."""
+        return {(row[0], row[1], int(row[2]), row[3]): int(row[4]) for row in postgres.query(
+            "SELECT host(ip_src), host(ip_dst), port_dst, CASE WHEN source_node_name <> '' "
+            "THEN source_node_name ELSE destination_node_name END, sum(bytes) "
+            "FROM antrea_flows GROUP BY 1, 2, 3, 4")}
+
+    def conntrack() -> dict[tuple, int]:
+        return {(source, destination, port, node.name): octets
+                for node in cluster for (_, source, destination, _, port), (_, octets)
+                in node.conntrack().items()}
+
+    tcp(web, cache, 8080, chunks=3, chunk=2000, reply=5000)  # before: within node-1
+    tcp(web, db, 5432, chunks=2, chunk=1500, reply=9000)  # and node-1 to node-2
+    counted = conntrack()
+    wait_for(lambda: table() == counted, "the first connections in the table")
+    cluster.nfacctd.stop()
+
+    tcp(api, web, 8443, chunks=2, chunk=2500, reply=700)  # during the outage
+    udp(cache, web, 5353, count=4, size=300)
+    time.sleep(3)  # the agents keep their records: the kernel refuses them
+    cluster.nfacctd.start()
+    restarted = time.monotonic()
+    wait_for(lambda: (api.address, web.address, 8443, "node-2") in table(),
+             "the outage's records in the table")
+    first_seen = time.monotonic() - restarted
+    tcp(cache, db, 9000, chunks=2, chunk=1000, reply=100)  # after it came back
+    time.sleep(1)
+    counted = conntrack()
+    assert len(counted) == 8  # 3 between the nodes (each on both), 2 within node-1
+    try:
+        wait_for(lambda: table() == counted, "every node's bytes equal to conntrack's")
+    except AssertionError:
+        assert table() == counted  # pytest shows the difference
+    print(f"nfacctd: the outage's records in PostgreSQL {first_seen:.2f}s after its restart "
+          "(sql_refresh_time 1 s)")
+    assert first_seen < 6, first_seen  # a probe within 2 s, its answer 0.5 s, the refresh 1 s
+
+    # Each agent's ledger, read where docs/collectors.md says
+    for index, node in enumerate(cluster, start=1):
+        address = f"172.31.{index}.2:{COLLECTOR_PORT}:udp"
+        rows = postgres.query(
+            "SELECT exporting_process_id, max(exported_flow_records), "
+            "max(not_sent_flow_records), count(*) FROM ovsflow_ledger WHERE "
+            f"peer_ip_src = '172.31.{index}.1' AND metering_process_id = 0 GROUP BY 1")
+        [(process, exported, not_sent, ledgers)] = rows
+        assert int(process) == zlib.crc32(address.encode())
+        assert int(exported) > 0 and int(not_sent) == 0 and int(ledgers) >= 2
+        [(tracked,)] = postgres.query(
+            "SELECT max(ignored_data_records) FROM ovsflow_ledger WHERE "
+            f"peer_ip_src = '172.31.{index}.1' AND metering_process_id = 1")
+        assert tracked == "0"
+    completeness = postgres.query("SELECT exporter, not_sent_flow_records, "
+                                  "connections_not_tracked FROM ovsflow_completeness")
+    assert sorted(completeness) == [["172.31.1.1", "0", "0"], ["172.31.2.1", "0", "0"]]
 
 
 def config_keys(path: Path) -> dict[str, str]:
@@ -373,11 +469,20 @@ def test_every_pmacct_profile_aggregates_every_antrea_primitive():
     """PostgreSQL, Kafka and the compose lab's JSON print the same fields: all of
     primitives.lst's (Antrea's elements by their PEN 56506 ids, as go-ipfix registers them)
     after the 5-tuple."""
-    primitives = {}
+    primitives, ledger = {}, {}
     for line in (PMACCT / "primitives.lst").read_text().splitlines():
         if line and not line.startswith("!"):
             fields = dict(item.split("=", 1) for item in line.split())
-            primitives[fields["name"]] = fields["field_type"]
+            if fields["field_type"].startswith("56506:"):
+                primitives[fields["name"]] = fields["field_type"]
+            else:
+                ledger[fields["name"]] = int(fields["field_type"])
+    # the ledger's primitives: every element of ovsflow's options templates (IANA), once
+    assert sorted(ledger.values()) == sorted({f.element.element_id for t in OPTIONS_TEMPLATES
+                                              for f in t.fields})
+    assert "aggregate[ledger]" in config_keys(PMACCT / "nfacctd-pgsql.conf")
+    assert config_keys(PMACCT / "nfacctd-pgsql.conf")["aggregate[ledger]"].split(", ") == [
+        "peer_src_ip", *ledger]
     registry = {f"{pen}:{number}": name for pen, number, name, _ in (
         line.split(",") for line in (ROOT / "tests/data/go_ipfix_registry.csv").read_text()
         .splitlines() if line.startswith("56506,"))}

@@ -20,7 +20,9 @@ import time
 import ipfix.message
 import pytest
 
-from helpers import OVSFLOW, agent_config, flow_records, use_antrea_information_model
+from helpers import (
+    OVSFLOW, agent_config, flow_records, ipfix_package_records, use_antrea_information_model,
+)
 from lab.netns import LAB, PYTHON, Netns, veth_pair
 from lab.ovs_lab import OvsLab, pod_external_ids
 from ovsflow.connection import Connection, identity
@@ -39,7 +41,7 @@ HUGE = 70_000
 # agent exports to its loopback): one JSON line per record, as it arrives.
 RECEIVER = """
 import json, socket, ipfix.message
-from helpers import use_antrea_information_model
+from helpers import ipfix_package_records, use_antrea_information_model
 use_antrea_information_model()
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("127.0.0.1", 0))
@@ -47,8 +49,8 @@ print(sock.getsockname()[1], flush=True)
 buffer = ipfix.message.MessageBuffer()
 while True:
     buffer.from_bytes(sock.recv(65535))
-    for record in buffer.namedict_iterator():
-        print(json.dumps(dict(record), default=str), flush=True)
+    for record in ipfix_package_records(buffer):
+        print(json.dumps(record, default=str), flush=True)
 """
 
 
@@ -210,7 +212,7 @@ def test_a_name_too_long_for_its_field_costs_its_records_alone():
         with contextlib.suppress(TimeoutError):
             while True:
                 buffer.from_bytes(collector.recv(65535))
-                received += [dict(r) for r in buffer.namedict_iterator()]
+                received += ipfix_package_records(buffer)
     assert [(r["sourceTransportPort"], r["destinationPodName"], r["sourcePodName"])
             for r in received] == [(1001, "db", "")] * 2
     assert exporter.rejected == {"record length": 4}

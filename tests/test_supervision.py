@@ -6,7 +6,6 @@ import asyncio
 import logging
 import re
 import signal
-import socket
 import subprocess
 import time
 
@@ -14,6 +13,7 @@ import pytest
 
 from collecting import Output
 from helpers import OVSFLOW, Collector, agent_config, filled_namespace, free_port
+from ipfix_sink import DatagramSink
 from lab.netns import PYTHON
 from ovsflow.supervisor import Supervisor
 from test_conntrack_kernel import http_get
@@ -124,20 +124,25 @@ def test_healthz_names_an_exporter_that_cannot_reach_its_collector(node, tmp_pat
 def test_readyz_over_udp_means_a_datagram_went_out(node, tmp_path):
     """A firewall drops what the agent sends (sendto fails with EPERM): the socket exists,
     nothing is sent, and neither /readyz nor /healthz pretend otherwise."""
-    port = free_port(socket.SOCK_DGRAM)
+    sink = DatagramSink(tmp_path / "datagrams", node.prefix())
+    port = sink.port
     node.run("iptables", "-A", "OUTPUT", "-p", "udp", "--dport", str(port), "-j", "DROP")
     agent = start_agent(node, tmp_path, f"127.0.0.1:{port}:udp")
     try:
         time.sleep(HEALTH_GRACE + 2)
         health, ready = http_get(node, "/healthz"), http_get(node, "/readyz")
         node.run("iptables", "-D", "OUTPUT", "-p", "udp", "--dport", str(port), "-j", "DROP")
-        time.sleep(2)  # the next records go out
+        # the next probe (every 2 s while sends fail) goes out, and the records after it
+        deadline = time.monotonic() + 5
+        while http_get(node, "/healthz") != "200 ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
         health_after, ready_after = http_get(node, "/healthz"), http_get(node, "/readyz")
         stop_agent(agent)
     finally:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+        sink.stop()
     assert ready == "503 nothing has reached the collector yet"
     assert health.startswith(f"503 exporter 127.0.0.1:{port}:udp: sends to 127.0.0.1:") and (
         "not permitted" in health), health
@@ -145,8 +150,10 @@ def test_readyz_over_udp_means_a_datagram_went_out(node, tmp_path):
 
 
 def test_healthz_names_a_deny_path_without_its_switch(node, tmp_path):
-    """ovs.bridge set, but no ovs-vswitchd answers at its service socket."""
-    config = agent_config(tmp_path, free_port(socket.SOCK_DGRAM), ["udp"],
+    """ovs.bridge set, but no ovs-vswitchd answers at its service socket (the collector is
+    there: the exporter is fine)."""
+    sink = DatagramSink(tmp_path / "datagrams", node.prefix())
+    config = agent_config(tmp_path, sink.port, ["udp"],
                           metrics={"bindAddress": "127.0.0.1:9495"},
                           ovs={"runDir": str(tmp_path / "no-ovs"), "bridge": "br0"})
     agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
@@ -159,6 +166,7 @@ def test_healthz_names_a_deny_path_without_its_switch(node, tmp_path):
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+        sink.stop()
     assert health.startswith("503 deny: flows not in place for "), health
     assert "br0.mgmt" in health and "exporter" not in health and "poll" not in health
     assert metric(metrics, 'ovsflow_healthy{layer="deny"}') == 0

@@ -129,7 +129,9 @@ class RotatingCollector:
                 if not data:
                     break
                 for message in stream.feed(data):
-                    flow_ids += [record["flowId"] for _, record in decoder.decode(message).records]
+                    decoded = decoder.decode(message)  # its flow records: not the ledger's
+                    flow_ids += [record["flowId"] for template_id, record in decoded.records
+                                 if template_id not in decoded.options_sets]
 
     def received(self) -> list[int]:
         return [flow_id for _, flow_ids in self.sessions for flow_id in flow_ids]

@@ -1,4 +1,4 @@
--- The table deploy/pmacct/nfacctd-pgsql.conf writes: one row per connection 5-tuple, Antrea
+-- The tables deploy/pmacct/nfacctd-pgsql.conf writes. antrea_flows: one row per connection 5-tuple, Antrea
 -- fields and minute (stamp_inserted), with the bytes and packets of the originating
 -- direction summed over the records (octetDeltaCount, packetDeltaCount). Column names are
 -- pmacct's for its own primitives and the primitive names of primitives.lst for Antrea's.
@@ -57,3 +57,53 @@ SELECT source_pod_namespace, source_pod_name, destination_pod_namespace,
 FROM connections
 GROUP BY source_pod_namespace, source_pod_name, destination_pod_namespace,
          destination_pod_name;
+
+-- ovsflow's ledger (docs/ipfix.md, "The completeness ledger"): one row per options record
+-- an agent sent, with the exporter's address (peer_ip_src). Rows with an exporting process
+-- (metering_process_id 0) count what that agent exported to this collector and what it did
+-- not send (records dropped while the collector was away, or rejected); rows with a metering
+-- process (exporting_process_id 0) what the agent never turned into records: 1, the
+-- conntrack poller's connections not tracked; 2, the deny path's packets its meter dropped.
+-- Counters are totals since system_init_ms (milliseconds since 1970): a row with another
+-- system_init_ms is a restarted agent, counting from 0 again.
+CREATE TABLE IF NOT EXISTS ovsflow_ledger (
+    peer_ip_src inet NOT NULL,
+    observation_domain_id bigint NOT NULL,
+    exporting_process_id bigint NOT NULL,
+    metering_process_id bigint NOT NULL,
+    exported_messages bigint NOT NULL,
+    exported_octets bigint NOT NULL,
+    exported_flow_records bigint NOT NULL,
+    not_sent_flow_records bigint NOT NULL,
+    ignored_data_records bigint NOT NULL,
+    ignored_packets bigint NOT NULL,
+    system_init_ms bigint NOT NULL,
+    observation_ms bigint NOT NULL,
+    packets bigint,  -- pmacct's counters, meaningless here
+    bytes bigint,
+    stamp_inserted timestamp without time zone NOT NULL,
+    stamp_updated timestamp without time zone,
+    PRIMARY KEY (stamp_inserted, peer_ip_src, observation_domain_id, exporting_process_id,
+                 metering_process_id, system_init_ms, observation_ms)
+);
+GRANT SELECT, INSERT, UPDATE ON ovsflow_ledger TO pmacct;
+
+-- What each agent has not delivered here, as its latest ledger says: one row per agent
+-- (exporter address and observation domain) and run (system_init_ms).
+CREATE OR REPLACE VIEW ovsflow_completeness AS
+SELECT DISTINCT ON (peer_ip_src, observation_domain_id, system_init_ms)
+       host(peer_ip_src) AS exporter, observation_domain_id,
+       to_timestamp(system_init_ms / 1000.0) AS counting_since,
+       to_timestamp(observation_ms / 1000.0) AS as_of,
+       exported_flow_records, not_sent_flow_records,
+       (SELECT max(ignored_data_records) FROM ovsflow_ledger m
+        WHERE (m.peer_ip_src, m.observation_domain_id, m.system_init_ms, m.metering_process_id)
+            = (l.peer_ip_src, l.observation_domain_id, l.system_init_ms, 1))
+           AS connections_not_tracked,
+       (SELECT max(ignored_packets) FROM ovsflow_ledger m
+        WHERE (m.peer_ip_src, m.observation_domain_id, m.system_init_ms, m.metering_process_id)
+            = (l.peer_ip_src, l.observation_domain_id, l.system_init_ms, 2))
+           AS denied_packets_not_seen
+FROM ovsflow_ledger l
+WHERE metering_process_id = 0
+ORDER BY peer_ip_src, observation_domain_id, system_init_ms, observation_ms DESC;

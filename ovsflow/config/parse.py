@@ -135,7 +135,8 @@ def parse_config(data: object) -> Config:
     ipfix = IpfixConfig(
         node_name=ix.take("nodeName", _node_name, default_node_name()),
         domain_id=ix.take("observationDomainId", integer_in(0, 0xFFFFFFFF), None),
-        template_refresh=ix.take("templateRefreshTimeout", parse_duration, 600.0),
+        template_refresh=ix.take("templateRefreshTimeout", parse_duration,
+                                 IpfixConfig.template_refresh),
         path_mtu=ix.take("pathMTU", integer_in(576, 65535), 1500),
         max_buffered_records=max_buffered,
         tls=tls,

@@ -20,6 +20,7 @@ from ..config import CollectorConfig, Config
 from ..record import BATCH, EncodedRecords
 from ..supervisor import Supervisor
 from ..transport import transport_for
+from .ledger import Metering
 from .sender import Exporter
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def _transport(collector: CollectorConfig, config: Config):
 class Exporters:
     def __init__(self, config: Config, supervisor: Supervisor | None = None):
         self._config, self._supervisor = config, supervisor
+        self.metering = Metering()  # what every collector's ledger says of the agent (agent.py)
         # collector (HOST:PORT:PROTO) -> its exporter, in the configuration's order
         self.by_collector = {str(c.address): self._exporter(c, _transport(c, config), config)
                              for c in config.collectors}
@@ -43,7 +45,7 @@ class Exporters:
         return Exporter(transport, config.ipfix.observation_domain_id,
                         max_buffered=collector.max_buffered_records,
                         template_refresh=config.ipfix.template_refresh,
-                        supervisor=self._supervisor)
+                        supervisor=self._supervisor, metering=self.metering)
 
     @property
     def queued(self) -> int:

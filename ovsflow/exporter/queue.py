@@ -36,7 +36,8 @@ class ExporterStats:
     records_dropped: int = 0  # queue over its bound while the collector was away, or unsent
     # at shutdown
     records_rejected: int = 0  # a value did not fit its IPFIX field (see ExportQueue.rejected)
-    messages_sent: int = 0
+    messages_sent: int = 0  # in the kernel whole (UDP: sent and not refused)
+    octets_sent: int = 0  # of those messages
     connections: int = 0
 
 

@@ -3,10 +3,13 @@
 The exporter task (`start`) sends what is queued (`queue.ExportQueue`), a batch at a time
 as a flight of IPFIX messages (`flight.Flight`, numbered by `session.Session`); it
 (re)connects with exponential backoff and jitter, and sends templates first on every new
-connection, and over UDP every `template_refresh` seconds. A clean end of a TCP/TLS
-session withdraws the templates (RFC 7011 §8.1). Rotated TLS files start a new session
-between two batches (`renew_tls`); a reload can point the exporter at another collector
-(`retarget`); `close` sends what is left, bounded only by the time without progress.
+connection, and over UDP every `template_refresh` seconds and, while the kernel refuses
+its datagrams, as a probe every few seconds (`link.Link.probe`); the ledger (ledger.py)
+follows the templates and goes every `LEDGER_INTERVAL` seconds and at the end. A clean end
+of a TCP/TLS session withdraws the templates (RFC 7011 §8.1). Rotated TLS files start a
+new session between two batches (`renew_tls`); a reload can point the exporter at another
+collector (`retarget`); `close` sends what is left, bounded only by the time without
+progress.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import logging
 import time
 from collections.abc import Iterable
 
+from ..config import IpfixConfig
 from ..record import EncodedRecords, FlowRecord
 from ..rooms import room_attribute
 from ..supervisor import Supervisor
+from ..transport import DatagramRefused
 from .encoding import encode_in_batches
+from .ledger import Ledger, Metering
 from .link import Link
 from .queue import ExportQueue
 
@@ -31,17 +37,23 @@ STALL_TIMEOUT = 10.0  # seconds without a record taken: the collector counts as 
 
 class Exporter:
     def __init__(self, transport, observation_domain_id: int, *,
-                 max_buffered: int = 100_000, template_refresh: float = 600.0,
+                 max_buffered: int = 100_000,
+                 template_refresh: float = IpfixConfig.template_refresh,
                  max_backoff: float = 30.0, stall_timeout: float = STALL_TIMEOUT,
-                 supervisor: Supervisor | None = None):
+                 supervisor: Supervisor | None = None, metering: Metering | None = None):
         self.observation_domain_id = observation_domain_id
         self.template_refresh = template_refresh
         self.max_backoff = max_backoff
         self.supervisor = supervisor or Supervisor()
         self.queue = ExportQueue(max_buffered, stall_timeout)
-        self.link = Link(transport, observation_domain_id, self.queue, max_backoff)
+        self.ledger = Ledger(self.queue, metering or Metering())
+        self.link = self._link(transport)
         self._task: asyncio.Task | None = None
         self._renew = False  # the TLS files changed: start a new session between batches
+
+    def _link(self, transport) -> Link:
+        return Link(transport, self.observation_domain_id, self.queue, self.max_backoff,
+                    self.ledger)
 
     transport = room_attribute("link", "transport")
     # What the agent, the metrics and a reload read and set: the queue's
@@ -67,15 +79,14 @@ class Exporter:
 
     def problem(self, grace: float) -> str | None:
         """Why the exporter has been unable to do its job for more than `grace` seconds, or
-        None: records waiting with none taken, or a transport whose sends keep failing."""
-        stuck = self.queue.stuck(grace)
-        if stuck is not None:
-            return stuck
+        None: a transport whose sends keep failing (UDP: refused), or records waiting with
+        none taken."""
         now, failing_since = time.monotonic(), self.transport.failing_since
         if failing_since is not None and now - failing_since > grace:
             return (f"sends to {self.link.collector} failing for "
-                    f"{now - failing_since:.0f}s: {self.transport.last_error}")
-        return None
+                    f"{now - failing_since:.0f}s: {self.transport.last_error}; "
+                    f"{self.queue.queued} records waiting")
+        return self.queue.stuck(grace)
 
     @property
     def delivered(self) -> bool:
@@ -96,7 +107,7 @@ class Exporter:
         await self._stop_task()
         await self.link.end(withdraw=True)
         self._renew = False
-        self.link = Link(transport, self.observation_domain_id, self.queue, self.max_backoff)
+        self.link = self._link(transport)
         self.queue.reachable = True
         if running:
             self.start()
@@ -132,14 +143,10 @@ class Exporter:
         pause = 0.0
         pending = self.queue.pending
         while True:
-            timeout = None
-            if not self.transport.reliable:
-                timeout = max(0.0, self.link.session.templates_sent_at
-                              + self.template_refresh - time.monotonic())
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the
                 # cancellation that close() sends when the event is set at the same moment.
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self.link.next_due(self.template_refresh)):
                     await pending.wait()
             except TimeoutError:
                 pass
@@ -151,6 +158,8 @@ class Exporter:
             try:
                 await self._send_queued()
                 pause = 0.0
+            except DatagramRefused:
+                self.link.refused()
             except (OSError, ConnectionError) as err:
                 log.warning("sending to the collector failed: %s; reconnecting", err)
                 await self.link.lost(err)
@@ -170,8 +179,13 @@ class Exporter:
                 while queue.flight is not None or queue.batches:
                     await self.link.connect()
                     try:
+                        if not await self.link.probe():  # UDP, refused: wait for the next
+                            await asyncio.sleep(self.link.next_due(self.template_refresh))
+                            continue
                         await self.link.send_templates_if_due(self.template_refresh)
                         await self.link.send_next()
+                    except DatagramRefused:
+                        self.link.refused()
                     except (OSError, ConnectionError) as err:
                         await self.link.lost(err)
                         await asyncio.sleep(0.1)
@@ -179,6 +193,8 @@ class Exporter:
             pass
         finally:
             queue.deadline = None
+        if queue.flight is None and not queue.batches:  # else it takes nothing: no ledger
+            await self.link.send_last_ledger()
         await self.link.end(withdraw=True)
         left = queue.drop_unsent()
         if left:
@@ -194,9 +210,13 @@ class Exporter:
 
     async def _send_queued(self) -> None:
         queue, link = self.queue, self.link
+        if not await link.probe():
+            return
         await link.send_templates_if_due(self.template_refresh)
+        await link.send_ledger_if_due()
         while (queue.flight is not None or queue.batches) and not self._renew:
             await link.send_next()
             await link.send_templates_if_due(self.template_refresh)
+            await link.send_ledger_if_due()
         if self._renew:
             queue.pending.set()

@@ -1,10 +1,15 @@
 """The IPFIX side of a transport session with the collector (sans-IO): its messages, their
-sequence numbers, and when templates are due.
+sequence numbers, and when templates and the ledger are due.
 
-Templates go first on every new session, and over UDP again every `template_refresh`
-seconds (RFC 7011 §8.4); a TCP/TLS session keeps its templates until it ends, and a clean
-end withdraws them (§8.1). Over TCP/TLS each session numbers its messages from 0 (§3.1);
-over UDP the numbering goes on across sockets. Sequence numbers count data records.
+Templates (the flow templates and the ledger's options templates) go first on every new
+session, over UDP again every `template_refresh` seconds (RFC 7011 §8.4), and again before
+the next data once the kernel refused a datagram (the collector that refused it may come
+back without them: `forget_templates`); a TCP/TLS session keeps its templates until it
+ends, and a clean end withdraws them (§8.1). The ledger's options records (ledger.py) go
+after the templates of every session and every `LEDGER_INTERVAL` seconds. Over TCP/TLS
+each session numbers its messages from 0 (§3.1); over UDP the numbering goes on across
+sockets, from the first message the kernel refused (`rewind`). Sequence numbers count data
+records, the ledger's included.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from collections.abc import Callable
 
 from ..ipfix.codec import Template
 from ..ipfix.messages import HEADER, SET_HEADER, MessageEncoder
-from ..ipfix.templates import ALL_TEMPLATES
+from ..ipfix.templates import ALL_TEMPLATES, OPTIONS_TEMPLATES
 from ..record import EncodedRecords
+from .ledger import LEDGER_INTERVAL, LedgerRecords
+
+NEVER = float("-inf")
 
 
 class Session:
     def __init__(self, observation_domain_id: int, max_message_size: int):
         self.observation_domain_id = observation_domain_id
         self.encoder = MessageEncoder(observation_domain_id, max_message_size)
-        self.templates_sent_at = float("-inf")  # time.monotonic(); -inf: due now
+        self.templates_sent_at = NEVER  # time.monotonic(); NEVER: due now
+        self.ledger_sent_at = NEVER
 
     @property
     def sequence(self) -> int:
@@ -36,18 +45,45 @@ class Session:
                                           transport.max_message_size)
         else:
             self.encoder.max_message_size = transport.max_message_size
-        self.templates_sent_at = float("-inf")
+        self.templates_sent_at = self.ledger_sent_at = NEVER
+
+    def forget_templates(self) -> None:
+        """The collector may not have them (UDP: a datagram was refused): they go again
+        before the next data, and the ledger after them."""
+        self.templates_sent_at = self.ledger_sent_at = NEVER
 
     def templates_due(self, now: float, reliable: bool, template_refresh: float) -> bool:
-        return self.templates_sent_at == float("-inf") or (
+        return self.templates_sent_at == NEVER or (
             not reliable and now - self.templates_sent_at >= template_refresh)
+
+    def ledger_due(self, now: float) -> bool:
+        return now - self.ledger_sent_at >= LEDGER_INTERVAL
+
+    def next_due(self, now: float, reliable: bool, template_refresh: float) -> float:
+        """Seconds until the templates (UDP) or the ledger are due again."""
+        due = self.ledger_sent_at + LEDGER_INTERVAL
+        if not reliable:
+            due = min(due, self.templates_sent_at + template_refresh)
+        return max(0.0, due - now)
 
     def template_messages(self, now: float, export_time: int) -> list[bytes]:
         """Every template, counted as sent from `now` (once written, they go out on this
         session even if cut short while they drain)."""
-        messages = self.encoder.template_messages(ALL_TEMPLATES, export_time)
+        messages = self.encoder.template_messages(ALL_TEMPLATES + OPTIONS_TEMPLATES,
+                                                  export_time)
         self.templates_sent_at = now
         return messages
+
+    def ledger_messages(self, records: LedgerRecords, now: float,
+                        export_time: int) -> list[bytes]:
+        """The ledger's options records, numbered in this session's sequence."""
+        self.ledger_sent_at = now
+        return self.encoder.data_messages(records, export_time)
+
+    def rewind(self, refused: bytes) -> None:
+        """UDP: `refused`, a message of this session, never reached the collector, nor did
+        any numbered after it: the numbering goes on from it."""
+        self.encoder.sequence = HEADER.unpack_from(refused)[3]
 
     def withdrawal(self, export_time: int) -> bytes:
         return self.encoder.withdrawal_message(export_time)

@@ -63,7 +63,8 @@ _IANA_ELEMENTS = [
     (86, "packetTotalCount", "unsigned64"), (130, "exporterIPv4Address", "ipv4Address"),
     (131, "exporterIPv6Address", "ipv6Address"), (136, "flowEndReason", "unsigned8"),
     (138, "observationPointId", "unsigned64"), (139, "icmpTypeCodeIPv6", "unsigned16"),
-    (144, "exportingProcessId", "unsigned32"), (148, "flowId", "unsigned64"),
+    (143, "meteringProcessId", "unsigned32"), (144, "exportingProcessId", "unsigned32"),
+    (148, "flowId", "unsigned64"),
     (149, "observationDomainId", "unsigned32"), (150, "flowStartSeconds", "dateTimeSeconds"),
     (151, "flowEndSeconds", "dateTimeSeconds"),
     (152, "flowStartMilliseconds", "dateTimeMilliseconds"),
@@ -74,11 +75,15 @@ _IANA_ELEMENTS = [
     (157, "flowEndNanoseconds", "dateTimeNanoseconds"),
     (160, "systemInitTimeMilliseconds", "dateTimeMilliseconds"),
     (161, "flowDurationMilliseconds", "unsigned32"),
+    (164, "ignoredPacketTotalCount", "unsigned64"), (166, "notSentFlowTotalCount", "unsigned64"),
     (176, "icmpTypeIPv4", "unsigned8"), (177, "icmpCodeIPv4", "unsigned8"),
     (178, "icmpTypeIPv6", "unsigned8"), (179, "icmpCodeIPv6", "unsigned8"),
     (210, "paddingOctets", "octetArray"), (233, "firewallEvent", "unsigned8"),
     (239, "biflowDirection", "unsigned8"), (256, "ethernetType", "unsigned16"),
-    (300, "observationDomainName", "string"), (346, "privateEnterpriseNumber", "unsigned32"),
+    (300, "observationDomainName", "string"),
+    (323, "observationTimeMilliseconds", "dateTimeMilliseconds"),
+    (346, "privateEnterpriseNumber", "unsigned32"),
+    (407, "ignoredDataRecordTotalCount", "unsigned64"),
 ]
 
 _ANTREA_ELEMENTS = [
@@ -110,7 +115,7 @@ _ANTREA_ELEMENTS = [
 _NOT_REVERSIBLE = {
     "biflowDirection", "exportedMessageTotalCount", "exportedOctetTotalCount",
     "exportedFlowRecordTotalCount", "exporterIPv4Address", "exporterIPv6Address", "flowId",
-    "observationDomainId", "paddingOctets",
+    "ignoredPacketTotalCount", "notSentFlowTotalCount", "observationDomainId", "paddingOctets",
 }
 
 _BY_KEY: dict[tuple[int, int], InformationElement] = {}

@@ -45,11 +45,14 @@ class MessageEncoder:
         self.sequence = 0
 
     def template_messages(self, templates: Iterable[Template], export_time: int) -> list[bytes]:
-        """Template and options template sets for all `templates`, in as few messages as fit."""
+        """A template set for all `templates`, and an options template set for each options
+        template, in as few messages as fit. (pmacct up to 1.7.8 reads only the first
+        options template of a set: its issue #764.)"""
+        templates = list(templates)
         plain = [t.definition() for t in templates if not t.scope_count]
-        options = [t.definition() for t in templates if t.scope_count]
-        groups = [(TEMPLATE_SET_ID, *_joined(plain), False),
-                  (OPTIONS_TEMPLATE_SET_ID, *_joined(options), False)]
+        groups = [(TEMPLATE_SET_ID, *_joined(plain), False)] + [
+            (OPTIONS_TEMPLATE_SET_ID, *_joined([t.definition()]), False)
+            for t in templates if t.scope_count]
         return self._pack([g for g in groups if g[1]], export_time, counts_records=False)
 
     def withdrawal_message(self, export_time: int) -> bytes:
@@ -132,6 +135,7 @@ class DecodedMessage:
     sequence: int
     records: list[tuple[int, dict[str, object]]] = field(default_factory=list)
     unknown_template_sets: list[int] = field(default_factory=list)
+    options_sets: set[int] = field(default_factory=set)  # of records of options templates
 
 
 class MessageDecoder:
@@ -186,6 +190,8 @@ class MessageDecoder:
                     decoded.unknown_template_sets.append(set_id)
                 else:
                     decoded.records.extend((set_id, r) for r in template.decode_records(body))
+                    if template.scope_count:
+                        decoded.options_sets.add(set_id)
             else:
                 raise DecodeError(f"set id {set_id} at offset {pos} is reserved")
             pos += set_length

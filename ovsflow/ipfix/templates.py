@@ -185,3 +185,33 @@ ALL_TEMPLATES = [t.template for t in RECORD_TEMPLATES.values()]
 
 def template_for(record: FlowRecord) -> RecordTemplate:
     return RECORD_TEMPLATES[record.kind, len(record.source_address) == 16]
+
+
+# --- The completeness ledger: options templates (RFC 7011 §3.4.2.2, §4) ---------------------
+# Not flow records: each options record says, for the scope its first fields name, how much
+# was exported and what was not (exporter/ledger.py fills them; docs/ipfix.md). Standard IANA
+# elements only: ovsflow has no enterprise number of its own.
+EXPORTING_LEDGER_ID, CONNTRACK_LEDGER_ID, DENY_LEDGER_ID = 270, 271, 272
+CONNTRACK_METERING_PROCESS, DENY_METERING_PROCESS = 1, 2  # meteringProcessId values
+_LEDGER_TIMES = ["systemInitTimeMilliseconds", "observationTimeMilliseconds"]
+
+
+def _options_template(template_id: int, scope: list[str], fields: list[str]) -> Template:
+    return Template(template_id, [TemplateField(element(name), element(name).default_length)
+                                  for name in scope + fields], scope_count=len(scope))
+
+
+# One collector's exporting process (RFC 7011 §4.3, with §4.1's exported counts)
+EXPORTING_LEDGER = _options_template(
+    EXPORTING_LEDGER_ID, ["observationDomainId", "exportingProcessId"],
+    ["exportedMessageTotalCount", "exportedOctetTotalCount", "exportedFlowRecordTotalCount",
+     "notSentFlowTotalCount", *_LEDGER_TIMES])
+# The conntrack poller, a metering process: connections it did not track (RFC 7011 §4.2)
+CONNTRACK_LEDGER = _options_template(
+    CONNTRACK_LEDGER_ID, ["observationDomainId", "meteringProcessId"],
+    ["ignoredDataRecordTotalCount", *_LEDGER_TIMES])
+# The deny path, a metering process: denied packets it never saw (the meter dropped them)
+DENY_LEDGER = _options_template(
+    DENY_LEDGER_ID, ["observationDomainId", "meteringProcessId"],
+    ["ignoredPacketTotalCount", *_LEDGER_TIMES])
+OPTIONS_TEMPLATES = [EXPORTING_LEDGER, CONNTRACK_LEDGER, DENY_LEDGER]
