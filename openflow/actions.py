@@ -11,7 +11,7 @@ from .wire import (
     NX_VENDOR_ID, NXAC2PT_CONTROLLER_ID, NXAC2PT_MAX_LEN, NXAC2PT_REASON, NXAC2PT_USERDATA,
     NXAST_CONTROLLER, NXAST_CONTROLLER2, OFP15, OFPAT_EXPERIMENTER, OFPAT_METER, OFPAT_OUTPUT,
     OFPCML_NO_BUFFER, OFPIT_APPLY_ACTIONS, OFPIT_GOTO_TABLE, OFPIT_METER, OFPR_ACTION,
-    DecodeError, int_property,
+    DecodeError, int_property, nicira_properties,
 )
 
 
@@ -144,8 +144,8 @@ def decode_actions(data: bytes) -> tuple[ControllerAction | RawAction, ...]:
 
 
 def _controller_action(action: bytes) -> ControllerAction | None:
-    if len(action) < 16 or struct.unpack_from("!HxxI", action) != (OFPAT_EXPERIMENTER,
-                                                                    NX_VENDOR_ID):
+    if len(action) < 16 or \
+            struct.unpack_from("!HxxI", action) != (OFPAT_EXPERIMENTER, NX_VENDOR_ID):
         return None
     subtype = struct.unpack_from("!H", action, 8)[0]
     if subtype == NXAST_CONTROLLER:
@@ -153,14 +153,7 @@ def _controller_action(action: bytes) -> ControllerAction | None:
         return ControllerAction(controller_id, max_len, reason)
     if subtype != NXAST_CONTROLLER2:
         return None
-    values: dict[int, bytes] = {}
-    pos = 16
-    while len(action) - pos >= 4:
-        prop_type, length = struct.unpack_from("!HH", action, pos)
-        if length < 4 or pos + length > len(action):
-            raise DecodeError(f"NXAST_CONTROLLER2 property {prop_type} of length {length}")
-        values[prop_type] = action[pos + 4:pos + length]
-        pos += (length + 7) // 8 * 8
+    values = nicira_properties(action, 16, "NXAST_CONTROLLER2")
 
     return ControllerAction(int_property(values, NXAC2PT_CONTROLLER_ID, 2, 0),
                             int_property(values, NXAC2PT_MAX_LEN, 2, OFPCML_NO_BUFFER),

@@ -43,7 +43,7 @@ from .wire import (
     OFPT_FEATURES_REPLY, OFPT_FEATURES_REQUEST, OFPT_FLOW_MOD, OFPT_GET_CONFIG_REPLY,
     OFPT_GET_CONFIG_REQUEST, OFPT_GROUP_MOD, OFPT_HELLO, OFPT_METER_MOD, OFPT_MULTIPART_REPLY,
     OFPT_PACKET_IN, OFPT_SET_CONFIG, VERSIONS, DecodeError, Message, OpenFlowError,
-    int_property, framed, need, nicira,
+    int_property, framed, need, nicira, nicira_properties,
 )
 
 # --- version negotiation
@@ -284,15 +284,7 @@ def _packet_in(xid: int, body: bytes) -> PacketIn:
 
 
 def _packet_in2(xid: int, body: bytes) -> PacketIn:
-    values: dict[int, bytes] = {}
-    pos = 0
-    while len(body) - pos >= 4:
-        prop_type, length = struct.unpack_from("!HH", body, pos)
-        if length < 4 or pos + length > len(body):
-            raise DecodeError(f"NXT_PACKET_IN2 property {prop_type} has length {length}")
-        # the packet property keeps its own padding out of `length`
-        values[prop_type] = body[pos + 4:pos + length]
-        pos += (length + 7) // 8 * 8
+    values = nicira_properties(body, 0, "NXT_PACKET_IN2")
     if NXPINT_PACKET not in values:
         raise DecodeError("NXT_PACKET_IN2 without a packet")
 

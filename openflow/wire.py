@@ -115,6 +115,20 @@ def need(body: bytes, size: int, what: str) -> None:
         raise DecodeError(f"{what} needs {size} bytes, has {len(body)}")
 
 
+def nicira_properties(data: bytes, pos: int, what: str) -> dict[int, bytes]:
+    """Nicira's TLV properties from `pos` to the end of `data`, by type: each value ends at
+    its length, the next property starts on the next 8-byte boundary (a packet property
+    keeps its own padding out of `length`)."""
+    values: dict[int, bytes] = {}
+    while len(data) - pos >= 4:
+        prop_type, length = struct.unpack_from("!HH", data, pos)
+        if length < 4 or pos + length > len(data):
+            raise DecodeError(f"{what} property {prop_type} has length {length}")
+        values[prop_type] = data[pos + 4:pos + length]
+        pos += (length + 7) // 8 * 8
+    return values
+
+
 def int_property(values: dict[int, bytes], prop: int, width: int, default: int) -> int:
     """An integer property: its first `width` bytes (OVS counts the padding of a u8 or u16
     property in its length)."""
