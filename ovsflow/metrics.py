@@ -206,6 +206,15 @@ class AgentMetrics(Collector):
             yield CounterMetricFamily("ovsflow_packet_ins_dropped_by_meter", "Packet-ins the "
                                       "switch's meter dropped (its band statistics)",
                                       value=deny.meter_drops)
+            yield CounterMetricFamily("ovsflow_denied_packets", "Packets the datapath "
+                                      "denied, as the denying flows counted them (the deny "
+                                      "totals, template 270)", value=deny.totals.packets)
+            yield CounterMetricFamily("ovsflow_denied_bytes", "Bytes (whole frames) the "
+                                      "datapath denied, as the denying flows counted them",
+                                      value=deny.totals.octets)
+            yield GaugeMetricFamily("ovsflow_deny_totals_counted", "Deny rules, default "
+                                    "drops or protocol flows whose denials are counted (one "
+                                    "deny totals record each)", value=len(deny.totals))
             yield CounterMetricFamily("ovsflow_openflow_connections",
                                       "OpenFlow sessions opened with the bridge",
                                       value=deny.connections)

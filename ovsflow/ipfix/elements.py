@@ -79,6 +79,10 @@ _IANA_ELEMENTS = [
     (210, "paddingOctets", "octetArray"), (233, "firewallEvent", "unsigned8"),
     (239, "biflowDirection", "unsigned8"), (256, "ethernetType", "unsigned16"),
     (300, "observationDomainName", "string"), (346, "privateEnterpriseNumber", "unsigned32"),
+    # the deny path's totals and sampling (docs/ipfix.md, template 270 and the deny records)
+    (311, "samplingProbability", "float64"), (352, "layer2OctetDeltaCount", "unsigned64"),
+    (353, "layer2OctetTotalCount", "unsigned64"), (361, "portRangeStart", "unsigned16"),
+    (362, "portRangeEnd", "unsigned16"),
 ]
 
 _ANTREA_ELEMENTS = [
