@@ -38,7 +38,15 @@ def information_model():
 def lab(tmp_path, request):
     """The node: its bridge at Antrea's protocols (or those the test asks for), its Pods;
     the stand-in is started by the test (`start_antrea`)."""
-    lab = OvsLab(tmp_path / "ovs", **getattr(request, "param", {}))
+    with antrea_node(tmp_path, **getattr(request, "param", {})) as lab:
+        yield lab
+
+
+@contextmanager
+def antrea_node(tmp_path, **bridge):
+    """The lab of an Antrea node: `lab.client`, `lab.server`, ... (the Pods of SCENARIO);
+    its stand-in, once a test started one (`lab.antrea`), stops with it."""
+    lab = OvsLab(tmp_path / "ovs", **bridge)
     lab.antrea = None
     try:
         for address, name, namespace in (
@@ -79,14 +87,15 @@ def metric(port: int, name: str, labels: str = "") -> float | None:
 
 @contextmanager
 def agent(tmp_path, lab, metrics_port, deny_source="antrea", protocols=("udp", "tcp"),
-          sink=None):
+          sink=None, **ovs):
     """`ovsflow run` exporting to `sink` (Datagrams: the `ipfix` package decodes) or to
-    `ovsflow collect`; `session.records`, `session.log` after the block."""
+    `ovsflow collect`; `session.records`, `session.log` after the block. `ovs`: more keys
+    of the agent's `ovs` section."""
     collector = None if sink is not None else Collector("udp://127.0.0.1:0", timeout=300)
     path = agent_config(tmp_path, sink.port if sink else collector.port, list(protocols),
                         flowExporter={"idleFlowExportTimeout": "2s"},
                         ovs={"runDir": lab.run_dir, "bridge": lab.bridge,
-                             "denySource": deny_source},
+                             "denySource": deny_source, **ovs},
                         metrics={"bindAddress": f"127.0.0.1:{metrics_port}"})
     process = subprocess.Popen([OVSFLOW, "run", "--config", path], stderr=subprocess.PIPE,
                                text=True)

@@ -5,21 +5,16 @@ datapath denied, from the denying flows' own counters, through the flows' reinst
 restarts. Records are read with the PyPI `ipfix` package, not with ovsflow's decoder."""
 
 import re
-import signal
-import subprocess
 import time
-from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 
-from helpers import OVSFLOW, agent_config, use_antrea_information_model
-from lab.antrea import SCENARIO, SERVICE_IP, AntreaStandIn, route_services_via_gateway
+from helpers import use_antrea_information_model
+from lab.antrea import SCENARIO, SERVICE_IP, AntreaStandIn
 from lab.netns import PYTHON
-from lab.ovs_lab import OvsLab
-from test_antrea_mode import metric
+from test_antrea_mode import agent, antrea_node, metric
 from test_antrea_records import Datagrams
-from test_deny import TABLE, deny_flows, pipeline, wait_for
+from test_deny import TABLE, deny_flows, lab, wait_for  # noqa: F401 - lab: the fixture
 
 # Datagrams from port 40000, 100 bytes each, paced (10 every 5 ms, 2000/s at most) so that
 # the veth and the userspace datapath take them all on a busy machine: the datapath's
@@ -54,31 +49,11 @@ def denied(records) -> list[dict]:
     return [r for r in records if "samplingProbability" in r]
 
 
-@contextmanager
-def agent(tmp_path, lab, metrics_port: int, **ovs):
-    """`ovsflow run` exporting to a `Datagrams` socket (the `ipfix` package decodes);
-    `session.records`, `session.log` after the block (SIGTERM, exit 0)."""
-    sink = Datagrams()
-    path = agent_config(tmp_path, sink.port, ["udp"],
-                        flowExporter={"idleFlowExportTimeout": "2s"},
-                        ovs={"runDir": lab.run_dir, "bridge": lab.bridge, **ovs},
-                        metrics={"bindAddress": f"127.0.0.1:{metrics_port}"})
-    process = subprocess.Popen([OVSFLOW, "run", "--config", path], stderr=subprocess.PIPE,
-                               text=True)
-    session = SimpleNamespace(process=process, records=[], log="")
-    try:
-        wait_for(lambda: metric(metrics_port, "ovsflow_openflow_connections_total") == 1,
-                 what="ovsflow's first OpenFlow session")
-        yield session
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        session.log = process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        time.sleep(0.5)
-        session.records = sink.records()
+def table_agent(tmp_path, lab, port: int, **ovs):
+    """`ovsflow run` in table mode (the pipeline of test_deny.py resubmits pod 1's packets
+    to pod 2 to its deny table), exporting UDP to the `ipfix` package."""
+    return agent(tmp_path, lab, port, deny_source="table", protocols=["udp"],
+                 sink=Datagrams(), denyTable=TABLE, **ovs)
 
 
 def settled(lab, port: int, name: str, expected: float, labels: str = "") -> None:
@@ -90,18 +65,6 @@ def settled(lab, port: int, name: str, expected: float, labels: str = "") -> Non
     except TimeoutError:
         raise AssertionError(f"{name}{labels} is {metric(port, name, labels)}, not "
                              f"{expected}") from None
-
-
-@pytest.fixture
-def table_lab(tmp_path):
-    lab = OvsLab(tmp_path / "ovs")
-    try:
-        lab.pod1 = lab.add_pod("10.55.0.1/24")
-        lab.pod2 = lab.add_pod("10.55.0.2/24")
-        pipeline(lab)
-        yield lab
-    finally:
-        lab.stop()
 
 
 def udp_flow_packets(lab) -> int:
@@ -118,12 +81,12 @@ def metered(port: int) -> float:
         port, "ovsflow_packet_ins_dropped_by_meter_total")
 
 
-def test_table_mode_counts_a_flood_past_the_meter_exactly(table_lab, tmp_path):
+def test_table_mode_counts_a_flood_past_the_meter_exactly(lab, tmp_path):
     """2000 denied datagrams at a 20/s meter, then ovsflow's flows deleted with the meter
     (as Antrea's DeleteMeterAll does) and put back, then 1000 more: the totals are every
     packet sent, the deny records a sample that says so."""
-    lab, port = table_lab, 9561
-    with agent(tmp_path, lab, port, denyTable=TABLE, denyPacketInRate=20) as session:
+    port = 9561
+    with table_agent(tmp_path, lab, port, denyPacketInRate=20) as session:
         wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
         flood(lab.pod1, lab.pod2.address, 5353, 2000)
         assert udp_flow_packets(lab) == 2000  # all of them reached the datapath's flow
@@ -156,9 +119,9 @@ def test_table_mode_counts_a_flood_past_the_meter_exactly(table_lab, tmp_path):
     assert 0.75 * 3000 < estimate < 1.25 * 3000, estimate
 
 
-def test_deny_records_say_they_are_whole_while_the_meter_drops_nothing(table_lab, tmp_path):
-    lab, port = table_lab, 9562
-    with agent(tmp_path, lab, port, denyTable=TABLE) as session:
+def test_deny_records_say_they_are_whole_while_the_meter_drops_nothing(lab, tmp_path):
+    port = 9562
+    with table_agent(tmp_path, lab, port) as session:
         wait_for(lambda: len(deny_flows(lab)) == 3, what="ovsflow's deny flows")
         flood(lab.pod1, lab.pod2.address, 5353, 40)
         settled(lab, port, "ovsflow_denied_packets_total", 40)
@@ -173,23 +136,10 @@ def test_deny_records_say_they_are_whole_while_the_meter_drops_nothing(table_lab
 def antrea_lab(tmp_path):
     """The node of test_antrea_mode.py, its stand-in's packet-in meters at 100/s (Antrea's
     `packetInRate`) so that a small flood goes past them."""
-    lab = OvsLab(tmp_path / "ovs")
-    lab.antrea = None
-    try:
-        for address, name, namespace in (
-                ("10.58.0.1/24", "client", "shop"), ("10.58.0.2/24", "server", "shop"),
-                ("10.58.0.3/24", "web", "shop"), ("10.58.0.4/24", "dns", "kube-system"),
-                ("10.58.0.5/24", "vault", "vault"),
-                ("fd00:58::1/64", "client6", "shop"), ("fd00:58::2/64", "server6", "shop")):
-            setattr(lab, name, lab.add_pod(address, name=name, namespace=namespace))
-        route_services_via_gateway(lab.client)
+    with antrea_node(tmp_path) as lab:
         lab.antrea = AntreaStandIn(lab.run_dir, lab.bridge, tmp_path / "antrea.json",
                                    SCENARIO, packet_in_rate=100)
         yield lab
-    finally:
-        if lab.antrea is not None:
-            lab.antrea.stop()
-        lab.stop()
 
 
 def by_rule(records) -> dict[tuple, int]:
@@ -210,7 +160,7 @@ def test_antrea_mode_counts_every_packet_each_rule_denied(antrea_lab, tmp_path):
     from 0) and an Antrea restart (its next round ADD-s its flows over the old ones: OVS
     carries their counters over), each counted once."""
     lab, port = antrea_lab, 9563
-    with agent(tmp_path, lab, port, denySource="antrea") as session:
+    with agent(tmp_path, lab, port, protocols=["udp"], sink=Datagrams()) as session:
         # ovsflow counts from its first reading of Antrea's flows: the 4 deny rules' metric
         # flows and client's default drop
         wait_for(lambda: metric(port, "ovsflow_deny_totals_counted") == 5,

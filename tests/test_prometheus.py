@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -317,3 +319,75 @@ def test_the_dashboard_shows_each_node_and_each_collector_by_name(scraped):
             if set(re.findall(r"ovsflow_\w+", expr)) & per_collector:
                 assert all("collector" in s["metric"] for s in series), expr
                 assert "{{collector}}" in legend, (panel["title"], legend)
+
+
+def test_a_restart_without_its_export_state_is_told_and_one_with_it_is_not(tmp_path):
+    """A real Prometheus scrapes three agent processes one after another at one address, as
+    a restarted DaemonSet Pod: the first starts without state (a first start: no alert);
+    the second continues the state the first saved at SIGTERM (no alert); the third
+    starts after the state directory was emptied, as one that does not survive restarts
+    (the alert fires, with the agent's labels)."""
+    assert PROMETHEUS, "prometheus comes with Debian's prometheus package (scripts/setup)"
+    node = Netns("promstate")
+    processes: list[subprocess.Popen] = []
+    state = tmp_path / "state"
+    try:
+        metrics_port, web_port = free_port(), free_port()
+        config = agent_config(tmp_path, free_port(socket.SOCK_DGRAM), ["udp"],
+                              metrics={"bindAddress": f"127.0.0.1:{metrics_port}"},
+                              state={"directory": str(state)})
+        prometheus = node.popen(
+            PROMETHEUS, f"--config.file={prometheus_config(tmp_path, f'127.0.0.1:{metrics_port}')}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        processes.append(prometheus)
+        api = f"http://127.0.0.1:{web_port}/api/v1"
+        wait_for(lambda: node.run(PYTHON, "-c", FETCH, f"http://127.0.0.1:{web_port}/-/ready",
+                                  check=False).returncode == 0, 60, "Prometheus to start")
+
+        def query(promql: str) -> list[dict]:
+            answer = json.loads(fetch(node, f"{api}/query?" + urlencode({"query": promql})))
+            return answer["data"]["result"]
+
+        def start_agent() -> subprocess.Popen:
+            """An agent, once Prometheus has scraped it (a start time not seen before) and
+            evaluated the rules on it a few times."""
+            agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.DEVNULL)
+            processes.append(agent)
+            wait_for(lambda: [s for s in query("process_start_time_seconds")
+                              if s["value"][1] not in seen], 60, "a scrape of the new process")
+            seen.update(s["value"][1] for s in query("process_start_time_seconds"))
+            time.sleep(3)
+            return agent
+
+        def stop(agent: subprocess.Popen) -> None:
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=30) == 0
+
+        def missing() -> str:
+            [sample] = query("ovsflow_export_state_missing")
+            return sample["value"][1]
+
+        def firing() -> set[tuple[str, str]]:
+            return {(s["metric"]["alertstate"], s["metric"].get("instance", ""))
+                    for s in query('ALERTS{alertname="OvsflowExportStateNotRestored"}')}
+
+        seen: set[str] = set()
+        agent = start_agent()  # a first start: no state yet
+        assert (missing(), firing()) == ("1", set())
+        stop(agent)
+        assert any(state.iterdir())  # the state it saved at SIGTERM
+        agent = start_agent()  # continues it
+        assert (missing(), firing()) == ("0", set())
+        stop(agent)
+        shutil.rmtree(state)  # a state directory that did not survive the restart
+        agent = start_agent()
+        assert (missing(), firing()) == ("1", {("firing", f"127.0.0.1:{metrics_port}")})
+        stop(agent)
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+        node.delete()

@@ -49,14 +49,17 @@ class TotalsKey:
 Reading = tuple[TotalsKey, int | None, int | None, float | None]
 
 
+FORGET_AFTER_READINGS = 3  # and the idle timeout: a flow reinstalled is missing from one
+
+
 class _Key:
     __slots__ = ("start", "packets", "octets", "exported_packets", "exported_octets",
-                 "last_record", "last_move", "flows")
+                 "last_record", "last_move", "last_seen", "missing")
 
     def __init__(self, now: float):
-        self.start = self.last_record = self.last_move = now
+        self.start = self.last_record = self.last_move = self.last_seen = now
         self.packets = self.octets = self.exported_packets = self.exported_octets = 0
-        self.flows = 0  # its flows at the last reading
+        self.missing = 0  # readings in a row without any of its flows
 
 
 @dataclass(slots=True)
@@ -120,7 +123,7 @@ class DenyTotals:
         self._last_read, self._session = now, session_start
         self.readings += 1
         for key_state in self._keys.values():
-            key_state.flows = 0
+            key_state.missing += 1
         seen = set()
         for flow, (key, packets, octets, age) in flows.items():
             if packets is None or octets is None:
@@ -134,7 +137,7 @@ class DenyTotals:
             key_state = self._keys.get(key)
             if key_state is None:  # counting from the flow's creation, or from now
                 key_state = self._keys[key] = _Key(now - age if created_since else now)
-            key_state.flows += 1
+            key_state.missing, key_state.last_seen = 0, now
             before = life.total
             after = life.observe((packets, octets), new_life=new_session and created_since,
                                  from_zero=created_since)
@@ -155,15 +158,15 @@ class DenyTotals:
 
     def due(self, now: float) -> list[EncodedRecords]:
         """Records of the keys whose flows moved since their last record, once the active
-        timeout has passed since it; keys whose flows are gone and have nothing left to
-        export are forgotten after the idle timeout."""
+        timeout has passed since it; keys whose flows are gone (from a few readings in a
+        row, for the idle timeout) and have nothing left to export are forgotten."""
         active, idle = self.store.active_timeout, self.store.idle_timeout
         records = []
         for key, state in list(self._keys.items()):
             if state.packets > state.exported_packets or state.octets > state.exported_octets:
                 if now - state.last_record >= active:
                     records.append(self._record(key, state, ACTIVE_TIMEOUT, now))
-            elif not state.flows and now - state.last_move >= idle:
+            elif state.missing >= FORGET_AFTER_READINGS and now - state.last_seen >= idle:
                 del self._keys[key]
         return _encoded(records)
 
