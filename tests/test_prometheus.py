@@ -279,6 +279,8 @@ def test_alert_rules_load_and_a_healthy_agent_raises_none_of_the_trouble_alerts(
     assert limit["value"][1] == "100000" and limit["metric"]["collector"].endswith(":udp")
     [limit] = scraped.query("ovsflow_connections_limit")
     assert limit["value"][1] == "500000"
+    [limit] = scraped.query("ovsflow_deny_connections_limit")
+    assert limit["value"][1] == "100000"
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
