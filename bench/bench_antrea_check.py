@@ -1,14 +1,20 @@
 """What ovsflow's check in Antrea mode costs Open vSwitch on a large node: the lab stand-in's
 pipeline (lab/antrea.py, Output table included) plus --flows policy flows (conjunction
 clauses in AntreaPolicyEgressRule and AntreaPolicyIngressRule, as a node with many Pods and
-rules has), on a bridge at OpenFlow 1.0+1.5, read over one OpenFlow 1.5 session.
+rules has) and, for each of their rules, its metric table's deny flow (EgressMetric or
+IngressMetric `reg0=0x400/0x400,reg3=<rule> actions=drop`), on a bridge at OpenFlow
+1.0+1.5, read over one OpenFlow 1.5 session.
 
-Timed in one run, interleaved (A B C D A B C D ...), median and p99 of --runs round trips:
+Timed in one run, interleaved (A B C D E F A B ...), median and p99 of --runs round trips:
 - A: the check: one flow stats request over every table, loosely matched on
      OutputToControllerRegMark (reg0=0x400000/0x600000): Antrea's controller flows only
 - B: the earlier check once the Output table was known: every flow of that table
 - C: the earlier check while no NetworkPolicy flow was found: every flow of every table
 - D: a read of every table's name (OFPMP_TABLE_FEATURES)
+- E: the deny totals' read of the rules' counters: every table, loosely matched on the
+     deny mark (reg0=0x400/0x400): the metric tables' deny flows only
+- F: the deny totals' read of the default drops: every flow of EgressDefaultRule (and as
+     much again for IngressDefaultRule)
 
 Needs root and Open vSwitch. Run: python bench/bench_antrea_check.py [--flows 20000]
 """
@@ -39,10 +45,14 @@ PODS["server6"] = Pod("server6", "bench", ("fd00:58::2",), "02:00:00:00:00:07", 
 
 def policy_flows(count: int) -> list[str]:
     """Conjunction clauses of many rules: source addresses in the egress table, destination
-    ports (reg1) in the ingress table."""
+    ports (reg1) in the ingress table; each rule's deny flow in its metric table."""
     flows = []
     for index in range(count):
         rule = 1000 + index // 50
+        if index % 50 == 0:
+            metric = TABLE["EgressMetric" if rule % 2 else "IngressMetric"]
+            flows.append(f"table={metric},priority=200,reg0=0x400/0x400,reg3={rule:#x},"
+                         "actions=drop")
         if index % 2:
             flows.append(f"table={TABLE['AntreaPolicyEgressRule']},priority={10000 + rule % 4000},"
                          f"ip,nw_src=10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255},"
@@ -64,6 +74,10 @@ async def timings(path: str, runs: int) -> dict[str, list[float]]:
         "B the Output table's flows": lambda xid: m.flow_stats_request(xid, output, version=v),
         "C every flow of every table": lambda xid: m.flow_stats_request(xid, version=v),
         "D every table's name": lambda xid: m.table_features_request(xid, version=v),
+        "E totals: loose match on the deny mark": lambda xid: m.flow_stats_request(
+            xid, match=[register_field(0, 0x400, 0x400, version=v)], version=v),
+        "F totals: EgressDefaultRule's flows": lambda xid: m.flow_stats_request(
+            xid, TABLE["EgressDefaultRule"], version=v),
     }
     found = {}
     times: dict[str, list[float]] = {name: [] for name in requests}

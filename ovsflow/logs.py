@@ -7,9 +7,9 @@ retry at every attempt. The same line, for the same subject, is shown at most on
 carry their running totals ("N dropped so far", "N records queued"). The metrics count
 every occurrence.
 
-"The same line" is the same logger and message template; "the same subject" its first
-argument when that is a string: a collector's address, a task's name, the deny path's
-error. Lines of other subjects, and every line below WARNING, pass untouched.
+"The same line" is the same logger, message template and words: its arguments but the
+numbers (a count, a delay) are the same — the collector, the error, the file. A line that
+says anything else passes, and so does every line below WARNING.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class RepeatFilter(logging.Filter):
         if record.levelno < logging.WARNING or not isinstance(record.msg, str):
             return True
         args = record.args if isinstance(record.args, tuple) else ()
-        subject = args[0] if args and isinstance(args[0], str) else None
-        kind = (record.name, record.msg, subject)
+        kind = (record.name, record.msg,
+                tuple(str(arg) for arg in args if not isinstance(arg, (int, float))))
         now = self.clock()
         shown, held = self._kinds.get(kind, (None, 0))
         if shown is not None and now - shown < self.interval:

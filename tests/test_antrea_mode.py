@@ -433,6 +433,12 @@ def test_the_stand_ins_flows_are_antreas_and_cite_their_source():
     assert pipeline.groups[0] == (
         f"group_id=10,type=select,bucket=bucket_id:0,weight:100,actions=set_field:0xa3a0004"
         f"->reg3,set_field:0x35/0xffff->reg4,resubmit(,{t['EndpointDNAT']})")
+    # md:1308, md:1832: the metric tables drop what a rule denied, one flow per rule (the
+    # deny totals count them: test_deny_totals.py)
+    assert (f"table={t['EgressMetric']},priority=200,reg0=0x400/0x400,reg3=0x5,actions=drop"
+            in flows)
+    assert (f"table={t['IngressMetric']},priority=200,reg0=0x400/0x400,reg3=0x4,actions=drop"
+            in flows)
     # md:1888: the Output table's logging flow
     assert (f"table={t['Output']},priority=200,reg0=0x2400000/0xfe600000,actions=meter:256,"
             "controller(reason=no_match,id=62373,userdata=01.01)") in flows

@@ -62,7 +62,7 @@ def test_an_hour_of_drops_is_sixty_lines_with_running_totals():
                               "shown]")
 
 
-def test_other_subjects_and_quieter_lines_pass():
+def test_lines_with_other_words_and_quieter_lines_pass():
     now = [0.0]
     handler = Lines(lambda: now[0])
     log = logging.getLogger("ovsflow.test_logs")
@@ -78,14 +78,19 @@ def test_other_subjects_and_quieter_lines_pass():
             log.warning("a line without arguments")
         now[0] = 61.0
         log.warning("collector %s unreachable", "a:4739")
+        for error in ("no such file", "not a certificate"):  # other words: both shown
+            log.error("reload: %s: %s; keeping the running configuration", "f.yaml", error)
     finally:
         log.removeHandler(handler)
     assert handler.lines.count("collector a:4739 unreachable") == 1
     assert handler.lines.count("collector b:4739 unreachable") == 1
     assert handler.lines.count("connected to the collector a:4739") == 10
     assert handler.lines.count("a line without arguments") == 1
-    assert handler.lines[-1] == ("collector a:4739 unreachable [9 more like this in the last "
+    assert handler.lines[-3] == ("collector a:4739 unreachable [9 more like this in the last "
                                  "61s not shown]")
+    assert handler.lines[-2:] == [
+        "reload: f.yaml: no such file; keeping the running configuration",
+        "reload: f.yaml: not a certificate; keeping the running configuration"]
 
 
 def test_the_commands_log_through_the_filter():
