@@ -104,7 +104,8 @@ def main() -> None:
         try:
             pipeline = Pipeline(62373, 1, PODS, SCENARIO).build()
             flows = Path(directory) / "flows.txt"
-            flows.write_text("\n".join(pipeline.flows + policy_flows(args.flows)) + "\n")
+            lines = pipeline.flows + policy_flows(args.flows)
+            flows.write_text("\n".join(lines) + "\n")
             groups = Path(directory) / "groups.txt"
             groups.write_text("\n".join(pipeline.groups) + "\n")
             lab.ofctl("add-meter", "meter=256,pktps,burst,band=type=drop,rate=5000,"
@@ -114,7 +115,7 @@ def main() -> None:
             results = asyncio.run(timings(f"{lab.run_dir}/{lab.bridge}.mgmt", args.runs))
         finally:
             lab.stop()
-    print(f"{len(pipeline.flows) + args.flows} flows on the bridge, OpenFlow 1.5, "
+    print(f"{len(lines)} flows on the bridge, OpenFlow 1.5, "
           f"{args.runs} runs interleaved")
     for name, values in results.items():
         values.sort()
