@@ -186,9 +186,10 @@ class Exporter:
                       "%.1fs (%s); they are dropped", left, timeout,
                       queue.last_error or "no progress")
         stats = self.stats
-        log.info("export closed: %d records submitted, %d exported, %d dropped, %d rejected",
-                 stats.records_submitted, stats.records_exported, stats.records_dropped,
-                 stats.records_rejected)
+        transport = self.link.transport
+        log.info("export to %s:%s closed: %d records submitted, %d exported, %d dropped, %d "
+                 "rejected", transport.host, transport.port, stats.records_submitted,
+                 stats.records_exported, stats.records_dropped, stats.records_rejected)
         return left == 0
 
     async def _send_queued(self) -> None:
