@@ -16,7 +16,7 @@ from ovsflow.deny.totals import DenyTotals, TotalsKey
 from ovsflow.enrich import Enricher, PodNetworks
 from ovsflow.ipfix.templates import DENY_TOTALS
 from ovsflow.pods import PodRef
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.record import ACTIVE_TIMEOUT, FORCED_END, RULE_DROP, RULE_REJECT
 
 T0 = 1_700_000_000.0  # wall clock of the first reading
