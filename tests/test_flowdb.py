@@ -28,6 +28,8 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -227,12 +229,13 @@ def postgres():
         server.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path, postgres):
-    """nfacctd in the collector's namespace, and two nodes linked to each other and to it."""
+@contextmanager
+def running_nfacctd(tmp_path: Path, postgres: Postgres) -> Iterator[Netns]:
+    """nfacctd with the shipped configuration in a namespace of its own, the collector's;
+    stopped with SIGINT (it ignores SIGTERM), its log then printed (shown when a test
+    fails)."""
     collector = Netns("collector")
     nfacctd = None
-    nodes: list[Node] = []
     try:
         with open(tmp_path / "nfacctd.log", "w") as log:
             nfacctd = collector.popen("nfacctd", "-f",
@@ -240,35 +243,47 @@ def cluster(tmp_path, postgres):
                                       stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: f":{COLLECTOR_PORT} " in collector.run("ss", "-uln").stdout,
                  "nfacctd listening")
-        for index in (1, 2):
-            node = Node(index, tmp_path / f"ovs{index}")
-            nodes.append(node)
-            node.netns.run("ip", "link", "add", "collector", "type", "veth", "peer", "name",
-                           node.name, "netns", collector.name)
-            node.netns.run("ip", "addr", "add", f"172.31.{index}.1/30", "dev", "collector")
-            node.netns.run("ip", "link", "set", "collector", "up")
-            collector.run("ip", "addr", "add", f"172.31.{index}.2/30", "dev", node.name)
-            collector.run("ip", "link", "set", node.name, "up")
-        first, second = nodes
-        first.netns.run("ip", "link", "add", "nodes", "type", "veth", "peer", "name", "nodes",
-                        "netns", second.netns.name)
-        for node, peer in ((first, second), (second, first)):
-            node.netns.run("ip", "addr", "add", NODE_LINK.format(node.index), "dev", "nodes")
-            node.netns.run("ip", "link", "set", "nodes", "up")
-            node.netns.run("ip", "route", "add", f"{peer.subnet}0/24", "via",
-                           NODE_LINK.format(peer.index).split("/")[0])
-        yield nodes
+        yield collector
     finally:
-        for node in nodes:
-            node.stop()  # the agents first: nfacctd takes their last records
         if nfacctd is not None and nfacctd.poll() is None:
-            nfacctd.send_signal(signal.SIGINT)  # it ignores SIGTERM
+            nfacctd.send_signal(signal.SIGINT)
             try:
                 nfacctd.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass  # delete() kills it
         collector.delete()
-        print((tmp_path / "nfacctd.log").read_text()[-3000:])  # shown when the test fails
+        print((tmp_path / "nfacctd.log").read_text()[-3000:])
+
+
+@pytest.fixture
+def cluster(tmp_path, postgres):
+    """nfacctd in the collector's namespace, and two nodes linked to each other and to it."""
+    nodes: list[Node] = []
+    with running_nfacctd(tmp_path, postgres) as collector:
+        try:
+            for index in (1, 2):
+                node = Node(index, tmp_path / f"ovs{index}")
+                nodes.append(node)
+                node.netns.run("ip", "link", "add", "collector", "type", "veth", "peer",
+                               "name", node.name, "netns", collector.name)
+                node.netns.run("ip", "addr", "add", f"172.31.{index}.1/30", "dev",
+                               "collector")
+                node.netns.run("ip", "link", "set", "collector", "up")
+                collector.run("ip", "addr", "add", f"172.31.{index}.2/30", "dev", node.name)
+                collector.run("ip", "link", "set", node.name, "up")
+            first, second = nodes
+            first.netns.run("ip", "link", "add", "nodes", "type", "veth", "peer", "name",
+                            "nodes", "netns", second.netns.name)
+            for node, peer in ((first, second), (second, first)):
+                node.netns.run("ip", "addr", "add", NODE_LINK.format(node.index), "dev",
+                               "nodes")
+                node.netns.run("ip", "link", "set", "nodes", "up")
+                node.netns.run("ip", "route", "add", f"{peer.subnet}0/24", "via",
+                               NODE_LINK.format(peer.index).split("/")[0])
+            yield nodes
+        finally:
+            for node in nodes:
+                node.stop()  # the agents first: nfacctd takes their last records
 
 
 def tcp(client: Netns, server: Netns, port: int, chunks: int, chunk: int, reply: int) -> None:
@@ -401,15 +416,7 @@ def test_deny_totals_rows_beside_the_connections_rows(postgres, tmp_path):
         [(template.template, template.encode_many([deny])),
          (DENY_TOTALS.template, DENY_TOTALS.encode_many(totals))], now // 1000)
     (tmp_path / "messages").write_text("\n".join(m.hex() for m in messages))
-    collector = Netns("collector")
-    nfacctd = None
-    try:
-        with open(tmp_path / "nfacctd.log", "w") as log:
-            nfacctd = collector.popen("nfacctd", "-f",
-                                      str(nfacctd_config(tmp_path, postgres)),
-                                      stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: f":{COLLECTOR_PORT} " in collector.run("ss", "-uln").stdout,
-                 "nfacctd listening")
+    with running_nfacctd(tmp_path, postgres) as collector:
         collector.run(PYTHON, "-c", SEND, str(tmp_path / "messages"), str(COLLECTOR_PORT))
 
         def rows() -> list[list[str]]:
@@ -427,12 +434,6 @@ def test_deny_totals_rows_beside_the_connections_rows(postgres, tmp_path):
             assert rows() == expected
         assert postgres.query("SELECT * FROM pod_bytes") == [
             ["shop", "web", "", "", "700", "7", "1"]]  # the connection alone
-    finally:
-        if nfacctd is not None and nfacctd.poll() is None:
-            nfacctd.send_signal(signal.SIGINT)
-            nfacctd.wait(timeout=15)
-        collector.delete()
-        print((tmp_path / "nfacctd.log").read_text()[-3000:])  # shown when the test fails
 
 
 def config_keys(path: Path) -> dict[str, str]:
