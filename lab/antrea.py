@@ -2,7 +2,7 @@
 installs for the Pods on the bridge and a few policies and Services.
 
     python -m lab.antrea --run-dir R --bridge br0 --status FILE --scenario JSON \
-        [--name-tables-after SECONDS] [--stale-after SECONDS]
+        [--name-tables-after SECONDS] [--stale-after SECONDS] [--packet-in-rate N]
 
 Built from antrea-io/antrea at fc70f2bb7037f398196fd42210d34800cb6aa398 (v2.8 development;
 v2.7.0 and v2.6.3 agree on all of it): the flows are docs/design/ovs-pipeline.md's dumps
@@ -25,7 +25,9 @@ What the agent does, as antrea-agent does:
     names them that many seconds after its flows are in, to play the race in which a
     listener reads the names before Antrea has set them;
   - deletes every group and meter, adds meters 256-258, then its groups and flows
-    (client.go initialize, ReplayFlows), with cookies round<<48 | category<<40;
+    (client.go initialize, ReplayFlows), with cookies round<<48 | category<<40; the meters'
+    rate is the agent's `packetInRate` (`--packet-in-rate`, 5000 by default: options.go),
+    their burst twice that (client.go:906-914);
   - when the connection is lost (ovs-vswitchd restarted) connects again every second with
     the same id and replays all of it (ofnet, client.go ReplayFlows);
   - after `--stale-after` seconds deletes the previous round's flows (DeleteStaleFlows)
@@ -111,7 +113,8 @@ CT_ZONES = {4: 65520, 6: 65510}  # CtZone, CtZoneV6
 # packetin.go: the operations in userdata byte 1 and reg0[25..31]
 LOGGING, REJECT, STORE_DENY = 0b1, 0b10, 0b100
 NETWORK_POLICY = 1  # packet-in category (userdata byte 0)
-NP_METER, TF_METER, DNS_METER, PACKET_IN_RATE = 256, 257, 258, 5000  # client.go:906-914
+NP_METER, TF_METER, DNS_METER = 256, 257, 258  # client.go:906-914
+PACKET_IN_RATE = 5000  # packetInRate's default (cmd/antrea-agent/options.go:65)
 GATEWAY_MAC = "ba:5e:d1:55:aa:c0"  # the local gateway's in md's dumps (md:1342)
 SERVICE_CIDR = "10.96.0.0/12"
 # network_policy.go initGroups: one group per table a logged packet goes on to, from 1
@@ -546,7 +549,8 @@ class AntreaAgent:
             lambda xid, meter=meter: m.meter_mod(
                 xid, version=v, command=m.OFPMC_ADD, meter_id=meter,
                 flags=m.OFPMF_PKTPS | m.OFPMF_BURST,
-                bands=[(m.OFPMBT_DROP, PACKET_IN_RATE, 2 * PACKET_IN_RATE)])
+                bands=[(m.OFPMBT_DROP, self.args.packet_in_rate,
+                        2 * self.args.packet_in_rate)])
             for meter in (NP_METER, TF_METER, DNS_METER)])
         pipeline = Pipeline(self.controller_id, self.round,
                             pods_of(self.args.run_dir, self.args.bridge),
@@ -603,12 +607,13 @@ class AntreaStandIn:
     (a new process: a new controller id and round)."""
 
     def __init__(self, run_dir: str, bridge: str, status: Path, scenario: dict,
-                 name_tables_after: float = 0.0, stale_after: float = 0.0):
+                 name_tables_after: float = 0.0, stale_after: float = 0.0,
+                 packet_in_rate: int = PACKET_IN_RATE):
         self.status_path = status
         self.command = [sys.executable, "-m", "lab.antrea", "--run-dir", run_dir, "--bridge",
                         bridge, "--status", str(status), "--scenario", json.dumps(scenario),
                         "--name-tables-after", str(name_tables_after), "--stale-after",
-                        str(stale_after)]
+                        str(stale_after), "--packet-in-rate", str(packet_in_rate)]
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -659,6 +664,8 @@ def main() -> None:
                         help="seconds after its flows to name the tables (0: before them)")
     parser.add_argument("--stale-after", type=float, default=0.0,
                         help="seconds until the previous round's flows go (Antrea: >= 10)")
+    parser.add_argument("--packet-in-rate", type=int, default=PACKET_IN_RATE,
+                        help="packet-ins per second its meters let through (packetInRate)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     asyncio.run(AntreaAgent(args).run())

@@ -45,6 +45,7 @@ from .ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 OVSFLOW = shutil.which("ovsflow", path=str(Path(sys.executable).parent)) or "ovsflow"
 PROTOCOLS = "[tcp, udp, 1]"
 DENY_TABLE = 250
+DENY_TOTALS = 270  # the deny totals' template (docs/ipfix.md)
 NAMES = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 132: "sctp"}
 REASONS = {1: "idle", 2: "active", 3: "end", 4: "shutdown"}
 FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}
@@ -188,6 +189,8 @@ def pod(record: dict, end: str) -> str:
 
 def show(records: list[dict], domains: dict[int, str], drops: int,
          held: dict[str, dict[str, int]]) -> None:
+    totals = [r for r in records if r["_templateId"] == DENY_TOTALS]
+    records = [r for r in records if r["_templateId"] != DENY_TOTALS]
     rows = []
     for r in records:
         template = r["_templateId"]
@@ -221,6 +224,14 @@ def show(records: list[dict], domains: dict[int, str], drops: int,
                  " (by the poller's filter)"))
     print(f"Deny layer: {drops} denied packets of other protocols were dropped by the deny "
           "table's flows in the datapath and never reached ovsflow as packet-ins.")
+    denied = {}
+    for r in totals:
+        name = NAMES.get(r["protocolIdentifier"], str(r["protocolIdentifier"]))
+        key = f"{name}{'6' if r['ipVersion'] == 6 else ''}"
+        denied[key] = denied.get(key, 0) + r["packetDeltaCount"]
+    print("Deny totals (template 270, every packet the deny flows matched, meter or not): "
+          + (", ".join(f"{key} {count}" for key, count in sorted(denied.items()))
+             or "none") + ".")
     print("OVS userspace conntrack keeps no counters: its records show '-' for packets and "
           "bytes.")
     print("Rules: the NetworkPolicy rule ids of allowed connections come from the conntrack "

@@ -161,6 +161,8 @@ class Agent:
         continued = self.state_keeper is not None
         final = self.store.flush(now, continued) + encode_in_batches(
             self.deny_store.flush(now, continued))
+        if self.deny is not None:  # what the denying flows counted (deny/totals.py)
+            final += self.deny.totals.flush(now)
         if continued:
             # after the final records are made: what they say counts as told
             await self.state_keeper.save(now, self.source, self.config.ovs.bridge)
@@ -214,12 +216,16 @@ class Agent:
             self.health.poll_ended()
 
     async def _poll(self, saving: bool) -> None:
+        if self.deny is not None:  # the meter's share for the deny records due now
+            await self.deny.refresh_meter_stats()
         started = time.perf_counter()
         now = time.time()
         self._poll_records = 0
         # The deny path's records are due whatever the conntrack poll does.
         deny_batches = encode_in_batches(self.deny_store.expired(now))
         deny_records = self.health.count_records("deny", deny_batches)
+        if self.deny is not None:  # what the denying flows counted (deny/totals.py)
+            deny_batches += self.deny.totals.due(now)
         self.exporters.submit_encoded(deny_batches)  # drops, if it must, for the whole poll
         keeper = self.state_keeper
         try:
@@ -243,8 +249,6 @@ class Agent:
         self.health.source_answered()
         for batch in records:  # none: they were handed over as they were made
             self._submit_conntrack(batch)
-        if self.deny is not None:
-            await self.deny.refresh_meter_stats()
         self.health.poll_completed(time.perf_counter() - started)
         log.debug("poll: %d connections tracked, %d conntrack and %d deny records, cycle "
                   "(dump, decode, filter, store update) %.3fs", len(self.store),

@@ -13,6 +13,7 @@ import time
 from . import __version__
 from .config import Config, ConfigError, load_config
 from .connection import labels_value
+from .logs import RepeatFilter
 
 log = logging.getLogger("ovsflow")
 
@@ -41,6 +42,7 @@ def setup_logging(level: str, fmt: str) -> None:
         handler.setFormatter(JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())  # a line that repeats: once a minute (logs.py)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 

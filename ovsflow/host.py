@@ -16,6 +16,17 @@ def boot_id() -> str:
         return file.read().strip()
 
 
+def boot_time() -> float:
+    """When this host booted (Unix time, /proc/stat `btime`): the same for every process of
+    a boot, another after a reboot (the kernel derives it from the clock: it can differ by
+    a second between two reads)."""
+    with open("/proc/stat") as file:
+        for line in file:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    raise OSError("/proc/stat has no btime line")
+
+
 def network_namespace() -> int:
     """This network namespace's cookie (the inode of /proc/self/ns/net, which can be
     reused once a namespace is gone, only where the kernel has no cookies)."""

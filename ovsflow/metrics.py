@@ -11,7 +11,9 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
 )
@@ -19,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from .exporter import Exporter
 from .health import POLL_BUCKETS, PROBES, Health
+from .host import boot_time
 from .ipfix import codec
 from .protocols import protocol_name
 from .state import ExportState
@@ -62,7 +65,10 @@ class ExporterMetrics(Collector):
                 ("ovsflow_collector_reachable", "1 while the collector takes records (or has "
                  "not failed yet), 0 while it is unreachable", lambda e: int(e.reachable)),
                 ("ovsflow_export_queue_records", "Flow records waiting to be exported",
-                 lambda e: e.queued)]:
+                 lambda e: e.queued),
+                ("ovsflow_export_queue_limit_records", "The export queue's bound "
+                 "(ipfix.maxBufferedRecords): past it, while the collector is unreachable, "
+                 "the oldest records are dropped", lambda e: e.max_buffered)]:
             gauge = GaugeMetricFamily(name, help_text, labels=["collector"])
             for collector, exporter in exporters:
                 gauge.add_metric([collector], value(exporter))
@@ -105,6 +111,27 @@ def export_state_metrics(state: ExportState):
                             "export state write", value=state.last_save_seconds)
 
 
+# What a start without the export state of an earlier run means depends on that run: none on
+# a node's first start, nothing to continue after a reboot or an ovs-vswitchd restart (the
+# file says so: another boot, source...), records counted again after a restart in the same
+# boot. The agent says what it found; the alert tells the runs apart with the process start
+# time and the boot time (OvsflowExportStateNotRestored).
+MISSING = {("none", ""), ("discarded", "corrupt"), ("discarded", "version"),
+           ("discarded", "unreadable")}
+
+
+def export_state_start_metrics(state: ExportState, booted: float):
+    restored = any(outcome == "restored" for outcome, _ in state.restores)
+    yield GaugeMetricFamily("ovsflow_export_state_missing", "1 when this process started "
+                            "without a usable export state of an earlier run: no file, or "
+                            "one corrupt, unreadable or of another version; 0 when it "
+                            "continued one, or the file found was of another boot, network "
+                            "namespace, node, observation domain or conntrack source",
+                            value=int(not restored and bool(MISSING & set(state.restores))))
+    yield GaugeMetricFamily("ovsflow_boot_time_seconds", "When the host booted (Unix time): "
+                            "tells a reboot from a restart of the agent", value=booted)
+
+
 class AgentMetrics(Collector):
     """The running agent's parts (its store, filter, exporters, deny path...) and its
     `Health`, read at each scrape. The agent hands itself over: this module does not import
@@ -112,6 +139,7 @@ class AgentMetrics(Collector):
 
     def __init__(self, agent):
         self.agent = agent
+        self.booted = boot_time()  # one value per process: the kernel's can move by 1 s
 
     def collect(self):
         agent = self.agent
@@ -129,6 +157,9 @@ class AgentMetrics(Collector):
                                 "poll durations with it", value=health.poll_interval)
         yield GaugeMetricFamily("ovsflow_connections_tracked", "Connections in the store",
                                 value=len(agent.store))
+        yield GaugeMetricFamily("ovsflow_connections_limit", "Connections the store tracks at "
+                                "most (conntrack.maxConnections)",
+                                value=agent.store.table.capacity)
         yield CounterMetricFamily("ovsflow_connections_rejected", "New connections not tracked"
                                   " because the store was full", value=agent.store.rejected)
         yield CounterMetricFamily("ovsflow_connections_malformed", "Connections not tracked "
@@ -151,6 +182,8 @@ class AgentMetrics(Collector):
                                   "changed file)", value=agent.reloads)
         if agent.state_keeper is not None:
             yield from export_state_metrics(agent.state_keeper.export_state)
+            yield from export_state_start_metrics(agent.state_keeper.export_state,
+                                                  self.booted)
         if agent.pods is not None:
             yield CounterMetricFamily("ovsflow_ovsdb_values_cut", "OVSDB Port external_ids "
                                       "values left out for being over their bound (pod-name "
@@ -188,6 +221,12 @@ class AgentMetrics(Collector):
         yield GaugeMetricFamily("ovsflow_deny_connections_tracked",
                                 "Denied connections in the deny store",
                                 value=len(agent.deny_store))
+        yield GaugeMetricFamily("ovsflow_deny_connections_limit", "Denied connections the "
+                                "deny store aggregates at most (ovs.maxDenyConnections)",
+                                value=agent.deny_store.max_entries)
+        yield CounterMetricFamily("ovsflow_deny_connections_rejected", "Denied packets of new "
+                                  "connections not aggregated because the deny store was "
+                                  "full", value=agent.deny_store.rejected)
         deny = agent.deny
         if deny is not None:
             packet_ins = CounterMetricFamily("ovsflow_packet_ins", "Packet-ins received on "
@@ -225,6 +264,15 @@ class AgentMetrics(Collector):
             yield CounterMetricFamily("ovsflow_packet_ins_dropped_by_meter", "Packet-ins the "
                                       "switch's meter dropped (its band statistics)",
                                       value=deny.meter_drops)
+            yield CounterMetricFamily("ovsflow_denied_packets", "Packets the datapath "
+                                      "denied, as the denying flows counted them (the deny "
+                                      "totals, template 270)", value=deny.totals.packets)
+            yield CounterMetricFamily("ovsflow_denied_bytes", "Bytes (whole frames) the "
+                                      "datapath denied, as the denying flows counted them",
+                                      value=deny.totals.octets)
+            yield GaugeMetricFamily("ovsflow_deny_totals_counted", "Deny rules, default "
+                                    "drops or protocol flows whose denials are counted (one "
+                                    "deny totals record each)", value=len(deny.totals))
             yield CounterMetricFamily("ovsflow_openflow_connections",
                                       "OpenFlow sessions opened with the bridge",
                                       value=deny.connections)
@@ -239,6 +287,8 @@ async def serve(metrics: Collector, health: Health, host: str, port: int) -> asy
     """`/metrics` from `metrics`, the probes from `health`."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(metrics)
+    ProcessCollector(registry=registry)  # process_*: memory, CPU, start time, descriptors
+    PlatformCollector(registry=registry)  # python_info
 
     def _answer(path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":

@@ -70,6 +70,9 @@ class FlowRecord:
     destination_pod_namespace: str = ""
     destination_node_name: str = ""
     labels: bytes = b""  # conntrack labels (ovsflow.connection.labels_value); not exported
+    # deny records: the share of denied packets the packet-in meter let through while the
+    # record's packets came (1.0: all of them); see ovsflow.deny.sampling
+    sampling_probability: float = 1.0
 
     @property
     def ipv6(self) -> bool:

@@ -35,6 +35,7 @@ class Supervisor:
     def spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task:
         """`run()` in a task that is restarted whenever it raises; it ends when `run`
         returns, when cancelled, or when `stopping` is set during a backoff."""
+        self.restarts.setdefault(name, 0)  # counted from 0: the first restart is an increase
         return asyncio.create_task(self._supervise(name, run), name=name)
 
     def problems(self) -> dict[str, tuple[float, int, str]]:

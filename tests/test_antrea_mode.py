@@ -38,7 +38,15 @@ def information_model():
 def lab(tmp_path, request):
     """The node: its bridge at Antrea's protocols (or those the test asks for), its Pods;
     the stand-in is started by the test (`start_antrea`)."""
-    lab = OvsLab(tmp_path / "ovs", **getattr(request, "param", {}))
+    with antrea_node(tmp_path, **getattr(request, "param", {})) as lab:
+        yield lab
+
+
+@contextmanager
+def antrea_node(tmp_path, **bridge):
+    """The lab of an Antrea node: `lab.client`, `lab.server`, ... (the Pods of SCENARIO);
+    its stand-in, once a test started one (`lab.antrea`), stops with it."""
+    lab = OvsLab(tmp_path / "ovs", **bridge)
     lab.antrea = None
     try:
         for address, name, namespace in (
@@ -79,14 +87,15 @@ def metric(port: int, name: str, labels: str = "") -> float | None:
 
 @contextmanager
 def agent(tmp_path, lab, metrics_port, deny_source="antrea", protocols=("udp", "tcp"),
-          sink=None):
+          sink=None, **ovs):
     """`ovsflow run` exporting to `sink` (Datagrams: the `ipfix` package decodes) or to
-    `ovsflow collect`; `session.records`, `session.log` after the block."""
+    `ovsflow collect`; `session.records`, `session.log` after the block. `ovs`: more keys
+    of the agent's `ovs` section."""
     collector = None if sink is not None else Collector("udp://127.0.0.1:0", timeout=300)
     path = agent_config(tmp_path, sink.port if sink else collector.port, list(protocols),
                         flowExporter={"idleFlowExportTimeout": "2s"},
                         ovs={"runDir": lab.run_dir, "bridge": lab.bridge,
-                             "denySource": deny_source},
+                             "denySource": deny_source, **ovs},
                         metrics={"bindAddress": f"127.0.0.1:{metrics_port}"})
     process = subprocess.Popen([OVSFLOW, "run", "--config", path], stderr=subprocess.PIPE,
                                text=True)
@@ -341,6 +350,8 @@ def test_ovsflow_follows_antrea_to_its_new_controller_id(lab, tmp_path):
     assert followed < 5.0, followed
     packets = {}
     for r in session.records:
+        if r["_templateId"] != DENY:
+            continue  # the deny totals: test_deny_totals.py
         packets[r["destinationTransportPort"]] = packets.get(
             r["destinationTransportPort"], 0) + r["packetDeltaCount"]
     assert packets == {6001: 2, 6002: 3}
@@ -422,6 +433,12 @@ def test_the_stand_ins_flows_are_antreas_and_cite_their_source():
     assert pipeline.groups[0] == (
         f"group_id=10,type=select,bucket=bucket_id:0,weight:100,actions=set_field:0xa3a0004"
         f"->reg3,set_field:0x35/0xffff->reg4,resubmit(,{t['EndpointDNAT']})")
+    # md:1308, md:1832: the metric tables drop what a rule denied, one flow per rule (the
+    # deny totals count them: test_deny_totals.py)
+    assert (f"table={t['EgressMetric']},priority=200,reg0=0x400/0x400,reg3=0x5,actions=drop"
+            in flows)
+    assert (f"table={t['IngressMetric']},priority=200,reg0=0x400/0x400,reg3=0x4,actions=drop"
+            in flows)
     # md:1888: the Output table's logging flow
     assert (f"table={t['Output']},priority=200,reg0=0x2400000/0xfe600000,actions=meter:256,"
             "controller(reason=no_match,id=62373,userdata=01.01)") in flows

@@ -46,6 +46,9 @@ def test_demo(demo):
     assert any(row["layer"] == "conntrack (kernel)" and row["packets"] != "-" for row in rows)
     assert any(row["layer"] == "conntrack (ovs)" for row in rows)
     assert out.count("filtered out: gre, sctp") == 2
+    # what the deny table's flows matched, from their counters (template 270)
+    [totals] = [line for line in out.splitlines() if line.startswith("Deny totals")]
+    assert re.search(r"tcp [1-9]", totals) and re.search(r"udp [1-9]", totals), totals
 
 
 def test_demo_shows_pods_flow_types_and_rules(demo):

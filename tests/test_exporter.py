@@ -311,7 +311,7 @@ def test_udp_templates_are_sent_first_and_refreshed():
         pass
     finally:
         sink.close()
-    assert set_ids[:3] == [2, 270, 256]  # templates, the ledger, then the data
+    assert set_ids[:3] == [2, 280, 256]  # templates, the ledger, then the data
     assert set_ids.count(2) >= 4  # at start, then about every 0.3 s
 
 

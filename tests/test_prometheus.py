@@ -12,7 +12,10 @@ namespace too, so everything listens on its loopback.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -39,7 +42,7 @@ TRAFFIC = LAB / "traffic.py"
 PEER = "127.0.0.2"  # the address the test's traffic goes to
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 # Grafana's variables, as Grafana would expand them for a short time range and every agent
-DASHBOARD_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*"}
+DASHBOARD_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*", "$collector": ".*"}
 
 FETCH = """import sys, urllib.request
 sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"""
@@ -54,15 +57,19 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 def test_alert_rules_pass_promtool_check_and_their_unit_tests():
     checked = promtool("check", "rules", "ovsflow-alerts.yaml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 8 rules found" in checked.stdout
+    assert "SUCCESS: 13 rules found" in checked.stdout
     tested = promtool("test", "rules", "ovsflow-alerts.test.yaml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
 
 
-def test_every_alert_has_a_unit_test_that_fires_and_a_runbook_line():
+def alert_names() -> set[str]:
     rules = yaml.safe_load((PROMETHEUS_DIR / "ovsflow-alerts.yaml").read_text())
-    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    return {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+
+
+def test_every_alert_has_a_unit_test_that_fires_and_a_runbook_line():
+    alerts = alert_names()
     tests = yaml.safe_load((PROMETHEUS_DIR / "ovsflow-alerts.test.yaml").read_text())
     fired = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]
              if case["exp_alerts"]}
@@ -254,22 +261,30 @@ def test_metrics_pass_promtool_check_metrics(scraped):
 
 def test_alert_rules_load_and_a_healthy_agent_raises_none_of_the_trouble_alerts(scraped):
     """Every rule evaluates without error against the agent's real series. The collector
-    takes every record, nothing is dropped, every layer is healthy: none of those fire; the
-    agent's first start, without export state, is told."""
+    takes every record, nothing is dropped, every layer is healthy, no task restarted: none
+    of the alerts fire. The agent's first start found no export state, and says so, but an
+    earlier run could not have left one: that is no alert either."""
     groups = json.loads(fetch(scraped.node, f"{scraped.api}/rules"))["data"]["groups"]
     rules = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
-    assert len(rules) == 8 and set(rules.values()) == {"ok"}, rules
-    answer = scraped.query("ALERTS")
-    firing = {series["metric"]["alertname"] for series in answer}
-    assert not firing & {"OvsflowAgentDown", "OvsflowCollectorUnreachable",
-                         "OvsflowRecordsDropped", "OvsflowLayerUnhealthy",
-                         "OvsflowPollsSlowerThanInterval", "OvsflowConnectionsNotTracked"}
+    assert set(rules) == alert_names() and set(rules.values()) == {"ok"}, rules
+    alerts = {(a["metric"]["alertname"], a["metric"]["alertstate"])
+              for a in scraped.query("ALERTS")}
+    # the test's 500 ms polls can take longer than that on a loaded machine: only pending
+    assert alerts <= {("OvsflowPollsSlowerThanInterval", "pending")}, alerts
     assert scraped.query('ovsflow_healthy{layer="deny"} == 1')
     assert scraped.query('up{job="ovsflow"} == 1')
-    # a first start has no export state to restore: said once, with the real labels
-    state = [series["metric"] for series in answer
-             if series["metric"]["alertname"] == "OvsflowExportStateNotRestored"]
-    assert [(s["alertstate"], s["outcome"]) for s in state] == [("firing", "none")]
+    assert scraped.query("ovsflow_export_state_missing == 1")  # no file: a first start
+    # what the reworked alerts read is there from the start
+    assert scraped.query('process_start_time_seconds{job="ovsflow"} > 0')
+    assert scraped.query("ovsflow_boot_time_seconds > 0")
+    assert {s["metric"]["task"] for s in scraped.query("ovsflow_task_restarts_total == 0")} \
+        == {"poll", "exporter", "deny-path", "metrics"}
+    [limit] = scraped.query("ovsflow_export_queue_limit_records")
+    assert limit["value"][1] == "100000" and limit["metric"]["collector"].endswith(":udp")
+    [limit] = scraped.query("ovsflow_connections_limit")
+    assert limit["value"][1] == "500000"
+    [limit] = scraped.query("ovsflow_deny_connections_limit")
+    assert limit["value"][1] == "100000"
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -287,6 +302,98 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def test_every_dashboard_panel_query_returns_series(scraped):
     queries = dashboard_queries()
     titles = {title for title, _ in queries}
-    assert len(titles) == len(json.loads(DASHBOARD.read_text())["panels"]) >= 7
+    assert len(titles) == len(json.loads(DASHBOARD.read_text())["panels"]) >= 12
     empty = [(title, expr) for title, expr in queries if not scraped.query(expr)]
     assert empty == []
+
+
+def test_the_dashboard_shows_each_node_and_each_collector_by_name(scraped):
+    """Every series a panel draws is one node's (its `instance`), and one collector's
+    wherever the metric has a collector: nothing is summed across them, and the legends
+    name them."""
+    text = fetch(scraped.node, scraped.metrics_url)
+    per_collector = set(re.findall(r'^(ovsflow_\w+)\{[^}]*collector="', text, re.M))
+    assert "ovsflow_records_exported_total" in per_collector
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel["targets"]:
+            expr, legend = target["expr"], target["legendFormat"]
+            for variable, value in DASHBOARD_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            series = scraped.query(expr)
+            assert series and all("instance" in s["metric"] for s in series), expr
+            assert "{{instance}}" in legend, (panel["title"], legend)
+            if set(re.findall(r"ovsflow_\w+", expr)) & per_collector:
+                assert all("collector" in s["metric"] for s in series), expr
+                assert "{{collector}}" in legend, (panel["title"], legend)
+
+
+def test_a_restart_without_its_export_state_is_told_and_one_with_it_is_not(tmp_path):
+    """A real Prometheus scrapes three agent processes one after another at one address, as
+    a restarted DaemonSet Pod: the first starts without state (a first start: no alert);
+    the second continues the state the first saved at SIGTERM (no alert); the third
+    starts after the state directory was emptied, as one that does not survive restarts
+    (the alert fires, with the agent's labels)."""
+    assert PROMETHEUS, "prometheus comes with Debian's prometheus package (scripts/setup)"
+    node = Netns("promstate")
+    processes: list[subprocess.Popen] = []
+    state = tmp_path / "state"
+    try:
+        metrics_port, web_port = free_port(), free_port()
+        config = agent_config(tmp_path, free_port(socket.SOCK_DGRAM), ["udp"],
+                              metrics={"bindAddress": f"127.0.0.1:{metrics_port}"},
+                              state={"directory": str(state)})
+        prometheus = node.popen(
+            PROMETHEUS, f"--config.file={prometheus_config(tmp_path, f'127.0.0.1:{metrics_port}')}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        processes.append(prometheus)
+        api = f"http://127.0.0.1:{web_port}/api/v1"
+        wait_for(lambda: node.run(PYTHON, "-c", FETCH, f"http://127.0.0.1:{web_port}/-/ready",
+                                  check=False).returncode == 0, 60, "Prometheus to start")
+
+        def query(promql: str) -> list[dict]:
+            answer = json.loads(fetch(node, f"{api}/query?" + urlencode({"query": promql})))
+            return answer["data"]["result"]
+
+        def start_agent() -> subprocess.Popen:
+            """An agent, once Prometheus has scraped it (a start time not seen before) and
+            evaluated the rules on it a few times."""
+            agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.DEVNULL)
+            processes.append(agent)
+            wait_for(lambda: [s for s in query("process_start_time_seconds")
+                              if s["value"][1] not in seen], 60, "a scrape of the new process")
+            seen.update(s["value"][1] for s in query("process_start_time_seconds"))
+            time.sleep(3)
+            return agent
+
+        def stop(agent: subprocess.Popen) -> None:
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=30) == 0
+
+        def missing() -> str:
+            [sample] = query("ovsflow_export_state_missing")
+            return sample["value"][1]
+
+        def firing() -> set[tuple[str, str]]:
+            return {(s["metric"]["alertstate"], s["metric"].get("instance", ""))
+                    for s in query('ALERTS{alertname="OvsflowExportStateNotRestored"}')}
+
+        seen: set[str] = set()
+        agent = start_agent()  # a first start: no state yet
+        assert (missing(), firing()) == ("1", set())
+        stop(agent)
+        assert any(state.iterdir())  # the state it saved at SIGTERM
+        agent = start_agent()  # continues it
+        assert (missing(), firing()) == ("0", set())
+        stop(agent)
+        shutil.rmtree(state)  # a state directory that did not survive the restart
+        agent = start_agent()
+        assert (missing(), firing()) == ("1", {("firing", f"127.0.0.1:{metrics_port}")})
+        stop(agent)
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+        node.delete()

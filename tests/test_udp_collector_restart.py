@@ -173,7 +173,7 @@ def test_a_restarted_udp_collector_decodes_within_seconds_and_every_byte_arrives
         assert port not in at_first and at_second[port] == totals[port]
     # the ledger went to the second collector, right after the templates it probed with
     ledgers = second.records(options=True)
-    assert ledgers[0]["_templateId"] == 270 and ledgers[0]["_options"] is True
+    assert ledgers[0]["_templateId"] == 280 and ledgers[0]["_options"] is True
     assert ledgers[0]["exportingProcessId"] == zlib.crc32(ADDRESS.encode())
 
 
@@ -248,8 +248,8 @@ def test_a_collector_that_lost_records_reads_it_in_the_ledger_as_the_metrics_cou
             agent.kill()
         if collector is not None:
             collector.stop()
-    exporting = [r for r in ledgers if r["_templateId"] == 270]
-    conntrack = [r for r in ledgers if r["_templateId"] == 271]
+    exporting = [r for r in ledgers if r["_templateId"] == 280]
+    conntrack = [r for r in ledgers if r["_templateId"] == 281]
     assert exporting and conntrack and len(flows) >= 4
     ledger, metering = exporting[0], conntrack[0]
     dropped = now[of_collector("ovsflow_records_dropped_total")]

@@ -26,6 +26,13 @@ What is read, from antrea-io/antrea (docs/antrea.md pins the version):
   - reg2[0..7] = the table that sent the packet to the controller (PacketInTableField);
     the packet-in's own table is Output
   - direction: pkg/agent/controller/networkpolicy/packetin.go storeDenyConnectionParsed
+  - what each rule denied, whatever reached the controller: the metric tables' flows
+    `reg0=0x400/0x400,reg3=<rule> actions=drop`, one per Antrea-native drop or reject rule,
+    which every packet the rule denied passes (pipeline.go denyRuleMetricFlow; md:1308,
+    md:1832; Antrea reads the same counters for its NetworkPolicy stats: network_policy.go
+    NetworkPolicyMetrics, parseDropFlow); Kubernetes default drops have no rule and no such
+    flow: their own flows, one per Pod address (egress) or port (ingress) at priorityNormal
+    in Egress/IngressDefaultRule, count them (pipeline.go defaultDropFlow; md:1282, md:1807)
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ import time
 
 from openflow import messages as m
 from openflow.connection import OpenFlowConnection
-from openflow.oxm import register_field
+from openflow.oxm import register, register_field
 
 from ..filter import ConnectionFilter
 from ..record import RULE_DROP, RULE_REJECT
 from .packet import DeniedPacket
-from .session import BridgeSession
+from .session import BridgeSession, entry_age
 from .store import EGRESS, INGRESS, NEITHER, DenyStore
+from .totals import Reading, TotalsKey
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,13 @@ INGRESS_TABLES = frozenset({"AntreaPolicyIngressRule", "IngressRule", "IngressDe
 EGRESS_TABLES = frozenset({"AntreaPolicyEgressRule", "EgressRule", "EgressDefaultRule",
                            "EgressMetric"})
 NP_METER = 256  # PacketInMeterIDNP: Antrea's meter of NetworkPolicy packet-ins
+# The tables whose deny-mark flows drop what a rule denied (pipeline.go denyRuleMetricFlow),
+# and those whose priorityNormal flows are Kubernetes default drops (defaultDropFlow; the
+# Baseline tier's rules sit there below that priority, and count in the metric tables)
+METRIC_TABLES = {"EgressMetric": EGRESS, "IngressMetric": INGRESS,
+                 "MulticastEgressMetric": EGRESS, "MulticastIngressMetric": INGRESS}
+DEFAULT_RULE_TABLES = {"EgressDefaultRule": EGRESS, "IngressDefaultRule": INGRESS}
+DEFAULT_DROP_PRIORITY = 200  # priorityNormal (pipeline.go)
 MISS_SEND_LEN = 128  # as ofnet sets it; a service connection gets no packet-in without one
 MAX_UNNAMED = 10_000  # packet-ins held while their table has no name yet
 HOLD_SECONDS = 10.0  # at most, when Antrea names no table at all
@@ -84,6 +99,26 @@ def verdict(reg0: int, operations: int) -> int | None:
     if disposition == DISPOSITION_DROP or reg0 & DENY_MARK or \
             operations & STORE_DENY_OPERATION:
         return RULE_DROP
+    return None
+
+
+def totals_key(entry: m.FlowEntry, table_name: str | None) -> TotalsKey | None:
+    """What a flow of Antrea's that denies counts, for the deny totals: a rule's metric
+    flow (its id and direction), or a default drop (its Pod's address, egress, or OpenFlow
+    port, ingress); None for any other flow."""
+    if table_name in METRIC_TABLES:
+        rule_id = register(entry.match, 3)
+        if not register(entry.match, 0) & DENY_MARK or not rule_id:
+            return None
+        return TotalsKey(direction=METRIC_TABLES[table_name], rule_id=rule_id)
+    if table_name in DEFAULT_RULE_TABLES and entry.priority == DEFAULT_DROP_PRIORITY:
+        if DEFAULT_RULE_TABLES[table_name] == INGRESS:
+            return TotalsKey(direction=INGRESS, ofport=register(entry.match, 1))
+        source = next((f for f in entry.match if f.name in ("ipv4_src", "ipv6_src")), None)
+        if source is None or source.mask:
+            return None  # not one Pod's address
+        return TotalsKey(ip_version=4 if len(source.value) == 4 else 6, direction=EGRESS,
+                         address=source.value)
     return None
 
 
@@ -166,6 +201,30 @@ class AntreaDenySource(BridgeSession):
             self.connected_since, self.failing_since, self.last_error = \
                 time.monotonic(), None, ""
 
+    async def _read_totals(self, connection: OpenFlowConnection) -> None:
+        """What Antrea's denying flows counted: the metric tables' deny flows in one loose
+        request on the deny mark (OVS returns the flows whose match is at least that
+        specific, from the classifier subtables whose mask has the bit), and the default
+        rule tables' flows. Only once the tables have names: they say which is which."""
+        names = self.table_names
+        if not self.healthy or self._output_table not in names:
+            return
+        v = connection.version
+        tables = [table for table, name in names.items() if name in DEFAULT_RULE_TABLES]
+        requests = [lambda xid: m.flow_stats_request(
+            xid, match=[register_field(0, DENY_MARK, DENY_MARK, version=v)], version=v)]
+        requests += [lambda xid, t=t: m.flow_stats_request(xid, t, version=v) for t in tables]
+        readings: dict[tuple, Reading] = {}
+        for request in requests:
+            for reply in await connection.request_all(request, timeout=2.0):
+                for entry in reply.flows:
+                    name = names.get(entry.table_id)
+                    key = totals_key(entry, name)
+                    if key is not None:
+                        readings[name, entry.priority, tuple(entry.match)] = (
+                            key, entry.packet_count, entry.byte_count, entry_age(entry))
+        self.totals.read(readings, time.time(), self.session_started)
+
     async def _read_table_names(self, connection: OpenFlowConnection) -> None:
         v = connection.version
         replies = await connection.request_all(
@@ -216,4 +275,6 @@ class AntreaDenySource(BridgeSession):
                             "neither element; counted in ovsflow_deny_direction_unknown_total "
                             "(said once)", table, f"named {name}" if name else "no name",
                             self.socket_path, rule_id or "none")
+        if rule_id:
+            self.totals.learn_action(rule_direction, rule_id, action)
         self.store.add(packet, rule_id, when, direction=rule_direction, action=action)

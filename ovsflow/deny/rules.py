@@ -16,6 +16,7 @@ from openflow import messages as m
 from openflow.oxm import Field, field
 
 from ..protocols import ProtocolSet
+from .totals import TotalsKey
 
 COOKIE = 0x6F7673666C6F7700  # "ovsflow\0": every flow ovsflow installs, and nothing else
 ALL_COOKIE_BITS = (1 << 64) - 1
@@ -47,6 +48,23 @@ class DenyFlow:
         return m.flow_mod(xid, version=version, command=m.OFPFC_ADD, table_id=table,
                           priority=self.priority, cookie=COOKIE, match=list(self.match),
                           instructions=self.instructions(meter_id))
+
+    def totals_key(self) -> TotalsKey | None:
+        """What the flow counts, for the deny totals (template 270): its IP version,
+        protocol and block of destination ports; None for the drop flow (packets of
+        protocols not exported are not exported, counted or not)."""
+        if not self.export:
+            return None
+        fields = {f.name: f for f in self.match}
+        version = {0x0800: 4, 0x86DD: 6}[fields["eth_type"].int()]
+        protocol = fields["ip_proto"].int() if "ip_proto" in fields else 0
+        port = next((f for f in self.match if f.name in PORT_FIELDS.values()), None)
+        ports = (0, 0xFFFF)
+        if port is not None:
+            low = port.int()
+            mask = int.from_bytes(port.mask, "big") if port.mask else 0xFFFF
+            ports = (low, low | (~mask & 0xFFFF))
+        return TotalsKey(version, protocol, ports)
 
     def delete(self, xid: int, table: int, *, version: int) -> bytes:
         return m.flow_mod(xid, version=version, command=m.OFPFC_DELETE_STRICT, table_id=table,

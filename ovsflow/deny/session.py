@@ -1,6 +1,10 @@
 """What both deny sources share: one OpenFlow session at a time with the bridge's service
 socket `<runDir>/<bridge>.mgmt` (never a change of the bridge's controllers: that flushes
-every flow), a periodic check beside the packet-ins, the counters, and health.
+every flow), a periodic check beside the packet-ins, the counters, and health. The switch's
+counters are read too: the denying flows' after each check (what the datapath denied,
+exactly: `totals`), the packet-in meter's at each poll, just before the deny records due
+are made (its drops, and the share of packets it let through since each record's previous
+one, which the record carries: `sampling`).
 
 Every failure — no socket, a refused request, a reply that times out, a lost connection —
 ends the session and the next one starts after a backoff, so a switch that keeps refusing
@@ -20,12 +24,22 @@ from openflow import messages as m
 from openflow.connection import ConnectionClosed, OpenFlowConnection
 
 from ..filter import ConnectionFilter
+from .counters import Lifetimes
 from .packet import DeniedPacket, PacketError, parse_packet
+from .sampling import MeterHistory
 from .store import DenyStore
+from .totals import DenyTotals
 
 log = logging.getLogger(__name__)
 
 SESSION_ERRORS = (OSError, ConnectionError, m.OpenFlowError, TimeoutError)
+
+
+def entry_age(entry: m.FlowEntry) -> float | None:
+    """A flow's age in seconds, as the switch says it (None: it did not)."""
+    if entry.duration_sec is None:
+        return None
+    return entry.duration_sec + (entry.duration_nsec or 0) / 1e9
 
 
 class Backoff:
@@ -72,8 +86,13 @@ class BridgeSession:
         self.connections = 0
         self.attempts = 0  # sessions started
         self.meter_drops = 0  # packet-ins the meter dropped, across the meter's lifetimes
-        self._meter_seen: m.MeterStat | None = None  # the switch's last answer
-        self._meter_drops_before = 0  # what earlier lifetimes of the meter dropped
+        self.meter_packets = 0  # packets that reached it, likewise
+        self._meter = Lifetimes()
+        self._meter_age = 0  # seconds, at the last reading
+        self.meter_history = MeterHistory()
+        store.sampling = self.meter_history.probability  # the deny records' ratio
+        self.totals = DenyTotals(store)  # what the denying flows counted
+        self.session_started = 0.0  # wall clock: when the current session began
         # None until a switch answered (or no meter of ours); False: it refused the meter
         self.meter_supported: bool | None = None
         # Health, on the monotonic clock: /healthz reads these through `problem()`.
@@ -122,6 +141,10 @@ class BridgeSession:
     async def _check(self, connection: OpenFlowConnection) -> None:
         """Called every `check_interval` while the session runs; an error ends it."""
 
+    async def _read_totals(self, connection: OpenFlowConnection) -> None:
+        """After each check: the denying flows' counters into `totals` (where the check has
+        not read them already); an error ends the session."""
+
     async def _end_session(self) -> float:
         """Close the connection (however the session ended); how long it was healthy, 0 if
         it never was."""
@@ -137,6 +160,7 @@ class BridgeSession:
     async def _open(self) -> OpenFlowConnection:
         self.connection = await OpenFlowConnection.open_unix(self.socket_path)
         self.connections += 1
+        self.session_started = time.time()
         return self.connection
 
     async def _receive(self, connection: OpenFlowConnection) -> None:
@@ -163,6 +187,7 @@ class BridgeSession:
             while True:
                 await asyncio.sleep(self.check_interval)
                 await self._check(connection)
+                await self._read_totals(connection)
         except SESSION_ERRORS as err:
             self._abandoned = err  # the session ends with this error
             await connection.close()  # `_receive` sees the end of the events
@@ -189,10 +214,11 @@ class BridgeSession:
         read for every packet-in)."""
 
     async def refresh_meter_stats(self) -> None:
-        """Ask the switch how many packet-ins the meter dropped (shown as a counter). A
+        """Ask the switch what the meter let through and dropped (at each poll). A
         meter deleted and added again (Antrea deletes every meter at each connect) or a
-        restarted switch counts from 0 again: seen as a count or an age that went back, what
-        the earlier meter had dropped is kept (less what it dropped since the last read)."""
+        restarted switch counts from 0 again: seen as a count or an age that went back,
+        what the earlier meter had counted is kept (less what it counted since the last
+        read)."""
         connection, meter_id = self.connection, self.stats_meter_id
         if connection is None or connection.closed or not self.healthy or meter_id is None:
             return
@@ -204,9 +230,9 @@ class BridgeSession:
             log.debug("deny path: meter stats unavailable: %s", err)
             return
         if isinstance(reply, m.MeterStats) and meter_id in reply.meters:
-            stat, seen = reply.meters[meter_id], self._meter_seen
-            if seen is not None and (stat.packets_dropped < seen.packets_dropped
-                                     or stat.duration_sec < seen.duration_sec):
-                self._meter_drops_before += seen.packets_dropped
-            self._meter_seen = stat
-            self.meter_drops = self._meter_drops_before + stat.packets_dropped
+            stat = reply.meters[meter_id]
+            self.meter_packets, self.meter_drops = self._meter.observe(
+                (stat.packet_in_count, stat.packets_dropped),
+                new_life=stat.duration_sec < self._meter_age)
+            self._meter_age = stat.duration_sec
+            self.meter_history.add(time.time(), self.meter_packets, self.meter_drops)

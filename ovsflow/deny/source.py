@@ -22,7 +22,7 @@ from .rules import (
     ALL_COOKIE_BITS, COOKIE, CONTROLLER_ID, METER_FLAGS, PACKET_IN_BYTES, DenyFlow, delete_all,
     deny_flows, installed_flow, meter_bands, meter_mod,
 )
-from .session import SESSION_ERRORS, BridgeSession
+from .session import SESSION_ERRORS, BridgeSession, entry_age
 from .store import DenyStore
 
 log = logging.getLogger(__name__)
@@ -117,27 +117,44 @@ class DenySource(BridgeSession):
         self.meter_supported = True
 
     async def _check(self, connection: OpenFlowConnection) -> None:
-        """Put our flows and meter back when they are not as installed."""
+        """Count what our flows matched, and put our flows and meter back when they are
+        not as installed (their counts start again: the totals know)."""
         async with self._flows_lock:
-            damage = await self._damage(connection)
+            v = connection.version
+            replies = await connection.request_all(
+                lambda xid: m.flow_stats_request(xid, self.table, COOKIE, ALL_COOKIE_BITS,
+                                                 version=v), timeout=2.0)
+            meter_id = self.meter_id if self.meter_supported else None
+            entries = [(installed_flow(entry, meter_id), entry) for reply in replies
+                       for entry in reply.flows]
+            self._count(entries)
+            damage = await self._damage(connection, [flow for flow, _ in entries])
             if not damage:
                 return
             self.failing_since, self.last_error = time.monotonic(), damage
             await self._install()
+            self.totals.end_lives()
             self.failing_since, self.last_error = None, ""
             self.restorations += 1
         log.warning("deny path: %s; put back in table %d (restoration %d)", damage,
                     self.table, self.restorations)
 
-    async def _damage(self, connection: OpenFlowConnection) -> str:
+    def _count(self, entries: list[tuple[DenyFlow | None, m.FlowEntry]]) -> None:
+        """Our export flows' counters into the totals: what each let through to the meter,
+        before the meter drops any."""
+        readings = {}
+        for flow, entry in entries:
+            key = flow.totals_key() if flow is not None and flow in self.installed else None
+            if key is not None:
+                readings[flow] = (key, entry.packet_count, entry.byte_count, entry_age(entry))
+        self.totals.read(readings, time.time(), self.session_started)
+
+    async def _damage(self, connection: OpenFlowConnection,
+                      found: list[DenyFlow | None]) -> str:
         """What is not as installed ("" when all is): flows of our cookie gone, changed or
-        added by someone else; our meter gone or changed."""
+        added by someone else (`found`: our cookie's flows as `installed_flow` read them);
+        our meter gone or changed."""
         v = connection.version
-        replies = await connection.request_all(
-            lambda xid: m.flow_stats_request(xid, self.table, COOKIE, ALL_COOKIE_BITS,
-                                             version=v), timeout=2.0)
-        meter_id = self.meter_id if self.meter_supported else None
-        found = [installed_flow(entry, meter_id) for reply in replies for entry in reply.flows]
         damage = []
         missing = len(self.installed - set(found))
         if missing:

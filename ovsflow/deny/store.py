@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,6 +53,8 @@ class DenyStore:
         self.max_entries = max_entries
         self.rejected = 0
         self._entries: dict[tuple, _Denied] = {}
+        # (start, end) -> the share of denied packets the packet-in meter let through then
+        self.sampling: Callable[[float, float], float] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -155,7 +157,8 @@ class DenyStore:
             entry.octets - entry.exported_octets,
             ingress_rule_action=entry.action if ingress else 0,
             egress_rule_action=entry.action if egress else 0,
-            ingress_rule_name=rule if ingress else "", egress_rule_name=rule if egress else "")
+            ingress_rule_name=rule if ingress else "", egress_rule_name=rule if egress else "",
+            sampling_probability=self.sampling(entry.last_export, now) if self.sampling else 1.0)
         entry.exported_packets, entry.exported_octets = entry.packets, entry.octets
         entry.last_export = now
         if self.enricher is not None:

@@ -84,6 +84,10 @@ _IANA_ELEMENTS = [
     (323, "observationTimeMilliseconds", "dateTimeMilliseconds"),
     (346, "privateEnterpriseNumber", "unsigned32"),
     (407, "ignoredDataRecordTotalCount", "unsigned64"),
+    # the deny path's totals and sampling (docs/ipfix.md, template 270 and the deny records)
+    (311, "samplingProbability", "float64"), (352, "layer2OctetDeltaCount", "unsigned64"),
+    (353, "layer2OctetTotalCount", "unsigned64"), (361, "portRangeStart", "unsigned16"),
+    (362, "portRangeEnd", "unsigned16"),
 ]
 
 _ANTREA_ELEMENTS = [

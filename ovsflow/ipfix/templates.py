@@ -71,6 +71,8 @@ _V6_ICMP = [("icmpTypeCodeIPv6", "icmp_type_code"),
 # The kernel's conntrack id: unique among a node's live connections. The OVS userspace
 # datapath's ids are not reliably so, and its templates leave flowId out.
 _FLOW_ID = [("flowId", "flow_id")]
+# Deny records: the share of packets the packet-in meter let through (IANA 311)
+_SAMPLING = [("samplingProbability", "sampling_probability")]
 
 
 def template_fields(kind: str, ipv6: bool) -> list[tuple[str, str]]:
@@ -79,7 +81,8 @@ def template_fields(kind: str, ipv6: bool) -> list[tuple[str, str]]:
     return (_HEAD + (_COUNTERS if counted else []) + (_V6_ADDRESSES if ipv6 else _V4_ADDRESSES)
             + (_REVERSE_COUNTERS if counted and conntrack else []) + _PODS + _RULES
             + (_TCP_STATE if conntrack else []) + _FLOW_TYPE + _MILLISECONDS
-            + (_V6_ICMP if ipv6 else _V4_ICMP) + (_FLOW_ID if kind == CONNTRACK else []))
+            + (_V6_ICMP if ipv6 else _V4_ICMP) + (_FLOW_ID if kind == CONNTRACK else [])
+            + (_SAMPLING if kind == DENY else []))
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,27 @@ RECORD_TEMPLATES: dict[tuple[str, bool], RecordTemplate] = {
          (CONNTRACK_UNCOUNTED, True), (DENY, False), (DENY, True)], start=256)
 }
 
-ALL_TEMPLATES = [t.template for t in RECORD_TEMPLATES.values()]
+
+# The deny path's totals (ovsflow/deny/totals.py): per deny rule (Antrea mode) or per
+# protocol flow (table mode), what the datapath denied, read from the flows' own counters;
+# one template for IPv4 and IPv6. Counters first, as in the record templates; OVS counts a
+# packet's bytes as its frame's (layer 2), not as its IP length.
+_DENY_TOTALS = [
+    ("flowStartMilliseconds", "start_ms"), ("flowEndMilliseconds", "end_ms"),
+    ("flowEndReason", "end_reason"), ("ipVersion", "ip_version"),
+    ("protocolIdentifier", "protocol"), ("portRangeStart", "port_low"),
+    ("portRangeEnd", "port_high"),
+    ("packetTotalCount", "packets"), ("layer2OctetTotalCount", "octets"),
+    ("packetDeltaCount", "packet_delta"), ("layer2OctetDeltaCount", "octet_delta"),
+    ("egressInterface", "ofport"),
+    ("sourcePodName", "source_pod_name"), ("sourcePodNamespace", "source_pod_namespace"),
+    ("destinationPodName", "destination_pod_name"),
+    ("destinationPodNamespace", "destination_pod_namespace"),
+    *_RULES,
+]
+DENY_TOTALS = _record_template(270, _DENY_TOTALS)
+
+ALL_TEMPLATES = [t.template for t in RECORD_TEMPLATES.values()] + [DENY_TOTALS.template]
 
 
 def template_for(record: FlowRecord) -> RecordTemplate:
@@ -191,7 +214,7 @@ def template_for(record: FlowRecord) -> RecordTemplate:
 # Not flow records: each options record says, for the scope its first fields name, how much
 # was exported and what was not (exporter/ledger.py fills them; docs/ipfix.md). Standard IANA
 # elements only: ovsflow has no enterprise number of its own.
-EXPORTING_LEDGER_ID, CONNTRACK_LEDGER_ID, DENY_LEDGER_ID = 270, 271, 272
+EXPORTING_LEDGER_ID, CONNTRACK_LEDGER_ID, DENY_LEDGER_ID = 280, 281, 282
 CONNTRACK_METERING_PROCESS, DENY_METERING_PROCESS = 1, 2  # meteringProcessId values
 _LEDGER_TIMES = ["systemInitTimeMilliseconds", "observationTimeMilliseconds"]
 
