@@ -120,7 +120,9 @@ def test_a_70000_byte_pod_name_costs_that_field_and_export_goes_on(node, lab, tm
     receiver = Receiver(node)
     config = agent_config(tmp_path, receiver.port, ["tcp", "udp"],
                           ovs={"runDir": lab.run_dir, "bridge": lab.bridge},
-                          ipfix={"nodeName": NODE, "clusterPodCIDRs": ["10.78.0.0/24"]})
+                          ipfix={"nodeName": NODE, "clusterPodCIDRs": ["10.78.0.0/24"]},
+                          # a record a second of the quiet UDP connection too
+                          flowExporter={"heartbeatFlowExportTimeout": "1s"})
     log_path = tmp_path / "agent.log"
     with open(log_path, "w") as log_file:
         agent = node.popen(OVSFLOW, "run", "--config", config, stderr=log_file)
@@ -179,7 +181,8 @@ def test_a_name_too_long_for_its_field_costs_its_records_alone():
     pods._pods[ipaddress.ip_address("10.79.0.1").packed] = PodRef("shop", "w" * HUGE)
     pods._learn("uuid-db", "db-port", {"antrea-type": POD_PORT, "pod-name": "db",
                                        "pod-namespace": "shop", "ip-address": "10.79.0.2"})
-    store = ConnectionStore(1.0, 100.0, enricher=Enricher(pods, NODE, PodNetworks()))
+    store = ConnectionStore(1.0, 100.0, enricher=Enricher(pods, NODE, PodNetworks()),
+                            heartbeat=1.0)  # records of connections that do not move
 
     def udp(source: str, port: int) -> Connection:
         src, dst = ipaddress.ip_address(source).packed, ipaddress.ip_address("10.79.0.2").packed

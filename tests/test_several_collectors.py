@@ -22,8 +22,10 @@ ENTRIES = 3000
 
 
 def run_agent(node, tmp_path, collectors, seconds, metrics_port=None):
+    # the table does not move: the heartbeat gives each connection a record a second
     config = agent_config(tmp_path, 0, ["udp"], flowExporter={
-        "activeFlowExportTimeout": "1s", "idleFlowExportTimeout": "10m"},
+        "activeFlowExportTimeout": "1s", "idleFlowExportTimeout": "10m",
+        "heartbeatFlowExportTimeout": "1s"},
         ipfix={"collectors": collectors},
         metrics={"bindAddress": f"127.0.0.1:{metrics_port}" if metrics_port else ""})
     # agent_config sets flowCollectorAddr; the list takes its place
@@ -108,7 +110,8 @@ def test_a_reload_adds_and_removes_collectors(tmp_path):
         first_output, second_output = Output(first), Output(second)
         a, b = f"127.0.0.1:{first.port}:tcp", f"127.0.0.1:{second.port}:tcp"
         config = agent_config(tmp_path, 0, ["udp"], flowExporter={
-            "activeFlowExportTimeout": "1s", "idleFlowExportTimeout": "10m"},
+            "activeFlowExportTimeout": "1s", "idleFlowExportTimeout": "10m",
+            "heartbeatFlowExportTimeout": "1s"},  # records of a table that does not move
             ipfix={"collectors": [a]})
         with open(config) as file:
             settings = yaml.safe_load(file)

@@ -30,7 +30,9 @@ def run_agent(node, tmp_path, port, active, max_buffered, settle):
     config = agent_config(tmp_path, port, ["udp"],
                           flowExporter={"flowCollectorAddr": f"127.0.0.1:{port}:tcp",
                                         "activeFlowExportTimeout": active,
-                                        "idleFlowExportTimeout": "10m"},
+                                        "idleFlowExportTimeout": "10m",
+                                        # waves of records from a table that does not move
+                                        "heartbeatFlowExportTimeout": active},
                           ipfix={"maxBufferedRecords": max_buffered})
     agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE, text=True)
     time.sleep(settle)
