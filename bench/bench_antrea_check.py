@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lab.antrea import SCENARIO, TABLE, Pipeline, Pod  # noqa: E402
+from lab.antrea_pipeline import SCENARIO, TABLE, Pipeline, Pod  # noqa: E402
 from lab.ovs_lab import OvsLab  # noqa: E402
 from openflow import messages as m  # noqa: E402
 from openflow.connection import OpenFlowConnection  # noqa: E402

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from helpers import OVSFLOW, free_port, use_antrea_information_model
-from lab.antrea import SERVICE_IP, route_services_via_gateway
+from lab.antrea import route_services_via_gateway
+from lab.antrea_pipeline import SERVICE_IP
 from test_antrea_mode import lab, metric, start_antrea  # noqa: F401 - lab: a fixture
 from test_antrea_records import Datagrams
 from test_deny import wait_for

@@ -17,9 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import OVSFLOW, Collector, agent_config, use_antrea_information_model
-from lab.antrea import (
-    SCENARIO, SERVICE_IP, TABLE, AntreaStandIn, route_services_via_gateway,
-)
+from lab.antrea import AntreaStandIn, route_services_via_gateway
+from lab.antrea_pipeline import SCENARIO, SERVICE_IP, TABLE
 from lab.netns import PYTHON
 from lab.ovs_lab import OvsLab
 from openflow import messages as m
@@ -405,7 +404,7 @@ def test_a_listener_that_reads_nothing_costs_antrea_no_packet_in(lab, tmp_path):
 def test_the_stand_ins_flows_are_antreas_and_cite_their_source():
     """Each flow the stand-in installs for a table of the dumps in Antrea's ovs-pipeline.md
     has that table's shape; a few are the dump's lines with this lab's values."""
-    from lab.antrea import Pipeline, Pod
+    from lab.antrea_pipeline import Pipeline, Pod
     pods = {"client": Pod("client", "shop", ("10.58.0.1",), "02:00:00:00:00:01", 1),
             "server": Pod("server", "shop", ("10.58.0.2",), "02:00:00:00:00:02", 2),
             "web": Pod("web", "shop", ("10.58.0.3",), "02:00:00:00:00:03", 3),

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from helpers import use_antrea_information_model
-from lab.antrea import SCENARIO, SERVICE_IP, AntreaStandIn
+from lab.antrea import AntreaStandIn
+from lab.antrea_pipeline import SCENARIO, SERVICE_IP
 from lab.netns import PYTHON
 from test_antrea_mode import agent, antrea_node, metric
 from test_antrea_records import Datagrams
