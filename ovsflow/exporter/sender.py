@@ -33,12 +33,12 @@ class Exporter:
     def __init__(self, transport, observation_domain_id: int, *,
                  max_buffered: int = 100_000, template_refresh: float = 600.0,
                  max_backoff: float = 30.0, stall_timeout: float = STALL_TIMEOUT,
-                 supervisor: Supervisor | None = None):
+                 max_waiting_live: int | None = None, supervisor: Supervisor | None = None):
         self.observation_domain_id = observation_domain_id
         self.template_refresh = template_refresh
         self.max_backoff = max_backoff
         self.supervisor = supervisor or Supervisor()
-        self.queue = ExportQueue(max_buffered, stall_timeout)
+        self.queue = ExportQueue(max_buffered, stall_timeout, max_waiting_live)
         self.link = Link(transport, observation_domain_id, self.queue, max_backoff)
         self._task: asyncio.Task | None = None
         self._renew = False  # the TLS files changed: start a new session between batches
@@ -122,11 +122,13 @@ class Exporter:
         self.queue.pending.set()
         return True
 
-    async def close(self, timeout: float) -> bool:
+    async def close(self, timeout: float, carry: bool = False) -> bool:
         """Stop sending in the background, then send what is queued (see `_flush`) and end
-        the session cleanly. True when nothing was left unsent."""
+        the session cleanly. True when nothing was left unsent. `carry`: what is left stays
+        queued for the export state (`ExportQueue.snapshot`, `carried_over`) rather than
+        dropped."""
         await self._stop_task()
-        return await self._flush(timeout)
+        return await self._flush(timeout, carry)
 
     async def _run(self) -> None:
         pause = 0.0
@@ -159,15 +161,16 @@ class Exporter:
                 await asyncio.sleep(pause)
                 pending.set()
 
-    async def _flush(self, timeout: float) -> bool:
+    async def _flush(self, timeout: float, carry: bool) -> bool:
         """Send everything queued, reconnecting if needed. `timeout` bounds only the time
         without progress: with the collector taking records, every record goes out however
-        long that takes; what is left when it stops taking them is counted as dropped."""
+        long that takes; what is left when it stops taking them is counted as dropped, or
+        kept for the next agent (`carry`)."""
         queue = self.queue
         try:
             async with asyncio.timeout(timeout) as deadline:
                 queue.deadline = (deadline, timeout)
-                while queue.flight is not None or queue.batches:
+                while queue.flight is not None or queue.waiting:
                     await self.link.connect()
                     try:
                         await self.link.send_templates_if_due(self.template_refresh)
@@ -180,21 +183,25 @@ class Exporter:
         finally:
             queue.deadline = None
         await self.link.end(withdraw=True)
-        left = queue.drop_unsent()
+        left = queue.queued if carry else queue.drop_unsent()
         if left:
-            log.error("shutting down with %d records unsent: the collector took nothing for "
-                      "%.1fs (%s); they are dropped", left, timeout,
-                      queue.last_error or "no progress")
+            log.error("shutting down with %d records unsent to %s: the collector took nothing "
+                      "for %.1fs (%s); %s", left, self.link.collector, timeout,
+                      queue.last_error or "no progress",
+                      "they are kept for the next agent (export state)" if carry
+                      else "they are dropped")
+        queue.log_drops(now=True)
         stats = self.stats
-        log.info("export closed: %d records submitted, %d exported, %d dropped, %d rejected",
+        log.info("export closed: %d records submitted, %d exported, %d dropped, %d rejected, "
+                 "%d folded into newer ones, %d left for the next agent",
                  stats.records_submitted, stats.records_exported, stats.records_dropped,
-                 stats.records_rejected)
+                 stats.records_rejected, stats.records_folded, left if carry else 0)
         return left == 0
 
     async def _send_queued(self) -> None:
         queue, link = self.queue, self.link
         await link.send_templates_if_due(self.template_refresh)
-        while (queue.flight is not None or queue.batches) and not self._renew:
+        while (queue.flight is not None or queue.waiting) and not self._renew:
             await link.send_next()
             await link.send_templates_if_due(self.template_refresh)
         if self._renew:
