@@ -171,6 +171,7 @@ class Agent:
         self.store.hand_over = None  # on this thread: nothing to hand over
         keeper = self.state_keeper
         continued = keeper is not None
+        self.exporters.new_poll()  # the final records fold into the last poll's, if waiting
         final = self.store.flush(now, continued) + encode_in_batches(
             self.deny_store.flush(now, continued))
         if self.deny is not None:
@@ -239,6 +240,7 @@ class Agent:
         started = time.perf_counter()
         now = self.clock()
         self._poll_records = 0
+        self.exporters.new_poll()
         # The deny path's records are due whatever the conntrack poll does.
         deny_batches = encode_in_batches(self.deny_store.expired(now))
         deny_records = self.health.count_records("deny", deny_batches)

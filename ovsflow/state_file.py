@@ -16,6 +16,10 @@ from .state import SAVE_INTERVAL, Decoded, Origin, Parts, Section, StateError, d
 
 log = logging.getLogger(__name__)
 
+# A file older than this at start is said (a rolling restart takes seconds): an agent may
+# have run since without being able to write it.
+STALE_AFTER = 2 * SAVE_INTERVAL
+
 
 class ExportState:
     """The agent's export state file, `<directory>/export-state-<netns>-<domain>`: one
@@ -76,10 +80,13 @@ class ExportState:
             self.stale_restores += 1
             log.warning("export state %s was written %.1fs ago by a periodic save, not at "
                         "shutdown (the agent before was killed, or could not write at its "
-                        "end%s): what it delivered after that save is counted again",
-                        self.path, age, "; older than the %.0fs between two saves: its "
-                        "saves were failing, or it stopped long ago" % SAVE_INTERVAL
-                        if age > 2 * SAVE_INTERVAL else "")
+                        "end): what it delivered after that save is counted again",
+                        self.path, age)
+        elif age > STALE_AFTER:
+            self.stale_restores += 1
+            log.warning("export state %s was written %.1fs ago, more than %.0fs: if an agent "
+                        "ran since and could not write it (its /healthz said so), what that "
+                        "agent delivered is counted again", self.path, age, STALE_AFTER)
 
     def _set_aside_other_domains(self) -> bool:
         """Files of this network namespace for another observation domain that no running

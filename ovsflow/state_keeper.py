@@ -71,7 +71,8 @@ class StateKeeper:
             log.warning("export state: %d records the previous agent could not deliver to "
                         "%s are queued again for %s%s", parts.count - left_out, previous,
                         collector, f" ({left_out} unreadable, left out)" if left_out else "")
-            self.discarded[previous] += left_out
+            if left_out:
+                self.discarded[previous] += left_out
         for collector, parts in carried.items():
             if parts.count:
                 self.discarded[collector] += parts.count

@@ -258,7 +258,7 @@ def test_alert_rules_load_and_a_healthy_agent_raises_none_of_the_trouble_alerts(
     agent's first start, without export state, is told."""
     groups = json.loads(fetch(scraped.node, f"{scraped.api}/rules"))["data"]["groups"]
     rules = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
-    assert len(rules) == 8 and set(rules.values()) == {"ok"}, rules
+    assert len(rules) == 9 and set(rules.values()) == {"ok"}, rules
     answer = scraped.query("ALERTS")
     firing = {series["metric"]["alertname"] for series in answer}
     assert not firing & {"OvsflowAgentDown", "OvsflowCollectorUnreachable",

@@ -1,212 +1,37 @@
 """A collector's undelivered records, at most one per connection.
 
-Records wait in the batches they were queued in (`WaitingBatch`: an `EncodedRecords`'
-groups, each record's identity, which records are still waiting). `Backlog` keeps them in
-order with an index from each connection's identity to its one waiting record. When a newer
-record of the same connection is queued while the older one waits (not yet on its way: see
-flight.py), the older one is left out and its deltas are added into the newer one, so that
-a live connection loses no byte however long its collector is away, and what waits is
-bounded by the connections, not by the outage's length. The delta counters sit at fixed
-offsets in each template's fixed head (`Layout`): a batch's are read and written as
-big-endian u64 in a few numpy operations. Only this collector's copy changes: bytes are
-copied before they are patched, never changed in place, so that the other collectors'
-copies and a snapshot for the export state keep what they have.
-
-A record folds into nothing when its flow ended (end of flow, forced end, lack of
-resources; for a deny record also the idle timeout, which ends its entry) or when it has no
-identity: those `unmergeable` records are what the queue's bound counts (queue.py).
+Records wait in the batches they were queued in (`WaitingBatch`, waiting.py). `Backlog`
+keeps them in order with an index from each connection's identity to its one waiting
+record. When a newer record of the same connection is queued while the older one waits
+(not yet on its way: see flight.py), the older one is left out and its deltas are added
+into the newer one, so that a live connection loses no byte however long its collector is
+away, and what waits is bounded by the connections, not by the outage's length. Records
+that fold into nothing (ended connections' end records, records without identity) are
+what the queue's bound counts (`unmergeable`, queue.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from array import array
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
 
-from ..ipfix.codec import Template
-from ..ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES, pick
-from ..record import (
-    DENY, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT, LACK_OF_RESOURCES, EncodedRecords,
-)
-
-# A waiting record's ticket: its batch's serial << SHIFT | its position in the batch
-SHIFT = 20
-POSITION = (1 << SHIFT) - 1
-DELTAS = ("packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount",
-          "reverseOctetDeltaCount")
-_EIGHT = np.arange(8)
-_DENY_TEMPLATES = {RECORD_TEMPLATES[DENY, ipv6].template.template_id for ipv6 in (False, True)}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a template's records hold what folding needs: the delta counters (offsets in
-    the fixed head; none in templates without counters) and flowEndReason, and which end
-    reasons end the flow."""
-    deltas: tuple[tuple[int, int], ...]  # (column in DELTAS, offset)
-    reason: int  # offset of flowEndReason, -1 when the template has none
-    ends: np.ndarray  # bool per flowEndReason value
-
-    @classmethod
-    def of(cls, template: Template) -> Layout:
-        offsets, offset = {}, 0
-        for f in template.fields:
-            if f.variable:
-                break
-            offsets[f.element.name] = offset
-            offset += f.length
-        ends = np.zeros(256, bool)
-        ends[[END_OF_FLOW, FORCED_END, LACK_OF_RESOURCES]] = True
-        if template.template_id in _DENY_TEMPLATES:  # a deny entry ends at its idle timeout
-            ends[IDLE_TIMEOUT] = True
-        return cls(tuple((column, offsets[name]) for column, name in enumerate(DELTAS)
-                         if name in offsets), offsets.get("flowEndReason", -1), ends)
-
-
-LAYOUTS = {template.template_id: Layout.of(template) for template in ALL_TEMPLATES}
-TEMPLATES = {template.template_id: template for template in ALL_TEMPLATES}
-
-
-def _layout(template: Template) -> Layout:
-    layout = LAYOUTS.get(template.template_id)
-    return layout if layout is not None else Layout.of(template)
-
-
-def _gather(raw: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The big-endian u64 at each byte offset of `at` in `raw`."""
-    return raw[at[:, None] + _EIGHT].view(">u8")[:, 0]
-
-
-class WaitingBatch:
-    """One queued batch's records as they wait: which are still waiting (`alive`), which can
-    fold (`mergeable`), and where each starts in its group's bytes."""
-
-    __slots__ = ("serial", "groups", "identities", "bounds", "offsets", "alive", "mergeable",
-                 "waiting", "unmergeable")
-
-    def __init__(self, serial: int, records: EncodedRecords,
-                 mergeable: np.ndarray | None = None):
-        """`mergeable`: which records can fold, when already known (a batch compacted)."""
-        self.serial = serial
-        self.groups = list(records.groups)
-        self.identities = records.identities
-        counts = [len(starts) - 1 for _, _, starts in self.groups]
-        self.bounds = np.cumsum([0, *counts])
-        total = int(self.bounds[-1])
-        self.offsets = np.empty(total, np.int64)
-        ended = np.zeros(total, bool)
-        for (template, data, starts), first, last in zip(self.groups, self.bounds,
-                                                         self.bounds[1:]):
-            begins = np.frombuffer(starts, np.uint32)[:-1]
-            self.offsets[first:last] = begins
-            if mergeable is not None:
-                continue
-            layout = _layout(template)
-            if layout.reason >= 0:
-                ended[first:last] = layout.ends[np.frombuffer(data, np.uint8)[
-                    begins.astype(np.int64) + layout.reason]]
-            else:
-                ended[first:last] = True
-        if len(self.identities) != total:  # no identities: nothing folds
-            self.identities = [b""] * total
-            mergeable = np.zeros(total, bool)
-        elif mergeable is None:
-            mergeable = ~ended
-            if b"" in self.identities:
-                mergeable &= np.fromiter(map(len, self.identities), np.int64, total) > 0
-        self.mergeable = mergeable
-        self.alive = np.ones(total, bool)
-        self.waiting = total
-        self.unmergeable = total - int(np.count_nonzero(mergeable))
-
-    def tickets(self, positions: np.ndarray) -> list[int]:
-        return (positions + (self.serial << SHIFT)).tolist()
-
-    def _group_of(self, positions: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.bounds, positions, side="right") - 1
-
-    def template_ids(self, positions: np.ndarray) -> np.ndarray:
-        ids = np.array([template.template_id for template, _, _ in self.groups], np.int64)
-        return ids[self._group_of(positions)]
-
-    def deltas(self, positions: np.ndarray) -> np.ndarray:
-        """The delta counters of the records at `positions`: one row of DELTAS each (0 where
-        the template has no such counter)."""
-        values = np.zeros((len(positions), len(DELTAS)), np.uint64)
-        groups = self._group_of(positions)
-        for group in np.unique(groups).tolist():
-            chosen = np.flatnonzero(groups == group)
-            template, data, _ = self.groups[group]
-            raw, at = np.frombuffer(data, np.uint8), self.offsets[positions[chosen]]
-            for column, offset in _layout(template).deltas:
-                values[chosen, column] = _gather(raw, at + offset)
-        return values
-
-    def add_deltas(self, positions: np.ndarray, values: np.ndarray) -> None:
-        """Add `values` (rows of DELTAS) to the records at `positions`, in a copy of their
-        groups' bytes (copy on write: bytes once queued are never changed in place)."""
-        groups = self._group_of(positions)
-        for group in np.unique(groups).tolist():
-            chosen = np.flatnonzero(groups == group)
-            template, data, starts = self.groups[group]
-            patched = bytearray(data)
-            raw, at = np.frombuffer(patched, np.uint8), self.offsets[positions[chosen]]
-            for column, offset in _layout(template).deltas:
-                where = (at + offset)[:, None] + _EIGHT
-                total = raw[where].view(">u8")[:, 0] + values[chosen, column]
-                raw[where] = total.astype(">u8").view(np.uint8).reshape(-1, 8)
-            self.groups[group] = (template, patched, starts)
-
-    def leave_out(self, positions: np.ndarray) -> int:
-        """The records at `positions` no longer wait. Returns how many of them were
-        unmergeable."""
-        self.alive[positions] = False
-        self.waiting -= len(positions)
-        unmergeable = len(positions) - int(np.count_nonzero(self.mergeable[positions]))
-        self.unmergeable -= unmergeable
-        if not self.waiting:  # nothing left: its bytes go now, its place when at the front
-            self.groups, self.identities = [], []
-        return unmergeable
-
-    def records(self) -> EncodedRecords:
-        """The records still waiting, as a batch of their own."""
-        if self.waiting == len(self.alive):
-            return EncodedRecords(list(self.groups), identities=list(self.identities))
-        groups = []
-        for (template, data, starts), first, last in zip(self.groups, self.bounds,
-                                                         self.bounds[1:]):
-            keep = self.alive[first:last]
-            if keep.all():
-                groups.append((template, data, starts))
-            elif keep.any():
-                begins = np.frombuffer(starts, np.uint32).astype(np.int64)
-                lengths = np.diff(begins)
-                kept = np.frombuffer(data, np.uint8)[begins[0]:begins[-1]][
-                    np.repeat(keep, lengths)]
-                new_starts = np.zeros(int(np.count_nonzero(keep)) + 1, np.uint32)
-                np.cumsum(lengths[keep], out=new_starts[1:])
-                groups.append((template, kept.tobytes(), array("I", new_starts.tobytes())))
-        return EncodedRecords(groups, identities=list(pick(
-            self.identities, np.flatnonzero(self.alive).tolist())))
-
-    def frozen(self) -> WaitingBatch:
-        """A copy that later changes to this one leave as it is (a snapshot read in another
-        thread): its bytes are never changed in place, only replaced."""
-        copy = object.__new__(WaitingBatch)
-        for name in WaitingBatch.__slots__:
-            setattr(copy, name, getattr(self, name))
-        copy.groups, copy.alive = list(self.groups), self.alive.copy()
-        return copy
+from ..ipfix.templates import pick
+from ..record import EncodedRecords
+from .waiting import POSITION, SHIFT, WaitingBatch
 
 
 class Backlog:
-    """The waiting batches in order, and the index of the records that can fold: every
-    waiting mergeable record, and only those, is in it, under its identity."""
+    """The waiting batches in order, and the index of the records that can fold.
+
+    A connection has at most one record in a poll's batches, so a record can only fold
+    into one queued by an earlier poll. The index therefore takes a batch only once a
+    newer poll begins while the batch still waits (`new_generation`): a queue whose
+    collector keeps up never indexes anything. Every waiting mergeable record of an
+    `indexed` batch, and only those, is in the index, under its identity. Until the first
+    `new_generation` (a user that does not say when polls begin) every batch is indexed
+    as it comes."""
 
     def __init__(self) -> None:
         self.batches: deque[WaitingBatch] = deque()
@@ -215,13 +40,21 @@ class Backlog:
         self.waiting = 0
         self.unmergeable = 0
         self._serial = 0
+        self.generation: int | None = None  # None: every batch indexed as it comes
+        self._unindexed: deque[WaitingBatch] = deque()  # of this generation, in order
 
     def __bool__(self) -> bool:
         return self.waiting > 0
 
+    def new_generation(self) -> None:
+        """A poll begins: the batches queued so far can take in its records' deltas."""
+        self.generation = 0 if self.generation is None else self.generation + 1
+
     def append(self, records: EncodedRecords) -> int:
-        """Queue newer records: each takes in the deltas of its connection's waiting record,
-        which no longer waits. Returns how many records were folded so."""
+        """Queue newer records: each takes in the deltas of its connection's waiting record
+        of an earlier poll, which no longer waits. Returns how many records were folded
+        so."""
+        self._index_earlier()
         batch, looked_up = self._batch(records)
         self.batches.append(batch)
         folded, touched = 0, [batch]
@@ -229,19 +62,33 @@ class Backlog:
             older = self._found(pick(batch.identities, looked_up.tolist()))
             hit = older >= 0
             if hit.any():
-                hits = looked_up[hit]
+                hits, older = looked_up[hit], older[hit]
+                if len(np.unique(older)) != len(older):  # one connection twice in the batch
+                    last = len(older) - 1 - np.unique(older[::-1], return_index=True)[1]
+                    self._unmergeable(batch, np.setdiff1d(hits, hits[last]))
+                    hits, older = hits[last], older[last]
                 templates = batch.template_ids(hits)
-                for chosen, source, at in self._by_batch(older[hit]):
+                for chosen, source, at in self._by_batch(older):
                     same = source.template_ids(at) == templates[chosen]
                     batch.add_deltas(hits[chosen[same]], source.deltas(at[same]))
                     self._leave_out(source, at[same])
                     self._unmergeable(source, at[~same])  # both wait as they are
                     folded += int(np.count_nonzero(same))
                     touched.append(source)
-                ended = hits[~batch.mergeable[hits]]
-                for identity in pick(batch.identities, ended.tolist()):
-                    del self.index[identity]  # folded into an end: nothing left to fold
-        self._index(batch, np.flatnonzero(batch.mergeable))
+                # the newer records stand for their connections from now on
+                ended = ~batch.mergeable[hits]
+                for identity in pick(batch.identities, hits[ended].tolist()):
+                    del self.index[identity]
+                live = hits[~ended]
+                self.index.update(zip(pick(batch.identities, live.tolist()),
+                                      batch.tickets(live)))
+                batch.in_index = len(live)
+                batch.indexed = len(live) == batch.waiting - batch.unmergeable
+        if self.generation is None:
+            self._index_batch(batch)
+        elif not batch.indexed:
+            batch.generation = self.generation
+            self._unindexed.append(batch)
         self._tidy(touched)
         return folded
 
@@ -249,10 +96,12 @@ class Backlog:
         """Put older records back at the front (the session of their flight ended without
         taking them): each whose connection has a newer record waiting folds into that one.
         Returns how many records were folded so."""
+        while self._unindexed:  # any waiting record may be newer than these
+            self._index_batch(self._unindexed.popleft())
         batch, _ = self._batch(records)
         self.batches.appendleft(batch)
         mergeable = np.flatnonzero(batch.mergeable)
-        folded, touched = 0, [batch]
+        folded = 0
         if self.index and len(mergeable):
             newer = self._found(pick(batch.identities, mergeable.tolist()))
             hit = newer >= 0
@@ -265,9 +114,8 @@ class Backlog:
                     self._leave_out(batch, sources[chosen[same]])
                     self._unmergeable(batch, sources[chosen[~same]])
                     folded += int(np.count_nonzero(same))
-                mergeable = mergeable[~hit]
-        self._index(batch, mergeable)
-        self._tidy(touched)
+        self._index_batch(batch)
+        self._tidy([batch])
         return folded
 
     def take_front(self) -> EncodedRecords:
@@ -277,12 +125,11 @@ class Backlog:
         while not batch.waiting:
             batch = self.batches.popleft()
         records = batch.records()
-        for identity in pick(batch.identities,
-                             np.flatnonzero(batch.alive & batch.mergeable).tolist()):
-            del self.index[identity]
+        self._unindex(batch, np.flatnonzero(batch.alive & batch.mergeable))
         self.waiting -= batch.waiting
         self.unmergeable -= batch.unmergeable
         del self.by_serial[batch.serial]
+        batch.waiting = 0  # gone: never indexed from here on
         return records
 
     def drop_oldest(self, count: int, mergeable: bool) -> int:
@@ -297,8 +144,7 @@ class Backlog:
             if not len(chosen):
                 continue
             if mergeable:
-                for identity in pick(batch.identities, chosen.tolist()):
-                    del self.index[identity]
+                self._unindex(batch, chosen)
             self._leave_out(batch, chosen)
             dropped += len(chosen)
             touched.append(batch)
@@ -306,35 +152,62 @@ class Backlog:
         return dropped
 
     def clear(self) -> None:
+        generation = self.generation
         self.__init__()
+        self.generation = generation
 
     def frozen(self) -> list[WaitingBatch]:
         """The waiting batches as they are now (see `WaitingBatch.frozen`)."""
         return [batch.frozen() for batch in self.batches if batch.waiting]
 
     def _batch(self, records: EncodedRecords) -> tuple[WaitingBatch, np.ndarray]:
-        """A new waiting batch, and the positions of its records to look up: each identity
-        once. Two records of one connection in one batch (never made so: a store makes one
-        record per connection at a time) both wait; only the last can fold."""
+        """A new waiting batch, and the positions of its records that have an identity."""
         self._serial += 1
         batch = WaitingBatch(self._serial, records)
         self.by_serial[batch.serial] = batch
         self.waiting += batch.waiting
         self.unmergeable += batch.unmergeable
         identities = batch.identities
-        named = set(identities)
-        blanks = identities.count(b"") if b"" in named else 0
-        if len(named) - (blanks > 0) + blanks == len(identities):  # no identity twice
-            if not blanks:
-                return batch, np.arange(len(identities))
-            return batch, np.flatnonzero(np.fromiter(map(len, identities), np.int64,
-                                                     len(identities)) > 0)
-        last = {identity: position for position, identity in enumerate(identities)
-                if identity}
-        earlier = np.array([position for position, identity in enumerate(identities)
-                            if identity and last[identity] != position], np.int64)
-        self._unmergeable(batch, earlier[batch.mergeable[earlier]])
-        return batch, np.array(sorted(last.values()), np.int64)
+        if b"" not in identities:
+            return batch, np.arange(len(identities))
+        return batch, np.flatnonzero(np.fromiter(map(len, identities), np.int64,
+                                                 len(identities)) > 0)
+
+    def _index_earlier(self) -> None:
+        """Index the batches of earlier polls that still wait."""
+        unindexed = self._unindexed
+        while unindexed and unindexed[0].generation != self.generation:
+            self._index_batch(unindexed.popleft())
+
+    def _index_batch(self, batch: WaitingBatch) -> None:
+        """Two waiting records of one connection in a batch (never made so: a store makes
+        one record per connection at a time) both wait; only the last can fold."""
+        if not batch.waiting or batch.indexed:
+            return
+        batch.indexed = True
+        positions = np.flatnonzero(batch.alive & batch.mergeable)
+        if not len(positions):
+            return
+        before, already = len(self.index), batch.in_index  # those that took in others
+        tickets = batch.tickets(positions)
+        self.index.update(zip(pick(batch.identities, positions.tolist()), tickets))
+        batch.in_index = len(positions)
+        if len(self.index) - before != len(positions) - already:
+            index = self.index
+            shadowed = [position for position, identity, ticket in zip(
+                positions.tolist(), pick(batch.identities, positions.tolist()), tickets)
+                if index.get(identity) != ticket]
+            self._unmergeable(batch, np.array(shadowed, np.int64))
+
+    def _unindex(self, batch: WaitingBatch, positions: np.ndarray) -> None:
+        """The index entries of these records of `batch`, if it is indexed (only theirs:
+        an identity whose entry names another record keeps it)."""
+        if (batch.indexed or batch.in_index) and len(positions):
+            index = self.index
+            for identity, ticket in zip(pick(batch.identities, positions.tolist()),
+                                        batch.tickets(positions)):
+                if index.get(identity) == ticket:
+                    del index[identity]
 
     def _found(self, identities: list[bytes]) -> np.ndarray:
         """The ticket of each identity's waiting record, -1 where none waits."""
@@ -349,18 +222,14 @@ class Backlog:
                 for serial in np.unique(serials).tolist()
                 for chosen in [np.flatnonzero(serials == serial)]]
 
-    def _index(self, batch: WaitingBatch, positions: np.ndarray) -> None:
-        if len(positions):
-            self.index.update(zip(pick(batch.identities, positions.tolist()),
-                                  batch.tickets(positions)))
-
     def _leave_out(self, batch: WaitingBatch, positions: np.ndarray) -> None:
         if len(positions):
             self.waiting -= len(positions)
             self.unmergeable -= batch.leave_out(positions)
 
     def _unmergeable(self, batch: WaitingBatch, positions: np.ndarray) -> None:
-        """These records of `batch` fold into nothing from now on (no longer in the index)."""
+        """These records of `batch` fold into nothing from now on (no longer in the index,
+        if they were)."""
         if len(positions):
             batch.mergeable[positions] = False
             batch.unmergeable += len(positions)
@@ -377,17 +246,11 @@ class Backlog:
                 records = batch.records()
                 del self.by_serial[batch.serial]
                 self._serial += 1
+                indexed, generation = batch.indexed, batch.generation
                 batch.__init__(self._serial, records, mergeable)
+                batch.generation = generation
                 self.by_serial[batch.serial] = batch
-                self._index(batch, np.flatnonzero(mergeable))
+                if indexed:
+                    self._index_batch(batch)
         while self.batches and not self.batches[0].waiting:
             self.batches.popleft()
-
-
-def undelivered(records: EncodedRecords, delivered: int) -> EncodedRecords:
-    """A copy of `records` without its first `delivered` ones."""
-    copy = dataclasses.replace(records, groups=list(records.groups),
-                               identities=list(records.identities))
-    if delivered:
-        copy.drop_oldest(delivered)
-    return copy

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..record import BATCH, EncodedRecords
 from ..state import Parts
-from .backlog import TEMPLATES, WaitingBatch
 from .queue import records_of
+from .waiting import TEMPLATES, WaitingBatch
 
 PREFIX = "queue "  # a collector's section is named PREFIX + its address (HOST:PORT:PROTO)
 QUEUE_ROW = np.dtype([("template", "<u2")])

@@ -62,6 +62,11 @@ class Exporters:
     def delivered(self) -> bool:
         return any(e.delivered for e in self.by_collector.values())
 
+    def new_poll(self) -> None:
+        """A poll begins (see `ExportQueue.new_poll`)."""
+        for exporter in self.by_collector.values():
+            exporter.queue.new_poll()
+
     def enqueue(self, batch: EncodedRecords) -> None:
         for exporter in self.by_collector.values():
             exporter.enqueue(batch)

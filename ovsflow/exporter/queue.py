@@ -35,9 +35,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..record import EncodedRecords
-from .backlog import Backlog, WaitingBatch, undelivered
+from .backlog import Backlog
 from .flight import Flight, records_per_message
 from .session import Session
+from .waiting import WaitingBatch
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class ExportQueue:
         # While close() flushes: its deadline and the time without progress it allows
         self.deadline: tuple[asyncio.Timeout, float] | None = None
         self._drops_logged_at = float("-inf")
-        self._drops_unlogged = 0
+        self._drops_unlogged = 0  # dropped since the last line
+        self._drops_error = ""
 
     @property
     def queued(self) -> int:
@@ -90,6 +92,10 @@ class ExportQueue:
     def waiting(self) -> bool:
         """Records wait to be taken off as a flight."""
         return bool(self.backlog)
+
+    def new_poll(self) -> None:
+        """A poll begins: its records can fold into those still waiting (backlog.py)."""
+        self.backlog.new_generation()
 
     def submit(self, batches: Iterable[EncodedRecords]) -> None:
         """Queue encoded records; never waits. While the collector is away, what is over
@@ -148,19 +154,20 @@ class ExportQueue:
         if dropped:
             self.stats.records_dropped += dropped
             self._drops_unlogged += dropped
+            self._drops_error = self.last_error or "no progress"
             self.log_drops()
 
     def log_drops(self, now: bool = False) -> None:
-        """One line per DROPS_LOG_INTERVAL (or `now`), with the running total."""
+        """One line per DROPS_LOG_INTERVAL (or `now`: at shutdown, what was not said yet),
+        with the running total and the error of the last drop."""
         if not self._drops_unlogged or not now and (
                 time.monotonic() - self._drops_logged_at < DROPS_LOG_INTERVAL):
             return
         self._drops_logged_at = time.monotonic()
         log.warning("collector %s unreachable (%s) and more records of ended connections "
                     "waiting than the bound (%d, maxBufferedRecords): dropped the %d oldest "
-                    "records (%d dropped so far)", self.collector,
-                    self.last_error or "no progress", self.max_buffered, self._drops_unlogged,
-                    self.stats.records_dropped)
+                    "records (%d dropped so far)", self.collector, self._drops_error,
+                    self.max_buffered, self._drops_unlogged, self.stats.records_dropped)
         self._drops_unlogged = 0
 
     def mark_unreachable(self) -> None:
@@ -244,7 +251,7 @@ class ExportQueue:
         waiting: list[EncodedRecords | WaitingBatch] = []
         flight = self.flight
         if flight is not None and flight.undelivered:
-            waiting.append(undelivered(flight.batch, sum(flight.counts[:flight.delivered])))
+            waiting.append(flight.undelivered_records())
         return waiting + self.backlog.frozen()
 
     def carried_over(self, saved: bool) -> int:
