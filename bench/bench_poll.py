@@ -74,7 +74,8 @@ def compare(ns: Netns, cfg: str, runs: int) -> tuple[float, float, int]:
 IN_PROCESS = """
 import statistics, sys, time
 from ovsflow.filter import ConnectionFilter
-from ovsflow.protocols import ALL_PROTOCOLS, parse_protocol_list
+from ovsflow.protocols import ALL_PROTOCOLS
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.source.kernel import KernelSource, probe_filters
 from ovsflow.store import ConnectionStore
 protocols = {protocols!r}

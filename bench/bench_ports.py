@@ -66,7 +66,8 @@ def worker(runs: int) -> None:
     import gc
 
     from ovsflow.filter import ConnectionFilter
-    from ovsflow.protocols import ALL_PROTOCOLS, parse_protocol_list
+    from ovsflow.protocols import ALL_PROTOCOLS
+    from ovsflow.protocol_list import parse_protocol_list
     from ovsflow.source import kernel as kernel_module
     from ovsflow.source.kernel import KernelSource, probe_filters
     from ovsflow.store import ConnectionStore

@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .protocols import (
-    ALL_PROTOCOLS, ParsedProtocols, ProtocolListError, ProtocolSet, parse_protocol_list,
-    quote_value,
-)
+from .protocol_list import ParsedProtocols, ProtocolListError, parse_protocol_list, quote_value
+from .protocols import ALL_PROTOCOLS, ProtocolSet
 
 # ssl and difflib are imported where a TLS file or a misspelt key needs them: `ovsflow
 # conntrack` loads a configuration on every run and pays for each module it imports

@@ -12,7 +12,7 @@ from lab.netns import Netns
 SCENARIO = """
 import asyncio, json, socket, subprocess, sys
 from ovsflow.filter import ConnectionFilter
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.source.kernel import KernelSource, probe_filters
 from ovsflow.store import ConnectionStore
 from helpers import flow_records

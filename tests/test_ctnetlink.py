@@ -17,7 +17,7 @@ from lab.ctfill import mixed_entry
 from lab.netns import Netns
 from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.source import ctnetlink
 from ovsflow.source.ctnetlink import (
     NETLINK_NETFILTER, NLMSGHDR, ColumnDecoder, CtnetlinkError, NetlinkError, count_dump,
@@ -104,7 +104,7 @@ print(probe_filters().protocol)""").strip()
     assert supported == "True"  # Linux >= 5.8; the machines we run on have it
     counts = in_netns(table, """
 from ovsflow.filter import ConnectionFilter
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.source.kernel import KernelSource, probe_filters
 filters = probe_filters()
 for protocols, zones in ((None, []), (["udp"], [65520]), (["icmp", "icmpv6"], [7]),
@@ -133,7 +133,7 @@ def test_count_without_connections_matches_the_table(table):
     against what ctfill put in the table."""
     counts = in_netns(table, """
 from ovsflow.filter import ConnectionFilter
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.source.kernel import KernelFilters, KernelSource, probe_filters
 for kernel in (probe_filters(), KernelFilters(family=False, protocol=False, zone=False)):
     for protocols, zones in ((None, []), (["udp"], [65520]), (["icmp", "icmpv6"], [7]),

@@ -35,7 +35,7 @@ from test_restart import (
 
 __all__ = ["node"]  # the fixture, from test_restart
 
-EXPORT_CLOSED = re.compile(r"export closed: (\d+) records submitted, (\d+) exported, "
+EXPORT_CLOSED = re.compile(r"export to \S+ closed: (\d+) records submitted, (\d+) exported, "
                            r"(\d+) dropped, \d+ rejected, (\d+) folded into newer ones, "
                            r"(\d+) left for the next agent")
 

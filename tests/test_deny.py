@@ -21,7 +21,7 @@ from openflow.connection import OpenFlowConnection
 from ovsflow.deny.source import DenySource
 from ovsflow.deny.store import DenyStore
 from ovsflow.filter import ConnectionFilter
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 
 TABLE = 250
 OTHER_FLOW = "table=7,priority=5,cookie=0x1234,ip,nw_src=192.0.2.1,actions=drop"

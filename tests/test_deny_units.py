@@ -11,7 +11,7 @@ from ovsflow.deny.packet import PacketError, parse_packet
 from ovsflow.deny.rules import deny_flows
 from ovsflow.deny.session import Backoff
 from ovsflow.deny.store import DenyStore
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.record import ACTIVE_TIMEOUT, DENY, FORCED_END, IDLE_TIMEOUT
 
 MACS = b"\x02" * 6 + b"\x04" * 6

@@ -3,7 +3,7 @@
 from ovsflow.connection import Connection, identity
 from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 
 
 def conn(protocol, zone):

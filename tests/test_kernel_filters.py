@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from ovsflow.filter import ConnectionFilter
-from ovsflow.protocols import parse_protocol_list
+from ovsflow.protocol_list import parse_protocol_list
 from ovsflow.source.kernel import (
     Dump, KernelFilters, kept_filters, plan_dumps, probe_filters,
 )

@@ -16,9 +16,8 @@ from ovsflow.connection import Connection
 from ovsflow.deny.rules import deny_flows, port_prefixes
 from ovsflow.filter import ConnectionFilter
 from ovsflow.polled import Polled
-from ovsflow.protocols import (
-    PORT_PROTOCOLS, PROTOCOL_GROUPS, ProtocolListError, parse_protocol_list,
-)
+from ovsflow.protocols import PORT_PROTOCOLS, PROTOCOL_GROUPS
+from ovsflow.protocol_list import ProtocolListError, parse_protocol_list
 from ovsflow.source.kernel import MAX_EXTRA_PORT_DUMPS, Dump, KernelFilters, plan_dumps
 from test_cli import config_file, ovsflow
 

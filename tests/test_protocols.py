@@ -1,9 +1,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from ovsflow.protocols import (
-    ALL_PROTOCOLS, IANA_PROTOCOLS, PROTOCOL_NUMBERS, ProtocolListError, parse_protocol_list,
-)
+from ovsflow.protocols import ALL_PROTOCOLS, IANA_PROTOCOLS, PROTOCOL_NUMBERS
+from ovsflow.protocol_list import ProtocolListError, parse_protocol_list
 
 
 def numbers(entries):

@@ -23,7 +23,7 @@ CONNECTIONS = 60_000
 IDENTITY = ("sourceIPv4Address", "sourceTransportPort", "destinationIPv4Address",
             "destinationTransportPort", "protocolIdentifier", "flowId", "flowEndReason",
             "flowEndMilliseconds")
-EXPORT_CLOSED = re.compile(r"export closed: (\d+) records submitted, (\d+) exported, "
+EXPORT_CLOSED = re.compile(r"export to \S+ closed: (\d+) records submitted, (\d+) exported, "
                            r"(\d+) dropped, \d+ rejected, (\d+) folded")
 
 

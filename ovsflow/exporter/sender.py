@@ -192,10 +192,12 @@ class Exporter:
                       else "they are dropped")
         queue.log_drops(now=True)
         stats = self.stats
-        log.info("export closed: %d records submitted, %d exported, %d dropped, %d rejected, "
-                 "%d folded into newer ones, %d left for the next agent",
-                 stats.records_submitted, stats.records_exported, stats.records_dropped,
-                 stats.records_rejected, stats.records_folded, left if carry else 0)
+        transport = self.link.transport
+        log.info("export to %s:%s closed: %d records submitted, %d exported, %d dropped, %d "
+                 "rejected, %d folded into newer ones, %d left for the next agent",
+                 transport.host, transport.port, stats.records_submitted,
+                 stats.records_exported, stats.records_dropped, stats.records_rejected,
+                 stats.records_folded, left if carry else 0)
         return left == 0
 
     async def _send_queued(self) -> None:
