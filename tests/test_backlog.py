@@ -181,6 +181,30 @@ def test_a_batch_mostly_folded_away_keeps_only_its_waiting_bytes():
     assert backlog.waiting == 1000 and len(backlog.batches) == 2
 
 
+def test_records_of_many_lengths_in_one_group_fold_each_into_its_own():
+    """Names of different lengths (Pods, rules) give a group's records different lengths:
+    the counters are found in each run of one length; a template without counters (OVS
+    userspace conntrack) folds by the newer standing for the older."""
+    def named(port, delta, total, name):
+        r = record(port, delta, total, kind=DENY)
+        r.ingress_rule_name = name
+        return r
+    backlog = Backlog()
+    backlog.append(encode_records([named(port, port, port, "r" * (port % 7))
+                                   for port in range(1, 40)]
+                                  + [record(port, 0, kind=CONNTRACK_UNCOUNTED)
+                                     for port in range(100, 103)]))
+    backlog.append(encode_records([named(port, 1, port + 1, "x" * (port % 5))
+                                   for port in range(39, 0, -1)]
+                                  + [record(port, 0, kind=CONNTRACK_UNCOUNTED)
+                                     for port in range(100, 103)]))
+    assert sorted(waiting(backlog)) == sorted(
+        [(port, ACTIVE_TIMEOUT, port + 1, 10 * (port + 1), 0, port + 1)
+         for port in range(1, 40)] + [(port, ACTIVE_TIMEOUT, 0, 0, 0, 0)
+                                      for port in range(100, 103)])
+    assert backlog.waiting == 42
+
+
 def test_other_templates_of_one_identity_wait_side_by_side():
     """Never made so (a connection keeps its template), but a queue must not mix them."""
     backlog = Backlog()

@@ -15,6 +15,7 @@ identity.
 
 from __future__ import annotations
 
+import functools
 from array import array
 from dataclasses import dataclass
 
@@ -31,11 +32,10 @@ SHIFT = 20
 POSITION = (1 << SHIFT) - 1
 DELTAS = ("packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount",
           "reverseOctetDeltaCount")
-_EIGHT = np.arange(8)
 _DENY_TEMPLATES = {RECORD_TEMPLATES[DENY, ipv6].template.template_id for ipv6 in (False, True)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
     """Where a template's records hold what folding needs: the delta counters (offsets in
     the fixed head; none in templates without counters) and flowEndReason, and which end
@@ -69,17 +69,24 @@ def _layout(template: Template) -> Layout:
     return layout if layout is not None else Layout.of(template)
 
 
-def _gather(raw: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The big-endian u64 at each byte offset of `at` in `raw`."""
-    return raw[at[:, None] + _EIGHT].view(">u8")[:, 0]
+@functools.lru_cache(maxsize=256)
+def _rows(layout: Layout, length: int) -> np.dtype:
+    """A template's records of one `length` as rows whose fields are its delta counters."""
+    return np.dtype({"names": [DELTAS[column] for column, _ in layout.deltas],
+                     "formats": [">u8"] * len(layout.deltas),
+                     "offsets": [offset for _, offset in layout.deltas], "itemsize": length})
 
 
 class WaitingBatch:
     """One queued batch's records as they wait: which are still waiting (`alive`), which can
-    fold (`mergeable`), and where each starts in its group's bytes."""
+    fold (`mergeable`), and its records in runs of one template and one length (`runs`:
+    group, first position, end position, length), each read as rows whose fields are the
+    delta counters. A group written by the connection store is one run, or a few (its
+    records come grouped by the length of their strings)."""
 
-    __slots__ = ("serial", "groups", "identities", "bounds", "offsets", "alive", "mergeable",
-                 "waiting", "unmergeable", "generation", "indexed", "in_index")
+    __slots__ = ("serial", "groups", "identities", "bounds", "offsets", "runs", "run_firsts",
+                 "alive", "mergeable", "waiting", "unmergeable", "generation", "indexed",
+                 "in_index")
 
     def __init__(self, serial: int, records: EncodedRecords,
                  mergeable: np.ndarray | None = None):
@@ -91,19 +98,25 @@ class WaitingBatch:
         self.bounds = np.cumsum([0, *counts])
         total = int(self.bounds[-1])
         self.offsets = np.empty(total, np.int64)
+        self.runs: list[tuple[int, int, int, int]] = []
         ended = np.zeros(total, bool)
-        for (template, data, starts), first, last in zip(self.groups, self.bounds,
-                                                         self.bounds[1:]):
-            begins = np.frombuffer(starts, np.uint32)[:-1]
-            self.offsets[first:last] = begins
+        for group, ((template, data, starts), first, last) in enumerate(
+                zip(self.groups, self.bounds.tolist(), self.bounds[1:].tolist())):
+            begins = np.frombuffer(starts, np.uint32).astype(np.int64)
+            self.offsets[first:last] = begins[:-1]
+            lengths = np.diff(begins)
+            cuts = [0, *(np.flatnonzero(lengths[1:] != lengths[:-1]) + 1).tolist(), len(lengths)]
+            self.runs += [(group, first + a, first + b, int(lengths[a]))
+                          for a, b in zip(cuts, cuts[1:]) if b > a]
             if mergeable is not None:
                 continue
             layout = _layout(template)
             if layout.reason >= 0:
                 ended[first:last] = layout.ends[np.frombuffer(data, np.uint8)[
-                    begins.astype(np.int64) + layout.reason]]
+                    begins[:-1] + layout.reason]]
             else:
                 ended[first:last] = True
+        self.run_firsts = np.array([first for _, first, _, _ in self.runs], np.int64)
         if len(self.identities) != total:  # no identities: nothing folds
             self.identities = [b""] * total
             mergeable = np.zeros(total, bool)
@@ -122,40 +135,47 @@ class WaitingBatch:
     def tickets(self, positions: np.ndarray) -> list[int]:
         return (positions + (self.serial << SHIFT)).tolist()
 
-    def _group_of(self, positions: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.bounds, positions, side="right") - 1
-
     def template_ids(self, positions: np.ndarray) -> np.ndarray:
         ids = np.array([template.template_id for template, _, _ in self.groups], np.int64)
-        return ids[self._group_of(positions)]
+        return ids[np.searchsorted(self.bounds, positions, side="right") - 1]
 
     def deltas(self, positions: np.ndarray) -> np.ndarray:
         """The delta counters of the records at `positions`: one row of DELTAS each (0 where
         the template has no such counter)."""
         values = np.zeros((len(positions), len(DELTAS)), np.uint64)
-        groups = self._group_of(positions)
-        for group in np.unique(groups).tolist():
-            chosen = np.flatnonzero(groups == group)
-            template, data, _ = self.groups[group]
-            raw, at = np.frombuffer(data, np.uint8), self.offsets[positions[chosen]]
-            for column, offset in _layout(template).deltas:
-                values[chosen, column] = _gather(raw, at + offset)
+        for run, chosen, at in self._by_run(positions):
+            rows = self._rows(run, self.groups[self.runs[run][0]][1])
+            for name in rows.dtype.names:
+                values[chosen, DELTAS.index(name)] = rows[name][at]
         return values
 
     def add_deltas(self, positions: np.ndarray, values: np.ndarray) -> None:
         """Add `values` (rows of DELTAS) to the records at `positions`, in a copy of their
         groups' bytes (copy on write: bytes once queued are never changed in place)."""
-        groups = self._group_of(positions)
-        for group in np.unique(groups).tolist():
-            chosen = np.flatnonzero(groups == group)
-            template, data, starts = self.groups[group]
-            patched = bytearray(data)
-            raw, at = np.frombuffer(patched, np.uint8), self.offsets[positions[chosen]]
-            for column, offset in _layout(template).deltas:
-                where = (at + offset)[:, None] + _EIGHT
-                total = raw[where].view(">u8")[:, 0] + values[chosen, column]
-                raw[where] = total.astype(">u8").view(np.uint8).reshape(-1, 8)
-            self.groups[group] = (template, patched, starts)
+        copied: dict[int, bytearray] = {}
+        for run, chosen, at in self._by_run(positions):
+            group = self.runs[run][0]
+            if group not in copied:
+                template, data, starts = self.groups[group]
+                copied[group] = bytearray(data)
+                self.groups[group] = (template, copied[group], starts)
+            rows = self._rows(run, copied[group])
+            for name in rows.dtype.names:
+                rows[name][at] = rows[name][at] + values[chosen, DELTAS.index(name)]
+
+    def _by_run(self, positions: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(run, which of `positions`, their rows in the run), run by run."""
+        runs = np.searchsorted(self.run_firsts, positions, side="right") - 1
+        return [(run, chosen, positions[chosen] - self.runs[run][1])
+                for run in np.unique(runs).tolist()
+                for chosen in [np.flatnonzero(runs == run)]]
+
+    def _rows(self, run: int, data: bytes | bytearray) -> np.ndarray:
+        """The run's records in `data` as rows of their delta counters (writable when
+        `data` is)."""
+        group, first, end, length = self.runs[run]
+        return np.frombuffer(data, _rows(_layout(self.groups[group][0]), length), end - first,
+                             int(self.offsets[first]))
 
     def leave_out(self, positions: np.ndarray) -> int:
         """The records at `positions` no longer wait. Returns how many of them were
