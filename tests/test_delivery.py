@@ -112,6 +112,19 @@ def ending(node, control) -> dict:
     return conntrack_totals(node)
 
 
+def back_then_end(node, sink: StreamSink, control: Path, agent) -> tuple[dict, str]:
+    """The collector comes back; once it receives again, the traffic stops, the polls see
+    the final counters, the agent stops: conntrack's totals and the agent's log."""
+    before = len(sink.records())
+    sink.start()
+    until_received(sink, before)
+    totals = ending(node, control)
+    log = stop(agent)
+    (control / "close").touch()
+    sink.stop()
+    return totals, log
+
+
 def assert_exact(found: dict, totals: dict, ports: list) -> None:
     """Every connection: its delta sums are conntrack's totals, in both directions; one
     start (no connection counted as two); never ended (they all go on)."""
@@ -139,13 +152,7 @@ def test_a_tcp_collector_away_across_a_restart_gets_every_byte_once(node, tmp_pa
         first = stop(agent)  # ...and at its SIGTERM
         agent = start(node, tmp_path, collectors)
         time.sleep(2)
-        before = len(sink.records())
-        sink.start()  # back while the next agent runs
-        until_received(sink, before)
-        totals = ending(node, control)
-        second = stop(agent)
-        (control / "close").touch()
-        sink.stop()
+        totals, second = back_then_end(node, sink, control, agent)  # back meanwhile
         found = per_connection(sink.records(), ports)
     finally:
         sink.stop()
@@ -172,13 +179,7 @@ def test_two_collectors_one_away_across_the_restart_each_get_every_byte_once(nod
         stop(agent)
         agent = start(node, tmp_path, collectors)
         time.sleep(2)
-        before = len(sink.records())
-        sink.start()
-        until_received(sink, before)
-        totals = ending(node, control)
-        log = stop(agent)
-        (control / "close").touch()
-        sink.stop()
+        totals, log = back_then_end(node, sink, control, agent)
         time.sleep(0.5)
         away = per_connection(sink.records(), ports)
         up = per_connection(node.sink.records(), ports)
@@ -226,17 +227,11 @@ def test_an_outage_longer_than_the_queue_bound_loses_no_byte_of_a_live_connectio
                                         "maxBufferedRecords": 5}], protocols=("tcp/7070",))
         time.sleep(3)
         sink.stop()
-        before = len(sink.records())
         time.sleep(1)
         node.run(PYTHON, "-c", SHORT_CONNECTIONS, "12", "7070")  # each from its own port
         ended = conntrack_totals(node)  # before their entries go (10 s after the reset)
         time.sleep(4)  # the outage goes on: many polls, 20 records each
-        sink.start()
-        until_received(sink, before)
-        totals = ending(node, control)
-        log = stop(agent)
-        (control / "close").touch()
-        sink.stop()
+        totals, log = back_then_end(node, sink, control, agent)
         records = sink.records()
     finally:
         sink.stop()

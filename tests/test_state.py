@@ -2,6 +2,7 @@
 temporary directory): what a next agent continues, what it sets aside, and when a reused
 tuple is a new connection. End to end, with real conntrack and agents: test_restart.py."""
 
+import fcntl
 import os
 import socket
 import struct
@@ -490,3 +491,27 @@ def test_a_state_whose_counter_rows_were_damaged_is_set_aside(tmp_path):
     state.load()
     assert state.take("conntrack", "kernel") is None
     assert state.restores == {("discarded", "corrupt"): 1}
+
+
+def test_a_file_of_another_observation_domain_is_set_aside_unless_its_agent_runs(tmp_path):
+    """The domain changed across a restart: the old file is counted as discarded (domain)
+    and renamed, not left behind as if there were none. An agent of that domain still
+    running (its lock held) keeps its file."""
+    old = ExportState(str(tmp_path), ORIGIN)
+    assert old.save({}, 1.0)
+    running = os.open(old.path + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(running, fcntl.LOCK_EX)  # that agent runs: its file stays
+    try:
+        other = ExportState(str(tmp_path), Origin(**{**ORIGIN.__dict__,
+                                                    "observation_domain": 8}))
+        other.load()
+        assert other.restores == {("none", ""): 1} and os.path.exists(old.path)
+    finally:
+        os.close(running)
+    changed = ExportState(str(tmp_path), Origin(**{**ORIGIN.__dict__, "observation_domain": 9}))
+    changed.load()
+    assert changed.restores == {("discarded", "domain"): 1}
+    assert not os.path.exists(old.path) and os.path.exists(old.path + ".discarded")
+    again = ExportState(str(tmp_path), Origin(**{**ORIGIN.__dict__, "observation_domain": 9}))
+    again.load()
+    assert again.restores == {("none", ""): 1}  # said once
