@@ -67,6 +67,18 @@ class Origin:
 
 
 @dataclass
+class Values:
+    """A run of bytes per entry, kept joined (a queue's records: no object per record):
+    each entry's length, and the bytes of all of them in order, in one or more chunks."""
+
+    lengths: np.ndarray  # u4 per entry
+    chunks: Sequence[bytes | bytearray | memoryview]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
 class Section:
     """One store's state: `source` names what its keys mean (a conntrack source, the deny
     path, a collector), `keys` are the entries' identities and `rows` a structured numpy
@@ -78,7 +90,7 @@ class Section:
     keys: Sequence[bytes]
     rows: np.ndarray
     written_at: float | None = None
-    values: Sequence[bytes] | None = None
+    values: Values | None = None
 
 
 @dataclass
@@ -87,7 +99,7 @@ class Parts:
     large store makes them, so that the write costs memory for one part, not the whole
     table; read back as the list of the file's parts, which the store taking it empties
     as it restores them, so that the whole table is never held beside the store. Each part
-    is (keys, rows), or (keys, rows, values) when the section `has_values`."""
+    is (keys, rows), or (keys, rows, values: `Values`) when the section `has_values`."""
 
     source: str
     count: int
@@ -149,8 +161,8 @@ def _pieces(header: bytes, sections: dict[str, Parts]) -> Iterator[bytes | memor
             yield _LENGTH.pack(len(keys)) + lengths.tobytes()
             yield joined
             if values:
-                yield np.fromiter(map(len, values[0]), "<u4", len(keys)).tobytes()
-                yield from values[0]
+                yield values[0].lengths.astype("<u4").tobytes()
+                yield from values[0].chunks
             yield memoryview(np.ascontiguousarray(rows)).cast("B")  # no copy
             parts += 1
         if not parts:  # a section has at least one part, if empty: decode reads one
@@ -198,12 +210,19 @@ def decode(data: bytes) -> Decoded:
             while entries < count or not parts:
                 (part,) = _LENGTH.unpack_from(body, pos)
                 pos += _LENGTH.size
-                keys, pos = _runs(body, pos, np.frombuffer(body, np.uint8, part, pos), part)
+                lengths = np.frombuffer(body, np.uint8, part, pos).tolist()
+                ends = list(accumulate(lengths, initial=pos + part))
+                keys = [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
+                pos = ends[-1]
                 values: tuple = ()
                 if has_values:
-                    value_list, pos = _runs(body, pos, np.frombuffer(body, "<u4", part, pos),
-                                            4 * part)
-                    values = (value_list,)
+                    sizes = np.frombuffer(body, "<u4", part, pos)
+                    pos += 4 * part
+                    end = pos + int(sizes.sum(dtype=np.int64))
+                    if end > len(body):
+                        raise ValueError("values past the end")
+                    values = (Values(sizes.copy(), [bytes(body[pos:end])]),)
+                    pos = end
                 # a copy: the file's bytes are freed once read
                 parts.append((keys, np.frombuffer(body, dtype, part, pos).copy(), *values))
                 entries += part
@@ -221,13 +240,3 @@ def decode(data: bytes) -> Decoded:
     if pos != len(body):
         raise StateError("unreadable (sizes do not add up)")
     return Decoded(origin, sections, written_at, bool(header.get("final", True)))
-
-
-def _runs(body: memoryview, pos: int, lengths: np.ndarray, skip: int
-          ) -> tuple[list[bytes], int]:
-    """The runs of bytes of `lengths` that follow the lengths (`skip` bytes) at `pos`; and
-    where they end."""
-    if pos + skip + int(lengths.sum(dtype=np.int64)) > len(body):
-        raise ValueError("a run past the end")
-    ends = list(accumulate(lengths.tolist(), initial=pos + skip))
-    return [bytes(body[start:end]) for start, end in zip(ends, ends[1:])], ends[-1]

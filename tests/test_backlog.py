@@ -5,7 +5,9 @@ without identity fold into nothing and are what the bound counts. Records are ma
 ovsflow's encoder and read back with ovsflow's decoder (tests/helpers.flow_records); the
 sums at an independent decoder are checked end to end (test_delivery.py)."""
 
+import gc
 import socket
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -165,6 +167,27 @@ def test_records_of_one_poll_are_indexed_only_once_a_newer_poll_begins():
     # took in an older record, and the 50 older ones still waiting
     assert sorted(waiting(backlog))[-2:] == [(198, ACTIVE_TIMEOUT, 3, 30, 60, 3),
                                              (199, ACTIVE_TIMEOUT, 1, 10, 20, 1)]
+
+
+def test_a_queue_keeps_nothing_of_the_batches_that_left_it():
+    """A poll's batches wait for the next poll to be indexed; those taken off meanwhile are
+    the flight's alone (at 500k a wave's bytes, 65 MB, were kept to the next poll)."""
+    backlog = Backlog()
+    backlog.new_generation()
+    tracemalloc.start()
+    for first in range(0, 20_000, 2_000):
+        backlog.append(encode_records([record(port, 1) for port in range(first, first + 2_000)]))
+    gc.collect()
+    queued = tracemalloc.get_traced_memory()[0]
+    flown = [backlog.take_front() for _ in range(10)]
+    del flown
+    gc.collect()
+    left = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert not backlog and queued - left > 20_000 * 100  # the records' bytes went with them
+    backlog.new_generation()
+    backlog.append(encode_records([record(1, 1)]))
+    assert backlog.waiting == 1 and not backlog.index
 
 
 def test_a_batch_mostly_folded_away_keeps_only_its_waiting_bytes():

@@ -129,7 +129,8 @@ class Backlog:
         self.waiting -= batch.waiting
         self.unmergeable -= batch.unmergeable
         del self.by_serial[batch.serial]
-        batch.waiting = 0  # gone: never indexed from here on
+        # gone: never indexed from here on, and its bytes are the flight's alone
+        batch.waiting, batch.groups, batch.identities = 0, [], []
         return records
 
     def drop_oldest(self, count: int, mergeable: bool) -> int:
