@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ovsflow.exporter.carried import PREFIX, section  # noqa: E402
 from ovsflow.exporter.queue import ExportQueue  # noqa: E402
-from ovsflow.polled import LABELS, Polled  # noqa: E402
+from ovsflow.polled import LABELS, Polled, key_rows  # noqa: E402
 from ovsflow.store import ConnectionStore  # noqa: E402
 from ovsflow.state import Origin  # noqa: E402
 from ovsflow.state_file import ExportState  # noqa: E402
@@ -42,8 +42,9 @@ from ovsflow.store.table import KEYS  # noqa: E402
 PIECE = 4096
 
 
-def keys(count: int) -> list[bytes]:
-    """`count` IPv4 TCP identities (as the kernel source makes them), each distinct."""
+def keys(count: int) -> np.ndarray:
+    """`count` IPv4 TCP identities (as the kernel source makes them), each distinct, as
+    `KEY` rows."""
     rows = np.zeros(count, KEYS[False])
     index = np.arange(count, dtype=np.uint64)
     rows["protocol"], rows["zone"] = 6, 65520
@@ -53,10 +54,10 @@ def keys(count: int) -> list[bytes]:
     rows["source_address"] = (0x0A000000 + index).astype(">u4").view("V4")
     rows["destination_address"] = np.full(count, 0x0AFF0001, ">u4").view("V4")
     raw, size = rows.tobytes(), rows.dtype.itemsize
-    return [raw[at:at + size] for at in range(0, len(raw), size)]
+    return key_rows([raw[at:at + size] for at in range(0, len(raw), size)])
 
 
-def poll(identities: list[bytes], round_: int) -> list[Polled]:
+def poll(identities: np.ndarray, round_: int) -> list[Polled]:
     """One poll: every connection moved since the one before."""
     pieces = []
     for first in range(0, len(identities), PIECE):
@@ -67,7 +68,7 @@ def poll(identities: list[bytes], round_: int) -> list[Polled]:
             np.full(n, 80, "u2"), np.arange(first, first + n, dtype="u4"), grown,
             grown * 100, grown, grown * 200, np.ones(n, bool),
             np.full(n, 1_700_000_000 * 10**9, "u8"), np.full(n, 300, "u4"),
-            np.zeros(n, "u2"), np.zeros(n, LABELS), np.zeros(n, bool)))
+            np.zeros(n, "u2"), np.zeros(n, LABELS), np.zeros(n, bool), np.zeros(n, "u4")))
     return pieces
 
 
@@ -84,7 +85,7 @@ def rss_mb() -> float:
     return 0.0
 
 
-def wave(store: ConnectionStore, identities: list[bytes], round_: int,
+def wave(store: ConnectionStore, identities: np.ndarray, round_: int,
          queue: ExportQueue | None) -> tuple[float, float, int]:
     """A poll with every connection due: (seconds making and encoding the records,
     seconds queueing them, records)."""

@@ -43,6 +43,8 @@ def dump(sock: socket.socket, sequence: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dumps", type=int, default=5)
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="seconds from one dump's start to the next (an agent's polls)")
     args = parser.parse_args()
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
@@ -53,6 +55,8 @@ def main() -> None:
         received = dump(sock, sequence)
         cpu.append(time.process_time() - start_cpu)
         wall.append(time.perf_counter() - start)
+        if sequence < args.dumps:
+            time.sleep(max(0.0, start + args.interval - time.perf_counter()))
     print(f"{statistics.median(cpu):.4f} {statistics.median(wall):.4f} {received}")
 
 

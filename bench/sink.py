@@ -7,10 +7,12 @@ Prints 'ready' when listening, then '<records> <seconds from the first message>'
 records are in (or after TIMEOUT), then goes on taking (and discarding) what comes until
 the exporter closes the connection (TCP) or sends nothing for 2 s (UDP): an exporter whose
 collector vanished would queue, retry and drop, which is not what a benchmark measures.
+On SIGUSR1 (while counting) it prints 'count <records so far>'.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import time
@@ -25,6 +27,7 @@ def main() -> None:
     kind, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(
         sys.argv[4])
     decoder, received, first = MessageDecoder(), 0, None
+    signal.signal(signal.SIGUSR1, lambda *_: print(f"count {received}", flush=True))
     if kind == "udp":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: no drops here

@@ -61,6 +61,9 @@ class FlowExporterConfig:
     poll_interval: float = 5.0
     active_timeout: float = 5.0
     idle_timeout: float = 15.0
+    # a record at least this often for every live connection, even one that did not move;
+    # 0: none (a record says something new, or is not sent)
+    heartbeat_timeout: float = 0.0
     protocols: ProtocolSet = ALL_PROTOCOLS
     # the user's groups (protocolGroups) as read, for the effective configuration; the
     # protocols above have them resolved
@@ -175,6 +178,8 @@ class Config:
                 "flowPollInterval": format_duration(fe.poll_interval),
                 "activeFlowExportTimeout": format_duration(fe.active_timeout),
                 "idleFlowExportTimeout": format_duration(fe.idle_timeout),
+                "heartbeatFlowExportTimeout": format_duration(fe.heartbeat_timeout)
+                if fe.heartbeat_timeout else "0s",
                 "protocols": "all" if protocols is None else sorted(protocols),
                 "protocolGroups": {name: list(members)
                                    for name, members in fe.protocol_groups},
@@ -245,6 +250,16 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"duration {quote_value(value)} is longer than Go's longest, "
                          f"{format_duration(MAX_DURATION)}")
     return total
+
+
+def _duration_or_zero(value: object) -> float:
+    """A duration, or zero (`"0s"`, `"0"`: none)."""
+    if isinstance(value, str) and _ZERO_DURATION.fullmatch(value.strip()):
+        return 0.0
+    return parse_duration(value)
+
+
+_ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|μs|ms|s|m|h)?", re.ASCII)
 
 
 def format_duration(seconds: float) -> str:
@@ -460,9 +475,18 @@ def parse_config(data: object) -> Config:
         poll_interval=fe.take("flowPollInterval", parse_duration, d.poll_interval),
         active_timeout=fe.take("activeFlowExportTimeout", parse_duration, d.active_timeout),
         idle_timeout=fe.take("idleFlowExportTimeout", parse_duration, d.idle_timeout),
+        heartbeat_timeout=fe.take("heartbeatFlowExportTimeout", _duration_or_zero,
+                                  d.heartbeat_timeout),
         protocols=protocols.protocols,
         protocol_groups=protocols.groups,
     )
+    if 0 < flow_exporter.heartbeat_timeout < flow_exporter.active_timeout:
+        problems.append(
+            f"flowExporter.heartbeatFlowExportTimeout: "
+            f"{quote_value(fe.data['heartbeatFlowExportTimeout'])} is shorter than "
+            f"activeFlowExportTimeout ({format_duration(flow_exporter.active_timeout)}): a "
+            "connection that did not move would get records more often than one that did; "
+            "make it at least as long, or \"0s\" for none")
 
     ct = _Section(top.data.get("conntrack"), "conntrack", problems)
     d_ct = ConntrackConfig()

@@ -9,7 +9,8 @@ import reprlib
 from dataclasses import dataclass
 
 from .protocols import (
-    ALL_PROTOCOLS, CONNTRACK_TRACKED, PORT_PROTOCOLS, PROTOCOL_GROUPS, PROTOCOL_NUMBERS, PortRanges, ProtocolSet, protocol_name,
+    ALL_PROTOCOLS, CONNTRACK_TRACKED, PORT_PROTOCOLS, PROTOCOL_GROUPS, PROTOCOL_NUMBERS,
+    PortRanges, ProtocolSet, protocol_name,
 )
 
 

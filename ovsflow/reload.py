@@ -58,6 +58,8 @@ class Reloader:
         self._source = source  # the conntrack source, once a poll has opened it
         self._deny = deny
         self._store, self._deny_store = store, deny_store
+        # the heartbeat reaches the store from here, at start as at each reload
+        store.heartbeat = config.flow_exporter.heartbeat_timeout
         self._enricher = enricher
         self._exporters = exporters
         self._health = health
@@ -124,6 +126,7 @@ class Reloader:
             log.warning("reload: %s", warning)
         for store in (self._store, self._deny_store):
             store.active_timeout, store.idle_timeout = new_fe.active_timeout, new_fe.idle_timeout
+        self._store.heartbeat = new_fe.heartbeat_timeout
         self._health.poll_interval = new_fe.poll_interval
         self._enricher.pod_networks = configured_pod_networks(new.ipfix)
         await self._exporters.apply(new, transports, self._close_timeout)

@@ -534,3 +534,27 @@ def test_a_collector_list_and_flow_collector_addr_together_are_an_error():
                             "ipfix": {"collectors": ["10.0.0.2:4739:udp"]}})
     assert problems == ["ipfix.collectors: set, and so is flowExporter.flowCollectorAddr: "
                         "list every collector in one of them"]
+
+
+def test_the_heartbeat_is_none_by_default_and_at_least_the_active_timeout():
+    """flowExporter.heartbeatFlowExportTimeout: a record at least this often for every live
+    connection. None by default (a record that says nothing new is not sent); shorter than
+    the active timeout it would send unchanged connections more records than changing ones:
+    an error that names both keys."""
+    assert parse_config({}).flow_exporter.heartbeat_timeout == 0.0
+    assert parse_config({}).to_dict()["flowExporter"]["heartbeatFlowExportTimeout"] == "0s"
+    for zero in ("0s", "0", "0ms", " 0 "):
+        fe = {"heartbeatFlowExportTimeout": zero}
+        assert parse_config({"flowExporter": fe}).flow_exporter.heartbeat_timeout == 0.0
+    config = parse_config({"flowExporter": {"heartbeatFlowExportTimeout": "5m"}})
+    assert config.flow_exporter.heartbeat_timeout == 300.0
+    assert config.to_dict()["flowExporter"]["heartbeatFlowExportTimeout"] == "5m0s"
+    [problem] = problems_of({"flowExporter": {"activeFlowExportTimeout": "1m",
+                                              "heartbeatFlowExportTimeout": "30s"}})
+    assert problem.startswith("flowExporter.heartbeatFlowExportTimeout: '30s' is shorter "
+                              "than activeFlowExportTimeout (1m0s)")
+    for bad, fragment in (("-1s", "invalid duration '-1s'"), (30, "add a unit"),
+                          ("soon", "invalid duration 'soon'")):
+        [problem] = problems_of({"flowExporter": {"heartbeatFlowExportTimeout": bad}})
+        assert problem.startswith("flowExporter.heartbeatFlowExportTimeout: ") and \
+            fragment in problem

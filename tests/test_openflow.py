@@ -311,7 +311,7 @@ def test_nxt_packet_in2_with_userdata():
             + prop(m.NXPINT_REASON, b"\x01")
             + prop(m.NXPINT_METADATA, oxm.field("reg3", 42).encode())
             + prop(m.NXPINT_USERDATA, b"rule-7"))
-    message = m.decode(m._nicira(5, m.NXT_PACKET_IN2, body, version=m.OFP15))
+    message = m.decode(m.nicira(5, m.NXT_PACKET_IN2, body, version=m.OFP15))
     assert isinstance(message, m.PacketIn)
     assert (message.table_id, message.cookie, message.total_len, message.userdata) == (
         250, COOKIE, 64, b"rule-7")

@@ -10,7 +10,7 @@ import pytest
 
 from ovsflow import polled
 from ovsflow.connection import Connection, identity, labels_bytes
-from ovsflow.polled import STATE_NAMES, Malformed, Polled
+from ovsflow.polled import STATE_NAMES, Malformed, Polled, key_bytes, key_rows
 
 A, B = socket.inet_aton("10.1.0.1"), socket.inet_aton("10.1.0.2")
 
@@ -24,9 +24,10 @@ def test_columns_hold_what_the_store_compares():
     given = [conn(1, id=11, packets=2, octets=300, reply_packets=4, reply_octets=500,
                   start_ns=6 * 10**9, timeout=120, state="ESTABLISHED",
                   labels=labels_bytes(1 << 70 | 5)),
-             conn(2, id=12, counted=False, state="TIME_WAIT", ended=True)]
+             conn(2, id=12, counted=False, state="TIME_WAIT", ended=True, mark=0x13)]
     columns = Polled.from_connections(given)
-    assert columns.keys == [c.key for c in given]
+    assert key_bytes(columns.keys) == [c.key for c in given]
+    assert columns.marks.tolist() == [0, 0x13]
     assert columns.ids.tolist() == [11, 12] and columns.zones.tolist() == [7, 7]
     assert columns.protocols.tolist() == [6, 6]
     assert (columns.packets.tolist(), columns.octets.tolist()) == ([2, 0], [300, 0])
@@ -40,12 +41,27 @@ def test_columns_hold_what_the_store_compares():
     assert [value.tobytes() for value in columns.labels] == [labels_bytes(1 << 70 | 5),
                                                             bytes(16)]
     chosen = columns.select(np.array([False, True]))
-    assert chosen.keys == [given[1].key] and chosen.ids.tolist() == [12]
+    assert key_bytes(chosen.keys) == [given[1].key] and chosen.ids.tolist() == [12]
     assert Polled.joined([chosen, columns]).ids.tolist() == [12, 11, 12]
 
 
+def test_key_rows_keep_each_identity_and_its_length():
+    """IPv4 (27 bytes) and IPv6 (51) identities share a column of fixed-width rows: each
+    row says its identity's length, so that the two never look alike, whatever the bytes
+    (an address that ends in zeros)."""
+    a6 = socket.inet_pton(socket.AF_INET6, "fd00::")
+    keys = [identity(6, A, B, 1, 80, 0, 0, 0, 7), identity(17, a6, a6, 2, 53, 0, 0, 0, 7),
+            identity(6, bytes(4), bytes(4), 0, 0, 0, 0, 0, 0), bytes(51)]
+    rows = key_rows(keys)
+    assert rows.dtype.itemsize == polled.KEY_WIDTH and len(set(rows.tolist())) == 4
+    assert key_bytes(rows) == keys
+    assert key_bytes(rows[[0, 2]]) == [keys[0], keys[2]]  # one family: the fast way
+    with pytest.raises(ValueError):
+        key_rows([bytes(polled.KEY_WIDTH)])
+
+
 @pytest.mark.parametrize("field, value", [("id", 2**32), ("packets", -1), ("zone", 70000),
-                                          ("labels", b"x" * 17)])
+                                          ("labels", b"x" * 17), ("mark", 2**32)])
 def test_a_value_out_of_its_column_is_named_with_its_connection(field, value):
     bad = conn(2)._replace(**{field: value})
     with pytest.raises(Malformed) as caught:

@@ -137,8 +137,9 @@ def test_without_counters_only_a_refreshed_timeout_is_activity():
         for r in records(s, [conn(1, counted=False, timeout=quiet_timeout, conn_id=1),
                              conn(2, counted=False, timeout=busy_timeout, conn_id=2)], now):
             reasons[r.source_port].append((now, r.end_reason))
-    # quiet from the start: active records until its idle timeout, then nothing more
-    assert reasons[1] == [(5.0, ACTIVE_TIMEOUT), (10.0, ACTIVE_TIMEOUT), (15.0, IDLE_TIMEOUT)]
+    # quiet from the start: its first record, nothing new at 10 s, its idle record, then
+    # nothing more
+    assert reasons[1] == [(5.0, ACTIVE_TIMEOUT), (15.0, IDLE_TIMEOUT)]
     assert reasons[2] == [(5.0, ACTIVE_TIMEOUT), (10.0, ACTIVE_TIMEOUT),
                           (15.0, ACTIVE_TIMEOUT), (20.0, ACTIVE_TIMEOUT),
                           (25.0, ACTIVE_TIMEOUT)]

@@ -14,6 +14,8 @@ from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.record import BATCH
 from ovsflow.store import MAX_SPANS, ConnectionStore
 
+import numpy as np
+
 from helpers import flow_records
 
 A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
@@ -69,6 +71,68 @@ def test_idle_connection_is_exported_once_then_again_when_it_moves():
     s.update([conn(packets=2, octets=30)], 61.0)  # moves again
     [again] = s.update([conn(packets=2, octets=30)], 76.0)
     assert again.end_reason == IDLE_TIMEOUT and again.octet_delta == 20
+
+
+def test_an_idle_connection_gets_its_first_record_and_its_idle_record_then_nothing():
+    """Antrea's defaults (poll 5 s, active 5 s, idle 15 s) and a connection that never
+    moves: its first record at 5 s, nothing at 10 s (it would say nothing new), its idle
+    record at 15 s, then nothing for as long as it stays in conntrack."""
+    s = store(active=5, idle=15)
+    records = []
+    for t in range(0, 121, 5):
+        records += [(t, r.end_reason, r.packet_delta)
+                    for r in s.update([conn(packets=3, octets=300)], float(t))]
+    assert records == [(5, ACTIVE_TIMEOUT, 3), (15, IDLE_TIMEOUT, 0)]
+
+
+def test_an_active_timeout_record_only_when_counters_moved_since_the_last_record():
+    s = store(active=5, idle=100)
+    growth = {2: 1, 7: 2, 20: 4}  # packets added at these seconds
+    packets, records = 0, []
+    for t in range(31):
+        packets += growth.get(t, 0)
+        records += [(t, r.end_reason, r.packet_delta)
+                    for r in s.update([conn(packets=packets)], float(t))]
+    # 5: the first; 10: moved at 7; 15: nothing new; 20: moved at 20; 25, 30: nothing
+    assert records == [(5, ACTIVE_TIMEOUT, 1), (10, ACTIVE_TIMEOUT, 2),
+                       (20, ACTIVE_TIMEOUT, 4)]
+
+
+def test_without_counters_a_record_when_the_state_changed_or_packets_came():
+    """The OVS userspace source keeps no counters: a connection moved when its remaining
+    timeout was set back (packets came) or its TCP state changed."""
+    s = store(active=5, idle=100)
+
+    def polled(t, state="ESTABLISHED", refreshed_at=0):
+        # OVS prints the seconds left; a packet sets them back to the state's timeout
+        return [conn(counted=False, state=state)._replace(timeout=300 - (t - refreshed_at))]
+    records = []
+    for t in range(41):
+        state = "FIN_WAIT" if t >= 12 else "ESTABLISHED"
+        refreshed = 30 if t >= 30 else 0  # a packet at 30 s
+        records += [(t, r.end_reason, r.tcp_state)
+                    for r in s.update(polled(t, state, refreshed), float(t))]
+    # 5: the first; 10: nothing to say; 12: its state changed, past its active timeout;
+    # 30: a packet came
+    assert records == [(5, ACTIVE_TIMEOUT, "ESTABLISHED"), (12, ACTIVE_TIMEOUT, "FIN_WAIT"),
+                       (30, ACTIVE_TIMEOUT, "FIN_WAIT")]
+
+
+def test_a_heartbeat_gives_every_live_connection_a_record_that_often():
+    """`heartbeat` (flowExporter.heartbeatFlowExportTimeout): a record at least that often
+    for a connection still in conntrack, quiet or not, with zero deltas when it did not
+    move; the deltas still add up."""
+    s = store(active=5, idle=15, heartbeat=30)
+    records = []
+    for t in range(0, 101, 5):
+        packets = 3 if t < 60 else 5  # moves once, at 60 s
+        records += [(t, r.end_reason, r.packet_delta)
+                    for r in s.update([conn(packets=packets)], float(t))]
+    assert records == [(5, ACTIVE_TIMEOUT, 3), (15, IDLE_TIMEOUT, 0),
+                       (45, ACTIVE_TIMEOUT, 0),  # 30 s after the idle record
+                       (60, ACTIVE_TIMEOUT, 2),  # it moved (active, not quiet any more)
+                       (75, IDLE_TIMEOUT, 0)]  # then quiet again; next beat at 105
+    assert sum(delta for _, _, delta in records) == 5
 
 
 def test_a_connection_gone_between_polls_gets_a_final_record_with_its_last_counters():
@@ -408,3 +472,26 @@ def test_a_conntrack_id_over_32_bits_is_malformed_not_stored_wrapped():
     polled = [c._replace(packets=2) for c in (good, wrapped_to_0, wrapped_to_5)]
     assert [(r.source_port, r.flow_id) for r in s.update(polled, 1.0)] == [(1, 5)]
     assert [(r.source_port, r.flow_id) for r in s.flush(2.0)] == [(1, 5)]
+
+
+def test_the_previous_polls_order_guesses_slots_and_a_wrong_guess_is_never_taken():
+    """Rows come in the order of the poll before (store/order.py): the slot of each row is
+    guessed from it, and checked. After connections came and went (the rest shifted), in
+    another order altogether, or reversed, each row's counters still go to its own
+    connection: every record says the totals its own row brought."""
+    s = store(active=1, idle=1000)
+    ports = list(range(1, 3001))
+    s.update([conn(sport=p, packets=1, conn_id=p) for p in ports], 0.0)
+    rng = np.random.default_rng(5)
+    orders = [ports[:1000] + [5000, 5001, 5002] + ports[1005:],  # 3 new, 5 gone, a shift
+              [ports[i] for i in rng.permutation(len(ports))],
+              ports[::-1], ports]
+    before = set(ports)
+    for t, polled in enumerate(orders, 1):
+        totals = {p: 10 * t + p % 7 for p in polled}
+        records = s.update([conn(sport=p, packets=n, conn_id=p) for p, n in totals.items()],
+                           float(t))
+        moved = {r.source_port: r.packets for r in records if r.end_reason == ACTIVE_TIMEOUT}
+        # those new in this poll get their first record at the next
+        assert moved == {p: n for p, n in totals.items() if p in before}, t
+        before = set(polled)

@@ -21,7 +21,10 @@ def open_source(config: Config, connection_filter: ConnectionFilter, *,
     The kernel's dump filters are probed once per boot, kernel and network namespace, the
     answer kept in the state directory (`kernel.kept_filters`; the diagnostic keeps and
     uses it too).
+    Beside Antrea (`ovs.denySource: antrea`) the filter also leaves out, at both sources,
+    the entries Antrea committed before its policy stages denied them (filter.py).
     Blocking (OVSDB, sysctls, a netlink probe): the agent calls it in a worker thread."""
+    connection_filter.antrea_allowed_only = config.ovs.deny_source == "antrea"
     kind = config.conntrack.source
     if kind == "auto" and not config.ovs.bridge:
         kind = "kernel"

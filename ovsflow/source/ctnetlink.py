@@ -10,7 +10,6 @@ probe in `kernel.py`, and as an independent reference decoder in the tests).
 
 from __future__ import annotations
 
-import functools
 import operator
 import os
 import socket
@@ -153,12 +152,15 @@ def _zone_attr(zone: int) -> bytes:
 
 
 def new_request(sequence: int, protocol: int, src: bytes, dst: bytes, sport: int, dport: int,
-                *, zone: int = 0, timeout: int = 600, tcp_state: str = "ESTABLISHED") -> bytes:
+                *, zone: int = 0, timeout: int = 600, tcp_state: str = "ESTABLISHED",
+                mark: int = 0) -> bytes:
     """IPCTNL_MSG_CT_NEW creating one entry and its reply tuple; for ICMP an echo with id
     `sport`. How tests and benchmarks fill conntrack fast, many messages per send
     (`conntrack -I` manages ~800/s), and how the filter probe makes its entry."""
     orig, reply = _tuples(protocol, src, dst, sport, dport)
     attrs = orig + reply + _attr(CTA_TIMEOUT, struct.pack(">I", timeout)) + _zone_attr(zone)
+    if mark:
+        attrs += _attr(CTA_MARK, struct.pack(">I", mark))
     if protocol == 6:
         attrs += _attr(CTA_PROTOINFO | NLA_F_NESTED, _attr(
             CTA_PROTOINFO_TCP | NLA_F_NESTED,
@@ -191,7 +193,7 @@ def parse_dump(data: bytes, connections: list[Connection]) -> bool:
         start = pos + NLMSGHDR.size + NFGENMSG.size
         # the fast path (see _learn), inlined: this loop runs once per connection
         for (mask, expected, unpack, arguments, names, state_at, status_at, pack_key,
-             key_values, _, _, _, _) in layouts.get(length, ()):
+             key_values, _, _, _, _, _) in layouts.get(length, ()):
             if from_bytes(data[start:pos + length], "big") & mask == expected:
                 values = unpack(data, start)
                 state = names[values[state_at]] if names is not None else ""
@@ -225,12 +227,12 @@ def _entries(data: bytes) -> tuple[list[int], list[int], bool]:
     return starts, lengths, False
 
 
-def count_dump(data: bytes, counts: dict[tuple[int, int, int], int]) -> bool:
+def count_dump(data: bytes, counts: dict[tuple[int, ...], int], marks: bool = False) -> bool:
     """`parse_dump` for a count: add one receive buffer's entries to `counts` by (zone,
-    protocol, destination port), what the filter needs, without building a Connection
-    each. Returns True when the dump is complete. (The message walk is `_entries`',
-    repeated rather than shared: the count is timed against `conntrack -L`, and a walk
-    before the count costs each entry another loop turn.)"""
+    protocol, destination port), what the filter needs, and with `marks` the mark too,
+    without building a Connection each. Returns True when the dump is complete. (The
+    message walk is `_entries`', repeated rather than shared: the count is timed against
+    `conntrack -L`, and a walk before the count costs each entry another loop turn.)"""
     pos, end = 0, len(data)
     layouts, from_bytes, get = _LAYOUTS, int.from_bytes, counts.get
     while pos < end:
@@ -247,10 +249,16 @@ def count_dump(data: bytes, counts: dict[tuple[int, int, int], int]) -> bool:
                     found = (data[zone_at] << 8 | data[zone_at + 1] if zone_at > start else 0,
                              data[start + layout[10]],
                              data[port_at] << 8 | data[port_at + 1] if port_at > start else 0)
+                    if marks:
+                        mark_at = start + layout[13]
+                        found += (from_bytes(data[mark_at:mark_at + 4], "big")
+                                  if mark_at > start else 0,)
                     break
             else:
                 connection = _walk(data, pos, start, length)
                 found = connection.zone, connection.protocol, connection.destination_port
+                if marks:
+                    found += (connection.mark,)
             counts[found] = get(found, 0) + 1
         elif _control(data, pos, length, message_type):
             return True
@@ -462,8 +470,8 @@ _MAX_LAYOUTS_PER_LENGTH = 4
 # message length -> layouts: (header mask, expected headers, unpack of the values, Connection
 # arguments getter, state names by number or None, where in the values the state number and
 # the status are, the key's packer and the getter of its values, offsets of the zone (0: none)
-# and of the protocol in the message, the headers and leaves found, for `ColumnDecoder`, and
-# the offset of the original destination port (0: none), for `count_dump`)
+# and of the protocol in the message, the headers and leaves found, for `columns.py`, and
+# the offsets of the original destination port and of the mark (0: none), for `count_dump`)
 _LAYOUTS: dict[int, list[tuple]] = {}
 
 
@@ -592,199 +600,8 @@ def _learn(data: bytes, start: int, end: int) -> None:
               _numbered(state_names[0]) if state_names else None, fields.get("state"),
               fields["status"], struct.Struct("".join(key_codes)).pack,
               operator.itemgetter(*key_fields), offsets.get("zone", 0), offsets["protocol"],
-              (tuple(headers), tuple(leaves)), offsets.get("destination_port", 0))
+              (tuple(headers), tuple(leaves)), offsets.get("destination_port", 0),
+              offsets.get("mark", 0))
     known = _LAYOUTS.setdefault(end - start + NLMSGHDR.size + NFGENMSG.size, [])
     known.insert(0, layout)
     del known[_MAX_LAYOUTS_PER_LENGTH:]
-
-
-# --- columns
-#
-# The agent's poll takes the same layouts a step further: the messages of one layout in a
-# run of receive buffers are checked and read with a few numpy gathers (the header bytes
-# compared at once, the values and the key copied out as rows of fixed-size records), into
-# the columns the store compares (`polled.Polled`). No Python statement runs per entry but
-# the message walk's few; an entry of no known layout is decoded by the walk, as above.
-# numpy is imported here, not at the top: `ovsflow conntrack` does without it.
-
-# The values a Polled takes from a message, big-endian as on the wire (the key aside).
-_NUMPY = {"B": "u1", "H": "u2", "I": "u4", "Q": "u8"}
-_VALUES = (("protocol", "B"), ("zone", "H"), ("destination_port", "H"), ("start_ns", "Q"),
-           ("id", "I"), ("packets", "Q"), ("octets", "Q"), ("reply_packets", "Q"),
-           ("reply_octets", "Q"), ("timeout", "I"), ("status", "I"), ("state", "B"),
-           ("labels", "16s"))
-_COLUMNS: dict[tuple, tuple] = {}  # layout description -> its gathers (see _columns)
-
-
-@functools.cache
-def _value_row():
-    """_VALUES as a numpy record: a row of the values gathered from one message."""
-    import numpy as np
-
-    return np.dtype([(name, "V16" if code == "16s" else ">" + _NUMPY[code])
-                     for name, code in _VALUES])
-
-
-def _columns(description: tuple, names: tuple[str, ...] | None) -> tuple | None:
-    """A layout's gathers: header byte offsets and their expected bytes; value and key byte
-    offsets (-1: not in the message, read as zero); state codes and endings by the state's
-    byte. None for a layout the columns cannot take (labels not 128 bits)."""
-    import numpy as np
-
-    from ..polled import state_code
-
-    gathers = _COLUMNS.get(description)
-    if gathers is not None or description in _COLUMNS:
-        return gathers
-    headers, leaves = description
-    header_at = np.array([offset + i for offset, _ in headers for i in range(4)], np.intp)
-    header_bytes = np.frombuffer(b"".join(value.to_bytes(4, "big") for _, value in headers),
-                                 np.uint8)
-    at = {name: (offset, struct.calcsize(">" + code)) for offset, code, name in leaves}
-    if "labels" in at and at["labels"][1] != 16:
-        _COLUMNS[description] = None
-        return None
-
-    def offsets(fields) -> np.ndarray:
-        found = []
-        for name, code in fields:
-            offset, size = at.get(name, (-1, struct.calcsize(">" + code)))
-            found += [offset + i if offset >= 0 else -1 for i in range(size)]
-        return np.array(found, np.intp)
-    address = ("16s" if at["source"][1] == 16 else "4s")
-    value_at = offsets(_VALUES)
-    key_at = offsets([*IDENTITY_FIELDS, ("source", address), ("destination", address)])
-    named = names or ("",) * 256
-    gathers = (header_at, header_bytes, value_at, value_at < 0, key_at, key_at < 0,
-               np.array([state_code(name) if names else 0 for name in named], np.uint16),
-               np.array([name in ENDED_STATES for name in named], bool))
-    if len(_COLUMNS) > 64:  # layouts come and go with the kernel's: keep the recent ones
-        _COLUMNS.clear()
-    _COLUMNS[description] = gathers
-    return gathers
-
-
-class ColumnDecoder:
-    """Receive buffers in, `polled.Polled` pieces out: `feed` walks each buffer's messages
-    as it arrives (and says when the dump is complete), `take` decodes the buffers fed
-    since the last take at once (numpy's cost per call is then shared by thousands of
-    entries: a receive buffer holds ~130)."""
-
-    def __init__(self) -> None:
-        self._clear()
-
-    def _clear(self) -> None:
-        self._buffers: list[bytes] = []
-        # where the entries' messages start in the joined buffers, and their lengths
-        self._starts: list = []
-        self._lengths: list = []
-        self.size = 0  # bytes fed since the last take
-
-    def feed(self, data: bytes) -> bool:
-        """Walk one receive buffer's messages; True when the dump is complete."""
-        import numpy as np
-
-        starts, lengths = self._chained(data, np)
-        done = False
-        if starts is None:  # the walk: a loop turn per message
-            walked, sizes, done = _entries(data)
-            starts, lengths = np.array(walked, np.intp), np.array(sizes, np.intp)
-        self._starts.append(starts + self.size)
-        self._lengths.append(lengths)
-        self._buffers.append(data)
-        self.size += len(data)
-        return done
-
-    @staticmethod
-    def _chained(data: bytes, np) -> tuple:
-        """The starts and lengths of a buffer of conntrack entries only, read as numpy
-        columns instead of walked: the 4-byte-aligned places with an entry's message type
-        and a plausible header are taken for starts, and kept only if they chain exactly
-        (the first at 0, each where the one before ends, the last ending the buffer). Then
-        they are every message, as the walk would find them: a look-alike inside an entry
-        breaks the chain. (None, None) for any other buffer (the dump's end, an error, a
-        look-alike): the walk reads it."""
-        end = len(data)
-        if end < NLMSGHDR.size or end % 4:
-            return None, None
-        words = np.frombuffer(data, np.uint32)
-        # a header: length, then type and flags (the type at byte 4 of each word pair)
-        starts = np.flatnonzero(np.frombuffer(data, np.uint16)[2::2] == _CT_NEW)
-        starts = starts[starts + 4 <= len(words)]  # the whole header in the buffer
-        if not len(starts) or starts[0]:
-            return None, None
-        lengths = words[starts].astype(np.intp)
-        plausible = ((lengths >= NLMSGHDR.size) & (lengths <= end - 4 * starts)
-                     & (words[starts + 2] == words[2]) & (words[starts + 3] == words[3]))
-        starts, lengths = 4 * starts[plausible], lengths[plausible]  # same sequence, port
-        ends = starts + ((lengths + 3) & ~3)
-        if (not len(starts) or starts[0] or ends[-1] != end
-                or (starts[1:] != ends[:-1]).any()):
-            return None, None
-        return starts, lengths
-
-    def take(self):
-        import numpy as np
-
-        from ..polled import EMPTY, Malformed, Polled
-
-        data = b"".join(self._buffers)
-        all_starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.intp)
-        all_lengths = np.concatenate(self._lengths) if self._lengths else all_starts
-        self._clear()
-        pieces: list[Polled] = []
-        walked: list[Connection] = []
-        buffer = np.frombuffer(data, np.uint8)
-        for length in np.unique(all_lengths).tolist():
-            pending = all_starts[all_lengths == length]
-            tried: set[int] = set()
-            while len(pending):
-                for layout in _LAYOUTS.get(length, ()):
-                    if id(layout) in tried or not len(pending):
-                        continue
-                    tried.add(id(layout))
-                    gathers = _columns(layout[11], layout[4])
-                    if gathers is None:
-                        continue
-                    bodies = pending + NLMSGHDR.size + NFGENMSG.size
-                    matched = (buffer[bodies[:, None] + gathers[0]] == gathers[1]).all(1)
-                    if matched.any():
-                        pieces.append(_decoded(buffer, bodies[matched], gathers))
-                        pending = pending[~matched]
-                if len(pending):  # of no layout known yet: the walk decodes it, and learns
-                    first = int(pending[0])
-                    walked.append(_walk(data, first, first + NLMSGHDR.size + NFGENMSG.size,
-                                        length))
-                    pending = pending[1:]  # the rest: tried with the layout it learned
-        if walked:
-            try:
-                pieces.append(Polled.from_connections(walked))
-            except Malformed as err:
-                raise CtnetlinkError(f"conntrack entry with a value out of range: {err}"
-                                     ) from None
-        return Polled.joined(pieces) if pieces else EMPTY
-
-
-def _decoded(buffer, bodies, gathers):
-    """The Polled of the messages whose bodies start at `bodies`, all of one layout."""
-    import numpy as np
-
-    from ..polled import LABELS, Polled
-
-    _, _, value_at, value_missing, key_at, key_missing, state_codes, state_ended = gathers
-    values = buffer[bodies[:, None] + value_at]
-    values[:, value_missing] = 0
-    values = values.view(_value_row()).ravel()
-    keys = buffer[bodies[:, None] + key_at]
-    keys[:, key_missing] = 0
-    state = values["state"]
-    return Polled(
-        keys.view(f"V{keys.shape[1]}").ravel().tolist(), values["protocol"],
-        values["zone"].astype(np.uint16), values["destination_port"].astype(np.uint16),
-        values["id"].astype(np.uint32),
-        *(values[name].astype(np.uint64) for name in (
-            "packets", "octets", "reply_packets", "reply_octets")),
-        np.ones(len(bodies), bool), values["start_ns"].astype(np.uint64),
-        values["timeout"].astype(np.uint32), state_codes[state],
-        values["labels"].view(LABELS),
-        state_ended[state] | (values["status"] & IPS_DYING != 0))

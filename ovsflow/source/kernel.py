@@ -26,8 +26,7 @@ from ..connection import Connection
 from ..host import network_namespace
 from ..protocols import PORT_PROTOCOLS, ProtocolSet, protocol_name
 from .ctnetlink import (
-    NETLINK_NETFILTER, ColumnDecoder, count_dump, delete_request, dump_request, new_request,
-    parse_dump,
+    NETLINK_NETFILTER, count_dump, delete_request, dump_request, new_request, parse_dump,
 )
 
 if TYPE_CHECKING:
@@ -286,6 +285,11 @@ def _delete(sock: socket.socket, entry: tuple) -> None:
                     err.strerror, PROBE_ENTRY_TIMEOUT)
 
 
+def _received(sock: socket.socket, decode: Callable[[bytes], bool]) -> bool:
+    """One receive buffer handed to `decode` (parse_dump, count_dump)."""
+    return decode(sock.recv(RECEIVE_SIZE))
+
+
 def _netlink_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.bind((0, 0))
@@ -333,7 +337,9 @@ class KernelSource:
         self.filter = connection_filter
         self.kernel = kernel
         self.dump_retries = 0
-        self._sequence = itertools.count(1)
+        # The dumps' sequence numbers: from anywhere, so that the word the column decoder
+        # looks for to find each message (its sequence number) is rarely any other word
+        self._sequence = itertools.count(int.from_bytes(os.urandom(4), "big") >> 2)
         self.replan()
 
     def replan(self) -> None:
@@ -351,11 +357,17 @@ class KernelSource:
 
     def pieces(self) -> Iterator[Polled]:
         """The connections the filter accepts, as columns, a piece per run of receive
-        buffers of about DECODE_RUN bytes (blocking)."""
-        decoder = ColumnDecoder()
+        buffers of about DECODE_RUN bytes (blocking). Each buffer is received where the
+        decoder keeps its run: no copy of it, no allocation per buffer."""
+        from .columns import ColumnDecoder  # numpy: not for `ovsflow conntrack`
+
+        decoder = ColumnDecoder(DECODE_RUN, RECEIVE_SIZE)
+
+        def receive(sock: socket.socket) -> bool:
+            return decoder.received(sock.recv_into(decoder.room()))
         with self._socket() as sock:
             for dump in self.dumps:
-                for _ in self._receive(sock, dump, decoder.feed):
+                for _ in self._receive(sock, dump, receive):
                     # a restarted dump brings its first entries again: the store takes
                     # the last sighting of each
                     if decoder.size >= DECODE_RUN:
@@ -386,16 +398,18 @@ class KernelSource:
 
     def count(self) -> int:
         """How many connections the filter accepts (blocking), counted by zone, protocol and
-        destination port without a Connection per entry: `ovsflow conntrack --count`."""
+        destination port (and mark, beside Antrea) without a Connection per entry:
+        `ovsflow conntrack --count`."""
         total = 0
-        counts: dict[tuple[int, int, int], int] = {}
+        counts: dict[tuple[int, ...], int] = {}
+        count = partial(count_dump, counts=counts, marks=self.filter.antrea_allowed_only)
         with self._socket() as sock:
             for dump in self.dumps:
-                for restarted in self._receive(sock, dump, partial(count_dump, counts=counts)):
+                for restarted in self._receive(sock, dump, partial(_received, decode=count)):
                     if restarted:
                         counts.clear()
-                total += sum(number for (zone, protocol, port), number in counts.items()
-                             if self.filter.accepts(zone, protocol, port))
+                total += sum(number for found, number in counts.items()
+                             if self.filter.accepts(*found))
                 counts.clear()
         return total
 
@@ -410,23 +424,25 @@ class KernelSource:
         """One dump's connections, a list per receive buffer, as they arrive. A restarted
         dump hands on its first entries again, which the store takes as unchanged."""
         chunk: list[Connection] = []
-        for restarted in self._receive(sock, dump, partial(parse_dump, connections=chunk)):
+        for restarted in self._receive(sock, dump, partial(
+                _received, decode=partial(parse_dump, connections=chunk))):
             if not restarted:
                 yield chunk.copy()  # a list of its own: a caller may keep them all
                 chunk.clear()
 
     def _receive(self, sock: socket.socket, dump: Dump,
-                 decode: Callable[[bytes], bool]) -> Iterator[bool]:
-        """One dump, each receive buffer handed to `decode` (True: the dump is complete) as
-        it arrives. Yields after each buffer: False, or True when the dump has started over
-        (its socket overflowed) and its entries come again from the first."""
+                 receive: Callable[[socket.socket], bool]) -> Iterator[bool]:
+        """One dump, `receive` taking each receive buffer from the socket (True: the dump
+        is complete) as it arrives. Yields after each buffer: False, or True when the dump
+        has started over (its socket overflowed) and its entries come again from the
+        first."""
         attempt = 1
         while True:
-            sock.send(dump_request(next(self._sequence), dump.family, dump.zone,
-                                   dump.protocol, dump.port))
+            sock.send(dump_request(next(self._sequence) & 0xFFFFFFFF, dump.family,
+                                   dump.zone, dump.protocol, dump.port))
             try:
                 while True:
-                    done = decode(sock.recv(RECEIVE_SIZE))
+                    done = receive(sock)
                     yield False
                     if done:
                         return

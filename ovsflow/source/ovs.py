@@ -130,9 +130,10 @@ class OvsSource:
         """How many connections the filter accepts (`ovsflow conntrack --count`): each
         dump's lines counted by protocol, not parsed. The zones need no check here: each
         dump is of one configured zone (ovs-vswitchd's `zone=` filter), or of every zone
-        when none is configured. With ports configured, the lines are parsed (their ports
-        are read) and counted as the poll keeps them."""
-        if self.filter.protocols.ports:
+        when none is configured. With ports configured, or beside Antrea (the marks), the
+        lines are parsed (their ports and marks are read) and counted as the poll keeps
+        them."""
+        if self.filter.protocols.ports or self.filter.antrea_allowed_only:
             return sum(map(len, self._pieces(self._texts())))
         return sum(lines for text in self._texts()
                    for protocol, lines in count_entries(text).items()
@@ -167,8 +168,10 @@ class OvsSource:
         gc.disable()
         errors, first_error = 0, None
         # Each dump is of one configured zone (ovs-vswitchd's `zone=` filter) or of every
-        # zone when none is: with every protocol exported, the filter would keep them all.
-        every_protocol = self.filter.protocols.numbers is None
+        # zone when none is: with every protocol exported (and no mark rule), the filter
+        # would keep them all.
+        every_protocol = (self.filter.protocols.numbers is None
+                          and not self.filter.antrea_allowed_only)
         try:
             for connections, piece_errors in parse_pieces(texts):
                 if piece_errors:

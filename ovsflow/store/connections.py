@@ -24,7 +24,6 @@ import numpy as np
 
 from ..connection import Connection
 from ..enrich import Enricher
-from ..ipfix.templates import pick
 from ..polled import Polled
 from ..record import EncodedRecords
 from ..rooms import room_attribute
@@ -40,10 +39,11 @@ from .table import ConnectionTable
 
 class ConnectionStore:
     def __init__(self, active_timeout: float, idle_timeout: float,
-                 max_connections: int = 500_000, enricher: Enricher | None = None):
+                 max_connections: int = 500_000, enricher: Enricher | None = None,
+                 heartbeat: float = 0.0):
         self.table = ConnectionTable(max_connections)
         self.spans = Spans(self.table, enricher)
-        self.due = DueRecords(self.table, active_timeout, idle_timeout)
+        self.due = DueRecords(self.table, active_timeout, idle_timeout, heartbeat)
         self.records = RecordMaker(self.table, self.spans)
         self.poll = PollComparer(self.table, self.spans, self.due, self.records)
         self.forgotten = Forgotten(max_connections)
@@ -57,6 +57,7 @@ class ConnectionStore:
     # the store's names
     active_timeout = room_attribute("due", "active_timeout")
     idle_timeout = room_attribute("due", "idle_timeout")
+    heartbeat = room_attribute("due", "heartbeat")  # 0: none
     # Where each batch of records goes as soon as it is encoded; None: `update` and `flush`
     # return them.
     hand_over = room_attribute("records", "hand_over")
@@ -104,7 +105,7 @@ class ConnectionStore:
         dropped = 0
         for _, members, identity in self.table.identities(slots):
             unwanted = slots[members[~keep(identity)]]
-            self.forgotten.add(list(pick(self.table.keys, unwanted.tolist())),
+            self.forgotten.add(self.table.key_bytes(unwanted),
                                state_parts.rows_of(self.table, unwanted))
             self.table.drop(unwanted)
             dropped += len(unwanted)

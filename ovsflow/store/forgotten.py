@@ -15,11 +15,11 @@ restart, the same rule (docs/ipfix.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import repeat
 
 import numpy as np
 
 from ..ipfix.templates import pick
+from ..polled import key_rows
 from .state_parts import LEFT_OUT, STATE_ROW, continue_from
 from .table import ConnectionTable, identities
 
@@ -56,11 +56,11 @@ class Forgotten:
         if keep is None or not self.keys:
             return 0
         wanted = np.zeros(len(self.keys), bool)
-        for _, members, identity in identities(self.keys):
+        rows = key_rows(self.keys)
+        for _, members, identity in identities(rows):
             wanted[members] = keep(identity)
         chosen = np.flatnonzero(wanted)
-        slots = np.fromiter(map(table.index.get, pick(self.keys, chosen.tolist()),
-                                repeat(-1)), np.int64, len(chosen))
+        slots = table.index.find(rows[chosen], table.index.hashes(rows[chosen]))
         rows = self.rows[chosen]
         found = slots >= 0
         found[found] = np.asarray(table.ids)[slots[found]] == rows["id"][found]

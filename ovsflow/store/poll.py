@@ -3,9 +3,9 @@ compared with them in bulk.
 
 A poll brings 10k-500k connections of which a few percent are new, gone, changed or due,
 so this is built for the unchanged majority. A poll comes as columns (`polled.Polled`, a
-piece per run of receive buffers): its keys are looked up in the table's index in one
-`map`, and ids, counters, timeouts and states compared with the slots' in a few array
-operations. Python statements run per connection only for those that are new or reused
+piece per run of receive buffers): its keys are found in the table's index in bulk
+(`index.KeyIndex`), and ids, counters, timeouts and states compared with the slots' in a
+few array operations. Python statements run per connection only for those that are new or reused
 (their slots taken) or gone (their keys let go, by the store).
 
 What it finds: new connections (filled into slots), activity (counters, state and labels
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import islice
 
 import numpy as np
 
@@ -73,11 +73,13 @@ class PollComparer:
         self._polls = self._polls % 255 + 1
         if self._polls == 1:
             table.filled_in[:table.used] = 0
+        table.order.begin()
         return PollMarks(np.concatenate((np.asarray(table.occupied)[:table.used], _ZERO)),
                          self._polls)
 
     def finish(self, poll: PollMarks) -> None:
         """The connections left out by this poll, counted and logged once each."""
+        self.table.order.finish()
         if poll.rejected:
             first_time = len(poll.rejected - self._rejected_keys)
             self.rejected += first_time
@@ -114,20 +116,18 @@ class PollComparer:
         first: then every row has its slot, and the comparisons run over the piece's
         columns as they are, with no gather (a row just filled compares as unchanged)."""
         table = self.table
-        count = len(piece)
-        slots = np.fromiter(map(table.index.get, piece.keys, repeat(-1, count)), np.int64,
-                            count)
+        slots, hashes = table.find(piece.keys)
         again = table.filled_in[slots] == poll.number  # seen earlier in it (a retried dump)
         new_rows = np.flatnonzero(slots < 0)
         if len(new_rows):
-            new_slots = np.array(table.take_new(piece.keys, new_rows.tolist(),
-                                                poll.rejected), np.int64)
+            new_slots = table.take_new(piece.keys, new_rows, poll.rejected, hashes)
             slots[new_rows] = new_slots
             taken = new_slots >= 0
             self._fill(new_slots[taken], piece, new_rows[taken], now, poll)
-            if not taken.all():  # rows left out (see take_new) go
-                tracked = slots >= 0
-                piece, slots, again = piece.select(tracked), slots[tracked], again[tracked]
+        table.order.saw(slots)
+        if len(new_rows) and not taken.all():  # rows left out (see take_new) go
+            tracked = slots >= 0
+            piece, slots, again = piece.select(tracked), slots[tracked], again[tracked]
         if again.any():  # the last sighting counts
             self._fill(slots[again], piece, again, now, poll)
         poll.unseen[np.minimum(slots, len(poll.unseen) - 1)] = 0

@@ -21,7 +21,7 @@ from ..ipfix.templates import RECORD_TEMPLATES, pick
 from ..record import BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, EncodedRecords
 from .due import DueGroup
 from .spans import Spans
-from .table import ConnectionTable, identities
+from .table import ConnectionTable
 
 # (counted, IPv6) -> the template of such a connection's records
 _TEMPLATES = {(counted, ipv6): RECORD_TEMPLATES[CONNTRACK if counted else CONNTRACK_UNCOUNTED,
@@ -40,16 +40,23 @@ class RecordMaker:
 
     def emit_together(self, due: list[DueGroup], made: list[EncodedRecords]) -> None:
         """A poll's records of every kind, made as one run: numpy's cost per call is paid
-        once per batch, not once per kind."""
+        once per batch, not once per kind. Each batch is put together from the groups it
+        spans (the whole run at once would cost as much memory again as a wave of due
+        records is long)."""
         due = [group for group in due if len(group[0])]
         if len(due) <= 1:
             for slots, reason, end in due:
                 self.emit(slots, reason, end, made)
             return
-        counts = [len(slots) for slots, _, _ in due]
-        self.emit(np.concatenate([slots for slots, _, _ in due]),
-                  np.repeat(np.array([reason for _, reason, _ in due], "u1"), counts),
-                  np.repeat([end for _, _, end in due], counts), made)
+        starts = np.cumsum([0] + [len(slots) for slots, _, _ in due])
+        for first in range(0, int(starts[-1]), BATCH):
+            parts = [(slots[max(first - start, 0):first + BATCH - start], reason, end)
+                     for (slots, reason, end), start in zip(due, starts.tolist())
+                     if start < first + BATCH and start + len(slots) > first]
+            counts = [len(slots) for slots, _, _ in parts]
+            self.emit(np.concatenate([slots for slots, _, _ in parts]),
+                      np.repeat(np.array([reason for _, reason, _ in parts], "u1"), counts),
+                      np.repeat([end for _, _, end in parts], counts), made)
 
     def emit(self, slots: np.ndarray, reason: int | np.ndarray, end: float | np.ndarray,
              made: list[EncodedRecords]) -> None:
@@ -111,8 +118,8 @@ class RecordMaker:
         protocols = np.flatnonzero(protocol_counts)
         batch.protocols.update(dict(zip(protocols.tolist(),
                                         protocol_counts[protocols].tolist())))
-        keys = list(pick(table.keys, slots.tolist()))
-        for family, members, identity in identities(keys):
+        keys = table.key_bytes(slots)
+        for family, members, identity in table.identities(slots):
             for with_counters in (False, True):
                 chosen = np.flatnonzero((counted[members] == with_counters) & fits[members])
                 if not len(chosen):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..enrich import NO_PODS
 from ..ipfix.templates import pick
-from ..polled import NO_LABELS
+from ..polled import NO_LABELS, key_rows
 from ..state import Parts
 from .table import ConnectionTable, identities
 
@@ -45,7 +45,7 @@ def _parts(table: ConnectionTable, forgotten, chunk: int = 16384
     occupied = np.asarray(table.occupied)
     for first in range(0, table.used, chunk):
         part = first + np.flatnonzero(occupied[first:first + chunk])
-        yield list(pick(table.keys, part.tolist())), rows_of(table, part)
+        yield table.key_bytes(part), rows_of(table, part)
     if len(forgotten):
         yield list(forgotten.keys), forgotten.rows
 
@@ -72,7 +72,7 @@ def restore(table: ConnectionTable, keys: Sequence[bytes], rows: np.ndarray, see
     are tracked."""
     left_out = rows["flags"] & LEFT_OUT != 0
     if keep is not None:
-        for _, members, identity in identities(keys):
+        for _, members, identity in identities(key_rows(keys)):
             left_out[members] |= ~keep(identity)
     if left_out.any():
         forgotten.add(list(pick(keys, np.flatnonzero(left_out).tolist())), rows[left_out])
