@@ -328,3 +328,27 @@ def test_a_flight_put_back_after_part_was_delivered_folds_the_rest(count):
         [records_of(b) for b in queue.backlog.frozen()])}
     assert deltas == {port: 2 if port < first else 3 for port in range(count)}
     assert queue.stats.records_exported == first
+
+
+def test_a_record_a_collector_missed_reaches_it_though_its_connection_says_nothing_more():
+    """A record is made only when it says something (docs/ipfix.md § When a record is sent),
+    decided once for all collectors: a connection that stops moving while its collector is
+    away gets no new record, and the one waiting, which took in the earlier one's deltas,
+    is what the collector receives when it is back, with every packet conntrack counted."""
+    from test_state import conn
+
+    from ovsflow.store import ConnectionStore
+    store = ConnectionStore(5.0, 1e9)
+    queue = ExportQueue(max_buffered=10, stall_timeout=1.0)
+    queue.reachable = False
+    made = []
+    for now, packets in ((0.0, 10), (5.0, 12), (10.0, 15), (15.0, 15), (20.0, 15)):
+        queue.new_poll()
+        batches = store.update([conn(1, packets)], now)
+        made.append(sum(map(len, batches)))
+        queue.submit(batches)
+    assert made == [0, 1, 1, 0, 0]  # its first record, one more while it moved, then none
+    [left] = flow_records([records_of(part) for part in queue.snapshot()])
+    assert (left.packet_delta, left.octet_delta, left.reverse_octet_delta, left.packets) == (
+        15, 1500, 3000, 15)
+    assert queue.stats.records_folded == 1 and queue.stats.records_dropped == 0
