@@ -188,3 +188,39 @@ def test_an_agent_at_a_five_second_poll_saves_every_ten_seconds(tmp_path):
         agent.wait(timeout=60)
     gaps = [b - a for a, b in zip(written, written[1:])]
     assert len(gaps) >= 3 and all(9.5 <= gap <= 10.8 for gap in gaps), gaps
+
+
+def test_a_full_state_directory_is_said_and_the_previous_file_stays(tmp_path):
+    """The state directory on a tmpfs of 256 KiB: a first write fits, then the filesystem
+    fills and the next write fails with ENOSPC. It is counted, kept as the problem
+    /healthz names (with how long ago the file was last written), the previous file stays
+    whole and no temporary file is left; a write that fits again clears the problem."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(directory)],
+                   check=True)
+    try:
+        state = ExportState(str(directory), ORIGIN)
+        store = ConnectionStore(5.0, 15.0)
+        assert state.save({"conntrack": store.snapshot("kernel")}, 1.0)
+        written = open(state.path, "rb").read()
+        filler = directory / "filler"
+        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # the rest of the filesystem taken
+            while os.write(descriptor, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+        assert not state.save({"conntrack": store.snapshot("kernel")}, 2.0)
+        assert state.save_errors == 1
+        assert "No space left on device" in state.problem()
+        assert "last written 0s ago" in state.problem()
+        assert open(state.path, "rb").read() == written
+        assert not [name for name in os.listdir(directory) if name.endswith(".tmp")]
+        filler.unlink()
+        assert state.save({"conntrack": store.snapshot("kernel")}, 3.0)
+        assert state.problem() is None
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
