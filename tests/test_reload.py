@@ -42,7 +42,10 @@ def test_bad_reloads_change_nothing_and_a_good_one_still_applies(node, tmp_path,
                        extra=("--cert", tls_files["cert"], "--key", tls_files["key"]))
     first_output, second_output = Output(first), Output(second)
     path = Path(agent_config(tmp_path, first.port, ["udp"],
-                             flowExporter={"idleFlowExportTimeout": "10m"}))
+                             # a heartbeat: the node's connections do not move, and the
+                             # test watches the agent go on exporting
+                             flowExporter={"idleFlowExportTimeout": "10m",
+                                           "heartbeatFlowExportTimeout": "1s"}))
     base = yaml.safe_load(path.read_text())
 
     def variant(collector_port=None, transport="udp", enable=True, tls=None) -> str:

@@ -279,7 +279,9 @@ def test_agent_follows_tls_files_rotated_under_it(tmp_path):
             settings = volume.settings()
             config = agent_config(tmp_path, first.port, ["udp"], flowExporter={
                 "flowCollectorAddr": f"127.0.0.1:{first.port}:tls",
-                "idleFlowExportTimeout": "10m"}, ipfix={"tls": {
+                # the heartbeat: the namespace's entries do not move
+                "idleFlowExportTimeout": "10m", "heartbeatFlowExportTimeout": "1s"},
+                ipfix={"tls": {
                     "caFile": settings.ca_file, "certFile": settings.cert_file,
                     "keyFile": settings.key_file, "serverName": SERVER_NAME}})
             agent = node.popen(OVSFLOW, "run", "--config", config, stderr=subprocess.PIPE,
