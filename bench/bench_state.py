@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ovsflow.connection import Connection, identity  # noqa: E402
-from ovsflow.state import ExportState, Origin  # noqa: E402
+from ovsflow.state import Origin  # noqa: E402
+from ovsflow.state_file import ExportState  # noqa: E402
 from ovsflow.store import ConnectionStore  # noqa: E402
 
 DST = (0x0AFF0001).to_bytes(4, "big")

@@ -3,15 +3,17 @@ layers: conntrack polls and, when `ovs.bridge` is set, the deny path's packet-in
 
 The agent wires the stages and runs the poll loop; its other jobs have rooms of their own:
 a reload (reload.py), the export state across restarts (state_keeper.py), health and the
-probes (health.py), metrics (metrics.py). Every long-lived task (poll loop, exporter, deny
-path, metrics server) runs under one `Supervisor`: an unexpected exception is logged,
-counted and the task restarts with backoff. The poll's blocking parts run in a worker
+probes (health.py), metrics (metrics.py), the time records carry (clock.py). Every
+long-lived task (poll loop, exporter, deny path, metrics server, state saves) runs under
+one `Supervisor`: an unexpected exception is logged, counted and the task restarts with
+backoff. The poll's blocking parts run in a worker
 thread, so the exporter keeps sending while a large table is dumped; the store's due
 records are encoded there too, batch by batch, and each batch is handed to the exporter at
 once. The poll loop waits for the exporter when the queue is over its bound
 (backpressure), so a large poll loses nothing while the collector takes records.
-SIGTERM/SIGINT: the poll in progress completes, final records for every live connection, a
-flush of the queue bounded only by the time the collector takes nothing, exit 0.
+SIGTERM/SIGINT: the poll in progress completes, a last poll, final records for every live
+connection, a flush of the queues bounded only by the time a collector takes nothing, then
+the export state, with what each collector did not take (the next agent sends it), exit 0.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .clock import RecordClock
 from .config import Config
 from .deny import open_deny_source
 from .deny.store import DenyStore
@@ -36,7 +39,8 @@ from .record import EncodedRecords
 from .reload import Reloader
 from .rooms import room_attribute
 from .source import open_source
-from .state import ExportState, Origin
+from .state import Origin
+from .state_file import ExportState
 from .state_keeper import StateKeeper
 from .store import ConnectionStore
 from .supervisor import Supervisor
@@ -59,6 +63,9 @@ class Agent:
                                  configured_pod_networks(config.ipfix))
         self.store = ConnectionStore(fe.active_timeout, fe.idle_timeout,
                                      config.conntrack.max_connections, self.enricher)
+        # The filter as it is (a reload changes it in place), over the store's keys
+        self.store.wanted = lambda keys: self.filter.accepts_columns(
+            keys["zone"], keys["protocol"], keys["destination_port"])
         self.stopping = asyncio.Event()
         self.supervisor = Supervisor(self.stopping)
         self.exporters = Exporters(config, self.supervisor)
@@ -66,12 +73,14 @@ class Agent:
                                     self.enricher)
         self.deny = open_deny_source(ovs, self.filter, self.deny_store)  # None: no bridge
         self.exporters.metering.watch(self.store, self.deny)  # the collectors' ledgers
-        self.health = Health(fe.poll_interval, self.exporters, self.supervisor, self.deny)
-        # What the collector was told, kept across restarts
+        # What each collector was told, kept across restarts
         self.state_keeper = StateKeeper(
             ExportState(config.state.directory, Origin.here(
                 config.ipfix.node_name, config.ipfix.observation_domain_id)),
-            self.store, self.deny_store) if config.state.directory else None
+            self.store, self.deny_store, self.exporters) if config.state.directory else None
+        self.health = Health(fe.poll_interval, self.exporters, self.supervisor, self.deny,
+                             self.state_keeper.export_state if self.state_keeper else None)
+        self.clock = RecordClock()  # records' times: the wall clock, never going back
         # Held by a reload and by a poll's dump: a reload never changes the filter under a
         # dump in progress, and two reloads never overlap.
         self._config_lock = asyncio.Lock()
@@ -137,6 +146,9 @@ class Agent:
         background = []
         if self.deny is not None:
             background.append(self.supervisor.spawn("deny-path", self.deny.run))
+        if self.state_keeper is not None:
+            background.append(self.supervisor.spawn("state", lambda: self.state_keeper.keep(
+                self._config_lock, lambda: self.source, self.config.ovs.bridge)))
         if self._metrics_server is not None:
             background.append(self.supervisor.spawn("metrics", self._serve_metrics))
         try:
@@ -155,26 +167,37 @@ class Agent:
 
     async def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
         # A last poll: the final records carry what moved since the one before.
-        await self.poll_once(saving=False)
-        now = time.time()
+        await self.poll_once()
+        now = self.clock()
         self.store.hand_over = None  # on this thread: nothing to hand over
-        continued = self.state_keeper is not None
+        keeper = self.state_keeper
+        continued = keeper is not None
+        self.exporters.new_poll()  # the final records fold into the last poll's, if waiting
         final = self.store.flush(now, continued) + encode_in_batches(
             self.deny_store.flush(now, continued))
-        if self.deny is not None:  # what the denying flows counted (deny/totals.py)
-            final += self.deny.totals.flush(now)
-        if continued:
-            # after the final records are made: what they say counts as told
-            await self.state_keeper.save(now, self.source, self.config.ovs.bridge)
         if self.deny is not None:
+            final += self.deny.totals.flush(now)  # what the denying flows counted
             log.info("deny path: %d packet-ins taken, %d of other flows ignored, %d of "
                      "unwanted protocols, %d malformed, %d allowed (logged by Antrea)",
                      self.deny.packet_ins, self.deny.ignored, self.deny.unwanted,
                      self.deny.malformed, self.deny.allowed)
         self.exporters.submit_encoded(final)
-        log.info("stopping: %d final records; flushing the export queue",
+        bridge = self.config.ovs.bridge
+        if continued:  # should the flush outlast the grace before a SIGKILL
+            await keeper.save(self.source, bridge)
+        log.info("stopping: %d final records; flushing the export queues",
                  sum(batch.protocols.total() for batch in final))
-        await self.exporters.close(SHUTDOWN_FLUSH_SECONDS)
+        await self.exporters.close(SHUTDOWN_FLUSH_SECONDS, carry=continued)
+        if continued:
+            # After the flush: what a collector did not take goes with the state, and the
+            # next agent sends it.
+            saved = await keeper.save(self.source, bridge, final=True)
+            for collector, exporter in self.exporters.by_collector.items():
+                left = exporter.queue.carried_over(saved)
+                if left and not saved:
+                    log.error("%d records for %s are lost: the export state, which would "
+                              "carry them to the next agent, could not be written", left,
+                              collector)
         if self.pods is not None:
             await asyncio.to_thread(self.pods.stop)
         if self._metrics_server is not None:
@@ -209,18 +232,19 @@ class Agent:
         self._poll_records += self.health.count_records("conntrack", [batch])
         self.exporters.enqueue(batch)
 
-    async def poll_once(self, saving: bool = True) -> None:
+    async def poll_once(self) -> None:
         try:
-            await self._poll(saving)
+            await self._poll()
         finally:
             self.health.poll_ended()
 
-    async def _poll(self, saving: bool) -> None:
+    async def _poll(self) -> None:
         if self.deny is not None:  # the meter's share for the deny records due now
             await self.deny.refresh_meter_stats()
         started = time.perf_counter()
-        now = time.time()
+        now = self.clock()
         self._poll_records = 0
+        self.exporters.new_poll()
         # The deny path's records are due whatever the conntrack poll does.
         deny_batches = encode_in_batches(self.deny_store.expired(now))
         deny_records = self.health.count_records("deny", deny_batches)
@@ -235,8 +259,6 @@ class Agent:
                 if keeper is not None and keeper.restoring:
                     await asyncio.to_thread(keeper.restore_connections, self.source)
                 records = await self.source.update(self.store, now)
-                if saving and keeper is not None and keeper.due():
-                    await keeper.save(now, self.source, self.config.ovs.bridge)
         except (OSError, RuntimeError, ValueError) as err:
             # The table is unknown this time: nothing is taken for gone (that would end every
             # connection). Try again at the next interval.

@@ -2,7 +2,9 @@
 
 The agent tells `Health` how each poll went; `problems` names each layer (poll, exporter
 of a collector, deny path, a supervised task) that has been unable to do its job for a few
-poll intervals, and why. The probes answer from it (metrics.py serves them, and shows the
+poll intervals, and why; and the export state as soon as a write of it has failed (until
+one succeeds): the next agent would then continue from an older file and count again what
+was delivered since. The probes answer from it (metrics.py serves them, and shows the
 same record as metrics): `/healthz` (503 while a layer has a problem: for people and
 alerts, not for restarts), `/livez` (503 only when the process is stuck: the liveness
 probe, which a collector outage must not fail, or the kubelet would restart every agent
@@ -22,6 +24,7 @@ from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from .deny.session import BridgeSession
+    from .state_file import ExportState
 
 HEALTH_POLLS = 3  # a layer failing for this many poll intervals makes /healthz answer 503
 HEALTH_MIN_SECONDS = 5.0  # ... and at least this long
@@ -34,11 +37,12 @@ POLL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, cum
 
 class Health:
     def __init__(self, poll_interval: float, exporters: Exporters, supervisor: Supervisor,
-                 deny: BridgeSession | None):
+                 deny: BridgeSession | None, state: ExportState | None = None):
         self.poll_interval = poll_interval  # the configured one (a reload changes it)
         self.exporters = exporters
         self.supervisor = supervisor
         self.deny = deny  # None: no deny path
+        self.state = state  # None: no export state kept
         self.started_at = time.monotonic()
         self.polls = 0
         self.poll_errors = 0
@@ -107,6 +111,9 @@ class Health:
         deny = self.deny.problem() if self.deny is not None else None
         if deny is not None and now - deny[0] > grace:
             problems["deny"] = f"flows not in place for {now - deny[0]:.0f}s: {deny[1]}"
+        state = self.state.problem() if self.state is not None else None
+        if state is not None:
+            problems["state"] = f"export state not kept: {state}"
         for task, (since, failures, error) in self.supervisor.problems().items():
             if failures > 1 and now - since > grace:
                 problems[f"task {task}"] = (f"failed {failures} times in a row, restarting "

@@ -24,7 +24,7 @@ from .health import POLL_BUCKETS, PROBES, Health
 from .host import boot_time
 from .ipfix import codec
 from .protocols import protocol_name
-from .state import ExportState
+from .state_file import ExportState
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,10 @@ class ExporterMetrics(Collector):
              "records_submitted"),
             ("ovsflow_records_exported", "Flow records handed whole to the kernel for the "
              "collector (TCP/TLS), or sent (UDP)", "records_exported"),
-            ("ovsflow_records_dropped", "Flow records dropped: export queue over its bound "
-             "(maxBufferedRecords) while the collector was unreachable, or unsent at "
-             "shutdown", "records_dropped"),
+            ("ovsflow_records_dropped", "Flow records dropped: records of ended "
+             "connections over the queue's bound (maxBufferedRecords) while the collector "
+             "was unreachable, or unsent at shutdown without an export state",
+             "records_dropped"),
             ("ovsflow_ipfix_messages_sent", "IPFIX messages sent", "messages_sent"),
             ("ovsflow_collector_connections", "Connections (UDP: sockets) made to the "
              "collector", "connections"),
@@ -109,6 +110,43 @@ def export_state_metrics(state: ExportState):
                               "could not be written", value=state.save_errors)
     yield GaugeMetricFamily("ovsflow_export_state_save_seconds", "Duration of the last "
                             "export state write", value=state.last_save_seconds)
+    yield GaugeMetricFamily("ovsflow_export_state_last_save_timestamp_seconds", "When the "
+                            "export state was last written (Unix time; 0: not yet by this "
+                            "agent)", value=state.last_saved_at)
+    yield CounterMetricFamily("ovsflow_export_state_stale_restores", "Export state continued "
+                              "from a periodic save, not one written at shutdown (the agent "
+                              "before was killed, or could not write at its end): what it "
+                              "delivered after that save is counted again",
+                              value=state.stale_restores)
+    if state.restored_age is not None:
+        yield GaugeMetricFamily("ovsflow_export_state_restored_age_seconds", "Age of the "
+                                "export state file this agent continued from, when it read "
+                                "it", value=state.restored_age)
+
+
+def delivery_metrics(exporters: Mapping[str, Exporter], discarded: Mapping[str, int]):
+    """Per collector, what happened to records on their way besides export and drop
+    (issue 29): folded into a newer record of their connection while waiting; the previous
+    agent's, carried over in the export state and queued again; those of a collector no
+    longer configured, left out."""
+    folded = CounterMetricFamily("ovsflow_records_folded", "Waiting flow records taken into "
+                                 "a newer record of the same connection (its deltas carry "
+                                 "theirs)", labels=["collector"])
+    carried = CounterMetricFamily("ovsflow_records_carried_over", "Flow records the previous "
+                                  "agent could not deliver, queued again from the export "
+                                  "state", labels=["collector"])
+    for collector, exporter in exporters.items():
+        folded.add_metric([collector], exporter.stats.records_folded)
+        carried.add_metric([collector], exporter.stats.records_restored)
+    yield folded
+    yield carried
+    lost = CounterMetricFamily("ovsflow_records_carried_over_discarded", "Flow records the "
+                               "previous agent could not deliver to a collector no longer "
+                               "configured (none took its place): lost",
+                               labels=["collector"])
+    for collector, count in sorted(discarded.items()):
+        lost.add_metric([collector], count)
+    yield lost
 
 
 # What a start without the export state of an earlier run means depends on that run: none on
@@ -184,6 +222,8 @@ class AgentMetrics(Collector):
             yield from export_state_metrics(agent.state_keeper.export_state)
             yield from export_state_start_metrics(agent.state_keeper.export_state,
                                                   self.booted)
+        yield from delivery_metrics(agent.exporters.by_collector, agent.state_keeper.discarded
+                                    if agent.state_keeper is not None else {})
         if agent.pods is not None:
             yield CounterMetricFamily("ovsflow_ovsdb_values_cut", "OVSDB Port external_ids "
                                       "values left out for being over their bound (pod-name "
@@ -201,7 +241,8 @@ class AgentMetrics(Collector):
         healthy = GaugeMetricFamily("ovsflow_healthy", "1 when the layer does its job, 0 when "
                                     "it has been unable to for a few poll intervals (/healthz "
                                     "says why)", labels=["layer"])
-        layers = ["poll", "exporter"] + (["deny"] if agent.deny is not None else [])
+        layers = ["poll", "exporter"] + (["deny"] if agent.deny is not None else []) + (
+            ["state"] if agent.state_keeper is not None else [])
         unhealthy = {problem.split(" ", 1)[0] for problem in problems}
         for layer in layers:
             healthy.add_metric([layer], int(layer not in unhealthy))

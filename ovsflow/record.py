@@ -5,6 +5,10 @@ selects the IPFIX template (see `ovsflow.ipfix.templates`), and the address leng
 16 bytes) the IPv4 or IPv6 one. `EncodedRecords` is a batch of records already written as
 their templates' data records: what the connection store makes, and what the exporter
 queues.
+
+Each record carries its connection's identity (the store's key; the deny store's key for
+deny records): a collector's queue keeps at most one undelivered record per identity,
+folding an older one's deltas into the newer (`exporter/pending.py`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class FlowRecord:
     # deny records: the share of denied packets the packet-in meter let through while the
     # record's packets came (1.0: all of them); see ovsflow.deny.sampling
     sampling_probability: float = 1.0
+    # The connection's identity for the export queues (b"": none, never folded into another)
+    identity: bytes = b""
 
     @property
     def ipv6(self) -> bool:
@@ -89,16 +95,21 @@ class EncodedRecords:
     """Up to `BATCH` records as their templates' data records: per template, the records'
     bytes joined and where each starts (one more offset than records). `rejected` lists the
     (element, value) of each record left out because a value did not fit its field;
-    `protocols` counts the records made, rejected or not, per IP protocol."""
+    `protocols` counts the records made, rejected or not, per IP protocol. `identities`:
+    each record's connection identity, in the records' order (group after group), or empty
+    when the maker gives none (b"" for one record: none)."""
     groups: list[tuple[Template, bytes, array]] = field(default_factory=list)
     rejected: list[tuple[str, object]] = field(default_factory=list)
     protocols: Counter = field(default_factory=Counter)
+    identities: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return sum(len(starts) - 1 for _, _, starts in self.groups)
 
     def drop_oldest(self, count: int) -> None:
         """Leave out the first `count` records (fewer than there are)."""
+        if self.identities:
+            self.identities = self.identities[count:]
         groups = []
         for template, data, starts in self.groups:
             if not count:

@@ -158,12 +158,12 @@ class Reloader:
                 source.replan()
             raise
         # Connections the filter now leaves out go on: they are not reported as ended, only
-        # no longer followed (the poll lock is held: no poll is using the store).
-        forgotten = self._store.forget(
-            lambda keys: connection_filter.accepts_columns(keys["zone"], keys["protocol"],
-                                                           keys["destination_port"]))
+        # no longer followed; those it takes again continue from their last records (the
+        # poll lock is held: no poll is using the store). See store/forgotten.py.
+        forgotten = self._store.forget()
         if forgotten:
-            log.info("reload: %d tracked connections no longer followed (filtered out)",
-                     forgotten)
+            log.info("reload: %d tracked connections no longer followed (filtered out); "
+                     "they continue from their last records if the filter takes them "
+                     "again", forgotten)
         log.info("reload: exporting protocols %s from zones %s", protocols.describe(),
                  sorted(zones) or "all")

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from helpers import Collector, StreamReceiver, free_port
 from ovsflow.config import TlsSettings, client_tls_context
 from ovsflow.exporter import Exporter, RecordEncoder, encode_records
+from ovsflow.exporter.queue import ExportQueue
 from ovsflow.ipfix.messages import HEADER, MessageDecoder, MessageEncoder, MessageStream
 from ovsflow.ipfix.templates import ALL_TEMPLATES, RECORD_TEMPLATES
 from ovsflow.record import BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, DENY, FlowRecord
@@ -533,6 +534,7 @@ import asyncio, json, socket, sys
 sys.path[:0] = {sys.path!r}
 from test_exporter import records
 from ovsflow.exporter import Exporter, RecordEncoder, encode_records
+from ovsflow.exporter.queue import ExportQueue
 from ovsflow.transport import UdpTransport
 sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 sink.bind(("::1", 0))
@@ -599,9 +601,11 @@ def test_record_encoder_encodes_batch_by_batch_and_counts_protocols():
     assert sent == [i for i in range(2 * BATCH + 3) if i != 1]
 
 
-def test_batches_of_a_poll_are_dropped_once_for_the_whole_poll(caplog):
+def test_batches_of_a_poll_are_dropped_once_for_the_whole_poll(caplog, monkeypatch):
     """During an outage a poll's batches are queued as they are encoded; the excess is
-    dropped (and logged) once when the poll hands over its last ones, not per batch."""
+    dropped (and logged) once when the poll hands over its last ones, not per batch.
+    (Records without identity: they fold into nothing, as ended connections' records.)"""
+    monkeypatch.setattr("ovsflow.exporter.queue.DROPS_LOG_INTERVAL", 0.0)
 
     async def scenario():
         # never started: nothing takes the records, so the wait ends with the collector away
@@ -622,6 +626,20 @@ def test_batches_of_a_poll_are_dropped_once_for_the_whole_poll(caplog):
     assert exporter.stats.records_dropped == 5 + 32
     assert caplog.text.count("oldest records") == 1
     assert "dropped the 32 oldest records (37 dropped so far)" in caplog.text
+
+
+def test_drops_during_a_long_outage_are_logged_once_a_minute_with_running_totals(caplog):
+    queue = ExportQueue(max_buffered=2, stall_timeout=1.0)
+    queue.collector = "collector.test:4739"
+    queue.reachable = False
+    with caplog.at_level(logging.WARNING):
+        for first in range(0, 50, 5):  # a poll's records, ten polls
+            queue.submit([encode_records(records(first, 5))])
+        assert caplog.text.count("oldest records") == 1  # the first drop
+        queue.log_drops(now=True)  # at shutdown: what was not said yet
+    assert queue.stats.records_dropped == 48
+    assert "dropped the 3 oldest records (3 dropped so far)" in caplog.text
+    assert "dropped the 45 oldest records (48 dropped so far)" in caplog.text
 
 
 class SlowCollector:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,19 +30,30 @@ COUNTERS = ("packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount",
             "reverseOctetDeltaCount")
 
 
-@pytest.fixture
-def node(tmp_path):
-    ns = Netns("restart")
+@contextmanager
+def conntrack_node(role: str, directory: Path):
+    """A network namespace counting its connections in zone 65520, with a UDP collector
+    (`.sink`) in it; deleted afterwards."""
+    ns = Netns(role)
+    ns.sink = None
     try:
         ns.run("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1",
                "net.netfilter.nf_conntrack_timestamp=1")
         for chain in ("OUTPUT", "PREROUTING"):
             ns.run("iptables", "-t", "raw", "-A", chain, "-j", "CT", "--zone", "65520")
-        ns.sink = DatagramSink(tmp_path / "datagrams", ns.prefix())
+        directory.mkdir(exist_ok=True)
+        ns.sink = DatagramSink(directory / "datagrams", ns.prefix())
         yield ns
     finally:
-        ns.sink.stop()
+        if ns.sink is not None:
+            ns.sink.stop()
         ns.delete()
+
+
+@pytest.fixture
+def node(tmp_path):
+    with conntrack_node("restart", tmp_path) as ns:
+        yield ns
 
 
 def start_agent(node, tmp_path, state="state", read_only_sysctls=False):
@@ -67,7 +79,7 @@ def stop(agent, how=signal.SIGTERM) -> str:
 
 def steady_traffic(node, tmp_path, count=20):
     control = tmp_path / "control"
-    control.mkdir()
+    control.mkdir(exist_ok=True)
     server = node.popen(PYTHON, str(LAB / "traffic.py"), "steady-server", str(SERVER_PORT),
                         "300", stdout=subprocess.PIPE, text=True)
     assert "listening" in server.stdout.readline()

@@ -2,6 +2,7 @@
 temporary directory): what a next agent continues, what it sets aside, and when a reused
 tuple is a new connection. End to end, with real conntrack and agents: test_restart.py."""
 
+import fcntl
 import os
 import socket
 import struct
@@ -19,7 +20,8 @@ from ovsflow.filter import ConnectionFilter
 from ovsflow.pods import POD_PORT, PodMap
 from ovsflow.protocols import ProtocolSet
 from ovsflow.record import ACTIVE_TIMEOUT, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT
-from ovsflow.state import MAGIC, ExportState, Origin, Section, StateError, decode, encode
+from ovsflow.state import MAGIC, Origin, Section, StateError, decode, encode
+from ovsflow.state_file import ExportState
 from ovsflow.store import ConnectionStore
 
 from helpers import flow_records
@@ -269,7 +271,7 @@ def test_state_of_another_source_or_format_is_set_aside(tmp_path):
     assert state.take("conntrack", "kernel") is None
     assert state.restores == {("discarded", "source"): 1}
     data = b"".join(encode(ORIGIN, 1.0, {}))
-    body = data[:-4].replace(b'"version": 1', b'"version": 99')
+    body = data[:-4].replace(b"\"version\": 2", b"\"version\": 99")
     body = body[:len(MAGIC)] + struct.pack("<I", len(body) - len(MAGIC) - 4) + body[
         len(MAGIC) + 4:]
     with pytest.raises(StateError, match="version 99"):
@@ -407,3 +409,110 @@ def test_a_connection_never_reported_gets_a_record_at_shutdown_even_when_continu
         (1, ACTIVE_TIMEOUT), (2, ACTIVE_TIMEOUT)]
     second = saved_and_restored(s, 1.5)
     assert flow_records(second.flush(2.0, continued=True)) == []  # reported: nothing new
+
+
+def tcp_only(keys):
+    return keys["protocol"] == 6
+
+
+def test_narrowed_then_widened_connections_continue_from_their_last_records():
+    """A reload leaves UDP out, then takes it again: no end record while it is left out,
+    and its next record counts from its last one (the bytes it moved while left out
+    included), with its start unchanged: the collector's sum is conntrack's total."""
+    s = ConnectionStore(5.0, 15.0)
+    s.wanted = tcp_only
+    records(s, [conn(1, 10), conn(2, 10, protocol=17)], 0.0)
+    assert summary(records(s, [conn(1, 12), conn(2, 14, protocol=17)], 5.0)) == [
+        (1, ACTIVE_TIMEOUT, 12, 1200, 2400), (2, ACTIVE_TIMEOUT, 14, 1400, 2800)]
+    assert s.forget() == 1  # narrowed: the source no longer brings UDP
+    assert summary(records(s, [conn(1, 13)], 10.0)) == [(1, ACTIVE_TIMEOUT, 1, 100, 200)]
+    assert summary(records(s, [conn(1, 13)], 12.0)) == []
+    s.forget(lambda keys: np.ones(len(keys), bool))  # widened again
+    found = [r for r in records(s, [conn(1, 13), conn(2, 30, protocol=17)], 16.0)
+             if r.source_port == 2]
+    assert summary(found) == [(2, ACTIVE_TIMEOUT, 16, 1600, 3200)]
+    assert found[0].start_ms == 0 and len(s.forgotten) == 0
+
+
+def test_a_connection_that_ended_while_left_out_is_let_go_without_a_record():
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(1, 10), conn(2, 10, protocol=17)], 0.0)
+    s.forget(tcp_only)
+    records(s, [conn(1, 10)], 5.0)
+    s.forget(lambda keys: np.ones(len(keys), bool))
+    assert summary(records(s, [conn(1, 10)], 6.0)) == []  # UDP 2 is gone: nothing said
+    assert len(s.forgotten) == 0 and len(s) == 1
+
+
+def test_a_left_out_tuple_polled_again_as_another_connection_starts_anew():
+    """Without start times a key can come back as another connection: a new conntrack id
+    says so, and it starts from nothing."""
+    s = ConnectionStore(5.0, 15.0)
+    records(s, [conn(2, 10, protocol=17)], 0.0)
+    s.forget(tcp_only)
+    s.forget(lambda keys: np.ones(len(keys), bool))
+    found = records(s, [conn(2, 3, protocol=17, conn_id=99, ended=True)], 6.0)
+    assert summary(found) == [(2, END_OF_FLOW, 3, 300, 600)]
+
+
+def test_across_restarts_a_narrowed_filter_leaves_connections_out_as_a_reload_does():
+    """The same rule through the export state: an agent started with fewer protocols sends
+    no false end for the live connections it leaves out, keeps their rows for the next, and
+    an agent with them again continues each from its last record."""
+    first = ConnectionStore(5.0, 15.0)
+    records(first, [conn(1, 10), conn(2, 10, protocol=17)], 0.0)
+    first.flush(1.0, continued=True)
+    narrowed = ConnectionStore(5.0, 15.0)
+    narrowed.wanted = tcp_only
+    data = b"".join(encode(ORIGIN, 1.0, {"conntrack": first.snapshot("kernel")}))
+    for keys, rows in decode(data).sections["conntrack"].parts:
+        assert narrowed.restore(keys, rows, 1.0) == 1
+    assert summary(records(narrowed, [conn(1, 11)], 6.0)) == [(1, ACTIVE_TIMEOUT, 1, 100, 200)]
+    assert summary(flow_records(narrowed.flush(7.0, continued=True))) == []
+    widened = saved_and_restored(narrowed, 7.0)
+    assert len(widened) == 1 and len(widened.forgotten) == 1
+    found = records(widened, [conn(1, 11), conn(2, 25, protocol=17)], 12.0)
+    assert summary(r for r in found if r.source_port == 2) == [
+        (2, ACTIVE_TIMEOUT, 15, 1500, 3000)]
+
+
+def test_a_state_whose_counter_rows_were_damaged_is_set_aside(tmp_path):
+    """One bit of a counter flipped, the header and sizes intact: only the checksum can
+    tell, and the next agent must not continue from the wrong counters."""
+    path = write(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    section = decode(bytes(data)).sections["conntrack"]
+    [(keys, rows)] = section.parts
+    at = data.index(rows.tobytes())  # the rows as written
+    data[at + rows.dtype.fields["packets"][1]] ^= 1
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(StateError, match="checksum"):
+        decode(bytes(data))
+    state = ExportState(str(tmp_path), ORIGIN)
+    state.load()
+    assert state.take("conntrack", "kernel") is None
+    assert state.restores == {("discarded", "corrupt"): 1}
+
+
+def test_a_file_of_another_observation_domain_is_set_aside_unless_its_agent_runs(tmp_path):
+    """The domain changed across a restart: the old file is counted as discarded (domain)
+    and renamed, not left behind as if there were none. An agent of that domain still
+    running (its lock held) keeps its file."""
+    old = ExportState(str(tmp_path), ORIGIN)
+    assert old.save({}, 1.0)
+    running = os.open(old.path + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(running, fcntl.LOCK_EX)  # that agent runs: its file stays
+    try:
+        other = ExportState(str(tmp_path), Origin(**{**ORIGIN.__dict__,
+                                                    "observation_domain": 8}))
+        other.load()
+        assert other.restores == {("none", ""): 1} and os.path.exists(old.path)
+    finally:
+        os.close(running)
+    changed = ExportState(str(tmp_path), Origin(**{**ORIGIN.__dict__, "observation_domain": 9}))
+    changed.load()
+    assert changed.restores == {("discarded", "domain"): 1}
+    assert not os.path.exists(old.path) and os.path.exists(old.path + ".discarded")
+    again = ExportState(str(tmp_path), Origin(**{**ORIGIN.__dict__, "observation_domain": 9}))
+    again.load()
+    assert again.restores == {("none", ""): 1}  # said once

@@ -34,12 +34,17 @@ STATE_ROW = np.dtype([("first", "<f8"), ("last", "<f8"), ("last_export", "<f8"),
 
 class _Denied:
     __slots__ = ("packet", "rule_id", "direction", "action", "first", "last", "last_export",
-                 "last_end", "packets", "octets", "exported_packets", "exported_octets", "pods")
+                 "last_end", "packets", "octets", "exported_packets", "exported_octets", "pods",
+                 "identity")
 
     def __init__(self, packet: DeniedPacket, rule_id: int, direction: int, action: int,
                  now: float):
         self.packet, self.rule_id, self.direction = packet, rule_id, direction
         self.action = action
+        # its key in the export state, and its records' identity in the export queues
+        self.identity = _STATE_KEY.pack(
+            packet.protocol, packet.source_port, packet.destination_port, packet.icmp_type,
+            packet.icmp_code, rule_id, direction, action) + packet.source + packet.destination
         self.first = self.last = self.last_export = self.last_end = now
         self.packets = self.octets = self.exported_packets = self.exported_octets = 0
         self.pods = NO_PODS  # as last known (Enricher)
@@ -111,11 +116,7 @@ class DenyStore:
         entries = list(self._entries.values())
         rows = np.array([(e.first, e.last, e.last_export, e.last_end, e.packets, e.octets,
                           e.exported_packets, e.exported_octets) for e in entries], STATE_ROW)
-        keys = [_STATE_KEY.pack(e.packet.protocol, e.packet.source_port,
-                                e.packet.destination_port, e.packet.icmp_type,
-                                e.packet.icmp_code, e.rule_id, e.direction, e.action)
-                + e.packet.source + e.packet.destination for e in entries]
-        return keys, rows
+        return [e.identity for e in entries], rows
 
     def restore(self, keys: Sequence[bytes], rows: np.ndarray) -> int:
         """Continue a previous agent's entries (`snapshot`): same start, the packets it
@@ -158,7 +159,8 @@ class DenyStore:
             ingress_rule_action=entry.action if ingress else 0,
             egress_rule_action=entry.action if egress else 0,
             ingress_rule_name=rule if ingress else "", egress_rule_name=rule if egress else "",
-            sampling_probability=self.sampling(entry.last_export, now) if self.sampling else 1.0)
+            sampling_probability=self.sampling(entry.last_export, now) if self.sampling else 1.0,
+            identity=entry.identity)
         entry.exported_packets, entry.exported_octets = entry.packets, entry.octets
         entry.last_export = now
         if self.enricher is not None:

@@ -3,10 +3,17 @@ list of one): every record goes to each, through an `Exporter` of its own — it
 TLS, queue bound, health and metrics.
 
 A collector that is away holds back no other and costs only its own queue: its exporter
-keeps records up to its bound and then drops its oldest (counted per collector), while the
-others send everything. Backpressure waits for the slowest collector that takes records:
-a poll goes on once each reachable collector has taken all but its share of the queue, so
-nothing is dropped for a collector that takes records, however slowly.
+keeps one record per connection (queue.py), and past its bound drops the oldest end
+records of ended connections (counted per collector), while the others send everything.
+Backpressure waits for the slowest collector that takes records: a poll goes on once each
+reachable collector has taken all but its share of the queue, so nothing is dropped for a
+collector that takes records, however slowly. Every exporter queues the same batches: a
+queue never changes a batch it is given (its own changes are copies, see backlog.py).
+
+A collector that takes the place of one no longer configured (as a changed
+`flowCollectorAddr`) takes over what the other had not received, on a reload (its exporter
+and queue) as across a restart (the previous agent's records, from the export state):
+`successors` pairs them.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ class Exporters:
         return Exporter(transport, config.ipfix.observation_domain_id,
                         max_buffered=collector.max_buffered_records,
                         template_refresh=config.ipfix.template_refresh,
-                        supervisor=self._supervisor, metering=self.metering)
+                        max_waiting_live=_live_bound(config), supervisor=self._supervisor,
+                        metering=self.metering)
 
     @property
     def queued(self) -> int:
@@ -57,20 +65,19 @@ class Exporters:
     def delivered(self) -> bool:
         return any(e.delivered for e in self.by_collector.values())
 
+    def new_poll(self) -> None:
+        """A poll begins (see `ExportQueue.new_poll`)."""
+        for exporter in self.by_collector.values():
+            exporter.queue.new_poll()
+
     def enqueue(self, batch: EncodedRecords) -> None:
-        for exporter, own in zip(self.by_collector.values(), self._copies([batch])):
-            exporter.enqueue(own[0])
+        for exporter in self.by_collector.values():
+            exporter.enqueue(batch)
 
     def submit_encoded(self, batches: Iterable[EncodedRecords]) -> None:
-        for exporter, own in zip(self.by_collector.values(), self._copies(list(batches))):
-            exporter.submit_encoded(own)
-
-    def _copies(self, batches: list[EncodedRecords]) -> list[list[EncodedRecords]]:
-        """The batches for the first exporter, a copy for each other, all made before any
-        exporter has them: an exporter leaves out what it dropped or sent by replacing a
-        batch's groups (`drop_oldest`)."""
-        return [batches] + [[_copy(batch) for batch in batches]
-                            for _ in range(len(self.by_collector) - 1)]
+        batches = list(batches)
+        for exporter in self.by_collector.values():
+            exporter.submit_encoded(batches)
 
     async def wait_for_room(self, limit: int | None = None) -> None:
         await asyncio.gather(*(e.wait_for_room(limit) for e in self.by_collector.values()))
@@ -79,9 +86,11 @@ class Exporters:
         for exporter in self.by_collector.values():
             exporter.start()
 
-    async def close(self, timeout: float) -> bool:
-        """Send what is queued to each collector (`Exporter.close`), all at once."""
-        results = await asyncio.gather(*(e.close(timeout) for e in self.by_collector.values()))
+    async def close(self, timeout: float, carry: bool = False) -> bool:
+        """Send what is queued to each collector (`Exporter.close`), all at once; `carry`:
+        keep what is left for the export state."""
+        results = await asyncio.gather(*(e.close(timeout, carry)
+                                         for e in self.by_collector.values()))
         return all(results)
 
     def problems(self, grace: float) -> dict[str, str]:
@@ -114,10 +123,7 @@ class Exporters:
         starts; one removed with none in its place sends what it has queued (for at most
         `close_timeout` seconds without progress)."""
         old = self.by_collector
-        listed = {str(c.address) for c in new.collectors}
-        added = [str(c.address) for c in new.collectors if str(c.address) not in old]
-        removed = [address for address in old if address not in listed]
-        taking_over = dict(zip(added, removed))
+        taking_over = successors(list(old), [str(c.address) for c in new.collectors])
         self.by_collector = {}
         for collector in new.collectors:
             address = str(collector.address)
@@ -134,6 +140,7 @@ class Exporters:
                 else:
                     log.info("reload: collector %s: new TLS or path MTU settings", address)
             exporter.max_buffered = collector.max_buffered_records
+            exporter.queue.max_waiting_live = _live_bound(new)
             exporter.template_refresh = new.ipfix.template_refresh
             self.by_collector[address] = exporter
         self._config = new
@@ -142,5 +149,15 @@ class Exporters:
             await exporter.close(close_timeout)
 
 
-def _copy(batch: EncodedRecords) -> EncodedRecords:
-    return dataclasses.replace(batch, groups=list(batch.groups), rejected=list(batch.rejected))
+def successors(previous: list[str], listed: list[str]) -> dict[str, str]:
+    """Collector -> the collector no longer listed whose place it takes: the collectors
+    added, in order, take the places of those removed, in order."""
+    added = [address for address in listed if address not in previous]
+    removed = [address for address in previous if address not in listed]
+    return dict(zip(added, removed))
+
+
+def _live_bound(config: Config) -> int:
+    """Records of live connections a queue keeps at most: one per connection the stores
+    can track (they fold into one another, see queue.py)."""
+    return config.conntrack.max_connections + config.ovs.max_deny_connections

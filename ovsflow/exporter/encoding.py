@@ -47,6 +47,7 @@ def _misfit(template: Template, values: tuple) -> tuple[str, object]:
 
 
 _protocol = attrgetter("protocol")
+_identity = attrgetter("identity")
 
 
 def encode_records(records: list[FlowRecord]) -> EncodedRecords:
@@ -65,23 +66,26 @@ def encode_records(records: list[FlowRecord]) -> EncodedRecords:
         try:
             data = record_template.encode_many(grouped)
         except ENCODE_ERRORS:
-            data = _encode_each(record_template, grouped, encoded.rejected)
+            data, grouped = _encode_each(record_template, grouped, encoded.rejected)
         if data:
             encoded.groups.append((record_template.template, b"".join(data),
                                    array("I", accumulate(map(len, data), initial=0))))
+            encoded.identities += map(_identity, grouped)
     return encoded
 
 
 def _encode_each(record_template: RecordTemplate, records: list[FlowRecord],
-                 rejected: list[tuple[str, object]]) -> list[bytes]:
+                 rejected: list[tuple[str, object]]) -> tuple[list[bytes], list[FlowRecord]]:
+    """The records that fit, encoded, and those records."""
     template, values = record_template.template, record_template.values
-    encoded = []
+    encoded, kept = [], []
     for record in records:
         try:
             encoded.append(template.encode_record(values(record)))
+            kept.append(record)
         except ENCODE_ERRORS:
             rejected.append(_misfit(template, values(record)))
-    return encoded
+    return encoded, kept
 
 
 def encode_in_batches(records: Iterable[FlowRecord]) -> list[EncodedRecords]:

@@ -15,6 +15,7 @@ IPFIX has no acknowledgements: no TCP sender can know more.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
@@ -48,6 +49,16 @@ class Flight:
         count = self.counts[self.delivered]
         self.delivered += 1
         return count
+
+    def undelivered_records(self) -> EncodedRecords:
+        """A copy of the batch without the records already delivered (for a snapshot of
+        the queue: the flight goes on meanwhile)."""
+        copy = dataclasses.replace(self.batch, groups=list(self.batch.groups),
+                                   identities=list(self.batch.identities))
+        delivered = sum(self.counts[:self.delivered])
+        if delivered:
+            copy.drop_oldest(delivered)
+        return copy
 
 
 def records_per_message(messages: list[bytes], next_sequence: int) -> list[int]:

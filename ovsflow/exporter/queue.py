@@ -1,11 +1,23 @@
 """One collector's export queue: records waiting, their bound, backpressure, and the count
-of every record submitted until it is exported, dropped or rejected.
+of every record from submitted until it is exported, folded, dropped, rejected or carried
+over to the next agent.
 
 Stores submit records without waiting (`enqueue`, `submit`); the agent then awaits
 `wait_for_room`, which holds the next poll back while the queue is over `max_buffered` and
-the collector is taking records. The bound is for collector outages: the oldest records are
-dropped (counted and logged, never silently) only while the collector is unreachable or
-takes nothing for `stall_timeout` seconds.
+the collector is taking records.
+
+What waits is delivered exactly, per collector: a record's bytes leave the store when it
+is made, and a record this collector did not get leaves them to the next record of its
+connection. The queue keeps at most one waiting record per connection (backlog.py): a newer
+record of the same connection takes in an older one's deltas, so that an outage of any
+length loses no byte of a connection still alive, and what waits is bounded by the
+connections tracked (`max_waiting_live`, the stores' capacity), not by the outage. What
+cannot fold into a newer record — the end records of connections that have ended, records
+without identity — is bounded by `max_buffered`: past it, while the collector is
+unreachable or takes nothing for `stall_timeout` seconds, the oldest of them are dropped
+(counted and logged, never silently). At shutdown what is left is either dropped or, with
+the export state, carried over to the next agent, which sends it (`snapshot`,
+`carried_over`).
 
 The queue holds records already encoded (`EncodedRecords`: per template, one run of bytes),
 not `FlowRecord`s: a record costs its ~130 bytes on the wire rather than ~600 bytes of
@@ -18,40 +30,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..record import EncodedRecords
+from .backlog import Backlog
 from .flight import Flight, records_per_message
 from .session import Session
+from .waiting import WaitingBatch
 
 log = logging.getLogger(__name__)
+
+DROPS_LOG_INTERVAL = 60.0  # seconds: drops during a long outage, one line per interval
 
 
 @dataclass
 class ExporterStats:
     records_submitted: int = 0
     records_exported: int = 0  # UDP: sent; TCP/TLS: in the kernel's socket buffer, whole
-    records_dropped: int = 0  # queue over its bound while the collector was away, or unsent
-    # at shutdown
+    records_folded: int = 0  # waiting, taken into a newer record of their connection
+    records_dropped: int = 0  # ended connections' records over the bound while the
+    # collector was away, or unsent at shutdown without an export state
     records_rejected: int = 0  # a value did not fit its IPFIX field (see ExportQueue.rejected)
+    records_carried_over: int = 0  # left at shutdown in the export state for the next agent
+    records_restored: int = 0  # the previous agent's, from the export state
     messages_sent: int = 0  # in the kernel whole (UDP: sent and not refused)
     octets_sent: int = 0  # of those messages
     connections: int = 0
 
 
 class ExportQueue:
-    def __init__(self, max_buffered: int, stall_timeout: float):
+    def __init__(self, max_buffered: int, stall_timeout: float,
+                 max_waiting_live: int | None = None):
         self.collector = ""  # HOST:PORT, for the log: the link's
-        self.max_buffered = max_buffered
+        self.max_buffered = max_buffered  # records that cannot fold
+        self.max_waiting_live = max_waiting_live  # records that can: None, no bound
         self.stall_timeout = stall_timeout
         self.stats = ExporterStats()
         self.rejected: Counter[str] = Counter()  # IPFIX element -> records rejected for it
         self.reachable = True  # until a connection attempt or a send fails, or a stall
         self.last_error = ""
-        self.batches: deque[EncodedRecords] = deque()
-        self.queued = 0  # records in the queue, the flight's undelivered ones included
+        self.backlog = Backlog()  # the records waiting, but the flight's
         self.flight: Flight | None = None  # the batch being sent
         self.pending = asyncio.Event()  # something to send: wakes the exporter's task
         self._progress = asyncio.Event()  # records were taken, or the collector was lost
@@ -59,6 +79,24 @@ class ExportQueue:
         self.waiting_since = time.monotonic()  # when the queue last became non-empty
         # While close() flushes: its deadline and the time without progress it allows
         self.deadline: tuple[asyncio.Timeout, float] | None = None
+        self._drops_logged_at = float("-inf")
+        self._drops_unlogged = 0  # dropped since the last line
+        self._drops_error = ""
+
+    @property
+    def queued(self) -> int:
+        """Records waiting, the flight's undelivered ones included."""
+        in_flight = self.flight.undelivered if self.flight is not None else 0
+        return self.backlog.waiting + in_flight
+
+    @property
+    def waiting(self) -> bool:
+        """Records wait to be taken off as a flight."""
+        return bool(self.backlog)
+
+    def new_poll(self) -> None:
+        """A poll begins: its records can fold into those still waiting (backlog.py)."""
+        self.backlog.new_generation()
 
     def submit(self, batches: Iterable[EncodedRecords]) -> None:
         """Queue encoded records; never waits. While the collector is away, what is over
@@ -68,20 +106,22 @@ class ExportQueue:
         if not self.reachable:
             self.drop_excess()
 
-    def enqueue(self, batch: EncodedRecords) -> None:
+    def enqueue(self, batch: EncodedRecords, restored: bool = False) -> None:
         """Queue one batch of a poll as soon as it is encoded; never waits, never drops: the
         poll's closing `submit` and `wait_for_room` drop what is over the bound while the
         collector is away, once for the whole poll. The records rejected when they were
-        encoded are counted now."""
+        encoded are counted now. `restored`: the previous agent's, carried over."""
         if not self.queued:
             self.waiting_since = time.monotonic()
         for element_name, value in batch.rejected:
             self.reject(element_name, value)
         count = len(batch)
-        self.stats.records_submitted += count + len(batch.rejected)
+        if restored:
+            self.stats.records_restored += count
+        else:
+            self.stats.records_submitted += count + len(batch.rejected)
         if count:
-            self.batches.append(batch)
-            self.queued += count
+            self.stats.records_folded += self.backlog.append(batch)
         self.pending.set()
 
     async def wait_for_room(self, limit: int | None = None) -> None:
@@ -103,24 +143,33 @@ class ExportQueue:
                 self.mark_unreachable()
 
     def drop_excess(self) -> None:
-        batches = self.batches
-        in_flight = self.flight.undelivered if self.flight is not None else 0
-        excess = min(self.queued - self.max_buffered, self.queued - in_flight)
-        if excess <= 0:
+        """The oldest records over the bounds go: those that cannot fold over
+        `max_buffered`, those that can over `max_waiting_live`."""
+        backlog = self.backlog
+        dropped = 0
+        if backlog.unmergeable > self.max_buffered:
+            dropped += backlog.drop_oldest(backlog.unmergeable - self.max_buffered, False)
+        live = backlog.waiting - backlog.unmergeable
+        if self.max_waiting_live is not None and live > self.max_waiting_live:
+            dropped += backlog.drop_oldest(live - self.max_waiting_live, True)
+        if dropped:
+            self.stats.records_dropped += dropped
+            self._drops_unlogged += dropped
+            self._drops_error = self.last_error or "no progress"
+            self.log_drops()
+
+    def log_drops(self, now: bool = False) -> None:
+        """One line per DROPS_LOG_INTERVAL (or `now`: at shutdown, what was not said yet),
+        with the running total and the error of the last drop."""
+        if not self._drops_unlogged or not now and (
+                time.monotonic() - self._drops_logged_at < DROPS_LOG_INTERVAL):
             return
-        left = excess
-        while left:
-            if len(batches[0]) <= left:
-                left -= len(batches.popleft())
-            else:
-                batches[0].drop_oldest(left)
-                left = 0
-        self.queued -= excess
-        self.stats.records_dropped += excess
-        log.warning("collector %s unreachable (%s) and the export queue full (%d records): "
-                    "dropped the %d oldest records (%d dropped so far)", self.collector,
-                    self.last_error or "no progress", self.max_buffered, excess,
-                    self.stats.records_dropped)
+        self._drops_logged_at = time.monotonic()
+        log.warning("collector %s unreachable (%s) and more records of ended connections "
+                    "waiting than the bound (%d, maxBufferedRecords): dropped the %d oldest "
+                    "records (%d dropped so far)", self.collector, self._drops_error,
+                    self.max_buffered, self._drops_unlogged, self.stats.records_dropped)
+        self._drops_unlogged = 0
 
     def mark_unreachable(self) -> None:
         self.reachable = False
@@ -130,7 +179,6 @@ class ExportQueue:
     def delivered(self) -> None:
         """The flight's next message is in the kernel: its records are exported."""
         count = self.flight.deliver_next()
-        self.queued -= count
         self.stats.records_exported += count
         self.reachable, self.last_error = True, ""
         self.last_progress = time.monotonic()
@@ -141,28 +189,29 @@ class ExportQueue:
 
     def stuck(self, grace: float) -> str | None:
         """Why records have waited with none taken for more than `grace` seconds, or None."""
-        if not self.queued:
+        queued = self.queued
+        if not queued:
             return None
         stuck = time.monotonic() - max(self.last_progress, self.waiting_since)
         if stuck <= grace:
             return None
-        return (f"{self.queued} records waiting, none sent for {stuck:.0f}s to "
+        return (f"{queued} records waiting, none sent for {stuck:.0f}s to "
                 f"{self.collector}: {self.last_error or 'no progress'}")
 
     def take_off(self, session: Session, export_time: int) -> Flight:
-        """The next batch as a flight of `session`'s messages. Its records rejected as longer
-        than a message are counted now (and again each time it is taken off)."""
-        batch = self.batches.popleft()
+        """The next batch as a flight of `session`'s messages: from now on nothing folds
+        into its records. Its records rejected as longer than a message are counted now
+        (and again each time it is taken off)."""
+        batch = self.backlog.take_front()
         before = self.rejected.copy()
         try:
             messages = session.data_messages(batch, export_time, self.reject)
         except BaseException:
-            self.batches.appendleft(batch)
+            self.stats.records_folded += self.backlog.prepend(batch)
             self.stats.records_rejected -= (self.rejected - before).total()
             self.rejected = before
             raise
         rejected = self.rejected - before
-        self.queued -= rejected.total()
         self.flight = Flight(batch, messages, records_per_message(messages, session.sequence),
                              rejected)
         return self.flight
@@ -170,30 +219,52 @@ class ExportQueue:
     def landed(self) -> None:
         """Every message of the flight is in the kernel."""
         self.flight = None
-        if not self.batches:
+        if not self.backlog:
             self.waiting_since = time.monotonic()
 
     def put_back(self) -> None:
         """What the flight's session ended without taking goes back to the front, to be
-        numbered in the next session's sequence. Its records rejected as longer than a
-        message are rejected again when it is encoded again: counted then. (Never over
-        TCP/TLS, whose messages hold any record.)"""
+        numbered in the next session's sequence; a record whose connection has a newer one
+        waiting folds into it. Its records rejected as longer than a message are rejected
+        again when it is encoded again: counted then. (Never over TCP/TLS, whose messages
+        hold any record.)"""
         flight, self.flight = self.flight, None
         if flight.delivered == len(flight.messages):
             return
-        self.queued += flight.rejected.total()
         self.stats.records_rejected -= flight.rejected.total()
         self.rejected -= flight.rejected
         flight.batch.drop_oldest(sum(flight.counts[:flight.delivered]))
-        self.batches.appendleft(flight.batch)
+        self.stats.records_folded += self.backlog.prepend(flight.batch)
 
     def drop_unsent(self) -> int:
-        """Shutdown: what is left is counted as dropped. Returns how many."""
+        """Shutdown without an export state: what is left is counted as dropped. Returns
+        how many."""
         left = self.queued
         if left:
             self.stats.records_dropped += left
-            self.batches.clear()
-            self.queued = 0
+            self.backlog.clear()
+        return left
+
+    def snapshot(self) -> list[EncodedRecords | WaitingBatch]:
+        """What this collector has not received, as it is now, for the export state: the
+        flight's undelivered records (a copy), then the waiting batches (frozen: read in
+        another thread, see `records_of`)."""
+        waiting: list[EncodedRecords | WaitingBatch] = []
+        flight = self.flight
+        if flight is not None and flight.undelivered:
+            waiting.append(flight.undelivered_records())
+        return waiting + self.backlog.frozen()
+
+    def carried_over(self, saved: bool) -> int:
+        """Shutdown with an export state, after the last `snapshot` was written (`saved`)
+        or could not be: what is left is counted as carried over to the next agent, or as
+        dropped. Returns how many."""
+        left = self.queued
+        if saved:
+            self.stats.records_carried_over += left
+        else:
+            self.stats.records_dropped += left
+        self.backlog.clear()
         return left
 
     def reject(self, field: str, value: object) -> None:
@@ -204,3 +275,8 @@ class ExportQueue:
             log.error("flow record not exported: %s=%r does not fit its IPFIX field; further "
                       "records rejected for %s are only counted "
                       "(ovsflow_records_rejected_total)", field, value, field)
+
+
+def records_of(waiting: EncodedRecords | WaitingBatch) -> EncodedRecords:
+    """A snapshot's part (`ExportQueue.snapshot`) as a batch of its records."""
+    return waiting if isinstance(waiting, EncodedRecords) else waiting.records()

@@ -40,12 +40,13 @@ class Exporter:
                  max_buffered: int = 100_000,
                  template_refresh: float = IpfixConfig.template_refresh,
                  max_backoff: float = 30.0, stall_timeout: float = STALL_TIMEOUT,
-                 supervisor: Supervisor | None = None, metering: Metering | None = None):
+                 max_waiting_live: int | None = None, supervisor: Supervisor | None = None,
+                 metering: Metering | None = None):
         self.observation_domain_id = observation_domain_id
         self.template_refresh = template_refresh
         self.max_backoff = max_backoff
         self.supervisor = supervisor or Supervisor()
-        self.queue = ExportQueue(max_buffered, stall_timeout)
+        self.queue = ExportQueue(max_buffered, stall_timeout, max_waiting_live)
         self.ledger = Ledger(self.queue, metering or Metering())
         self.link = self._link(transport)
         self._task: asyncio.Task | None = None
@@ -133,11 +134,13 @@ class Exporter:
         self.queue.pending.set()
         return True
 
-    async def close(self, timeout: float) -> bool:
+    async def close(self, timeout: float, carry: bool = False) -> bool:
         """Stop sending in the background, then send what is queued (see `_flush`) and end
-        the session cleanly. True when nothing was left unsent."""
+        the session cleanly. True when nothing was left unsent. `carry`: what is left stays
+        queued for the export state (`ExportQueue.snapshot`, `carried_over`) rather than
+        dropped."""
         await self._stop_task()
-        return await self._flush(timeout)
+        return await self._flush(timeout, carry)
 
     async def _run(self) -> None:
         pause = 0.0
@@ -168,15 +171,16 @@ class Exporter:
                 await asyncio.sleep(pause)
                 pending.set()
 
-    async def _flush(self, timeout: float) -> bool:
+    async def _flush(self, timeout: float, carry: bool) -> bool:
         """Send everything queued, reconnecting if needed. `timeout` bounds only the time
         without progress: with the collector taking records, every record goes out however
-        long that takes; what is left when it stops taking them is counted as dropped."""
+        long that takes; what is left when it stops taking them is counted as dropped, or
+        kept for the next agent (`carry`)."""
         queue = self.queue
         try:
             async with asyncio.timeout(timeout) as deadline:
                 queue.deadline = (deadline, timeout)
-                while queue.flight is not None or queue.batches:
+                while queue.flight is not None or queue.waiting:
                     await self.link.connect()
                     try:
                         if not await self.link.probe():  # UDP, refused: wait for the next
@@ -193,19 +197,24 @@ class Exporter:
             pass
         finally:
             queue.deadline = None
-        if queue.flight is None and not queue.batches:  # else it takes nothing: no ledger
+        if queue.flight is None and not queue.waiting:  # else it takes nothing: no ledger
             await self.link.send_last_ledger()
         await self.link.end(withdraw=True)
-        left = queue.drop_unsent()
+        left = queue.queued if carry else queue.drop_unsent()
         if left:
-            log.error("shutting down with %d records unsent: the collector took nothing for "
-                      "%.1fs (%s); they are dropped", left, timeout,
-                      queue.last_error or "no progress")
+            log.error("shutting down with %d records unsent to %s: the collector took nothing "
+                      "for %.1fs (%s); %s", left, self.link.collector, timeout,
+                      queue.last_error or "no progress",
+                      "they are kept for the next agent (export state)" if carry
+                      else "they are dropped")
+        queue.log_drops(now=True)
         stats = self.stats
         transport = self.link.transport
         log.info("export to %s:%s closed: %d records submitted, %d exported, %d dropped, %d "
-                 "rejected", transport.host, transport.port, stats.records_submitted,
-                 stats.records_exported, stats.records_dropped, stats.records_rejected)
+                 "rejected, %d folded into newer ones, %d left for the next agent",
+                 transport.host, transport.port, stats.records_submitted,
+                 stats.records_exported, stats.records_dropped, stats.records_rejected,
+                 stats.records_folded, left if carry else 0)
         return left == 0
 
     async def _send_queued(self) -> None:
@@ -214,7 +223,7 @@ class Exporter:
             return
         await link.send_templates_if_due(self.template_refresh)
         await link.send_ledger_if_due()
-        while (queue.flight is not None or queue.batches) and not self._renew:
+        while (queue.flight is not None or queue.waiting) and not self._renew:
             await link.send_next()
             await link.send_templates_if_due(self.template_refresh)
             await link.send_ledger_if_due()

@@ -8,7 +8,9 @@ Its rooms share one `ConnectionTable` (the columns and the identity index):
   active; at shutdown, final);
 - `records.RecordMaker` writes their records straight from the columns as IPFIX template
   rows, `BATCH` at a time, with what they say beyond numbers from `spans.Spans`;
-- `state_parts` writes the table into the export state and restores it from there.
+- `state_parts` writes the table into the export state and restores it from there;
+- `forgotten.Forgotten` keeps what the last records of the connections a narrowed filter
+  left out said, so that they continue from there when it takes them again.
 
 Records leave `BATCH` at a time as `EncodedRecords`, through `hand_over` (the agent's
 passes them to the exporter as the poll goes on) or, without it, as `update`'s result.
@@ -28,6 +30,7 @@ from ..rooms import room_attribute
 from ..state import Parts
 from . import state_parts
 from .due import DueRecords
+from .forgotten import Forgotten
 from .poll import PollComparer
 from .records import RecordMaker
 from .spans import Spans
@@ -43,6 +46,9 @@ class ConnectionStore:
         self.due = DueRecords(self.table, active_timeout, idle_timeout, heartbeat)
         self.records = RecordMaker(self.table, self.spans)
         self.poll = PollComparer(self.table, self.spans, self.due, self.records)
+        self.forgotten = Forgotten(max_connections)
+        # The filter over keys read as numpy records (see `forget`); None: every connection
+        self.wanted: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -73,6 +79,7 @@ class ConnectionStore:
             if len(piece):
                 self.poll.take(piece, now, poll, made)
         self.poll.finish(poll)
+        self.forgotten.resume(self.table)
         gone = np.flatnonzero(poll.unseen)
         self.records.emit_together(self.due.of_poll(poll.ended, gone, now), made)
         self.table.drop(gone)
@@ -87,24 +94,38 @@ class ConnectionStore:
         self.records.emit(slots, reason, now, made)
         return made
 
-    def forget(self, keep: Callable[[np.ndarray], np.ndarray]) -> int:
-        """Stop tracking, without a record, the connections for which `keep` (over their
-        keys read as numpy records, see `table.KEYS`) says False: a reload narrowed the
-        filter, and they go on, they are only no longer wanted. Returns how many."""
+    def forget(self, keep: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
+        """Stop tracking, without a record, the connections for which `keep` (default:
+        `wanted`; over their keys read as numpy records, see `table.KEYS`) says False: a
+        reload narrowed the filter, and they go on, they are only no longer wanted. What
+        their last records said is kept (`forgotten`): those `keep` takes again continue
+        after the next poll. Returns how many were left out now."""
+        keep = keep or self.wanted
         slots = np.flatnonzero(np.asarray(self.table.occupied)[:self.table.used])
         dropped = 0
         for _, members, identity in self.table.identities(slots):
             unwanted = slots[members[~keep(identity)]]
+            self.forgotten.add(self.table.key_bytes(unwanted),
+                               state_parts.rows_of(self.table, unwanted))
             self.table.drop(unwanted)
             dropped += len(unwanted)
+        self.forgotten.keep = keep
         return dropped
 
     def snapshot(self, source: str) -> Parts:
-        """What the collector has been told of each tracked connection (of `source`), for
-        the export state (see `state_parts`)."""
-        return state_parts.snapshot(self.table, source)
+        """What records were made of each tracked connection (of `source`), and of those
+        the filter left out, for the export state (see `state_parts`)."""
+        return state_parts.snapshot(self.table, source, self.forgotten)
 
     def restore(self, keys: Sequence[bytes], rows: np.ndarray, seen: float) -> int:
         """Track the connections of a previous agent's `snapshot`, last seen at `seen`
-        (see `state_parts.restore`). Returns how many."""
-        return state_parts.restore(self.table, keys, rows, seen)
+        (see `state_parts.restore`), those `wanted`: the others are left out as a reload
+        leaves them. Returns how many are tracked."""
+        restored = state_parts.restore(self.table, keys, rows, seen, self.forgotten,
+                                       self.wanted)
+        self.forgotten.keep = self.wanted or _everything
+        return restored
+
+
+def _everything(keys: np.ndarray) -> np.ndarray:
+    return np.ones(len(keys), bool)

@@ -4,7 +4,8 @@ as rows of their IPFIX templates.
 `BATCH` slots at a time: their counters are gathered and their deltas computed (with the
 reset rule), their protocol, ports and addresses read from their keys, their spans found
 (`Spans.find`), and each template's records written as the rows of one structured array
-(`RecordTemplate.encode_columns`): no object per record. Each batch leaves as
+(`RecordTemplate.encode_columns`): no object per record. Each record keeps its key beside
+it (`EncodedRecords.identities`) for the export queues. Each batch leaves as
 `EncodedRecords`, through `hand_over` (the agent passes it to the exporter while the poll
 goes on) or, without it, in the list the caller gave.
 """
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..ipfix.templates import RECORD_TEMPLATES
+from ..ipfix.templates import RECORD_TEMPLATES, pick
 from ..record import BATCH, CONNTRACK, CONNTRACK_UNCOUNTED, EncodedRecords
 from .due import DueGroup
 from .spans import Spans
@@ -117,13 +118,22 @@ class RecordMaker:
         protocols = np.flatnonzero(protocol_counts)
         batch.protocols.update(dict(zip(protocols.tolist(),
                                         protocol_counts[protocols].tolist())))
+        keys = table.key_bytes(slots)
         for family, members, identity in table.identities(slots):
             for with_counters in (False, True):
                 chosen = np.flatnonzero((counted[members] == with_counters) & fits[members])
                 if not len(chosen):
                     continue
                 at = members[chosen]
-                whole = len(at) == len(slots)  # one family and template, as usual: as they are
+                # encode_columns groups records by their span's length: in that order here
+                # already, so that each record's identity stays beside it
+                lengths = span_lengths[span_ids[at]]
+                reordered = lengths.min() != lengths.max()
+                if reordered:
+                    order = np.argsort(lengths, kind="stable")
+                    at, chosen = at[order], chosen[order]
+                # one family and template in the order made, as usual: the columns as they are
+                whole = len(at) == len(slots) and not reordered
                 columns = dict(column) if whole else {
                     name: values[at] if isinstance(values, np.ndarray) else values
                     for name, values in column.items()}
@@ -136,4 +146,5 @@ class RecordMaker:
                     columns, span_ids if whole else span_ids[at], encoded_spans, span_lengths)
                 batch.groups.append((record_template.template, data,
                                      array("I", starts.astype("u4").tobytes())))
+                batch.identities += keys if whole else pick(keys, at.tolist())
         return batch

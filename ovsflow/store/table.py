@@ -225,6 +225,9 @@ class ConnectionTable:
 
     def drop(self, slots: np.ndarray) -> None:
         self.index.remove(slots)
+        # a freed slot's key is cleared: the dump order's guess (`find`) must never take
+        # it for the connection that left it, polled again (a filter narrowed, widened)
+        self._key_words[slots] = 0
         if self.pods:
             for slot in slots.tolist():
                 self.pods[slot] = NO_PODS
