@@ -278,7 +278,7 @@ def test_alert_rules_load_and_a_healthy_agent_raises_none_of_the_trouble_alerts(
     assert scraped.query('process_start_time_seconds{job="ovsflow"} > 0')
     assert scraped.query("ovsflow_boot_time_seconds > 0")
     assert {s["metric"]["task"] for s in scraped.query("ovsflow_task_restarts_total == 0")} \
-        == {"poll", "exporter", "deny-path", "metrics"}
+        == {"poll", "exporter", "deny-path", "state", "metrics"}
     [limit] = scraped.query("ovsflow_export_queue_limit_records")
     assert limit["value"][1] == "100000" and limit["metric"]["collector"].endswith(":udp")
     [limit] = scraped.query("ovsflow_connections_limit")
