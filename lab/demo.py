@@ -23,6 +23,9 @@ that installs nothing and reads Antrea's own packet-ins, started first, and lab/
 stand-in for Antrea's agent, which names its tables late and restarts once: Antrea-native
 egress drops (IPv4 and IPv6, logged), a Reject without logging, an ingress drop after an
 egress allow, and a Kubernetes NetworkPolicy's default drop of traffic to a DNS Service.
+
+One file of a little over 400 lines on purpose: a newcomer reads the demo top to bottom as
+the story of one node, and its pieces (lab/ovs_lab.py, lab/antrea.py) live elsewhere.
 """
 
 from __future__ import annotations
