@@ -211,8 +211,8 @@ class AgentMetrics(Collector):
         yield filtered
         histogram = HistogramMetricFamily("ovsflow_poll_duration_seconds", "Poll cycles (dump, "
                                           "decode, filter, store update)")
-        buckets = [(str(bound), count) for bound, count in zip(POLL_BUCKETS,
-                                                                health.poll_buckets)]
+        buckets = [(str(bound), count)
+                   for bound, count in zip(POLL_BUCKETS, health.poll_buckets)]
         histogram.add_metric([], buckets + [("+Inf", health.polls)],
                              sum_value=health.poll_seconds_sum)
         yield histogram

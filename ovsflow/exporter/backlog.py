@@ -215,8 +215,8 @@ class Backlog:
         return np.fromiter(map(self.index.get, identities, repeat(-1)), np.int64,
                            len(identities))
 
-    def _by_batch(self, tickets: np.ndarray) -> list[tuple[np.ndarray, WaitingBatch,
-                                                            np.ndarray]]:
+    def _by_batch(self, tickets: np.ndarray
+                  ) -> list[tuple[np.ndarray, WaitingBatch, np.ndarray]]:
         """(which of `tickets`, their batch, their positions in it), batch by batch."""
         serials = tickets >> SHIFT
         return [(chosen, self.by_serial[serial], tickets[chosen] & POSITION)

@@ -28,7 +28,7 @@ from ..ipfix.templates import (
 )
 
 if TYPE_CHECKING:
-    from .queue import ExportQueue
+    from .stats import ExporterStats
 
 # Twice a minute: a flow database that keeps minutes (pmacct's `sql_history: 1m`) has a
 # ledger in each, even with one datagram of the two lost; ~150 bytes each time.
@@ -72,16 +72,16 @@ class Metering:
 
 
 class Ledger:
-    """One exporter's ledger records: its queue's counts, and the agent's `Metering`. All
+    """One exporter's ledger records: its counts (the queue's), and the agent's `Metering`. All
     count since the agent's start (`systemInitTimeMilliseconds`, the IPFIX device's
     initialisation); a collector a reload adds counts from 0 then."""
 
-    def __init__(self, queue: ExportQueue, metering: Metering):
-        self.queue, self.metering = queue, metering
+    def __init__(self, stats: ExporterStats, metering: Metering):
+        self.stats, self.metering = stats, metering
         self.started_ms = metering.started_ms
 
     def records(self, collector: CollectorAddress, domain: int) -> LedgerRecords:
-        stats, observed = self.queue.stats, _now_ms()
+        stats, observed = self.stats, _now_ms()
         exporting = EXPORTING_LEDGER.encode_record((
             domain, exporting_process_id(collector), stats.messages_sent, stats.octets_sent,
             stats.records_exported, stats.records_dropped + stats.records_rejected,

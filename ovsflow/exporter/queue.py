@@ -32,32 +32,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from ..record import EncodedRecords
 from .backlog import Backlog
 from .flight import Flight, records_per_message
 from .session import Session
+from .stats import ExporterStats
 from .waiting import WaitingBatch
 
 log = logging.getLogger(__name__)
 
 DROPS_LOG_INTERVAL = 60.0  # seconds: drops during a long outage, one line per interval
-
-
-@dataclass
-class ExporterStats:
-    records_submitted: int = 0
-    records_exported: int = 0  # UDP: sent; TCP/TLS: in the kernel's socket buffer, whole
-    records_folded: int = 0  # waiting, taken into a newer record of their connection
-    records_dropped: int = 0  # ended connections' records over the bound while the
-    # collector was away, or unsent at shutdown without an export state
-    records_rejected: int = 0  # a value did not fit its IPFIX field (see ExportQueue.rejected)
-    records_carried_over: int = 0  # left at shutdown in the export state for the next agent
-    records_restored: int = 0  # the previous agent's, from the export state
-    messages_sent: int = 0  # in the kernel whole (UDP: sent and not refused)
-    octets_sent: int = 0  # of those messages
-    connections: int = 0
 
 
 class ExportQueue:

@@ -47,7 +47,7 @@ class Exporter:
         self.max_backoff = max_backoff
         self.supervisor = supervisor or Supervisor()
         self.queue = ExportQueue(max_buffered, stall_timeout, max_waiting_live)
-        self.ledger = Ledger(self.queue, metering or Metering())
+        self.ledger = Ledger(self.queue.stats, metering or Metering())
         self.link = self._link(transport)
         self._task: asyncio.Task | None = None
         self._renew = False  # the TLS files changed: start a new session between batches

@@ -24,9 +24,9 @@ from .spans import Spans
 from .table import ConnectionTable
 
 # (counted, IPv6) -> the template of such a connection's records
-_TEMPLATES = {(counted, ipv6): RECORD_TEMPLATES[CONNTRACK if counted else CONNTRACK_UNCOUNTED,
-                                                 ipv6]
-              for counted in (False, True) for ipv6 in (False, True)}
+_TEMPLATES = {
+    (counted, ipv6): RECORD_TEMPLATES[CONNTRACK if counted else CONNTRACK_UNCOUNTED, ipv6]
+    for counted in (False, True) for ipv6 in (False, True)}
 _SECONDS_LIMIT = 0xFFFFFFFF  # dateTimeSeconds is 32 bits
 
 
