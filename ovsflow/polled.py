@@ -4,8 +4,8 @@ A poll brings 10k-500k connections, nearly all unchanged since the one before. A
 the store matches them with its own in a few array operations (`store/poll.py`)
 instead of a loop of Python statements per connection. The kernel decoder makes them
 straight from its receive buffers (`ctnetlink.columns.ColumnDecoder`: a few gathers per
-learned layout, no object per entry); `from_connections` makes them from `Connection`s (the OVS source's
-parser, the tests).
+learned layout, no object per entry); `from_connections` makes them from `Connection`s
+(the OVS source's parser, the tests).
 
 States and labels are columns of numbers too: a state is a code in `STATE_NAMES` (every
 state any source names gets one, for the life of the process), labels are the kernel's 16
