@@ -41,7 +41,8 @@ import time
 import zlib
 from pathlib import Path
 
-from .antrea import SCENARIO, SERVICE_IP, AntreaStandIn, route_services_via_gateway
+from .antrea import AntreaStandIn, route_services_via_gateway
+from .antrea_pipeline import SCENARIO, SERVICE_IP
 from .netns import LAB, PYTHON, Netns, veth_pair
 from .ovs_lab import CONNTRACK_PIPELINE, OvsLab, commit_with_rules
 

@@ -42,7 +42,6 @@ from .waiting import WaitingBatch
 
 log = logging.getLogger(__name__)
 
-DROPS_LOG_INTERVAL = 60.0  # seconds: drops during a long outage, one line per interval
 
 
 class ExportQueue:
@@ -64,9 +63,6 @@ class ExportQueue:
         self.waiting_since = time.monotonic()  # when the queue last became non-empty
         # While close() flushes: its deadline and the time without progress it allows
         self.deadline: tuple[asyncio.Timeout, float] | None = None
-        self._drops_logged_at = float("-inf")
-        self._drops_unlogged = 0  # dropped since the last line
-        self._drops_error = ""
 
     @property
     def queued(self) -> int:
@@ -139,22 +135,12 @@ class ExportQueue:
             dropped += backlog.drop_oldest(live - self.max_waiting_live, True)
         if dropped:
             self.stats.records_dropped += dropped
-            self._drops_unlogged += dropped
-            self._drops_error = self.last_error or "no progress"
-            self.log_drops()
-
-    def log_drops(self, now: bool = False) -> None:
-        """One line per DROPS_LOG_INTERVAL (or `now`: at shutdown, what was not said yet),
-        with the running total and the error of the last drop."""
-        if not self._drops_unlogged or not now and (
-                time.monotonic() - self._drops_logged_at < DROPS_LOG_INTERVAL):
-            return
-        self._drops_logged_at = time.monotonic()
-        log.warning("collector %s unreachable (%s) and more records of ended connections "
-                    "waiting than the bound (%d, maxBufferedRecords): dropped the %d oldest "
-                    "records (%d dropped so far)", self.collector, self._drops_error,
-                    self.max_buffered, self._drops_unlogged, self.stats.records_dropped)
-        self._drops_unlogged = 0
+            # every drop is a line; logs.RepeatFilter shows one a minute, with the count held
+            log.warning("collector %s unreachable (%s) and more records of ended connections "
+                        "waiting than the bound (%d, maxBufferedRecords): dropped the %d oldest "
+                        "records (%d dropped so far)", self.collector,
+                        self.last_error or "no progress", self.max_buffered, dropped,
+                        self.stats.records_dropped)
 
     def mark_unreachable(self) -> None:
         self.reachable = False

@@ -207,7 +207,6 @@ class Exporter:
                       queue.last_error or "no progress",
                       "they are kept for the next agent (export state)" if carry
                       else "they are dropped")
-        queue.log_drops(now=True)
         stats = self.stats
         transport = self.link.transport
         log.info("export to %s:%s closed: %d records submitted, %d exported, %d dropped, %d "
