@@ -64,7 +64,8 @@ def polls_with_records_due(enricher: Enricher, sources: list[bytes],
                               key=identity(6, source, destination, 1024 + index % 60000, 80,
                                            0, 0, 0, 0))
                    for index, source in enumerate(sources[:RECORDS_DUE])]
-    store = ConnectionStore(1.0, 60.0, enricher=enricher)
+    # a heartbeat of 1 s: the connections do not move, and every one is due at each update
+    store = ConnectionStore(1.0, 60.0, enricher=enricher, heartbeat=1.0)
     store.update(connections, 0.0)
     timings = []
     for now in (1.0, 2.0, 3.0):
