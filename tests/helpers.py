@@ -6,6 +6,7 @@ Every process started here is stopped by its own PID when the helper is done wit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -92,18 +93,31 @@ class Collector:
 @contextmanager
 def tshark_capture(capture_filter: str, directory: Path):
     """Capture loopback traffic into a pcap in `directory` while the block runs; yields the
-    pcap's path, complete once the block has ended."""
-    path = str(directory / "capture.pcap")
-    process = subprocess.Popen(["tshark", "-i", "lo", "-f", capture_filter, "-w", path],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pcap's path, complete once the block has ended.
+
+    The capture stops only once a marker datagram sent after the block is in the file: dumpcap
+    writes packets in the order it reads them and flushes the file every 100 ms, so every
+    packet of the block is written by then. A fixed wait lost the tail of a TCP export once,
+    on a loaded machine."""
+    path = directory / "capture.pcap"
+    marker, marker_port = os.urandom(16).hex().encode(), free_port(socket.SOCK_DGRAM)
+    process = subprocess.Popen(
+        ["tshark", "-i", "lo", "-f", f"({capture_filter}) or (udp dst port {marker_port})",
+         "-w", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while "Capture started" not in process.stderr.readline():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("tshark did not start capturing")
         time.sleep(0.5)  # the capture filter is being applied as the message is printed
-        yield path
-        time.sleep(0.5)  # let the last packets reach the capture
+        yield str(path)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(marker, ("127.0.0.1", marker_port))
+        deadline = time.monotonic() + 30
+        while marker not in path.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("tshark did not capture the marker sent after the block")
+            time.sleep(0.1)
     finally:
         process.send_signal(signal.SIGINT)
         try:
