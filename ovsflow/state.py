@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
@@ -97,8 +97,8 @@ class Section:
 class Parts:
     """A section in parts (`count` entries, rows of `row_type`): written part by part as a
     large store makes them, so that the write costs memory for one part, not the whole
-    table; read back as the list of the file's parts, which the store taking it empties
-    as it restores them, so that the whole table is never held beside the store. Each part
+    table; read back as `FileParts`, each part read from the file as the store taking it
+    restores it, so that the whole table is never held beside the store. Each part
     is (keys, rows), or (keys, rows, values: `Values`) when the section `has_values`."""
 
     source: str
@@ -180,20 +180,37 @@ class Decoded:
     final: bool = True  # written at shutdown (version 1 files do not say: taken as such)
 
 
+ReadAt = Callable[[int, int], bytes]  # (offset, size) -> those bytes of a file
+_CHECKED = 1 << 20  # bytes per read of the checksum's pass
+
+
 def decode(data: bytes) -> Decoded:
     """The state in `data`; StateError says what is wrong with it."""
-    if not data.startswith(MAGIC):
+    data = bytes(data)  # its slices are the keys: bytes, not bytearrays
+    return decode_from(lambda offset, size: data[offset:offset + size], len(data))
+
+
+def decode_from(read_at: ReadAt, size: int) -> Decoded:
+    """The state in the `size` bytes `read_at` reads (a file's, by the caller's I/O), checked
+    whole (its checksum, read a piece at a time, and every part's size), while only the
+    header and each part's sizes are kept: each section's parts are read again when its
+    store takes them (`FileParts`), so a restore never holds the file or the decoded table
+    beside the store. StateError says what is wrong with it."""
+    head = read_at(0, len(MAGIC) + _LENGTH.size)
+    if not head.startswith(MAGIC):
         raise StateError("not an ovsflow export state file")
-    if len(data) < len(MAGIC) + 2 * _LENGTH.size:
+    if size < len(MAGIC) + 2 * _LENGTH.size:
         raise StateError("cut short")
-    (check,) = _LENGTH.unpack_from(data, len(data) - _LENGTH.size)
-    body = memoryview(data)[:len(data) - _LENGTH.size]
-    if zlib.adler32(body) != check:
+    body_end = size - _LENGTH.size
+    check = 1
+    for offset in range(0, body_end, _CHECKED):
+        check = zlib.adler32(read_at(offset, min(_CHECKED, body_end - offset)), check)
+    if check != _LENGTH.unpack(read_at(body_end, _LENGTH.size))[0]:
         raise StateError("cut short or corrupt (checksum)")
-    (header_length,) = _LENGTH.unpack_from(data, len(MAGIC))
+    (header_length,) = _LENGTH.unpack_from(head, len(MAGIC))
     pos = len(MAGIC) + _LENGTH.size
     try:
-        header = json.loads(bytes(body[pos:pos + header_length]))
+        header = json.loads(read_at(pos, header_length))
         if header["version"] not in READABLE:
             raise StateError(f"format version {header['version']}, this agent reads "
                              f"{' and '.join(map(str, READABLE))}", "version")
@@ -205,31 +222,19 @@ def decode(data: bytes) -> Decoded:
             count = int(description["count"])
             dtype = np.dtype([tuple(field) for field in description["row"]])
             has_values = bool(description.get("values", False))
-            parts: list[tuple] = []
+            spans: list[tuple[int, int]] = []
             entries = 0
-            while entries < count or not parts:
-                (part,) = _LENGTH.unpack_from(body, pos)
-                pos += _LENGTH.size
-                lengths = np.frombuffer(body, np.uint8, part, pos).tolist()
-                ends = list(accumulate(lengths, initial=pos + part))
-                keys = [bytes(body[start:end]) for start, end in zip(ends, ends[1:])]
-                pos = ends[-1]
-                values: tuple = ()
-                if has_values:
-                    sizes = np.frombuffer(body, "<u4", part, pos)
-                    pos += 4 * part
-                    end = pos + int(sizes.sum(dtype=np.int64))
-                    if end > len(body):
-                        raise ValueError("values past the end")
-                    values = (Values(sizes.copy(), [bytes(body[pos:end])]),)
-                    pos = end
-                # a copy: the file's bytes are freed once read
-                parts.append((keys, np.frombuffer(body, dtype, part, pos).copy(), *values))
+            while entries < count or not spans:
+                part, end = _part_end(read_at, pos, dtype.itemsize, has_values)
+                if end > body_end:
+                    raise ValueError("a part past the end")
+                spans.append((pos, end))
                 entries += part
-                pos += part * dtype.itemsize
+                pos = end
             if entries != count:
                 raise StateError(f"unreadable ({name}: {entries} entries of {count})")
-            sections[name] = Parts(description["source"], count, dtype, parts,
+            sections[name] = Parts(description["source"], count, dtype,
+                                   FileParts(read_at, spans, dtype, has_values),
                                    float(description.get("written_at", written_at)),
                                    has_values)
     except StateError:
@@ -237,6 +242,63 @@ def decode(data: bytes) -> Decoded:
     except (ValueError, KeyError, TypeError, struct.error) as err:  # json, numpy, a missing
         # field, parts that do not add up
         raise StateError(f"unreadable ({type(err).__name__}: {err})") from None
-    if pos != len(body):
+    if pos != body_end:
         raise StateError("unreadable (sizes do not add up)")
     return Decoded(origin, sections, written_at, bool(header.get("final", True)))
+
+
+def _part_end(read_at: ReadAt, pos: int, row_size: int, has_values: bool
+              ) -> tuple[int, int]:
+    """How many entries the part at `pos` holds, and where it ends: its key lengths (and
+    value sizes) read, not its keys or rows."""
+    (part,) = _LENGTH.unpack(read_at(pos, _LENGTH.size))
+    end = pos + _LENGTH.size + part
+    end += int(np.frombuffer(read_at(pos + _LENGTH.size, part), np.uint8).sum())
+    if has_values:
+        sizes = np.frombuffer(read_at(end, 4 * part), "<u4")
+        end += 4 * part + int(sizes.sum(dtype=np.int64))
+    return part, end + part * row_size
+
+
+def _part(data: bytes, dtype: np.dtype, has_values: bool) -> tuple:
+    """The part whose bytes are `data`: (keys, rows) or (keys, rows, values)."""
+    (part,) = _LENGTH.unpack_from(data)
+    ends = list(accumulate(np.frombuffer(data, np.uint8, part, _LENGTH.size).tolist(),
+                           initial=_LENGTH.size + part))
+    keys = [data[start:end] for start, end in zip(ends, ends[1:])]
+    pos = ends[-1]
+    values: tuple = ()
+    if has_values:
+        sizes = np.frombuffer(data, "<u4", part, pos)
+        pos += 4 * part
+        end = pos + int(sizes.sum(dtype=np.int64))
+        values = (Values(sizes.copy(), [data[pos:end]]),)
+        pos = end
+    # a copy: each part's rows their own, the part's bytes freed
+    return (keys, np.frombuffer(data, dtype, part, pos).copy(), *values)
+
+
+class FileParts:
+    """A decoded section's parts, each read from the file when it is taken (`pop`) or
+    written again (iteration: a section no store has taken yet, saved as it was)."""
+
+    def __init__(self, read_at: ReadAt, spans: list[tuple[int, int]], row_type: np.dtype,
+                 has_values: bool):
+        self._read_at = read_at
+        self._spans = spans  # each part's first byte and end
+        self._row_type = row_type
+        self._has_values = has_values
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for span in list(self._spans):
+            yield self._read(span)
+
+    def pop(self, index: int = 0) -> tuple:
+        return self._read(self._spans.pop(index))
+
+    def _read(self, span: tuple[int, int]) -> tuple:
+        start, end = span
+        return _part(self._read_at(start, end - start), self._row_type, self._has_values)

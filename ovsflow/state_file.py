@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 
-from .state import SAVE_INTERVAL, Decoded, Origin, Parts, Section, StateError, decode, encode
+from .state import SAVE_INTERVAL, Decoded, Origin, Parts, Section, StateError, decode_from, encode
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ class ExportState:
         self._lock: int | None = None
 
     def load(self) -> None:
-        """Read the file, once, at start; each store takes its section with `take`."""
+        """Check the file, once, at start (its checksum and the sizes of its parts); each
+        store takes its section with `take`, and its parts are read as it restores them."""
         self._lock = _lock(self.path + ".lock")  # held while this agent runs
         try:
-            with open(self.path, "rb") as file:
-                data = file.read()
+            file = _OpenFile(self.path)
         except FileNotFoundError:
             if not self._set_aside_other_domains():
                 self.restores["none", ""] += 1
@@ -62,7 +62,10 @@ class ExportState:
             self._discard("unreadable", err.strerror or str(err))
             return
         try:
-            decoded = decode(data)
+            decoded = decode_from(file.read_at, file.size)
+        except OSError as err:
+            self._discard("unreadable", err.strerror or str(err))
+            return
         except StateError as err:
             self._discard(err.reason, str(err))
             return
@@ -226,3 +229,23 @@ def _lock(path: str) -> int | None:
         os.close(descriptor)
         return None
     return descriptor
+
+
+class _OpenFile:
+    """The file read at start, open while a section not yet restored may be read from it:
+    closed once the last one is dropped (a file on tmpfs, as /var/run often is, is memory
+    until then). os.pread: the poll's worker thread reads its section while the loop may
+    read another."""
+
+    _fd = -1
+
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
