@@ -13,8 +13,9 @@ into one buffer (`room`, `received`; or `feed` for bytes at hand), then `take` d
 2. **One layout at a time.** Entries of one kind come with the same attributes at the same
    offsets: the layouts `layouts.learn` described from the walk of a first message.
    Each message of a layout's length is copied out as a row of words (one gather of whole
-   rows), its attribute headers compared with the layout's at once, and its values and
-   key read from the rows: the values as whole words, the key (`polled.KEY`) byte by byte.
+   rows); each row is read as records whose fields sit where the layout has them: its
+   attribute headers (compared with the layout's as one record), its values, and the
+   fields of its key, copied as raw bytes to where `polled.KEY` has them.
 3. An entry of no known layout is decoded by the walk, which learns its layout.
 
 numpy is imported here and only here in the source: `ovsflow conntrack` does without it.
@@ -29,7 +30,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ...connection import ENDED_STATES, IDENTITY_FIELDS, Connection
-from ...polled import EMPTY, KEY, KEY_WIDTH, LABELS, Malformed, Polled, rows_equal, state_code
+from ...polled import EMPTY, KEY, KEY_WIDTH, LABELS, Malformed, Polled, state_code
 from .dump import CT_NEW, LENGTH_TYPE, entries
 from .layouts import LAYOUTS
 from .walk import walk
@@ -52,13 +53,14 @@ _NUMPY = {"B": "u1", "H": ">u2", "I": ">u4", "Q": ">u8", "16s": LABELS}
 
 
 class _Gathers(NamedTuple):
-    """What `take` reads of the messages of one layout."""
+    """What `take` reads of the messages of one layout, each as the fields of a record over
+    a message's row of words (a view: nothing gathered but the fields)."""
 
-    header_words: np.ndarray  # where the attribute headers are (words into the body)
-    headers: np.ndarray  # and what they must be
-    values: np.dtype  # a message's row of words as a record of the _VALUES it has
-    key_bytes: np.ndarray  # the identity's bytes (bytes into the body)
-    key_zeros: np.ndarray  # those of them that are none of the message's (ICMP's ports)
+    headers: np.dtype  # the attribute headers (each a word)
+    expected: np.void  # and what they must be, as one record
+    values: np.dtype  # the _VALUES it has
+    key_fields: np.dtype  # the identity's fields it has, as raw bytes
+    key: np.dtype  # the same fields where `polled.KEY` has them (none: zeros, ICMP's ports)
     key_length: int  # of the identity (27 or 51)
     state_codes: np.ndarray  # polled.STATE_NAMES codes by the state's byte
     state_ended: np.ndarray  # and whether that state ends a connection
@@ -84,20 +86,31 @@ def _gathers(description: tuple, names: tuple[str, ...] | None, width: int
                            "offsets": [at[name][0] for name, _ in present],
                            "itemsize": 4 * width})
         address = at["source"][1]
-        key_bytes: list[int | None] = []
+        key_names, offsets, key_offsets, formats, key_length = [], [], [], [], 0
         for name, code in [*IDENTITY_FIELDS, ("source", f"{address}s"),
                            ("destination", f"{address}s")]:
-            offset = at.get(name, (None,))[0]
-            key_bytes += [None if offset is None else offset + i
-                          for i in range(struct.calcsize(">" + code))]
+            size = struct.calcsize(">" + code)
+            if name in at:
+                key_names.append(name)
+                offsets.append(at[name][0])
+                key_offsets.append(key_length)
+                formats.append(f"V{size}")
+            key_length += size
+        # the headers as words read in the host's order, compared as one record each
+        header_names = [f"h{i}" for i in range(len(headers))]
+        header_words = np.frombuffer(
+            b"".join(value.to_bytes(4, "big") for _, value in headers), np.uint32)
+        packed = np.dtype([(name, np.uint32) for name in header_names])
         named = names or ("",) * 256
         gathers = _Gathers(
-            np.array([offset // 4 for offset, _ in headers], np.intp),
-            np.frombuffer(b"".join(value.to_bytes(4, "big") for _, value in headers),
-                          np.uint32),
-            values, np.array([offset or 0 for offset in key_bytes], np.intp),
-            np.array([i for i, offset in enumerate(key_bytes) if offset is None], np.intp),
-            len(key_bytes),
+            np.dtype({"names": header_names, "formats": [np.uint32] * len(headers),
+                      "offsets": [offset for offset, _ in headers], "itemsize": 4 * width}),
+            np.array(tuple(header_words.tolist()), packed)[()], values,
+            np.dtype({"names": key_names, "formats": formats, "offsets": offsets,
+                      "itemsize": 4 * width}),
+            np.dtype({"names": key_names, "formats": formats, "offsets": key_offsets,
+                      "itemsize": KEY_WIDTH}),
+            key_length,
             np.array([state_code(name) if names else 0 for name in named], np.uint16),
             np.array([name in ENDED_STATES for name in named], bool))
     if len(_GATHERS) > 64:  # layouts come and go with the kernel's: keep the recent ones
@@ -115,7 +128,6 @@ class ColumnDecoder:
         self._receive = receive
         self._buffer = bytearray(run + receive)
         self._view = memoryview(self._buffer)
-        self._scratches: dict[str, np.ndarray] = {}
         self._clear()
 
     def _clear(self) -> None:
@@ -211,14 +223,12 @@ class ColumnDecoder:
                     gathers = _gathers(layout[11], layout[4], rows.shape[1])
                     if gathers is None:
                         continue
-                    headers = np.take(rows, gathers.header_words, axis=1, out=self._scratch(
-                        "headers", (len(rows), len(gathers.header_words))))
-                    matched = rows_equal(headers, gathers.headers)
+                    matched = rows.view(gathers.headers).ravel() == gathers.expected
                     if matched.all():  # as usual: no copy
-                        out.write(rows, gathers, self._scratch)
+                        out.write(rows, gathers)
                         pending = pending[:0]
                     elif matched.any():
-                        out.write(rows[matched], gathers, self._scratch)
+                        out.write(rows[matched], gathers)
                         pending, rows = pending[~matched], rows[~matched]
                 if len(pending):  # of no layout known yet: the walk decodes it, and learns
                     first = int(pending[0])
@@ -234,16 +244,6 @@ class ColumnDecoder:
                 raise CtnetlinkError(f"conntrack entry with a value out of range: {err}"
                                      ) from None
         return decoded
-
-    def _scratch(self, name: str, shape: tuple[int, ...], dtype=np.uint32) -> np.ndarray:
-        """A work array of the decoder's, kept from run to run: a run's temporaries cost no
-        allocation, and the process keeps no heap of freed ones."""
-        size = shape[0] * shape[1]
-        held = self._scratches.get(name)
-        if held is None or held.size < size or held.dtype != dtype:
-            grown = 2 * held.size if held is not None else 0
-            held = self._scratches[name] = np.empty(max(size, grown), dtype)
-        return held[:size].reshape(shape)
 
 
 def _chain(words: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -282,10 +282,9 @@ class _Columns:
         self.keys = np.zeros((size, KEY_WIDTH), np.uint8)
         self.values = {name: np.empty(size, dtype) for name, dtype in _OUTPUT}
 
-    def write(self, rows: np.ndarray, gathers: _Gathers, scratch) -> None:
+    def write(self, rows: np.ndarray, gathers: _Gathers) -> None:
         """Messages of one layout at the next rows: their `rows` of words (from the body
-        on), read as records of the layout's values; `scratch(name, shape)` lends work
-        arrays."""
+        on), read as records of the layout's values and of its key's fields."""
         first = self.filled
         self.filled = last = first + len(rows)
         values = rows.view(gathers.values).ravel()
@@ -300,11 +299,8 @@ class _Columns:
         np.take(gathers.state_codes, state, out=columns["state"])
         np.bitwise_and(columns["status"], IPS_DYING, out=columns["status"])
         np.logical_or(gathers.state_ended[state], columns["status"], out=columns["ended"])
-        identities = np.take(rows.view(np.uint8), gathers.key_bytes, axis=1,
-                             out=scratch("keys", (len(rows), gathers.key_length), np.uint8))
-        identities[:, gathers.key_zeros] = 0
-        keys = self.keys[first:last]
-        keys[:, :gathers.key_length] = identities
+        keys = self.keys[first:last]  # zeros where the layout has no field
+        keys.view(gathers.key).ravel()[...] = rows.view(gathers.key_fields).ravel()
         keys[:, -1] = gathers.key_length
 
     def polled(self) -> Polled:
