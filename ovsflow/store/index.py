@@ -28,6 +28,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..polled import KEY_WIDTH, rows_equal
+from .memory import lazy_zeros
 
 _WORDS = KEY_WIDTH // 8
 WINDOW = 8  # buckets read at once
@@ -45,7 +46,7 @@ class KeyIndex:
     def __init__(self, rows: np.ndarray, capacity: int, seed: int | None = None):
         """`rows`: the table's key rows by slot (KEY), which `add` expects filled."""
         self._rows = rows.view(np.uint64).reshape(len(rows), _WORDS)
-        self._bucket_of = np.zeros(capacity, np.int64 if capacity >= 2**31 else np.int32)
+        self._bucket_of = lazy_zeros(capacity, np.int64 if capacity >= 2**31 else np.int32)
         # odd multipliers, one per word: a random one per process, so that no one can pick
         # connections whose keys share buckets
         self._multipliers = np.random.default_rng(seed).integers(

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .memory import lazy_zeros
+
 
 class DumpOrder:
     def __init__(self, capacity: int):
         self._slot = np.int64 if capacity >= 2**31 else np.int32  # 4 bytes a row, usually
         self._previous = np.zeros(0, self._slot)  # the slots, as the previous poll came
         # where each slot was in it (valid where _previous says so back)
-        self._position = np.zeros(capacity, self._slot)
+        self._position = lazy_zeros(capacity, self._slot)
         self._seen: list[np.ndarray] = []  # this poll's, piece by piece
         self._rows = 0  # rows of this poll so far
         self._shift = 0  # where this poll's rows are in the previous poll's, minus their own

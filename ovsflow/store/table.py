@@ -24,6 +24,7 @@ from ..connection import IDENTITY_FIELDS
 from ..enrich import NO_PODS
 from ..polled import KEY, KEY_WIDTH, LABELS, Polled, key_bytes, key_rows, rows_equal
 from .index import KeyIndex
+from .memory import lazy_zeros
 from .order import DumpOrder
 
 # Connection.key (see `identity`) as numpy reads it, IPv4 or IPv6
@@ -74,12 +75,11 @@ class ConnectionTable:
         self.capacity = capacity
 
         def column(numpy_type: str) -> memoryview:
-            # np.zeros maps zero pages: memory is taken as slots are first used
-            return memoryview(np.zeros(capacity, numpy_type))
+            return memoryview(lazy_zeros(capacity, numpy_type))
         self.used = 0  # slots ever taken: the columns' live part is [:used]
         self.free: list[int] = []
         # The columns, indexed by slot.
-        self.key_rows = np.zeros(capacity, KEY)  # the identity (Connection.key); see occupied
+        self.key_rows = lazy_zeros(capacity, KEY)  # the identity (Connection.key); see occupied
         self.key_octets = self.key_rows.view(np.uint8).reshape(capacity, KEY_WIDTH)
         self._key_words = self.key_rows.view(np.uint64).reshape(capacity, -1)
         self.index = KeyIndex(self.key_rows, capacity)  # identity -> slot
@@ -87,7 +87,7 @@ class ConnectionTable:
         self.keys = Identities(self)
         self.protocols = column("u1")  # as the key says: for reads in bulk
         self.states = column("u2")  # codes in polled.STATE_NAMES
-        self.labels = np.zeros(capacity, LABELS)
+        self.labels = lazy_zeros(capacity, LABELS)
         self.pods = _Pods()  # the Pods at the two ends, as last known (Enricher), by slot
         self.ids = column("u4")  # conntrack id
         # counters as last polled, and as last exported
@@ -114,7 +114,7 @@ class ConnectionTable:
         # The poll (see poll.PollMarks.number) that last filled each slot; then one more,
         # never filled, read for slot -1 (a key not tracked). A byte: polls are numbered 1
         # to 255, and the column is cleared when the numbers start again.
-        self.filled_in = np.zeros(capacity + 1, "u1")
+        self.filled_in = lazy_zeros(capacity + 1, "u1")
         self.previous_poll: float | None = None  # when every tracked connection was seen
 
     def __len__(self) -> int:
