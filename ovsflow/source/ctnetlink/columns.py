@@ -98,14 +98,13 @@ def _gathers(description: tuple, names: tuple[str, ...] | None, width: int
             key_length += size
         # the headers as words read in the host's order, compared as one record each
         header_names = [f"h{i}" for i in range(len(headers))]
-        header_words = np.frombuffer(
-            b"".join(value.to_bytes(4, "big") for _, value in headers), np.uint32)
-        packed = np.dtype([(name, np.uint32) for name in header_names])
+        expected = np.frombuffer(b"".join(value.to_bytes(4, "big") for _, value in headers),
+                                 [(name, np.uint32) for name in header_names])[0]
         named = names or ("",) * 256
         gathers = _Gathers(
             np.dtype({"names": header_names, "formats": [np.uint32] * len(headers),
                       "offsets": [offset for offset, _ in headers], "itemsize": 4 * width}),
-            np.array(tuple(header_words.tolist()), packed)[()], values,
+            expected, values,
             np.dtype({"names": key_names, "formats": formats, "offsets": offsets,
                       "itemsize": 4 * width}),
             np.dtype({"names": key_names, "formats": formats, "offsets": key_offsets,
